@@ -1,0 +1,14 @@
+"""kd_trainers: knowledge distillation for the Hugging Face stack, as TRL trainers.
+
+    from kd_trainers import KDConfig, KDTrainer
+
+Where things are: `losses/` (divergences, the readable reference, the chunked engine), one folder per method
+(`kd/`: config and trainer), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
+"""
+
+__version__ = "0.1.0.dev0"
+
+from .kd import KDConfig, KDTrainer
+from .losses import DIVERGENCES, chunked_distillation_loss, distillation_loss
+
+__all__ = ["DIVERGENCES", "KDConfig", "KDTrainer", "chunked_distillation_loss", "distillation_loss", "__version__"]

@@ -1,0 +1,118 @@
+"""`KDConfig`: the settings of vanilla logit knowledge distillation, on top of TRL's `SFTConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import SFTConfig
+
+from ..losses.divergences import DIVERGENCES
+from ..losses.reference import check_loss_settings
+
+
+@dataclass
+class KDConfig(SFTConfig):
+    r"""
+    Configuration class for [`KDTrainer`]: every field of `trl.SFTConfig`, plus the knowledge-distillation settings
+    below. The loss is `(1 − kd_weight)·CE + kd_weight·KD`, with CE the student's cross-entropy on the labels and KD
+    the divergence between the student's and the teacher's next-token distributions at temperature `kd_temperature`
+    (see `kd_trainers.losses.distillation_loss` for the exact formula).
+
+    > Parameters that control the teacher
+
+    teacher_model_name_or_path (`str`, *optional*, defaults to `None`):
+        Hub id or local path of the teacher, used when no `teacher_model` is passed to the trainer.
+    teacher_model_init_kwargs (`dict[str, Any]`, *optional*, defaults to `None`):
+        Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the teacher is loaded from a name or path
+        (for example `{"dtype": "bfloat16"}`).
+    teacher_adapter_name_or_path (`str`, *optional*, defaults to `None`):
+        A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation, for example the output of
+        a LoRA SFT run of the teacher.
+
+    > Parameters that control the distillation loss
+
+    divergence (`str`, *optional*, defaults to `"forward_kl"`):
+        One of `forward_kl` (KL(p_T ‖ p_S)), `reverse_kl` (KL(p_S ‖ p_T)), `jsd` (generalised JSD with `jsd_beta`),
+        `skew_forward_kl`, `skew_reverse_kl` (with `skew_alpha`) and `tvd` (total variation).
+    jsd_beta (`float`, *optional*, defaults to `0.5`):
+        β of the generalised JSD, mixture m = β·p_T + (1 − β)·p_S; in (0, 1).
+    skew_alpha (`float`, *optional*, defaults to `0.1`):
+        α of the skewed KLs (DistiLLM), in [0, 1).
+    kd_temperature (`float`, *optional*, defaults to `1.0`):
+        Temperature dividing both models' logits in the KD term. The CE term always uses temperature 1.
+    kd_temperature_squared (`bool`, *optional*, defaults to `True`):
+        Multiply the KD term by `kd_temperature²` (Hinton et al., 2015), which keeps its gradient magnitude
+        independent of the temperature. Set to `False` for the unscaled KD term of the DSKD and TRL GKD codebases.
+    kd_weight (`float`, *optional*, defaults to `0.5`):
+        w in `loss = (1 − w)·CE + w·KD`, in [0, 1]. `1.0` is pure distillation, `0.0` plain SFT.
+    teacher_logit_noise_std (`float`, *optional*, defaults to `0.0`):
+        Standard deviation σ of Gaussian noise added to the teacher's logits before the softmax (the noisy-teacher
+        experiments). The noise is drawn from a generator seeded by `seed`, the global step and the micro-batch, so
+        a run, and a run resumed from a checkpoint, sees the same noise.
+    loss_chunk_size (`int`, *optional*, defaults to `None`):
+        Number of label tokens per chunk of the fused loss. `None` picks the largest chunk whose fp32 logits
+        `[chunk, vocab]` fit in 128 MiB (256 tokens at a 128k vocabulary). Smaller saves memory, larger may be faster.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the teacher, used when no teacher model is passed to the trainer."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when loading the teacher."},
+    )
+    teacher_adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation."},
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence between the student's and the teacher's distributions.",
+                  "choices": sorted(DIVERGENCES)},
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "β of the generalised JSD, in (0, 1)."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "α of the skewed KL divergences, in [0, 1)."})
+    kd_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature dividing both models' logits in the KD term; > 0."}
+    )
+    kd_temperature_squared: bool = field(
+        default=True, metadata={"help": "Multiply the KD term by the squared temperature (Hinton et al., 2015)."}
+    )
+    kd_weight: float = field(
+        default=0.5, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."}
+    )
+    teacher_logit_noise_std: float = field(
+        default=0.0, metadata={"help": "Std of Gaussian noise added to the teacher's logits before the softmax; >= 0."}
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Label tokens per chunk of the fused loss; None picks one that keeps a chunk within 128 MiB."},
+    )
+
+    def __post_init__(self):
+        # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
+        names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
+        try:
+            check_loss_settings(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
+                                skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std,
+                                kd_weight=self.kd_weight)
+        except ValueError as error:
+            message = str(error)
+            for loss_name, field_name in names.items():
+                if message.startswith(loss_name + " "):
+                    message = field_name + message[len(loss_name):]
+            raise ValueError(message) from None
+        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
+        super().__post_init__()
+
+    @classmethod
+    def from_sft_config(cls, args: SFTConfig, **overrides) -> "KDConfig":
+        """A `KDConfig` with every field of an existing `SFTConfig` (the drop-in path) and the KD defaults."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return cls(**{**values, **overrides})

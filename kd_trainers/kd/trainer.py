@@ -1,0 +1,228 @@
+"""`KDTrainer`: logit knowledge distillation as a drop-in replacement for TRL's `SFTTrainer`."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import textwrap
+
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from trl import SFTTrainer
+from trl.models import prepare_deepspeed
+from trl.models.utils import _ForwardRedirection
+
+from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
+from ..teacher import check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name
+from .config import KDConfig
+
+
+# SFTTrainer's parameters after (self, model, args), in order.
+_SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
+
+
+def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The model without its output head (`LlamaModel` of a `LlamaForCausalLM`), through a PEFT wrapper if any."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model.base_model
+
+
+def last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """`[B, T, D]` hidden states after the final norm, without computing the `[B, T, V]` logits."""
+    return backbone_of(model)(**inputs, use_cache=False).last_hidden_state
+
+
+class KDTrainer(SFTTrainer):
+    """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
+
+    Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
+    `SFTTrainer` to `KDTrainer` is changing the import and passing `teacher_model=`. Every SFT dataset format, PEFT,
+    packing, gradient accumulation and evaluation work as in `SFTTrainer`.
+
+    Args:
+        model: the student, as in `SFTTrainer`.
+        args: a `KDConfig` (an `SFTConfig` is accepted and converted with the KD defaults).
+        teacher_model: the teacher, a model or a Hub id / local path; defaults to `args.teacher_model_name_or_path`.
+            It is frozen, kept in eval mode, and never given to the optimizer.
+        teacher_processing_class: the teacher's tokenizer; by default loaded from the teacher's name or path. It must
+            map every token to the same id as the student's, else a clear error points to DSKD.
+        Every other argument is `SFTTrainer`'s.
+
+    The loss is computed from both models' last hidden states and output heads, in chunks of label tokens
+    (`kd_trainers.losses.chunked_distillation_loss`), so neither model's `[B, T, V]` logits are ever held. The logs
+    carry `ce_loss`, `kd_loss` and `mean_token_accuracy` beside `loss`.
+    """
+
+    _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation"]
+    _name = "KD"
+    _paper = {
+        "title": "Distilling the Knowledge in a Neural Network",
+        "id": "1503.02531",
+        "citation": textwrap.dedent("""\
+            @article{hinton2015distilling,
+                title        = {{Distilling the Knowledge in a Neural Network}},
+                author       = {Geoffrey Hinton and Oriol Vinyals and Jeff Dean},
+                year         = 2015,
+                journal      = {arXiv preprint arXiv:1503.02531},
+            }"""),
+    }
+
+    def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
+                 teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None, **sft_kwargs):
+        args = self._as_kd_config(model, args)
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError("KDTrainer needs a teacher: pass teacher_model=<model or name> or set "
+                             "KDConfig.teacher_model_name_or_path.")
+
+        # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
+        sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
+        # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
+        if sft_kwargs.get("processing_class") is None:
+            sft_kwargs["processing_class"] = AutoTokenizer.from_pretrained(model_name(model))
+        processing_class = sft_kwargs["processing_class"]
+        teacher_tokenizer = load_teacher_tokenizer(teacher, teacher_processing_class)
+        check_same_vocabulary(processing_class, teacher_tokenizer, model_name(model), model_name(teacher))
+
+        super().__init__(model, args, **sft_kwargs)
+
+        teacher = freeze(load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path))
+        self.distilled_vocab_size = len(processing_class)
+        for role, head_model in (("student", self.model), ("teacher", teacher)):
+            rows = head_model.get_output_embeddings().weight.shape[0]
+            if rows < self.distilled_vocab_size:
+                raise ValueError(
+                    f"The {role}'s output head has {rows} rows but its tokenizer has {self.distilled_vocab_size} tokens. "
+                    f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
+                )
+        self.teacher_name = model_name(teacher_model if teacher_model is not None else teacher)
+        self.teacher_logit_transform = LogitTransform.from_config(teacher.config)
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.loss_settings = LossSettings(
+            divergence=args.divergence, temperature=args.kd_temperature, jsd_beta=args.jsd_beta,
+            skew_alpha=args.skew_alpha, noise_std=args.teacher_logit_noise_std, kd_weight=args.kd_weight,
+            temperature_squared=args.kd_temperature_squared,
+        )
+        # Routes the backbone calls through the wrappers' forward, so DDP and DeepSpeed hooks fire.
+        self._forward_redirection = _ForwardRedirection()
+        self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
+
+    @staticmethod
+    def _as_kd_config(model, args) -> KDConfig:
+        if isinstance(args, KDConfig):
+            return args
+        if args is None:
+            name = model_name(model).split("/")[-1].lstrip("<").rstrip(">")
+            return KDConfig(output_dir=f"{name}-KD")
+        return KDConfig.from_sft_config(args)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def _noise_generator(self, device: torch.device, mode: str) -> torch.Generator | None:
+        """A generator for the teacher-logit noise, seeded by (seed, mode, global step, micro-batch, rank).
+
+        Keyed by position in training rather than drawn from one running stream, so a run resumed from a checkpoint
+        draws exactly the noise the uninterrupted run drew.
+        """
+        if self.loss_settings.noise_std == 0:
+            return None
+        key = (mode, self.state.global_step)
+        micro_batch = self._noise_position[1] if self._noise_position[0] == key else 0
+        self._noise_position = (key, micro_batch + 1)
+        material = f"{self.args.seed}/{mode}/{self.state.global_step}/{micro_batch}/{self.accelerator.process_index}"
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(hashlib.sha256(material.encode()).hexdigest()[:15], 16))
+        return generator
+
+    def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
+        """Runs inside the student wrapper's forward. Returns (loss, ce_sum, kd_sum, num_correct, num_tokens)."""
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        labels = inputs["labels"][:, 1:]
+        student_hidden = last_hidden_state(student, model_inputs)[:, :-1]
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, model_inputs
+            )[:, :-1]
+        losses, num_correct = chunked_distillation_loss(
+            student_hidden, student.get_output_embeddings(), teacher_hidden, unwrapped_teacher.get_output_embeddings(),
+            labels, self.loss_settings, num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
+            chunk_size=self.args.loss_chunk_size, student_transform=LogitTransform.from_config(student.config),
+            teacher_transform=self.teacher_logit_transform,
+            generator=self._noise_generator(student_hidden.device, mode),
+        )
+        num_tokens = (labels != -100).sum()
+        # Back from the normalised means to sums, so that the logs are per-token means whatever num_items_in_batch is.
+        normalizer = num_tokens.clamp(min=1) if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        normalizer = normalizer.to(losses.ce_loss.device, torch.float32)
+        return losses.loss, losses.ce_loss * normalizer, losses.kd_loss * normalizer, num_correct, num_tokens
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        self.teacher_model.eval()
+        student = self.accelerator.unwrap_model(model)
+        loss, ce_sum, kd_sum, num_correct, num_tokens = self._forward_redirection(
+            model, student, self._distillation_forward, student, inputs, num_items_in_batch, mode
+        )
+        # As in `SFTTrainer.compute_loss`: num_items_in_batch counts every rank's tokens and DDP averages gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+
+        totals = self.accelerator.gather_for_metrics(
+            torch.stack([ce_sum, kd_sum, num_correct.float(), num_tokens.float()]).detach()[None]
+        ).sum(0)
+        count = totals[3].clamp(min=1)
+        self._metrics[mode]["ce_loss"].append((totals[0] / count).item())
+        self._metrics[mode]["kd_loss"].append((totals[1] / count).item())
+        self._metrics[mode]["mean_token_accuracy"].append((totals[2] / count).item())
+        return (loss, {"loss": loss}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+            if prediction_loss_only:
+                return loss.detach(), None, None
+            # Only for a user's compute_metrics: the fused loss never builds the logits, so run the plain forward.
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        return loss.detach(), logits, inputs.get("labels")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Model card
+
+    def kd_settings(self) -> dict[str, object]:
+        """The distillation settings, as recorded in the model card."""
+        args = self.args
+        return {
+            "teacher": self.teacher_name,
+            "teacher_adapter": args.teacher_adapter_name_or_path,
+            "divergence": args.divergence,
+            "kd_temperature": args.kd_temperature,
+            "kd_temperature_squared": args.kd_temperature_squared,
+            "kd_weight": args.kd_weight,
+            "jsd_beta": args.jsd_beta if args.divergence == "jsd" else None,
+            "skew_alpha": args.skew_alpha if args.divergence.startswith("skew") else None,
+            "teacher_logit_noise_std": args.teacher_logit_noise_std,
+            "loss_chunk_size": args.loss_chunk_size,
+        }
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        card = ModelCard.load(path)
+        rows = "\n".join(f"| `{key}` | {value} |" for key, value in self.kd_settings().items() if value is not None)
+        card.text += (
+            "\n## Knowledge distillation\n\n"
+            f"Distilled with [kd_trainers](https://pypi.org/project/kd-trainers/) `{type(self).__name__}`: "
+            "loss = (1 − kd_weight)·CE + kd_weight·KD.\n\n| setting | value |\n|---|---|\n" + rows + "\n"
+        )
+        card.save(path)

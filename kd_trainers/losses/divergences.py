@@ -1,0 +1,128 @@
+"""Token-level divergences between a student's and a teacher's next-token distributions.
+
+Every divergence is a short function with one contract, so that adding one is one function plus one registration:
+
+    fn(student_log_probs [N, V] fp32, teacher_log_probs [N, V] fp32, *, jsd_beta, skew_alpha) -> per-token values [N]
+
+Both inputs are log-softmaxed at the distillation temperature already. The value of each row is summed over the
+vocabulary; masking, reduction and temperature scaling are the engine's job (`reference.py`, `chunked.py`). Functions
+must be differentiable with respect to `student_log_probs` through plain torch ops: the chunked engine takes their
+gradient with autograd, one chunk at a time.
+
+A divergence may also carry a closed-form `value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta,
+skew_alpha) -> (values [N], dD/du [N, V])`, where u = z_S / T are the student's tempered logits. The engine then skips
+autograd, which saves several passes over `[n, V]`; the result must equal autograd's (the tests check it). It may
+overwrite its inputs: the engine does not reuse them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol
+
+import torch
+
+
+class Divergence(Protocol):
+    def __call__(
+        self, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, *, jsd_beta: float, skew_alpha: float
+    ) -> torch.Tensor: ...
+
+
+DIVERGENCES: dict[str, Divergence] = {}
+
+
+def register_divergence(name: str) -> Callable[[Divergence], Divergence]:
+    """Register a divergence under `name` (the value of `KDConfig.divergence`). Duplicate names are refused."""
+
+    def decorator(fn: Divergence) -> Divergence:
+        if name in DIVERGENCES:
+            raise ValueError(f"A divergence named {name!r} is already registered.")
+        DIVERGENCES[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_divergence(name: str) -> Divergence:
+    try:
+        return DIVERGENCES[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown divergence {name!r}. Choose one of: {', '.join(sorted(DIVERGENCES))}."
+        ) from None
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row, from log-probabilities [N, V] -> [N]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> torch.Tensor:
+    """log(w·p + (1 − w)·q) computed stably in log space. Requires 0 < w < 1."""
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+@register_divergence("forward_kl")
+def forward_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """KL(p_T ‖ p_S): mode-covering, the classic Hinton KD objective."""
+    return _kl(teacher_log_probs, student_log_probs)
+
+
+def _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    # D = Σ p_T (log p_T − log p_S);  dD/du = p_S − p_T
+    teacher_probs = teacher_log_probs.exp()
+    values = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(-1)
+    return values, student_log_probs.exp_().sub_(teacher_probs)
+
+
+forward_kl.value_and_grad = _forward_kl_value_and_grad
+
+
+@register_divergence("reverse_kl")
+def reverse_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """KL(p_S ‖ p_T): mode-seeking (Rev-KD, MiniLLM)."""
+    return _kl(student_log_probs, teacher_log_probs)
+
+
+def _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    # D = Σ p_S (log p_S − log p_T);  dD/du_k = p_S,k · (log p_S,k − log p_T,k − D)
+    log_ratio = teacher_log_probs.neg_().add_(student_log_probs)
+    student_probs = student_log_probs.exp_()
+    values = (student_probs * log_ratio).sum(-1)
+    return values, log_ratio.sub_(values[:, None]).mul_(student_probs)
+
+
+reverse_kl.value_and_grad = _reverse_kl_value_and_grad
+
+
+@register_divergence("jsd")
+def jsd(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """Generalised JSD with m = β·p_T + (1−β)·p_S: β·KL(p_T ‖ m) + (1−β)·KL(p_S ‖ m).
+
+    Equal to TRL's `GKDTrainer.generalized_jsd_loss(beta=β)` for β in (0, 1).
+    """
+    log_m = _log_mixture(teacher_log_probs, student_log_probs, jsd_beta)
+    return jsd_beta * _kl(teacher_log_probs, log_m) + (1.0 - jsd_beta) * _kl(student_log_probs, log_m)
+
+
+@register_divergence("skew_forward_kl")
+def skew_forward_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM's skew KL)."""
+    if skew_alpha == 0.0:
+        return forward_kl(student_log_probs, teacher_log_probs, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    return _kl(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew_alpha))
+
+
+@register_divergence("skew_reverse_kl")
+def skew_reverse_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """KL(p_S ‖ α·p_S + (1−α)·p_T) (DistiLLM's skew reverse KL)."""
+    if skew_alpha == 0.0:
+        return reverse_kl(student_log_probs, teacher_log_probs, jsd_beta=jsd_beta, skew_alpha=skew_alpha)
+    return _kl(student_log_probs, _log_mixture(student_log_probs, teacher_log_probs, skew_alpha))
+
+
+@register_divergence("tvd")
+def total_variation(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+    """Total variation distance ½·Σ|p_T − p_S|."""
+    return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)

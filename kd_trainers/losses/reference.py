@@ -1,0 +1,129 @@
+"""The readable reference: the distillation loss from full logits.
+
+This is the definition every faster path is tested against. It holds both models' logits `[B, T, V]` at once, so the
+trainers use the chunked engine (`chunked.py`) instead; use this one to read, to test, or for small vocabularies.
+
+The loss, for student logits z_S, teacher logits z_T, temperature T, KD weight w and noise σ:
+
+    z_T' = z_T + σ·ε,  ε ~ N(0, 1)                 (teacher-logit noise, drawn from `generator`)
+    ce   = Σ_i −log softmax(z_S,i)[y_i] / N        (hard-label cross-entropy at temperature 1)
+    kd   = s · Σ_i D(softmax(z_S,i / T), softmax(z_T',i / T)) / N
+    loss = (1 − w)·ce + w·kd
+
+where the sums run over the positions whose label is not `ignore_index`, N is `num_items_in_batch` when given (the
+number of label tokens in the whole accumulated batch, which keeps gradient accumulation exact) and otherwise the
+number of label tokens here, clamped to at least 1 so that an all-masked batch gives 0 rather than NaN; and s = T² when
+`temperature_squared=True` (Hinton et al., 2015: it keeps the soft-target gradients at the same magnitude as T changes),
+else 1 (the DSKD and GKD codebases use s = 1).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .divergences import get_divergence
+
+
+class DistillationLoss(NamedTuple):
+    """`loss = (1 − kd_weight)·ce_loss + kd_weight·kd_loss`. `ce_loss` and `kd_loss` are detached, for logging."""
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    kd_loss: torch.Tensor
+
+
+def check_loss_settings(*, divergence: str, temperature: float, jsd_beta: float, skew_alpha: float,
+                        noise_std: float, kd_weight: float) -> None:
+    """Fail fast, naming the setting and the value, on settings that would give a meaningless loss."""
+    get_divergence(divergence)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    if not 0.0 < jsd_beta < 1.0:
+        raise ValueError(f"jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got {jsd_beta}.")
+    if not 0.0 <= skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got {skew_alpha}.")
+    if not noise_std >= 0:
+        raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+    if not 0.0 <= kd_weight <= 1.0:
+        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}.")
+
+
+def loss_normalizer(num_label_tokens: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """The N the summed losses are divided by: `num_items_in_batch` if given, else the local count clamped to >= 1."""
+    if num_items_in_batch is None:
+        return num_label_tokens.clamp(min=1).to(torch.float32)
+    return torch.as_tensor(num_items_in_batch, device=num_label_tokens.device).to(torch.float32)
+
+
+def add_teacher_noise(teacher_logits: torch.Tensor, noise_std: float,
+                      generator: torch.Generator | None) -> torch.Tensor:
+    """z_T + σ·ε with ε ~ N(0, 1) drawn in fp32 from `generator` (the global RNG when None)."""
+    if noise_std == 0:
+        return teacher_logits
+    noise = torch.randn(teacher_logits.shape, generator=generator, device=teacher_logits.device,
+                        dtype=torch.float32)
+    return teacher_logits.float() + noise_std * noise
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    noise_std: float = 0.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    kd_weight: float = 1.0,
+    temperature_squared: bool = True,
+    generator: torch.Generator | None = None,
+) -> DistillationLoss:
+    """Distillation loss from full logits (see the module docstring for the formula).
+
+    Args:
+        student_logits: `[B, T, V]` (or `[N, V]`), any float dtype; computed in fp32.
+        teacher_logits: `[B, T, V]` (or `[N, V]`), same shape; no gradient flows into it.
+        labels: `[B, T]` (or `[N]`) next-token ids *aligned with the logits* (already shifted: the logits at position
+            i predict `labels[i]`); positions equal to `ignore_index` are left out.
+        divergence: a name in `kd_trainers.losses.DIVERGENCES`.
+        temperature: T, dividing both models' logits in the KD term.
+        jsd_beta: β of `jsd`, in (0, 1).
+        skew_alpha: α of the skewed KLs, in [0, 1).
+        noise_std: σ of the Gaussian noise added to the teacher's logits before the softmax.
+        num_items_in_batch: global number of label tokens of the accumulated batch (see the module docstring).
+        kd_weight: w in `(1 − w)·ce + w·kd`.
+        temperature_squared: multiply the KD term by T².
+        generator: RNG for the noise, on the logits' device.
+    """
+    check_loss_settings(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
+                        noise_std=noise_std, kd_weight=kd_weight)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
+            "the same shape; slice both to the shared vocabulary first."
+        )
+    vocab = student_logits.size(-1)
+    student_logits = student_logits.reshape(-1, vocab).float()
+    teacher_logits = add_teacher_noise(teacher_logits.reshape(-1, vocab).detach().float(), noise_std, generator)
+    labels = labels.reshape(-1)
+    mask = labels != ignore_index
+
+    ce_per_token = F.cross_entropy(student_logits, labels.masked_fill(~mask, 0), reduction="none")
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    kd_per_token = get_divergence(divergence)(student_log_probs, teacher_log_probs, jsd_beta=jsd_beta,
+                                              skew_alpha=skew_alpha)
+    scale = temperature**2 if temperature_squared else 1.0
+
+    normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
+    # `where` rather than multiply-by-mask: a masked row's value must not leak NaN or inf into the sum.
+    ce = torch.where(mask, ce_per_token, 0.0).sum() / normalizer
+    kd = scale * torch.where(mask, kd_per_token, 0.0).sum() / normalizer
+    loss = (1.0 - kd_weight) * ce + kd_weight * kd
+    return DistillationLoss(loss, ce.detach(), kd.detach())

@@ -1,0 +1,96 @@
+"""The teacher side shared by every trainer: loading, adapters, freezing, and the tokenizer check.
+
+Kept out of the trainers so that KD, DSKD and GKD treat a teacher the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def model_name(model) -> str:
+    """A readable name for a model given as a name, a path, or an object."""
+    if isinstance(model, str):
+        return model
+    model = getattr(model, "get_base_model", lambda: model)()
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return name or f"<in-memory {type(model).__name__}>"
+
+
+def _dtype_from_init_kwargs(init_kwargs: dict) -> dict:
+    init_kwargs = dict(init_kwargs)
+    dtype = init_kwargs.get("dtype", init_kwargs.pop("torch_dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        init_kwargs["dtype"] = getattr(torch, dtype)
+    elif dtype is not None:
+        init_kwargs["dtype"] = dtype
+    return init_kwargs
+
+
+def load_teacher(teacher: str | PreTrainedModel, init_kwargs: dict | None = None,
+                 adapter_name_or_path: str | None = None) -> PreTrainedModel:
+    """The teacher model: loaded when given by name, with a PEFT adapter merged in when one is named."""
+    if isinstance(teacher, str):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher, **_dtype_from_init_kwargs(init_kwargs or {}))
+    elif init_kwargs:
+        raise ValueError(
+            "teacher_model_init_kwargs only apply when the teacher is loaded from a name or path, but the teacher "
+            f"passed is already a model ({model_name(teacher)}). Drop teacher_model_init_kwargs, or pass the name."
+        )
+    if adapter_name_or_path is not None:
+        from peft import PeftModel
+
+        # Merged: the frozen teacher then runs at the speed of a plain model, and no adapter can be trained by mistake.
+        teacher = PeftModel.from_pretrained(teacher, adapter_name_or_path).merge_and_unload()
+    return teacher
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """No gradients and eval mode (no dropout): the teacher is a fixed target."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_teacher_tokenizer(teacher: str | PreTrainedModel, teacher_processing_class=None) -> PreTrainedTokenizerBase:
+    """The teacher's tokenizer: the one given, else the one stored beside the teacher's name or path."""
+    if teacher_processing_class is not None:
+        return teacher_processing_class
+    name = teacher if isinstance(teacher, str) else getattr(getattr(teacher, "config", None), "_name_or_path", "")
+    if not name:
+        raise ValueError(
+            f"Cannot tell which tokenizer the teacher {model_name(teacher)} uses: it was built in memory, with no name "
+            "or path to load one from. Pass teacher_processing_class=<the teacher's tokenizer>."
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Could not load the teacher's tokenizer from {name!r} ({error}). "
+            "Pass teacher_processing_class=<the teacher's tokenizer>."
+        ) from error
+
+
+def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase,
+                          student_name: str, teacher_name: str) -> None:
+    """Fail unless both tokenizers map every token string to the same id.
+
+    Sizes alone prove nothing: Llama-2 and Mistral both have 32,000 entries with different tokens, and logit KD between
+    them would compare unrelated distributions without an error.
+    """
+    if student_tokenizer is teacher_tokenizer:
+        return
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    student_by_id = {index: token for token, index in student_vocab.items()}
+    teacher_by_id = {index: token for token, index in teacher_vocab.items()}
+    differing = sorted(i for i in set(student_by_id) | set(teacher_by_id) if student_by_id.get(i) != teacher_by_id.get(i))
+    examples = ", ".join(f"id {i}: {student_by_id.get(i)!r} vs {teacher_by_id.get(i)!r}" for i in differing[:3])
+    raise ValueError(
+        f"The student ({student_name}, {len(student_vocab)} tokens) and the teacher ({teacher_name}, "
+        f"{len(teacher_vocab)} tokens) use different tokenizers: {len(differing)} token ids differ ({examples}). "
+        "Logit distillation compares the two models token id by token id, so it needs one shared vocabulary. "
+        "Use a teacher with the student's tokenizer, or kd_trainers' DSKDTrainer, which distils across vocabularies "
+        "with cross-model attention."
+    )
