@@ -1,0 +1,69 @@
+"""Two scores for the demo task: per-token NLL of the reference completions, and exact match of generated answers.
+
+Small on purpose: the full evaluation suite (n-gram, embedding, judge metrics, statistics) is its own module.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from datasets import Dataset
+
+
+def _prompt_and_full_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    prompt_ids = tokenizer(prompt).input_ids
+    full_ids = tokenizer(prompt + completion).input_ids + [tokenizer.eos_token_id]
+    return prompt_ids, full_ids
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, dataset: Dataset, batch_size: int = 32) -> float:
+    """Mean negative log-likelihood per completion token (prompt/completion rows), lower is better."""
+    model.eval()
+    total, count = 0.0, 0
+    rows = list(dataset)
+    for start in range(0, len(rows), batch_size):
+        batch = [_prompt_and_full_ids(tokenizer, r["prompt"], r["completion"]) for r in rows[start:start + batch_size]]
+        width = max(len(full) for _, full in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+        labels = torch.full((len(batch), width), -100)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, (prompt, full) in enumerate(batch):
+            input_ids[i, :len(full)] = torch.tensor(full)
+            attention[i, :len(full)] = 1
+            labels[i, len(prompt):len(full)] = torch.tensor(full[len(prompt):])
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+        shift_labels = labels[:, 1:].to(model.device)
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels, reduction="sum",
+                                                ignore_index=-100)
+        total += nll.item()
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+def final_answer(text: str) -> str:
+    """The demo's final answer: the number after "The answer is", else the text up to the first full stop."""
+    match = re.search(r"answer is\s*(-?\d+)", text, flags=re.IGNORECASE)
+    if match:
+        return match.group(1)
+    return text.strip().split(".")[0].strip().lower()
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, dataset: Dataset, max_new_tokens: int = 40, batch_size: int = 32) -> float:
+    """Share of rows whose greedy generation has the reference final answer (`final_answer` of both)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    hits = 0
+    rows = list(dataset)
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        encoded = tokenizer([r["prompt"] for r in batch], return_tensors="pt", padding=True).to(model.device)
+        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(generated[:, encoded.input_ids.shape[1]:], skip_special_tokens=True)
+        for row, text in zip(batch, texts):
+            hits += final_answer(text) == final_answer(row["completion"])
+    tokenizer.padding_side = "right"
+    return hits / max(len(rows), 1)

@@ -1,0 +1,74 @@
+"""The built-in demo task: data, tokenizers, models, and a teacher that is worth distilling from."""
+
+import re
+
+import pytest
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from kd_trainers.demo import ARCHITECTURES, GLOSSARY, demo_model, demo_pairs, load_demo_dataset
+from kd_trainers.demo.scoring import completion_nll, final_answer
+
+
+def test_demo_pairs_are_deterministic_and_splits_do_not_share_questions():
+    first, again = demo_pairs(seed=0), demo_pairs(seed=0)
+    assert first == again and demo_pairs(seed=1) != first
+    train_prompts = {row["prompt"] for row in first["train"]}
+    assert not train_prompts & {row["prompt"] for row in first["test"]}
+    kinds = {row["kind"] for row in first["test"]}
+    assert kinds == {"glossary", "arithmetic"}
+    assert len(first["train"]) == len(GLOSSARY) * 6 + 600
+
+
+def test_arithmetic_answers_are_correct():
+    for row in demo_pairs()["train"]:
+        if row["kind"] == "arithmetic":
+            left, operator, right, result = re.search(r"(\d+) ([-+*/]) (\d+) = (\d+)", row["completion"]).groups()
+            operations = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
+            assert operations[operator](int(left), int(right)) == int(result) == int(row["answer"])
+            assert final_answer(row["completion"]) == row["answer"]
+
+
+@pytest.mark.parametrize("data_format,columns", [
+    ("prompt_completion", {"prompt", "completion"}), ("messages", {"messages"}),
+    ("conversational_prompt_completion", {"prompt", "completion"}), ("text", {"text"}),
+])
+def test_dataset_formats(data_format, columns):
+    data = load_demo_dataset(data_format)
+    assert columns | {"kind", "answer"} == set(data["train"].column_names)
+
+
+def test_unknown_format_is_rejected():
+    with pytest.raises(ValueError, match="Unknown demo dataset format 'csv'"):
+        load_demo_dataset("csv")
+
+
+def test_the_two_tokenizers_really_differ(bpe_tokenizer, wordpiece_tokenizer):
+    assert len(bpe_tokenizer) == 640 and len(wordpiece_tokenizer) == 480
+    assert bpe_tokenizer.bos_token == "<s>" and wordpiece_tokenizer.bos_token is None
+    assert bpe_tokenizer.eos_token != wordpiece_tokenizer.eos_token
+    text = "What does RAN stand for?"
+    assert bpe_tokenizer.decode(bpe_tokenizer(text).input_ids, skip_special_tokens=True) == text
+    assert wordpiece_tokenizer.decode(wordpiece_tokenizer(text).input_ids) == text.lower()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_models_build_from_configs(arch, bpe_tokenizer):
+    model = demo_model(arch, bpe_tokenizer, "student", seed=3)
+    assert model.config.model_type == arch and model.config.vocab_size == 640
+    again = demo_model(arch, bpe_tokenizer, "student", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    out = model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert out.logits.shape == (1, 3, 640)
+
+
+def test_trained_teacher_is_clearly_better_than_untrained_student(tmp_path, bpe_tokenizer, demo_data):
+    teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
+    student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=200, per_device_train_batch_size=16, learning_rate=2e-3,
+                     bf16=False, report_to=[], save_strategy="no", disable_tqdm=True, max_length=64)
+    SFTTrainer(model=teacher, args=args, train_dataset=demo_data["train"], processing_class=bpe_tokenizer).train()
+    test = demo_data["test"].select(range(48))
+    teacher_nll, student_nll = completion_nll(teacher, bpe_tokenizer, test), completion_nll(student, bpe_tokenizer, test)
+    assert student_nll > 6.0  # about log(640): knows nothing
+    assert teacher_nll < 0.5 * student_nll, (teacher_nll, student_nll)

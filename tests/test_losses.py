@@ -1,0 +1,293 @@
+"""The loss engine against an independent, naive reference written here from the definitions.
+
+The naive reference uses only softmax, log and sums over explicit probability tensors, and none of the package's
+divergence code, so a shared mistake cannot hide.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_trainers.losses import (DIVERGENCES, LogitTransform, LossSettings, chunked_distillation_loss,
+                                distillation_loss)
+
+
+def naive_divergence(name, p_s, p_t, beta, alpha):
+    """Per-row divergence from probabilities [N, V], straight from the textbook definitions."""
+    def kl(p, q):
+        return (p * (p.log() - q.log())).sum(-1)
+    if name == "forward_kl":
+        return kl(p_t, p_s)
+    if name == "reverse_kl":
+        return kl(p_s, p_t)
+    if name == "jsd":
+        m = beta * p_t + (1 - beta) * p_s
+        return beta * kl(p_t, m) + (1 - beta) * kl(p_s, m)
+    if name == "skew_forward_kl":
+        return kl(p_t, alpha * p_t + (1 - alpha) * p_s)
+    if name == "skew_reverse_kl":
+        return kl(p_s, alpha * p_s + (1 - alpha) * p_t)
+    if name == "tvd":
+        return 0.5 * (p_t - p_s).abs().sum(-1)
+    raise AssertionError(name)
+
+
+def naive_loss(student_logits, teacher_logits, labels, *, divergence, temperature=1.0, beta=0.5, alpha=0.1,
+               kd_weight=1.0, temperature_squared=True, ignore_index=-100, num_items=None):
+    """Loops over tokens; float64 throughout."""
+    z_s = student_logits.reshape(-1, student_logits.size(-1)).double()
+    z_t = teacher_logits.reshape(-1, teacher_logits.size(-1)).double()
+    labels = labels.reshape(-1)
+    ce_total = z_s.new_zeros(())
+    kd_total = z_s.new_zeros(())
+    count = 0
+    for i in range(z_s.size(0)):
+        if labels[i] == ignore_index:
+            continue
+        count += 1
+        p = torch.exp(z_s[i]) / torch.exp(z_s[i]).sum()
+        ce_total = ce_total - torch.log(p[labels[i]])
+        p_s = torch.exp(z_s[i] / temperature) / torch.exp(z_s[i] / temperature).sum()
+        p_t = torch.exp(z_t[i] / temperature) / torch.exp(z_t[i] / temperature).sum()
+        kd_total = kd_total + naive_divergence(divergence, p_s[None], p_t[None], beta, alpha)[0]
+    n = num_items if num_items is not None else max(count, 1)
+    kd = kd_total * (temperature**2 if temperature_squared else 1.0) / n
+    ce = ce_total / n
+    return (1 - kd_weight) * ce + kd_weight * kd, ce, kd
+
+
+def make_inputs(B=3, T=47, Ds=31, Dt=40, V=123, ignore_index=-100, seed=0, dtype=torch.float32, bias=True):
+    """Odd shapes, different hidden sizes, a masked prefix and a masked row."""
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(B, T, Ds, generator=g).to(dtype).requires_grad_(True)
+    ht = torch.randn(B, T, Dt, generator=g).to(dtype)
+    ws = (torch.randn(V, Ds, generator=g) * 0.3).to(dtype).requires_grad_(True)
+    wt = (torch.randn(V, Dt, generator=g) * 0.3).to(dtype)
+    bs = (torch.randn(V, generator=g) * 0.1).to(dtype).requires_grad_(True) if bias else None
+    bt = (torch.randn(V, generator=g) * 0.1).to(dtype) if bias else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :13] = ignore_index
+    labels[1, :] = ignore_index
+    return hs, ws, bs, ht, wt, bt, labels
+
+
+def logits_of(h, w, b):
+    z = h @ w.T
+    return z + b if b is not None else z
+
+
+SETTINGS = [(d, t, w) for d in sorted(DIVERGENCES) for t, w in ((1.0, 1.0), (2.0, 0.4))]
+
+
+@pytest.mark.parametrize("divergence,temperature,kd_weight", SETTINGS)
+def test_reference_matches_naive_values_and_gradients(divergence, temperature, kd_weight):
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    z_s, z_t = logits_of(hs, ws, bs), logits_of(ht, wt, bt)
+    out = distillation_loss(z_s, z_t, labels, divergence=divergence, temperature=temperature, kd_weight=kd_weight,
+                            jsd_beta=0.3, skew_alpha=0.2)
+    expected, ce, kd = naive_loss(z_s, z_t, labels, divergence=divergence, temperature=temperature, beta=0.3,
+                                  alpha=0.2, kd_weight=kd_weight)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.loss, [hs, ws, bs], retain_graph=True)
+    naive_grads = torch.autograd.grad(expected, [hs, ws, bs])
+    for got, want in zip(grads, naive_grads):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence,temperature,kd_weight", SETTINGS)
+def test_chunked_matches_naive_values_and_gradients(divergence, temperature, kd_weight):
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=kd_weight, jsd_beta=0.3,
+                            skew_alpha=0.2)
+    out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=10)
+    expected, ce, kd = naive_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence=divergence,
+                                  temperature=temperature, beta=0.3, alpha=0.2, kd_weight=kd_weight)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.loss, [hs, ws, bs], retain_graph=True)
+    naive_grads = torch.autograd.grad(expected, [hs, ws, bs])
+    for got, want in zip(grads, naive_grads):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_bf16_matches_fp32_reference(divergence):
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(dtype=torch.bfloat16, bias=False, ignore_index=-7)
+    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.5)
+    out, _ = chunked_distillation_loss(hs, (ws, None), ht, (wt, None), labels, settings, chunk_size=16,
+                                       ignore_index=-7)
+    hs32, ws32 = hs.detach().float().requires_grad_(True), ws.detach().float().requires_grad_(True)
+    ref = distillation_loss(hs32 @ ws32.T, ht.float() @ wt.float().T, labels, divergence=divergence,
+                            temperature=2.0, kd_weight=0.5, ignore_index=-7)
+    torch.testing.assert_close(out.loss.float(), ref.loss, rtol=2e-2, atol=2e-2)
+    got = torch.autograd.grad(out.loss, [hs, ws])
+    want = torch.autograd.grad(ref.loss, [hs32, ws32])
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.float(), w, rtol=5e-2, atol=5e-3)
+
+
+def test_non_default_ignore_index_and_chunk_sizes_agree():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(ignore_index=-1)
+    settings = LossSettings(divergence="forward_kl", temperature=1.5, kd_weight=0.7)
+    results = []
+    for chunk in (1, 7, 64, 1000):
+        out, correct = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=chunk,
+                                                 ignore_index=-1)
+        results.append((out.loss, torch.autograd.grad(out.loss, hs)[0], correct))
+    expected, _, _ = naive_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence="forward_kl",
+                                temperature=1.5, kd_weight=0.7, ignore_index=-1)
+    for loss, grad, correct in results:
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][1])
+        assert correct == results[0][2]
+    mask = labels != -1
+    assert results[0][2] == (logits_of(hs, ws, bs).argmax(-1)[mask] == labels[mask]).sum()
+
+
+def test_num_items_in_batch_gives_exact_gradient_accumulation():
+    """Two halves normalised by the global count sum to the loss of the whole batch."""
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(B=4)
+    settings = LossSettings(divergence="reverse_kl", temperature=2.0, kd_weight=0.5)
+    whole, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings)
+    total = int((labels != -100).sum())
+    parts = [chunked_distillation_loss(hs[i:i + 2], (ws, bs), ht[i:i + 2], (wt, bt), labels[i:i + 2], settings,
+                                       num_items_in_batch=total)[0].loss for i in (0, 2)]
+    torch.testing.assert_close(parts[0] + parts[1], whole.loss)
+    torch.testing.assert_close(torch.autograd.grad(parts[0] + parts[1], ws)[0], torch.autograd.grad(whole.loss, ws)[0])
+
+
+def test_all_masked_batch_gives_zero_not_nan():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    labels[:] = -100
+    for divergence in DIVERGENCES:
+        out, correct = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, LossSettings(divergence=divergence))
+        ref = distillation_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence=divergence)
+        assert out.loss.item() == 0.0 and ref.loss.item() == 0.0 and correct.item() == 0
+        grad = torch.autograd.grad(out.loss, hs)[0]
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_jsd_equals_trl_generalized_jsd(beta):
+    from trl.experimental.gkd import GKDTrainer
+
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    z_s, z_t = logits_of(hs, ws, bs), logits_of(ht, wt, bt)
+    trl_loss = GKDTrainer.generalized_jsd_loss(z_s, z_t, labels=labels, beta=beta)
+    ours = distillation_loss(z_s, z_t, labels, divergence="jsd", jsd_beta=beta, kd_weight=1.0)
+    torch.testing.assert_close(ours.loss, trl_loss, rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_squared_is_a_setting():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    z_s, z_t = logits_of(hs, ws, bs), logits_of(ht, wt, bt)
+    scaled = distillation_loss(z_s, z_t, labels, temperature=3.0, temperature_squared=True)
+    unscaled = distillation_loss(z_s, z_t, labels, temperature=3.0, temperature_squared=False)
+    torch.testing.assert_close(scaled.kd_loss, 9.0 * unscaled.kd_loss)
+
+
+def test_teacher_noise_is_applied_to_teacher_logits_and_reproducible():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    z_s, z_t = logits_of(hs, ws, bs).detach(), logits_of(ht, wt, bt)
+    settings = LossSettings(divergence="forward_kl", temperature=2.0, noise_std=2.0)
+
+    def run(seed, chunk):
+        return chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=chunk,
+                                         generator=torch.Generator().manual_seed(seed))[0].loss
+
+    assert run(1, 10) == run(1, 10)
+    assert run(1, 10) != run(2, 10)
+    clean = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, LossSettings(temperature=2.0))[0].loss
+    assert run(1, 10) != clean
+    # The engine draws [n, V] noise per chunk of label tokens, in token order: rebuild those draws and compare.
+    mask = labels.reshape(-1) != -100
+    teacher_rows = z_t.reshape(-1, z_t.size(-1))[mask]
+    generator = torch.Generator().manual_seed(1)
+    noisy = torch.cat([rows + 2.0 * torch.randn(rows.shape, generator=generator)
+                       for rows in teacher_rows.split(10)])
+    expected, _, _ = naive_loss(z_s.reshape(-1, z_s.size(-1))[mask], noisy, labels.reshape(-1)[mask],
+                                divergence="forward_kl", temperature=2.0)
+    torch.testing.assert_close(run(1, 10).double(), expected, rtol=1e-5, atol=1e-6)
+    # The reference draws its noise over the full tensor from the generator it is given.
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(z_t.shape, generator=generator)
+    ref = distillation_loss(z_s, z_t, labels, temperature=2.0, noise_std=2.0,
+                            generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(ref.loss, distillation_loss(z_s, z_t + 2.0 * noise, labels, temperature=2.0).loss)
+
+
+def test_vocab_size_slices_padded_heads():
+    """Heads with padding rows (Qwen2.5 0.5B vs 7B) are distilled over the shared vocabulary only."""
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(V=100, bias=False)
+    padded_teacher = torch.cat([wt, torch.randn(28, wt.size(1))])
+    out, _ = chunked_distillation_loss(hs, (ws, None), ht, (padded_teacher, None), labels, LossSettings())
+    expected, _, _ = naive_loss(hs @ ws.T, ht @ wt.T, labels, divergence="forward_kl")
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"vocab_size=101 exceeds an output head \(100 student rows, 128 teacher rows\)"):
+        chunked_distillation_loss(hs, (ws, None), ht, (padded_teacher, None), labels, LossSettings(), vocab_size=101)
+
+
+def test_logit_softcapping_and_scale_match_naive():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    transform = LogitTransform(scale=0.5, softcap=3.0)
+    settings = LossSettings(divergence="forward_kl", kd_weight=0.6, temperature=2.0)
+    out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, student_transform=transform,
+                                       teacher_transform=transform, chunk_size=8)
+
+    def capped(z):
+        return 3.0 * torch.tanh(0.5 * z / 3.0)
+
+    expected, _, _ = naive_loss(capped(logits_of(hs, ws, bs)), capped(logits_of(ht, wt, bt)), labels,
+                                divergence="forward_kl", kd_weight=0.6, temperature=2.0)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(out.loss, hs, retain_graph=True)[0].double(), torch.autograd.grad(expected, hs)[0].double(),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_frozen_student_head_gets_no_weight_gradient():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(bias=False)
+    frozen = ws.detach()
+    out, _ = chunked_distillation_loss(hs, (frozen, None), ht, (wt, None), labels, LossSettings())
+    (grad,) = torch.autograd.grad(out.loss, hs)
+    expected, _, _ = naive_loss(hs @ frozen.T, ht @ wt.T, labels, divergence="forward_kl")
+    torch.testing.assert_close(grad.double(), torch.autograd.grad(expected, hs)[0].double(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"divergence": "kl"}, "Unknown divergence 'kl'. Choose one of: forward_kl, jsd, reverse_kl, skew_forward_kl, "
+                           "skew_reverse_kl, tvd."),
+    ({"temperature": 0.0}, "temperature must be > 0, got 0.0."),
+    ({"jsd_beta": 1.0}, "jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got 1.0."),
+    ({"skew_alpha": 1.0}, "skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got 1.0."),
+    ({"noise_std": -1.0}, "noise_std must be >= 0, got -1.0."),
+    ({"kd_weight": 1.5}, "kd_weight must be in [0, 1], got 1.5."),
+])
+def test_bad_settings_fail_with_exact_messages(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        LossSettings(**kwargs)
+    assert str(error.value) == message
+
+
+def test_mismatched_logit_shapes_fail_clearly():
+    with pytest.raises(ValueError, match=r"student_logits \(2, 5\) and teacher_logits \(2, 6\) must have the same shape"):
+        distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))
+
+
+def test_closed_form_gradients_equal_autograd():
+    """forward_kl and reverse_kl skip autograd; an identity-but-not-default transform forces the autograd path."""
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    for divergence in ("forward_kl", "reverse_kl"):
+        for temperature in (1.0, 3.0):
+            settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=0.3)
+            fast, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings)
+            slow, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings,
+                                                student_transform=LogitTransform(scale=1.0 + 1e-12))
+            torch.testing.assert_close(fast.loss, slow.loss)
+            torch.testing.assert_close(torch.autograd.grad(fast.loss, ws)[0], torch.autograd.grad(slow.loss, ws)[0])
+    assert math.isfinite(fast.loss.item())
