@@ -1,0 +1,241 @@
+"""Step time and peak memory of a KD step: KDTrainer against TRL's GKDTrainer (off-policy) and a plain PyTorch floor.
+
+One run measures every cell on this machine, each method and shape in a fresh subprocess (so that peak resident memory
+is its own), and writes `benchmarks/results/kd_step_<device>.csv` and `.md`. Ratios are taken within the run, against
+the floor of the same shape, because these machines are noisy.
+
+- floor: the unavoidable work, in plain PyTorch: teacher forward without grad, student forward and backward with the
+  model's own cross-entropy, AdamW step. No Trainer.
+- kd: `KDTrainer` (forward KL, T = 2, kd_weight 0.5), one `Trainer` step.
+- gkd: TRL's `GKDTrainer` with `lmbda=0` (off-policy) and `beta=0` (forward KL), one `Trainer` step.
+
+Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
+is a label (the worst case for the chunked engine, which skips unlabelled positions). Memory: peak RSS minus RSS
+before the first step (CPU), or peak allocated CUDA memory minus the allocated memory before it (GPU).
+
+Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024] [--steps 3]
+       python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("floor", "kd", "gkd")
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _vocab_tokenizer(vocab_size: int):
+    """A word-level tokenizer with `vocab_size` entries: the trainers need one for padding, nothing more."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t2", unk_token="t1")
+
+
+def _models(vocab: int, realistic: bool, device: str, dtype):
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from kd_trainers.demo import demo_model
+
+    if realistic:  # the configs of Qwen2.5-0.5B and Qwen2.5-1.5B, random weights
+        student_config = Qwen2Config(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
+                                     max_position_embeddings=4096)
+        teacher_config = Qwen2Config(vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                     num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
+                                     max_position_embeddings=4096)
+        torch.manual_seed(0)
+        student = AutoModelForCausalLM.from_config(student_config, dtype=dtype)
+        teacher = AutoModelForCausalLM.from_config(teacher_config, dtype=dtype)
+    else:
+        student = demo_model("llama", size="bench_student", vocab_size=vocab, seed=0)
+        teacher = demo_model("llama", size="bench_teacher", vocab_size=vocab, seed=1)
+    return student.to(device), teacher.to(device)
+
+
+class _Collator:
+    def __call__(self, rows):
+        import torch
+
+        input_ids = torch.tensor([row["input_ids"] for row in rows])
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool) -> dict:
+    """Run `steps + 1` steps of one method (the first is warm-up) and return its time and memory."""
+    import torch
+    from datasets import Dataset
+
+    device = "cuda" if realistic else "cpu"
+    dtype = torch.bfloat16 if realistic else torch.float32
+    torch.manual_seed(0)
+    student, teacher = _models(vocab, realistic, device, dtype)
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
+            for _ in range(batch * (steps + 1))]
+    times: list[float] = []
+
+    if method == "floor":
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+        collate = _Collator()
+
+        def step(index):
+            inputs = {k: v.to(device) for k, v in collate(rows[index * batch:(index + 1) * batch]).items()}
+            with torch.no_grad():
+                teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            student(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for index in range(steps + 1):
+            if index == 1:
+                baseline = _baseline_memory(device)
+            _sync(device)
+            start = time.perf_counter()
+            step(index)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    else:
+        from transformers import TrainerCallback
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 1:
+                    self.baseline = _baseline_memory(device)
+                _sync(device)
+                self.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                _sync(device)
+                times.append(time.perf_counter() - self.start)
+
+        timer = StepTimer()
+        common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps + 1, per_device_train_batch_size=batch,
+                      learning_rate=1e-5, save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6,
+                      bf16=realistic, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                      remove_unused_columns=False, dataloader_pin_memory=False, use_cpu=not realistic)
+        tokenizer = _vocab_tokenizer(vocab)
+        dataset = Dataset.from_list(rows)
+        if method == "kd":
+            from kd_trainers import KDConfig, KDTrainer
+
+            trainer = KDTrainer(model=student, teacher_model=teacher, teacher_processing_class=tokenizer,
+                                args=KDConfig(**common, divergence="forward_kl", kd_temperature=2.0, kd_weight=0.5),
+                                train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
+                                callbacks=[timer])
+        else:
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            trainer = GKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(**common, lmbda=0.0, beta=0.0),
+                                 train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
+                                 callbacks=[timer])
+        trainer.train()
+        baseline = timer.baseline
+    return {"step_s": statistics.median(times[1:]), "memory_growth_mb": (_peak_memory(device) - baseline) / 2**20}
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _baseline_memory(device) -> int:
+    """Memory in use before the first timed step (after warm-up: optimizer state and caches exist)."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _rss_bytes()
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+
+
+def run_cell(method, vocab, seq, batch, steps, realistic) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps([method, vocab, seq, batch, steps,
+                                                                                  realistic])]
+    done = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        reason = "out of memory (killed)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
+        print(done.stderr[-2000:], file=sys.stderr)
+        return {"step_s": float("nan"), "memory_growth_mb": float("nan"), "note": reason}
+    return {**json.loads(lines[-1][len("RESULT "):]), "note": ""}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--gpu-realistic", action="store_true")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.cell:
+        print("RESULT " + json.dumps(measure(*json.loads(options.cell))), flush=True)
+        return
+    realistic = options.gpu_realistic
+    if realistic:
+        options.vocab, options.seq = [151936], [2048]
+    device = "gpu_bf16_qwen0.5b_1.5b" if realistic else "cpu_fp32_tiny"
+    rows = []
+    for vocab in options.vocab:
+        for seq in options.seq:
+            cells = {m: run_cell(m, vocab, seq, options.batch, options.steps, realistic) for m in METHODS}
+            for method, cell in cells.items():
+                row = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method,
+                       "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1),
+                       "time_vs_floor": round(cell["step_s"] / cells["floor"]["step_s"], 3),
+                       "memory_vs_gkd": round(cell["memory_growth_mb"] / cells["gkd"]["memory_growth_mb"], 3),
+                       "note": cell["note"]}
+                rows.append(row)
+                print(row, flush=True)
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"kd_step_{device}")
+    with open(path + ".csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(path + ".md", "w") as handle:
+        handle.write("| vocab | seq | method | step (s) | memory growth (MiB) | time / floor | memory / GKD | note |\n"
+                     "|---|---|---|---|---|---|---|---|\n")
+        for row in rows:
+            handle.write(f"| {row['vocab']} | {row['seq']} | {row['method']} | {row['step_s']} | "
+                         f"{row['memory_growth_mb']} | {row['time_vs_floor']} | {row['memory_vs_gkd']} | "
+                         f"{row['note']} |\n")
+    print(f"wrote {path}.csv and {path}.md")
+
+
+if __name__ == "__main__":
+    main()
