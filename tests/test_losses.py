@@ -78,6 +78,17 @@ def logits_of(h, w, b):
     return z + b if b is not None else z
 
 
+def assert_matches_naive(out, expected, ce, kd, params):
+    """Loss, its CE and KD parts, and the gradients w.r.t. `params` all equal the naive reference's."""
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.loss, params, retain_graph=True)
+    naive_grads = torch.autograd.grad(expected, params)
+    for got, want in zip(grads, naive_grads):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+
+
 SETTINGS = [(d, t, w) for d in sorted(DIVERGENCES) for t, w in ((1.0, 1.0), (2.0, 0.4))]
 
 
@@ -89,13 +100,7 @@ def test_reference_matches_naive_values_and_gradients(divergence, temperature, k
                             jsd_beta=0.3, skew_alpha=0.2)
     expected, ce, kd = naive_loss(z_s, z_t, labels, divergence=divergence, temperature=temperature, beta=0.3,
                                   alpha=0.2, kd_weight=kd_weight)
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-6)
-    grads = torch.autograd.grad(out.loss, [hs, ws, bs], retain_graph=True)
-    naive_grads = torch.autograd.grad(expected, [hs, ws, bs])
-    for got, want in zip(grads, naive_grads):
-        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+    assert_matches_naive(out, expected, ce, kd, [hs, ws, bs])
 
 
 @pytest.mark.parametrize("divergence,temperature,kd_weight", SETTINGS)
@@ -106,13 +111,7 @@ def test_chunked_matches_naive_values_and_gradients(divergence, temperature, kd_
     out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=10)
     expected, ce, kd = naive_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence=divergence,
                                   temperature=temperature, beta=0.3, alpha=0.2, kd_weight=kd_weight)
-    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-6)
-    grads = torch.autograd.grad(out.loss, [hs, ws, bs], retain_graph=True)
-    naive_grads = torch.autograd.grad(expected, [hs, ws, bs])
-    for got, want in zip(grads, naive_grads):
-        torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+    assert_matches_naive(out, expected, ce, kd, [hs, ws, bs])
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
