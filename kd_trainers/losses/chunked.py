@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,14 @@ class LogitTransform:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """`self(logits)` in place (for the teacher's logits, which need no gradient)."""
+        if self.scale != 1.0:
+            logits.mul_(self.scale)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
 
 @dataclass(frozen=True)
 class LossSettings:
@@ -69,141 +78,254 @@ class LossSettings:
     noise_std: float = 0.0
     kd_weight: float = 1.0
     temperature_squared: bool = True
+    # Extra temperature of the KD target only (teacher logits / (T·teacher_temperature)), DSKD's `teacher_temperature`.
+    teacher_temperature: float = 1.0
 
     def __post_init__(self):
         check_loss_settings(divergence=self.divergence, temperature=self.temperature, jsd_beta=self.jsd_beta,
                             skew_alpha=self.skew_alpha, noise_std=self.noise_std, kd_weight=self.kd_weight)
+        if not self.teacher_temperature > 0:
+            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
 
 
 def chunk_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                    settings: LossSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and summed (scaled) KD of one chunk, differentiable. Logits `[n, V]` fp32, labels `[n]`, all valid."""
+                    settings: LossSettings, kd_token_weights: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and summed (scaled) KD of one chunk, differentiable. Logits `[n, V]` fp32, labels `[n]`, all valid;
+    `kd_token_weights` `[n]` multiplies each token's KD term (DSKD's accuracy gate)."""
     temperature = settings.temperature
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
+    teacher_log_probs = F.log_softmax(teacher_logits / (temperature * settings.teacher_temperature), dim=-1)
     if temperature == 1.0:
         ce = -student_log_probs.gather(-1, labels[:, None]).sum()
     else:
         ce = (torch.logsumexp(student_logits, dim=-1) - student_logits.gather(-1, labels[:, None])[:, 0]).sum()
     kd = get_divergence(settings.divergence)(student_log_probs, teacher_log_probs, jsd_beta=settings.jsd_beta,
-                                             skew_alpha=settings.skew_alpha).sum()
+                                             skew_alpha=settings.skew_alpha)
+    kd = kd.sum() if kd_token_weights is None else (kd * kd_token_weights).sum()
     if settings.temperature_squared:
         kd = kd * temperature**2
     return ce, kd
 
 
-def chunk_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                         settings: LossSettings, student_transform: "LogitTransform"
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(ce_sum, kd_sum, d total / d raw_logits [n, V])` for one chunk, total = (1 − w)·ce + w·kd.
+def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                            settings: LossSettings, student_transform: LogitTransform,
+                            kd_token_weights: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(ce_sum, kd_sum, d total / d raw_logits [n, V])` of one chunk by autograd, total = (1 − w)·ce + w·kd.
 
-    Uses the divergence's closed-form gradient when it has one and the student's logits are not transformed;
-    otherwise autograd over this chunk alone.
+    The general path: any divergence, any student logit transform. Logits `[n, V]` fp32.
     """
-    divergence = get_divergence(settings.divergence)
-    closed_form = getattr(divergence, "value_and_grad", None)
-    if closed_form is None or student_transform != LogitTransform():
-        raw_logits = raw_logits.detach().requires_grad_(True)
-        with torch.enable_grad():
-            ce, kd = chunk_loss_sums(student_transform(raw_logits), teacher_logits, labels, settings)
-            (grad,) = torch.autograd.grad((1.0 - settings.kd_weight) * ce + settings.kd_weight * kd, raw_logits)
-        return ce.detach(), kd.detach(), grad
+    raw_logits = raw_logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        ce, kd = chunk_loss_sums(student_transform(raw_logits), teacher_logits, labels, settings, kd_token_weights)
+        (grad,) = torch.autograd.grad((1.0 - settings.kd_weight) * ce + settings.kd_weight * kd, raw_logits)
+    return ce.detach(), kd.detach(), grad
 
+
+def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                               settings: LossSettings, scratch: tuple[torch.Tensor, torch.Tensor],
+                               kd_token_weights: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same as `autograd_value_and_grad`, for a divergence with a closed-form gradient and untransformed student
+    logits, in place: `student_logits`, `teacher_logits` and the two `scratch` buffers (all `[n, V]` fp32) are
+    overwritten, and the returned gradient is one of them.
+
+    total = (1 − w)·CE(z) + w·s·D(softmax(z/T), softmax(z_T/T)), s = T² or 1, so
+    d total / dz = (1 − w)·(softmax(z) − onehot(y)) + (w·s/T)·dD/du.
+    """
     temperature, weight = settings.temperature, settings.kd_weight
     scale = temperature**2 if settings.temperature_squared else 1.0
-    student_log_probs = F.log_softmax(raw_logits / temperature if temperature != 1.0 else raw_logits, dim=-1)
-    teacher_log_probs = F.log_softmax(teacher_logits / temperature if temperature != 1.0 else teacher_logits, dim=-1)
-    # CE = Σ logsumexp(z) − z_y; its gradient is softmax(z) − onehot(y).
+    ce_grad, work = scratch
+    rows = torch.arange(labels.numel(), device=labels.device)
+
+    def start_ce_grad(log_probs):  # (1 − w)·(softmax(z) − onehot(y)) into ce_grad
+        torch.exp(log_probs, out=ce_grad).mul_(1.0 - weight)
+        ce_grad[rows, labels] -= 1.0 - weight
+
+    if temperature != 1.0:
+        # CE is taken at temperature 1: its own log-softmax before the logits are divided by T.
+        torch.log_softmax(student_logits, -1, out=ce_grad)
+        ce = -ce_grad[rows, labels].sum()
+        if weight < 1.0:
+            start_ce_grad(ce_grad)
+        student_logits.div_(temperature)
+    if temperature * settings.teacher_temperature != 1.0:
+        teacher_logits.div_(temperature * settings.teacher_temperature)
+    student_log_probs = torch.log_softmax(student_logits, -1, out=work)
+    teacher_log_probs = torch.log_softmax(teacher_logits, -1, out=student_logits)
     if temperature == 1.0:
-        label_log_probs = student_log_probs.gather(-1, labels[:, None])
-        ce_probs = student_log_probs.exp() if weight < 1.0 else None
-    else:
-        log_normalizer = torch.logsumexp(raw_logits, dim=-1, keepdim=True)
-        label_log_probs = raw_logits.gather(-1, labels[:, None]) - log_normalizer
-        ce_probs = (raw_logits - log_normalizer).exp_() if weight < 1.0 else None
-    ce = -label_log_probs.sum()
-    values, grad = closed_form(student_log_probs, teacher_log_probs, jsd_beta=settings.jsd_beta,
-                               skew_alpha=settings.skew_alpha)
-    kd = values.sum() * scale
-    grad.mul_(weight * scale / temperature)  # chain rule through u = z / T
-    if ce_probs is not None:
-        grad.add_(ce_probs, alpha=1.0 - weight)
-        grad.scatter_add_(-1, labels[:, None], torch.full_like(label_log_probs, -(1.0 - weight)))
-    return ce, kd, grad
+        ce = -student_log_probs[rows, labels].sum()
+        if weight < 1.0:
+            start_ce_grad(student_log_probs)
+    values, kd_grad = get_divergence(settings.divergence).value_and_grad(
+        student_log_probs, teacher_log_probs, jsd_beta=settings.jsd_beta, skew_alpha=settings.skew_alpha,
+        scratch=teacher_logits)
+    if kd_token_weights is not None:
+        values = values * kd_token_weights
+        kd_grad.mul_(kd_token_weights[:, None])
+    kd_factor = weight * scale / temperature  # chain rule through u = z / T
+    grad = ce_grad.add_(kd_grad, alpha=kd_factor) if weight < 1.0 else kd_grad.mul_(kd_factor)
+    return ce, values.sum() * scale, grad
 
 
-def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _uses_closed_form(settings: LossSettings, student_transform: LogitTransform) -> bool:
+    divergence = get_divergence(settings.divergence)
+    return hasattr(divergence, "value_and_grad") and student_transform == LogitTransform()
+
+
+def _project_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+                  ) -> torch.Tensor:
+    """`hidden @ weight^T + bias` written into the fp32 buffer `out` `[n, V]` (computed in the model's dtype)."""
+    if hidden.dtype == out.dtype:
+        if bias is None:
+            return torch.mm(hidden, weight.T, out=out)
+        return torch.addmm(bias, hidden, weight.T, out=out)
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
-    return logits.float()
+    return out.copy_(logits)
+
+
+def teacher_ce_value_and_grad(raw_logits: torch.Tensor, labels: torch.Tensor, transform: LogitTransform,
+                              out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(Σ CE(transform(raw_logits), labels), d/d raw_logits)` for the teacher side of DSKD (the t2s cross-entropy,
+    which trains the projectors). Logits `[n, V]` fp32 are left intact; the gradient is written into `out`."""
+    if transform != LogitTransform():
+        logits = raw_logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            ce = F.cross_entropy(transform(logits), labels, reduction="sum")
+            (grad,) = torch.autograd.grad(ce, logits)
+        return ce.detach(), out.copy_(grad)
+    rows = torch.arange(labels.numel(), device=labels.device)
+    log_probs = torch.log_softmax(raw_logits, -1, out=out)
+    ce = -log_probs[rows, labels].sum()
+    grad = log_probs.exp_()
+    grad[rows, labels] -= 1.0
+    return ce, grad
+
+
+@dataclass(frozen=True)
+class TeacherTerms:
+    """What the engine does with the teacher side beyond serving as the KD target (DSKD's projected teacher).
+
+    ce_weight: weight of the cross-entropy of the teacher-side logits on `teacher_labels`, whose gradient goes into
+        the teacher-side hidden states (never the teacher's head). 0 (vanilla KD) skips it.
+    gate_kd: count a token's KD term only where the teacher side's argmax equals its `teacher_labels` entry (DSKD-CMA's
+        "t2s accuracy" gate, computed on the clean logits, before noise).
+    """
+
+    ce_weight: float = 0.0
+    gate_kd: bool = False
+
+
+class ChunkedDistillationOutput(NamedTuple):
+    """Everything `chunked_distillation_terms` computes; the means are divided by the loss normaliser."""
+
+    loss: torch.Tensor                 # (1 − w)·ce_loss + w·kd_loss + teacher_ce_weight·teacher_ce_loss
+    ce_loss: torch.Tensor
+    kd_loss: torch.Tensor              # scaled by T² if set; gated if asked
+    teacher_ce_loss: torch.Tensor      # 0 unless teacher_ce_weight > 0
+    num_correct: torch.Tensor          # label tokens where the student's argmax is right
+    teacher_num_correct: torch.Tensor  # tokens where the teacher side's argmax equals teacher_labels (0 unless
+                                       # teacher terms are on)
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, normalizer, settings, transforms, chunk_size, generator):
+                labels, teacher_labels, normalizer, settings, transforms, teacher_terms, chunk_size, generator):
         student_transform, teacher_transform = transforms
         num_tokens = student_hidden.size(0)
-        want_weight_grad = student_weight.requires_grad
+        device = student_hidden.device
         grad_hidden = torch.zeros_like(student_hidden)
         # Accumulated in fp32 across chunks whatever the model dtype, then cast once.
-        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device) \
-            if want_weight_grad else None
-        grad_bias = torch.zeros(student_bias.shape, dtype=torch.float32, device=student_bias.device) \
+        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) \
+            if student_weight.requires_grad else None
+        grad_bias = torch.zeros(student_bias.shape, dtype=torch.float32, device=device) \
             if student_bias is not None and student_bias.requires_grad else None
-        ce_sum = torch.zeros((), dtype=torch.float32, device=student_hidden.device)
-        kd_sum = torch.zeros_like(ce_sum)
-        num_correct = torch.zeros((), dtype=torch.long, device=student_hidden.device)
+        teacher_ce_on = teacher_terms.ce_weight > 0
+        grad_teacher_hidden = torch.zeros_like(teacher_hidden) if teacher_ce_on else None
+        sums = torch.zeros(3, dtype=torch.float32, device=device)  # ce, kd, teacher ce
+        counts = torch.zeros(2, dtype=torch.long, device=device)   # student correct, teacher correct
+
+        # Four fp32 [chunk, V] buffers reused by every chunk: a fresh tensor per operation would cost more in page
+        # faults (CPU) or allocator traffic than the arithmetic itself.
+        vocab = student_weight.size(0)
+        buffers = [torch.empty(min(chunk_size, num_tokens), vocab, dtype=torch.float32, device=device)
+                   for _ in range(4)]
+        closed_form = _uses_closed_form(settings, student_transform)
 
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, min(start + chunk_size, num_tokens))
             hidden = student_hidden[chunk]
-            chunk_labels = labels[chunk]
-            teacher_logits = teacher_transform(_project(teacher_hidden[chunk], teacher_weight, teacher_bias))
+            chunk_labels, chunk_teacher_labels = labels[chunk], teacher_labels[chunk]
+            student_logits, teacher_logits, *scratch = (buffer[: hidden.size(0)] for buffer in buffers)
+            _project_into(teacher_logits, teacher_hidden[chunk], teacher_weight, teacher_bias)
+            if teacher_ce_on or teacher_terms.gate_kd:
+                # The transforms are monotone: the argmax of the raw logits is the model's prediction.
+                teacher_correct = teacher_logits.argmax(-1) == chunk_teacher_labels
+                counts[1] += teacher_correct.sum()
+            if teacher_ce_on:
+                teacher_ce, teacher_grad = teacher_ce_value_and_grad(teacher_logits, chunk_teacher_labels,
+                                                                     teacher_transform, scratch[0])
+                sums[2] += teacher_ce
+                teacher_grad = teacher_grad.to(teacher_hidden.dtype)
+                torch.mm(teacher_grad, teacher_weight, out=grad_teacher_hidden[chunk])
+            teacher_transform.apply_(teacher_logits)
             if settings.noise_std > 0:
                 noise = torch.randn(teacher_logits.shape, generator=generator, device=teacher_logits.device,
-                                    dtype=torch.float32)
-                teacher_logits = teacher_logits + settings.noise_std * noise
-            raw_logits = _project(hidden, student_weight, student_bias)
-            # Before the loss: the closed-form paths may overwrite buffers derived from the logits.
-            num_correct += (raw_logits.argmax(-1) == chunk_labels).sum()
-            ce, kd, grad_logits = chunk_value_and_grad(raw_logits, teacher_logits, chunk_labels, settings,
-                                                       student_transform)
-            ce_sum += ce
-            kd_sum += kd
+                                    dtype=torch.float32, out=scratch[0])
+                teacher_logits.add_(noise, alpha=settings.noise_std)
+            _project_into(student_logits, hidden, student_weight, student_bias)
+            counts[0] += (student_logits.argmax(-1) == chunk_labels).sum()
+            gate = teacher_correct.float() if teacher_terms.gate_kd else None
+            if closed_form:
+                ce, kd, grad_logits = closed_form_value_and_grad(student_logits, teacher_logits, chunk_labels,
+                                                                 settings, scratch, gate)
+            else:
+                ce, kd, grad_logits = autograd_value_and_grad(student_logits, teacher_logits, chunk_labels, settings,
+                                                              student_transform, gate)
+            sums[0] += ce
+            sums[1] += kd
 
             grad_logits = grad_logits.to(hidden.dtype)
-            grad_hidden[chunk] = grad_logits @ student_weight
+            torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
             if grad_weight is not None:
-                grad_weight.add_((grad_logits.T @ hidden).float())
+                if grad_weight.dtype == grad_logits.dtype:
+                    grad_weight.addmm_(grad_logits.T, hidden)
+                else:
+                    grad_weight.add_(grad_logits.T @ hidden)
             if grad_bias is not None:
-                grad_bias.add_(grad_logits.float().sum(0))
+                grad_bias.add_(grad_logits.sum(0))
 
         inverse = 1.0 / normalizer
         ctx.save_for_backward(
             grad_hidden * inverse.to(grad_hidden.dtype),
             None if grad_weight is None else (grad_weight * inverse).to(student_weight.dtype),
             None if grad_bias is None else (grad_bias * inverse).to(student_bias.dtype),
+            None if grad_teacher_hidden is None
+            else grad_teacher_hidden * (inverse * teacher_terms.ce_weight).to(grad_teacher_hidden.dtype),
         )
-        ce_mean, kd_mean = ce_sum * inverse, kd_sum * inverse
-        loss = (1.0 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean
-        ctx.mark_non_differentiable(ce_mean, kd_mean, num_correct)
-        return loss, ce_mean, kd_mean, num_correct
+        ce_mean, kd_mean, teacher_ce_mean = sums * inverse
+        loss = (1.0 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean \
+            + teacher_terms.ce_weight * teacher_ce_mean
+        num_correct, teacher_num_correct = counts[0].clone(), counts[1].clone()
+        ctx.mark_non_differentiable(ce_mean, kd_mean, teacher_ce_mean, num_correct, teacher_num_correct)
+        return loss, ce_mean, kd_mean, teacher_ce_mean, num_correct, teacher_num_correct
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_loss
+        grad_hidden, grad_weight, grad_bias, grad_teacher_hidden = ctx.saved_tensors
 
         def scaled(grad):
-            return None if grad is None else grad * scale.to(grad.dtype)
+            return None if grad is None else grad * grad_loss.to(grad.dtype)
 
-        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias),
-                None, None, None, None, None, None, None, None, None)
+        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), scaled(grad_teacher_hidden),
+                *([None] * 10))
 
 
-def chunked_distillation_loss(
+def chunked_distillation_terms(
     student_hidden: torch.Tensor,
     student_lm_head: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None],
     teacher_hidden: torch.Tensor,
@@ -218,14 +340,17 @@ def chunked_distillation_loss(
     student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
     generator: torch.Generator | None = None,
-) -> tuple[DistillationLoss, torch.Tensor]:
+    teacher_terms: TeacherTerms = TeacherTerms(),
+    teacher_labels: torch.Tensor | None = None,
+) -> ChunkedDistillationOutput:
     """The loss of `reference.distillation_loss`, from hidden states and output heads, in token chunks.
 
     Args:
         student_hidden: `[B, T, D_S]` or `[N, D_S]` student last hidden states (after the final norm).
         student_lm_head: the student's output layer (`nn.Linear`, weight `[V_S, D_S]`) or a `(weight, bias)` pair.
-        teacher_hidden: `[B, T, D_T]` or `[N, D_T]`; D_T may differ from D_S. Detached here.
-        teacher_lm_head: the teacher's output layer, weight `[V_T, D_T]`.
+        teacher_hidden: `[B, T, D_T]` or `[N, D_T]`; D_T may differ from D_S. Detached, unless
+            `teacher_terms.ce_weight > 0`, whose cross-entropy sends a gradient into it.
+        teacher_lm_head: the teacher's output layer, weight `[V_T, D_T]`; never given a gradient.
         labels: `[B, T]` or `[N]` next-token ids aligned with the hidden states (already shifted).
         settings: divergence, temperature, noise, KD weight (see `LossSettings`).
         num_items_in_batch: global label-token count of the accumulated batch, as in the reference.
@@ -234,10 +359,9 @@ def chunked_distillation_loss(
         chunk_size: tokens per chunk; default: as many as keep one `[chunk, V]` fp32 tensor within 128 MiB.
         student_transform / teacher_transform: logit scale and soft-capping of each model.
         generator: RNG of the teacher-logit noise. Noise is drawn chunk by chunk in token order, `[n, V]` at a time.
-
-    Returns:
-        `(DistillationLoss(loss, ce_loss, kd_loss), num_correct)`, where `num_correct` counts label tokens whose
-        student argmax is right (for the token-accuracy metric).
+        teacher_terms: the teacher-side cross-entropy and KD gate of DSKD (off by default).
+        teacher_labels: `[B, T]` or `[N]` targets of those teacher-side terms; defaults to `labels`. Only positions
+            where `labels != ignore_index` count.
     """
     student_weight, student_bias = _weight_and_bias(student_lm_head)
     teacher_weight, teacher_bias = _weight_and_bias(teacher_lm_head)
@@ -250,19 +374,34 @@ def chunked_distillation_loss(
         mask = labels != ignore_index
         if mask.any() and int(labels[mask].max()) >= vocab:
             raise ValueError(f"A label id ({int(labels[mask].max())}) is outside the distilled vocabulary of {vocab}.")
+        teacher_labels = labels if teacher_labels is None else teacher_labels.reshape(-1)
         normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
-        # Boolean indexing keeps the autograd link: the gradient is scattered back to [B, T, D_S].
+        # Boolean indexing keeps the autograd link: the gradient is scattered back to [B, T, D].
         student_rows = student_hidden.reshape(-1, student_hidden.size(-1))[mask]
-        teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask].detach()
+        teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask]
+        if teacher_terms.ce_weight == 0:
+            teacher_rows = teacher_rows.detach()
         if chunk_size is None:
             chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-        loss, ce, kd, num_correct = _FusedDistillationFunction.apply(
+        outputs = _FusedDistillationFunction.apply(
             student_rows, student_weight[:vocab], None if student_bias is None else student_bias[:vocab],
             teacher_rows, teacher_weight[:vocab].detach(),
             None if teacher_bias is None else teacher_bias[:vocab].detach(),
-            labels[mask], normalizer, settings, (student_transform, teacher_transform), chunk_size, generator,
+            labels[mask], teacher_labels[mask], normalizer, settings, (student_transform, teacher_transform),
+            teacher_terms, chunk_size, generator,
         )
-    return DistillationLoss(loss, ce, kd), num_correct
+    return ChunkedDistillationOutput(*outputs)
+
+
+def chunked_distillation_loss(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels,
+                              settings: LossSettings = LossSettings(), **kwargs
+                              ) -> tuple[DistillationLoss, torch.Tensor]:
+    """`chunked_distillation_terms` for vanilla KD: returns `(DistillationLoss(loss, ce_loss, kd_loss), num_correct)`,
+    where `num_correct` counts label tokens whose student argmax is right (for the token-accuracy metric). Takes the
+    same arguments."""
+    out = chunked_distillation_terms(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels,
+                                     settings, **kwargs)
+    return DistillationLoss(out.loss, out.ce_loss, out.kd_loss), out.num_correct
 
 
 def _weight_and_bias(head) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -10,9 +10,11 @@ must be differentiable with respect to `student_log_probs` through plain torch o
 gradient with autograd, one chunk at a time.
 
 A divergence may also carry a closed-form `value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta,
-skew_alpha) -> (values [N], dD/du [N, V])`, where u = z_S / T are the student's tempered logits. The engine then skips
-autograd, which saves several passes over `[n, V]`; the result must equal autograd's (the tests check it). It may
-overwrite its inputs: the engine does not reuse them.
+skew_alpha, scratch) -> (values [N], dD/du [N, V])`, where u = z_S / T are the student's tempered logits. The engine then
+skips autograd, which saves several passes over `[n, V]`; the result must equal autograd's (the tests check it). It may
+overwrite both inputs and `scratch` (an fp32 buffer of the same shape), and its gradient may be any of the three: the
+engine does not reuse them. Working in place matters on CPU, where every fresh `[n, V]` tensor costs page faults
+that take longer than the arithmetic.
 """
 
 from __future__ import annotations
@@ -69,10 +71,16 @@ def forward_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
     return _kl(teacher_log_probs, student_log_probs)
 
 
-def _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v]·b[n, v] -> [N], without materialising the product."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
+def _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha, scratch):
     # D = Σ p_T (log p_T − log p_S);  dD/du = p_S − p_T
-    teacher_probs = teacher_log_probs.exp()
-    values = (teacher_probs * (teacher_log_probs - student_log_probs)).sum(-1)
+    teacher_probs = torch.exp(teacher_log_probs, out=scratch)
+    log_ratio = teacher_log_probs.sub_(student_log_probs)
+    values = _row_dot(teacher_probs, log_ratio)
     return values, student_log_probs.exp_().sub_(teacher_probs)
 
 
@@ -85,11 +93,11 @@ def reverse_kl(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
     return _kl(student_log_probs, teacher_log_probs)
 
 
-def _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha):
+def _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, jsd_beta, skew_alpha, scratch):
     # D = Σ p_S (log p_S − log p_T);  dD/du_k = p_S,k · (log p_S,k − log p_T,k − D)
-    log_ratio = teacher_log_probs.neg_().add_(student_log_probs)
-    student_probs = student_log_probs.exp_()
-    values = (student_probs * log_ratio).sum(-1)
+    student_probs = torch.exp(student_log_probs, out=scratch)
+    log_ratio = student_log_probs.sub_(teacher_log_probs)
+    values = _row_dot(student_probs, log_ratio)
     return values, log_ratio.sub_(values[:, None]).mul_(student_probs)
 
 

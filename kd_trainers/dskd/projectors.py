@@ -1,0 +1,83 @@
+"""The DSKD projectors: `query` (cross-model attention), `t2s` (teacher -> student space), `s2t` (student -> teacher).
+
+As in the official code (`distiller.py`, `projector_config.json`): three `nn.Linear` layers with bias, PyTorch's default
+initialisation, no activation, all three built even when `query` is unused (same vocabulary):
+
+    query: Linear(2·D_S -> 2·D_T)   t2s: Linear(D_T -> D_S)   s2t: Linear(D_S -> D_T)
+
+DSKDv2 options: bias-free layers, and `t2s`/`s2t` initialised by pseudo-inverses of the output heads over the shared
+vocabulary, t2s = W_Tᵀ·pinv(W_Sᵀ) so that W_S·t2s(h_T) ≈ W_T·h_T (student logits of a teacher state ≈ teacher logits).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PROJECTOR_WEIGHTS = "dskd_projectors.safetensors"
+PROJECTOR_CONFIG = "dskd_projectors.json"
+
+
+class DSKDProjectors(nn.Module):
+    """The three projectors of DSKD, for a student of width `student_hidden_size` and a teacher of `teacher_hidden_size`."""
+
+    def __init__(self, student_hidden_size: int, teacher_hidden_size: int, bias: bool = True):
+        super().__init__()
+        self.student_hidden_size, self.teacher_hidden_size, self.bias = student_hidden_size, teacher_hidden_size, bias
+        self.query = nn.Linear(2 * student_hidden_size, 2 * teacher_hidden_size, bias=bias)
+        self.t2s = nn.Linear(teacher_hidden_size, student_hidden_size, bias=bias)
+        self.s2t = nn.Linear(student_hidden_size, teacher_hidden_size, bias=bias)
+
+    @torch.no_grad()
+    def init_from_heads(self, student_head: torch.Tensor, teacher_head: torch.Tensor,
+                        student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:
+        """DSKDv2's pseudo-inverse initialisation of `t2s` and `s2t` from the output heads.
+
+        Args:
+            student_head: `[V_S, D_S]`; teacher_head: `[V_T, D_T]`.
+            student_ids / teacher_ids: `[K]` rows of the same tokens in each head (the shared vocabulary).
+        """
+        w_s = student_head[student_ids].float()  # [K, D_S]
+        w_t = teacher_head[teacher_ids].float()  # [K, D_T]
+        # t2s: find A [D_S, D_T] with w_s @ A ≈ w_t, i.e. A = pinv(w_s) @ w_t; nn.Linear computes x @ weight.T.
+        self.t2s.weight.copy_((torch.linalg.pinv(w_s) @ w_t).T.to(self.t2s.weight.dtype))
+        self.s2t.weight.copy_((torch.linalg.pinv(w_t) @ w_s).T.to(self.s2t.weight.dtype))
+        for layer in (self.t2s, self.s2t):
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+    def save(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes `dskd_projectors.safetensors` and `dskd_projectors.json` (sizes) into `directory`.
+
+        `state_dict` overrides `self.state_dict()`: under ZeRO-3 the parameters here are partitioned, and the caller
+        passes the consolidated ones.
+        """
+        os.makedirs(directory, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+        save_file(state, os.path.join(directory, PROJECTOR_WEIGHTS))
+        with open(os.path.join(directory, PROJECTOR_CONFIG), "w") as handle:
+            json.dump({"student_hidden_size": self.student_hidden_size,
+                       "teacher_hidden_size": self.teacher_hidden_size, "bias": self.bias}, handle, indent=2)
+
+    @classmethod
+    def from_saved(cls, directory: str) -> "DSKDProjectors":
+        with open(os.path.join(directory, PROJECTOR_CONFIG)) as handle:
+            projectors = cls(**json.load(handle))
+        projectors.load_state_dict(load_file(os.path.join(directory, PROJECTOR_WEIGHTS)))
+        return projectors
+
+    def load_saved(self, directory: str) -> None:
+        """Loads weights saved by `save` into these projectors, checking that the sizes agree."""
+        with open(os.path.join(directory, PROJECTOR_CONFIG)) as handle:
+            saved = json.load(handle)
+        mine = {"student_hidden_size": self.student_hidden_size, "teacher_hidden_size": self.teacher_hidden_size,
+                "bias": self.bias}
+        if saved != mine:
+            raise ValueError(f"The projectors in {directory} were built for {saved}, these are {mine}.")
+        state = load_file(os.path.join(directory, PROJECTOR_WEIGHTS))
+        self.load_state_dict({name: tensor.to(self.query.weight.device) for name, tensor in state.items()})

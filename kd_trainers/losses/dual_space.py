@@ -1,0 +1,109 @@
+"""DSKD's dual-space loss: vanilla KD in the student's vocabulary space and in the teacher's, through projected hidden
+states, both computed by the chunked engine (`../shared/design/DSKD.md` §3–4, §9):
+
+    student space, on the student's label positions M_S:
+        CE       = Σ CE(Z_S, y_S)                                  Z_S     = H_S·W_Sᵀ
+        t2s_CE   = Σ CE(Z_t2s, y_t2s)                              Z_t2s   = H_t2s·sg(W_S)ᵀ   (trains the projectors)
+        t2s_KD   = Σ g·D(softmax(Z_S/τ) , softmax(sg(Z_t2s)/(τ·τ_t)))  (g: the t2s accuracy gate under CMA, else 1)
+    teacher space, on the teacher's label positions M_T:
+        s2t_KD   = Σ D'(softmax(Z_s2t/τ), softmax(Z_T/τ))           Z_s2t   = H_s2t·sg(W_T)ᵀ, D' = forward KL (DSKD)
+    loss = [(1 − w)·CE + w·(t2s_CE + t2s_KD + s2t_KD)] / N,   N = student label tokens (`num_items_in_batch`)
+
+D follows the KD argument convention (student first); `settings.noise_std` perturbs both KD targets (sg(Z_t2s) and
+Z_T), never the t2s cross-entropy. The gate and the t2s CE use the clean projected logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import torch
+
+from .chunked import LogitTransform, LossSettings, TeacherTerms, chunked_distillation_terms, _weight_and_bias
+
+
+class DualSpaceLoss(NamedTuple):
+    """The total and its parts, each divided by the normaliser N (sums per token when multiplied back)."""
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    t2s_ce_loss: torch.Tensor
+    t2s_kd_loss: torch.Tensor
+    s2t_kd_loss: torch.Tensor
+    num_correct: torch.Tensor       # student tokens where the student's argmax is the label
+    t2s_num_correct: torch.Tensor   # student tokens where the t2s argmax is its target
+    s2t_num_correct: torch.Tensor   # teacher tokens where the s2t argmax is the teacher's label
+
+
+def _detached(head):
+    weight, bias = _weight_and_bias(head)
+    return weight.detach(), None if bias is None else bias.detach()
+
+
+def dual_space_loss(
+    student_hidden: torch.Tensor,
+    student_lm_head,
+    t2s_hidden: torch.Tensor,
+    student_labels: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_lm_head,
+    s2t_hidden: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    settings: LossSettings,
+    *,
+    s2t_divergence: str = "forward_kl",
+    gate_t2s_kd: bool = False,
+    t2s_labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    student_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    student_transform: LogitTransform = LogitTransform(),
+    teacher_transform: LogitTransform = LogitTransform(),
+    generator: torch.Generator | None = None,
+) -> DualSpaceLoss:
+    """The DSKD loss from hidden states, never holding a `[B, T, V]` tensor.
+
+    Args:
+        student_hidden: `[B, Ts, D_S]` student last hidden states; t2s_hidden: `[B, Ts, D_S]` the teacher's states
+            projected into the student's space (with grad into the projectors).
+        student_labels: `[B, Ts]` next-token labels of the student sequence (shifted; `ignore_index` off the response).
+        teacher_hidden: `[B, Tt, D_T]` teacher last hidden states; s2t_hidden: `[B, Tt, D_T]` the student's states
+            projected into the teacher's space (with grad into the student and the projectors).
+        teacher_labels: `[B, Tt]` next-token labels of the teacher sequence. Equal to the student's under the same
+            tokenizer.
+        settings: `kd_weight` is w; divergence, temperature, `teacher_temperature` (τ_t), noise and T² as in KD.
+        s2t_divergence: D' of the teacher-space term.
+        gate_t2s_kd: count t2s_KD only where the t2s argmax equals its target (DSKD-CMA).
+        t2s_labels: `[B, Ts]` targets of the t2s CE and gate; defaults to `student_labels` (DSKDv2: teacher argmax).
+        num_items_in_batch: student label tokens of the whole accumulated batch (N); defaults to this batch's.
+        student_vocab_size / teacher_vocab_size: rows of each head that are real tokens.
+    """
+    weight = settings.kd_weight
+    if num_items_in_batch is None:
+        num_items_in_batch = (student_labels != ignore_index).sum()
+    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                  generator=generator)
+    student_space = chunked_distillation_terms(
+        student_hidden, student_lm_head, t2s_hidden, _detached(student_lm_head), student_labels, settings,
+        vocab_size=student_vocab_size, student_transform=student_transform, teacher_transform=student_transform,
+        teacher_terms=TeacherTerms(ce_weight=weight, gate_kd=gate_t2s_kd), teacher_labels=t2s_labels, **common,
+    )
+    teacher_settings = dataclasses.replace(settings, divergence=s2t_divergence, kd_weight=1.0, teacher_temperature=1.0)
+    teacher_space = chunked_distillation_terms(
+        s2t_hidden, _detached(teacher_lm_head), teacher_hidden, teacher_lm_head, teacher_labels, teacher_settings,
+        vocab_size=teacher_vocab_size, student_transform=teacher_transform, teacher_transform=teacher_transform,
+        **common,
+    )
+    return DualSpaceLoss(
+        loss=student_space.loss + weight * teacher_space.loss,  # .loss carries the gradient; it equals kd_loss here
+        ce_loss=student_space.ce_loss,
+        t2s_ce_loss=student_space.teacher_ce_loss,
+        t2s_kd_loss=student_space.kd_loss,
+        s2t_kd_loss=teacher_space.kd_loss,
+        num_correct=student_space.num_correct,
+        t2s_num_correct=student_space.teacher_num_correct,
+        s2t_num_correct=teacher_space.num_correct,
+    )
