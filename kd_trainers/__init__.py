@@ -3,12 +3,13 @@
     from kd_trainers import KDConfig, KDTrainer
 
 Where things are: `losses/` (divergences, the readable reference, the chunked engine), one folder per method
-(`kd/`: config and trainer), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
+(`kd/`: config and trainer; `dskd/`: also the dual tokenization, projectors and cross-model attention), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
 """
 
 __version__ = "0.1.0.dev0"
 
+from .dskd import DSKDConfig, DSKDTrainer
 from .kd import KDConfig, KDTrainer
 from .losses import DIVERGENCES, chunked_distillation_loss, distillation_loss
 
-__all__ = ["DIVERGENCES", "KDConfig", "KDTrainer", "chunked_distillation_loss", "distillation_loss", "__version__"]
+__all__ = ["DIVERGENCES", "DSKDConfig", "DSKDTrainer", "KDConfig", "KDTrainer", "chunked_distillation_loss", "distillation_loss", "__version__"]

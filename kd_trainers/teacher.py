@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 
 def model_name(model) -> str:
-    """A readable name for a model given as a name, a path, or an object."""
+    """A readable name for a model (or tokenizer) given as a name, a path, or an object."""
     if isinstance(model, str):
         return model
     model = getattr(model, "get_base_model", lambda: model)()
-    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "") or ""
     return name or f"<in-memory {type(model).__name__}>"
 
 

@@ -1,1 +1,11 @@
-"""DSKD: dual-space knowledge distillation, with cross-model attention when the vocabularies differ."""
+"""DSKD: dual-space knowledge distillation, with cross-model attention when the vocabularies differ.
+
+`config.py` (DSKDConfig), `trainer.py` (DSKDTrainer), `data.py` (tokenizing each example for both tokenizers),
+`projectors.py` (query / t2s / s2t), `cross_model_attention.py` (the projected hidden states). The loss itself is
+`kd_trainers.losses.dual_space_loss`, on the shared chunked engine.
+"""
+
+from .config import DSKDConfig
+from .trainer import DSKDTrainer
+
+__all__ = ["DSKDConfig", "DSKDTrainer"]

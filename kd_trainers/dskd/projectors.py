@@ -43,9 +43,10 @@ class DSKDProjectors(nn.Module):
         """
         w_s = student_head[student_ids].float()  # [K, D_S]
         w_t = teacher_head[teacher_ids].float()  # [K, D_T]
-        # t2s: find A [D_S, D_T] with w_s @ A ≈ w_t, i.e. A = pinv(w_s) @ w_t; nn.Linear computes x @ weight.T.
-        self.t2s.weight.copy_((torch.linalg.pinv(w_s) @ w_t).T.to(self.t2s.weight.dtype))
-        self.s2t.weight.copy_((torch.linalg.pinv(w_t) @ w_s).T.to(self.s2t.weight.dtype))
+        # t2s maps h_T to A·h_T with A [D_S, D_T] (= its weight) minimising ‖w_s·A − w_t‖: A = pinv(w_s)·w_t, so that
+        # the student head scores t2s(h_T) like the teacher head scores h_T (W_Tᵀ·pinv(W_Sᵀ) in the spec's notation).
+        self.t2s.weight.copy_((torch.linalg.pinv(w_s) @ w_t).to(self.t2s.weight.dtype))
+        self.s2t.weight.copy_((torch.linalg.pinv(w_t) @ w_s).to(self.s2t.weight.dtype))
         for layer in (self.t2s, self.s2t):
             if layer.bias is not None:
                 layer.bias.zero_()

@@ -84,18 +84,21 @@ class KDTrainer(SFTTrainer):
         if sft_kwargs.get("processing_class") is None:
             sft_kwargs["processing_class"] = AutoTokenizer.from_pretrained(model_name(model))
         processing_class = sft_kwargs["processing_class"]
-        teacher_tokenizer = load_teacher_tokenizer(teacher, teacher_processing_class)
-        check_same_vocabulary(processing_class, teacher_tokenizer, model_name(model), model_name(teacher))
+        self.teacher_processing_class = self._load_teacher_tokenizer(teacher, teacher_processing_class, args)
+        self._check_tokenizers(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
+        if sft_kwargs.get("data_collator") is None:
+            sft_kwargs["data_collator"] = self._default_data_collator(processing_class, args)
 
         super().__init__(model, args, **sft_kwargs)
 
         teacher = freeze(load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path))
         self.distilled_vocab_size = len(processing_class)
-        for role, head_model in (("student", self.model), ("teacher", teacher)):
+        for role, head_model, tokenizer in (("student", self.model, processing_class),
+                                            ("teacher", teacher, self.teacher_processing_class)):
             rows = head_model.get_output_embeddings().weight.shape[0]
-            if rows < self.distilled_vocab_size:
+            if rows < len(tokenizer):
                 raise ValueError(
-                    f"The {role}'s output head has {rows} rows but its tokenizer has {self.distilled_vocab_size} tokens. "
+                    f"The {role}'s output head has {rows} rows but its tokenizer has {len(tokenizer)} tokens. "
                     f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
                 )
         self.teacher_name = model_name(teacher_model if teacher_model is not None else teacher)
@@ -113,14 +116,27 @@ class KDTrainer(SFTTrainer):
         self._forward_redirection = _ForwardRedirection()
         self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
 
-    @staticmethod
-    def _as_kd_config(model, args) -> KDConfig:
-        if isinstance(args, KDConfig):
+    _config_class = KDConfig
+
+    @classmethod
+    def _as_kd_config(cls, model, args) -> KDConfig:
+        if isinstance(args, cls._config_class):
             return args
         if args is None:
             name = model_name(model).split("/")[-1].lstrip("<").rstrip(">")
-            return KDConfig(output_dir=f"{name}-KD")
-        return KDConfig.from_sft_config(args)
+            return cls._config_class(output_dir=f"{name}-{cls._name}")
+        return cls._config_class.from_sft_config(args)
+
+    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args):
+        return load_teacher_tokenizer(teacher, teacher_processing_class)
+
+    def _default_data_collator(self, processing_class, args):
+        """None: SFTTrainer's own collator. A subclass with other batches (DSKD's two tokenizations) returns its own."""
+        return None
+
+    def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+        """Vanilla KD compares the two distributions id by id: the vocabularies must be the same."""
+        check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name, teacher_name)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -142,7 +158,8 @@ class KDTrainer(SFTTrainer):
         return generator
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
-        """Runs inside the student wrapper's forward. Returns (loss, ce_sum, kd_sum, num_correct, num_tokens)."""
+        """Runs inside the student wrapper's forward. Returns `(loss, metrics)`, metrics `{name: (sum, count)}` for
+        the logs (per-token means whatever `num_items_in_batch` is)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         labels = inputs["labels"][:, 1:]
         student_hidden = last_hidden_state(student, model_inputs)[:, :-1]
@@ -159,29 +176,33 @@ class KDTrainer(SFTTrainer):
             generator=self._noise_generator(student_hidden.device, mode),
         )
         num_tokens = (labels != -100).sum()
-        # Back from the normalised means to sums, so that the logs are per-token means whatever num_items_in_batch is.
+        normalizer = self._loss_normalizer(num_tokens, num_items_in_batch)
+        return losses.loss, {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
+                             "kd_loss": (losses.kd_loss * normalizer, num_tokens),
+                             "mean_token_accuracy": (num_correct, num_tokens)}
+
+    @staticmethod
+    def _loss_normalizer(num_tokens: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """What the engine divided the sums by: turns its means back into sums for the logs."""
         normalizer = num_tokens.clamp(min=1) if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        normalizer = normalizer.to(losses.ce_loss.device, torch.float32)
-        return losses.loss, losses.ce_loss * normalizer, losses.kd_loss * normalizer, num_correct, num_tokens
+        return normalizer.to(num_tokens.device, torch.float32)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         self.teacher_model.eval()
         student = self.accelerator.unwrap_model(model)
-        loss, ce_sum, kd_sum, num_correct, num_tokens = self._forward_redirection(
+        loss, metrics = self._forward_redirection(
             model, student, self._distillation_forward, student, inputs, num_items_in_batch, mode
         )
         # As in `SFTTrainer.compute_loss`: num_items_in_batch counts every rank's tokens and DDP averages gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
 
-        totals = self.accelerator.gather_for_metrics(
-            torch.stack([ce_sum, kd_sum, num_correct.float(), num_tokens.float()]).detach()[None]
-        ).sum(0)
-        count = totals[3].clamp(min=1)
-        self._metrics[mode]["ce_loss"].append((totals[0] / count).item())
-        self._metrics[mode]["kd_loss"].append((totals[1] / count).item())
-        self._metrics[mode]["mean_token_accuracy"].append((totals[2] / count).item())
+        # Sums and counts from every rank, then one mean per metric.
+        local = torch.stack([torch.stack([value.float(), count.float()]) for value, count in metrics.values()])
+        totals = self.accelerator.gather_for_metrics(local.detach()[None]).sum(0)
+        for name, (value, count) in zip(metrics, totals):
+            self._metrics[mode][name].append((value / count.clamp(min=1)).item())
         return (loss, {"loss": loss}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -1,0 +1,110 @@
+"""`DSKDConfig`: dual-space knowledge distillation settings, on top of `KDConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..kd.config import KDConfig
+from ..losses.divergences import DIVERGENCES
+
+T2S_TARGETS = ("gold", "teacher_argmax")
+PROJECTOR_INITS = ("default", "pinv")
+
+
+@dataclass
+class DSKDConfig(KDConfig):
+    r"""
+    Configuration class for [`DSKDTrainer`]: every field of `KDConfig`, plus the DSKD settings below. Defaults follow
+    the official DSKD scripts (`kd_temperature=2.0`, no T² scaling, `kd_weight=0.5`, `projector_lr=1e-3`).
+
+    loss = (1 − w)·CE + w·(t2s_CE + t2s_KD + s2t_KD), each term summed over tokens and divided by the number of
+    student label tokens (see `kd_trainers.losses.dual_space_loss`).
+
+    > Parameters that control DSKD
+
+    teacher_tokenizer_name_or_path (`str`, *optional*, defaults to `None`):
+        The teacher's tokenizer, when no `teacher_processing_class` is given; defaults to the teacher's name or path.
+    cross_model_attention (`bool`, *optional*, defaults to `None`):
+        Align the two sequences with cross-model attention (DSKD-CMA). `None` decides from the tokenizers: on when
+        they differ token by token, off when they are the same. `False` with different tokenizers is an error.
+    projector_lr (`float`, *optional*, defaults to `1e-3`):
+        Learning rate of the projectors (`query`, `t2s`, `s2t`), which train jointly with the student and follow the
+        same schedule.
+    projector_path (`str`, *optional*, defaults to `None`):
+        A directory holding `dskd_projectors.safetensors` from an earlier run, to start the projectors from.
+    projector_bias (`bool`, *optional*, defaults to `True`):
+        Projectors with bias (DSKD) or without (DSKDv2).
+    projector_init (`str`, *optional*, defaults to `"default"`):
+        `"default"`: PyTorch's `nn.Linear` initialisation (DSKD). `"pinv"`: DSKDv2's pseudo-inverse initialisation
+        of `t2s` and `s2t` from the two output heads over the tokens both vocabularies share.
+    t2s_target (`str`, *optional*, defaults to `"gold"`):
+        Label of the t2s cross-entropy and of the t2s KD gate: `"gold"` (DSKD) or `"teacher_argmax"` (DSKDv2; same
+        vocabulary only, where the teacher's prediction at each position is defined).
+    teacher_temperature (`float`, *optional*, defaults to `1.0`):
+        Extra temperature τ_t of the t2s KD target (the projected teacher logits are divided by τ·τ_t), as in the
+        official code, whose scripts leave it at 1.
+    s2t_divergence (`str`, *optional*, defaults to `"forward_kl"`):
+        Divergence of the teacher-space term. The official DSKD always uses forward KL there; DSKDv2 uses `divergence`.
+    max_prompt_length (`int`, *optional*, defaults to `None`):
+        Prompt tokens kept (from the right) on each side under cross-model attention; `None` keeps the whole prompt.
+    """
+
+    kd_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature dividing both models' logits in the KD terms; > 0."}
+    )
+    kd_temperature_squared: bool = field(
+        default=False, metadata={"help": "Multiply the KD terms by the squared temperature (off in DSKD)."}
+    )
+    teacher_tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The teacher's tokenizer; defaults to the teacher's name or path."}
+    )
+    cross_model_attention: bool | None = field(
+        default=None, metadata={"help": "Use cross-model attention; None decides from the two tokenizers."}
+    )
+    projector_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DSKD projectors; > 0."})
+    projector_path: str | None = field(
+        default=None, metadata={"help": "Directory with dskd_projectors.safetensors to start the projectors from."}
+    )
+    projector_bias: bool = field(default=True, metadata={"help": "Projectors with bias (DSKD) or without (DSKDv2)."})
+    projector_init: str = field(
+        default="default", metadata={"help": "Projector initialisation.", "choices": list(PROJECTOR_INITS)}
+    )
+    t2s_target: str = field(
+        default="gold", metadata={"help": "Label of the t2s CE and KD gate.", "choices": list(T2S_TARGETS)}
+    )
+    teacher_temperature: float = field(
+        default=1.0, metadata={"help": "Extra temperature of the t2s KD target (official `teacher_temperature`); > 0."}
+    )
+    s2t_divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence of the teacher-space KD term.", "choices": sorted(DIVERGENCES)},
+    )
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompt tokens kept per tokenizer under cross-model attention."}
+    )
+
+    def __post_init__(self):
+        checks = [
+            ("projector_lr", self.projector_lr, isinstance(self.projector_lr, (int, float)) and self.projector_lr > 0,
+             "a number > 0"),
+            ("teacher_temperature", self.teacher_temperature,
+             isinstance(self.teacher_temperature, (int, float)) and self.teacher_temperature > 0, "a number > 0"),
+            ("projector_init", self.projector_init, self.projector_init in PROJECTOR_INITS,
+             f"one of {list(PROJECTOR_INITS)}"),
+            ("t2s_target", self.t2s_target, self.t2s_target in T2S_TARGETS, f"one of {list(T2S_TARGETS)}"),
+            ("s2t_divergence", self.s2t_divergence, self.s2t_divergence in DIVERGENCES,
+             f"one of {sorted(DIVERGENCES)}"),
+            ("max_prompt_length", self.max_prompt_length,
+             self.max_prompt_length is None or (isinstance(self.max_prompt_length, int) and self.max_prompt_length > 0),
+             "a positive integer or None"),
+        ]
+        for name, value, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {value!r}.")
+        if self.fp16:
+            raise ValueError(
+                "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "
+                "vocabulary-sized projected logits overflow fp16, and the official code fails there too. Use "
+                "bf16=True, or neither for fp32."
+            )
+        super().__post_init__()

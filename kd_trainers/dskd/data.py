@@ -1,0 +1,172 @@
+"""Dual tokenization for DSKD: every example tokenized once per tokenizer, with the response boundary on both sides.
+
+Cross-vocabulary distillation compares the student's and the teacher's predictions over the *same* response text, so
+each example becomes two token sequences, one per tokenizer, each with its own completion mask:
+
+    {"prompt": ..., "completion": ...}
+        -> input_ids / completion_mask                 (student tokenizer)
+        -> teacher_input_ids / teacher_completion_mask (teacher tokenizer)
+
+Tokenization follows TRL's `SFTTrainer` for prompt/completion data, so the student sees what an SFT or KD run of the
+same data sees: the prompt alone and prompt + completion are tokenized (through the chat template for conversational
+data), and the completion starts where the two diverge. Non-conversational completions get the tokenizer's EOS text.
+
+Truncation keeps the two sides on the same text. Prompts are cut from the left to `max_prompt_length` tokens of each
+tokenizer (they are context, never supervised). If a sequence is still longer than `max_length` on either side, the
+completion *text* is cut at the longest character prefix whose tokenization fits both tokenizers (a binary search), so
+both supervised tails end on the same character; a cut completion carries no EOS on either side.
+
+The `text` format has no response boundary and is refused; `messages` is split into the conversation before the last
+turn (the prompt) and the last turn, which must be the assistant's (the completion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+SIDES = (("student", ""), ("teacher", "teacher_"))
+
+
+def _is_conversational(value) -> bool:
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
+def as_prompt_completion(example: dict) -> tuple[Any, Any]:
+    """`(prompt, completion)` of one example in any of the SFT formats that carry a response boundary."""
+    if "prompt" in example and "completion" in example:
+        return example["prompt"], example["completion"]
+    if "messages" in example:
+        messages = example["messages"]
+        if not messages or messages[-1].get("role") != "assistant":
+            raise ValueError(
+                "DSKD needs a response to distil: the last message of each 'messages' example must be the "
+                f"assistant's, got role {messages[-1].get('role') if messages else None!r}. Use prompt/completion "
+                "columns or end every conversation on an assistant turn."
+            )
+        return messages[:-1], messages[-1:]
+    raise ValueError(
+        f"DSKD needs prompt/completion or messages data, got columns {sorted(example)}. The 'text' format has no "
+        "response boundary to align the two tokenizers on: split each example into 'prompt' and 'completion' columns."
+    )
+
+
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+def _truncated_completion(completion, characters: int | None):
+    if characters is None:
+        return completion
+    if isinstance(completion, str):
+        return completion[:characters]
+    return [*completion[:-1], {**completion[-1], "content": completion[-1]["content"][:characters]}]
+
+
+def _completion_length(completion) -> int:
+    return len(completion) if isinstance(completion, str) else len(completion[-1]["content"])
+
+
+def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool = True) -> tuple[list[int], int]:
+    """`(input_ids, prompt_length)` as TRL's SFTTrainer tokenizes a prompt/completion example."""
+    if _is_conversational(prompt):
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+    else:
+        if add_eos and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
+            completion = completion + tokenizer.eos_token
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        full_ids = tokenizer(prompt + completion)["input_ids"]
+    return full_ids, _common_prefix_length(prompt_ids, full_ids)
+
+
+@dataclass
+class DualTokenizer:
+    """Maps an example to both tokenizations (see the module docstring). Use with `datasets.Dataset.map`."""
+
+    student_tokenizer: Any
+    teacher_tokenizer: Any
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None
+
+    def _side(self, tokenizer, prompt, completion, truncated: bool) -> tuple[list[int], list[int]]:
+        ids, prompt_length = tokenize_prompt_completion(tokenizer, prompt, completion, add_eos=not truncated)
+        if self.max_prompt_length is not None and prompt_length > self.max_prompt_length:
+            ids = ids[prompt_length - self.max_prompt_length:]
+            prompt_length = self.max_prompt_length
+        return ids, [0] * prompt_length + [1] * (len(ids) - prompt_length)
+
+    def _both(self, prompt, completion, truncated: bool):
+        return [self._side(tokenizer, prompt, completion, truncated)
+                for tokenizer in (self.student_tokenizer, self.teacher_tokenizer)]
+
+    def __call__(self, example: dict) -> dict[str, list[int]]:
+        prompt, completion = as_prompt_completion(example)
+        sides = self._both(prompt, completion, truncated=False)
+        if self.max_length is not None and max(len(ids) for ids, _ in sides) > self.max_length:
+            sides = self._fit(prompt, completion)
+        (ids, mask), (teacher_ids, teacher_mask) = sides
+        if 1 not in mask or 1 not in teacher_mask:
+            raise ValueError(
+                f"An example has no completion tokens left on the {'student' if 1 not in mask else 'teacher'} side "
+                f"(max_length={self.max_length}, max_prompt_length={self.max_prompt_length}): its prompt alone fills "
+                "max_length. Raise max_length or set max_prompt_length lower."
+            )
+        return {"input_ids": ids, "completion_mask": mask,
+                "teacher_input_ids": teacher_ids, "teacher_completion_mask": teacher_mask}
+
+    def _fit(self, prompt, completion):
+        """Both sides with the longest common completion text prefix that fits `max_length` on both."""
+        low, high = 0, _completion_length(completion)  # invariant: `low` characters fit
+        while low < high:
+            middle = (low + high + 1) // 2
+            sides = self._both(prompt, _truncated_completion(completion, middle), truncated=True)
+            if max(len(ids) for ids, _ in sides) <= self.max_length:
+                low = middle
+            else:
+                high = middle - 1
+        return self._both(prompt, _truncated_completion(completion, low), truncated=True)
+
+
+@dataclass
+class DualTokenizationCollator:
+    """Pads each side to its own longest sequence in the batch and builds both label tensors.
+
+    Returns `input_ids`, `attention_mask`, `labels` (student, `[B, Ts]`) and `teacher_input_ids`,
+    `teacher_attention_mask`, `teacher_labels` (`[B, Tt]`). Labels are the input ids with `-100` on prompt and padding
+    positions, not shifted (the models shift them), as in TRL's collator.
+    """
+
+    student_pad_token_id: int
+    teacher_pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        batch = {}
+        for (side, prefix), pad_id in zip(SIDES, (self.student_pad_token_id, self.teacher_pad_token_id)):
+            sequences = [example[f"{prefix}input_ids"] for example in examples]
+            masks = [example[f"{prefix}completion_mask"] for example in examples]
+            length = max(len(ids) for ids in sequences)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+            labels = torch.full((len(examples), length), -100, dtype=torch.long)
+            for row, (ids, completion) in enumerate(zip(sequences, masks)):
+                ids_tensor = torch.as_tensor(ids, dtype=torch.long)
+                input_ids[row, : len(ids)] = ids_tensor
+                attention_mask[row, : len(ids)] = 1
+                labels[row, : len(ids)] = ids_tensor.masked_fill(torch.as_tensor(completion) == 0, -100)
+            batch[f"{prefix}input_ids"] = input_ids
+            batch[f"{prefix}attention_mask"] = attention_mask
+            batch[f"{prefix}labels"] = labels
+        return batch

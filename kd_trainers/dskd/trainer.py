@@ -1,0 +1,284 @@
+"""`DSKDTrainer`: dual-space knowledge distillation, across vocabularies with cross-model attention."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+
+import torch
+from transformers import AutoTokenizer
+
+from ..kd.trainer import KDTrainer, last_hidden_state
+from ..losses import LogitTransform, dual_space_loss
+from ..teacher import model_name
+from .config import DSKDConfig
+from .cross_model_attention import cross_model_attention, same_vocabulary_projection
+from .data import DualTokenizationCollator, DualTokenizer
+from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
+
+PROJECTORS_ATTRIBUTE = "dskd_projectors"  # where the projectors live inside the student while training
+TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
+
+
+def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
+    """True when both tokenizers map every token string to the same id (compared token by token, not by size)."""
+    return student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
+def shared_token_ids(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(student_ids [K], teacher_ids [K])` of the token strings both vocabularies contain."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    shared = sorted(set(student_vocab) & set(teacher_vocab))
+    return (torch.tensor([student_vocab[token] for token in shared], dtype=torch.long),
+            torch.tensor([teacher_vocab[token] for token in shared], dtype=torch.long))
+
+
+def _pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (as TRL does); padded positions never reach a loss."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError(f"The tokenizer {model_name(tokenizer)} has neither a pad nor an EOS token: set "
+                         "tokenizer.pad_token before training.")
+    return pad_id
+
+
+class DSKDTrainer(KDTrainer):
+    """Dual-space knowledge distillation (Zhang et al., 2024) on top of `KDTrainer`.
+
+    The student learns from the teacher in both vocabulary spaces: the teacher's hidden states projected into the
+    student's space (t2s) and the student's projected into the teacher's (s2t), each scored by its own model's output
+    head. When the tokenizers differ, cross-model attention aligns the two token sequences; then every example is
+    tokenized by both tokenizers from the same prompt and completion (`kd_trainers.dskd.data`).
+
+    Takes `KDTrainer`'s arguments, with a `DSKDConfig`. The teacher's tokenizer comes from `teacher_processing_class`,
+    else `DSKDConfig.teacher_tokenizer_name_or_path`, else the teacher's name or path. The projectors (`query`, `t2s`,
+    `s2t`) train with the student at `projector_lr`; they live in the student module while training (so that DDP and
+    DeepSpeed synchronise and checkpoint them) and are saved beside it as `dskd_projectors.safetensors`, never inside
+    the saved student. Logged: `ce_loss`, `t2s_ce_loss`, `t2s_kd_loss`, `s2t_kd_loss`, `t2s_accuracy`,
+    `s2t_accuracy`, `mean_token_accuracy`.
+    """
+
+    _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "dskd"]
+    _name = "DSKD"
+    _config_class = DSKDConfig
+    _paper = {
+        "title": "Dual-Space Knowledge Distillation for Large Language Models",
+        "id": "2406.17328",
+        "citation": textwrap.dedent("""\
+            @inproceedings{zhang2024dskd,
+                title        = {{Dual-Space Knowledge Distillation for Large Language Models}},
+                author       = {Songming Zhang and Xue Zhang and Zengkui Sun and Yufeng Chen and Jinan Xu},
+                year         = 2024,
+                booktitle    = {Proceedings of EMNLP 2024},
+            }"""),
+    }
+
+    def __init__(self, model, args: DSKDConfig | None = None, *sft_args, teacher_model=None,
+                 teacher_processing_class=None, **sft_kwargs):
+        args = self._as_kd_config(model, args)
+        self.args_for_init = args  # read by the checks that run before the Trainer sets self.args
+        super().__init__(model, args, *sft_args, teacher_model=teacher_model,
+                         teacher_processing_class=teacher_processing_class, **sft_kwargs)
+        student_head = self.model.get_output_embeddings().weight
+        teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings().weight
+        projectors = DSKDProjectors(student_head.shape[1], teacher_head.shape[1], bias=args.projector_bias)
+        if args.projector_init == "pinv":
+            student_ids, teacher_ids = shared_token_ids(self.processing_class, self.teacher_processing_class)
+            projectors.init_from_heads(student_head.detach().cpu(), teacher_head.detach().cpu(), student_ids,
+                                       teacher_ids)
+        if args.projector_path is not None:
+            projectors.load_saved(args.projector_path)
+        self.model.add_module(PROJECTORS_ATTRIBUTE, projectors.to(student_head.device, student_head.dtype))
+        self.teacher_vocab_size = len(self.teacher_processing_class)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Tokenizers and data
+
+    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args):
+        if teacher_processing_class is None and args.teacher_tokenizer_name_or_path is not None:
+            teacher_processing_class = AutoTokenizer.from_pretrained(args.teacher_tokenizer_name_or_path)
+        return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args)
+
+    def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+        """Decides whether cross-model attention is needed; refuses what cannot work before any data is touched."""
+        same = same_vocabulary(student_tokenizer, teacher_tokenizer)
+        requested = self.args_for_init.cross_model_attention
+        if requested is False and not same:
+            raise ValueError(
+                f"cross_model_attention=False needs one shared vocabulary, but the student ({student_name}) and the "
+                f"teacher ({teacher_name}) tokenize differently. Leave cross_model_attention=None (it turns on for "
+                "different tokenizers) or use a teacher with the student's tokenizer."
+            )
+        self.cross_model_attention = (not same) if requested is None else requested
+        if self.cross_model_attention and self.args_for_init.t2s_target == "teacher_argmax":
+            raise ValueError(
+                "t2s_target='teacher_argmax' needs the teacher's prediction at each student position, which exists "
+                "only under one shared vocabulary without cross-model attention. Use t2s_target='gold'."
+            )
+        if self.cross_model_attention and self.args_for_init.packing:
+            raise ValueError("packing=True cannot be combined with cross-model attention, which aligns each example's "
+                             "two tokenizations separately. Set packing=False.")
+
+    def _default_data_collator(self, processing_class, args):
+        if not self.cross_model_attention:
+            return None
+        return DualTokenizationCollator(_pad_id(processing_class), _pad_id(self.teacher_processing_class),
+                                        pad_to_multiple_of=args.pad_to_multiple_of)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if not self.cross_model_attention:
+            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if formatting_func is not None:
+            raise ValueError("formatting_func is not supported with cross-model attention: DSKD needs prompt/completion "
+                             "or messages columns to tokenize each example twice.")
+        columns = dataset.column_names
+        if set(TEACHER_COLUMNS) <= set(columns):
+            return dataset
+        if len(dataset) == 0:
+            raise ValueError(f"The {dataset_name} dataset is empty.")
+        tokenize = DualTokenizer(processing_class, self.teacher_processing_class, max_length=args.max_length,
+                                 max_prompt_length=args.max_prompt_length)
+        return dataset.map(tokenize, remove_columns=columns, desc=f"Tokenizing {dataset_name} dataset for DSKD")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.cross_model_attention:
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, "completion_mask",
+                                                          *TEACHER_COLUMNS]))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Optimizer: the projectors get their own learning rate
+
+    @property
+    def projectors(self) -> DSKDProjectors:
+        return getattr(self.accelerator.unwrap_model(self.model), PROJECTORS_ATTRIBUTE)
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        projector_ids = {id(p) for p in self.projectors.parameters()}
+        projector_groups = []
+        for group in optimizer.param_groups:
+            moved = [p for p in group["params"] if id(p) in projector_ids]
+            if moved:
+                group["params"] = [p for p in group["params"] if id(p) not in projector_ids]
+                projector_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": moved,
+                                         "lr": self.args.projector_lr})
+        optimizer.param_groups[:] = [group for group in optimizer.param_groups if group["params"]]
+        for group in projector_groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            return self._forward_redirection(self.teacher_model, unwrapped_teacher, last_hidden_state,
+                                             unwrapped_teacher, inputs)
+
+    def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        student_inputs = {k: v for k, v in inputs.items()
+                          if k not in ("labels", "teacher_labels", "teacher_input_ids", "teacher_attention_mask")}
+        labels = inputs["labels"][:, 1:]
+        student_hidden = last_hidden_state(student, student_inputs)[:, :-1]
+        projectors = getattr(student, PROJECTORS_ATTRIBUTE)
+        if self.cross_model_attention:
+            teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
+                              "attention_mask": inputs["teacher_attention_mask"]}
+            teacher_labels = inputs["teacher_labels"][:, 1:]
+            teacher_hidden = self._teacher_hidden(teacher_inputs)[:, :-1]
+            t2s_hidden, s2t_hidden = cross_model_attention(
+                projectors, student_hidden, student.get_input_embeddings(), student_inputs["input_ids"][:, :-1],
+                labels, student_inputs["attention_mask"][:, :-1].bool(), teacher_hidden,
+                teacher.get_input_embeddings(), teacher_inputs["input_ids"][:, :-1], teacher_labels,
+                teacher_inputs["attention_mask"][:, :-1].bool(),
+            )
+        else:
+            teacher_labels = labels
+            teacher_hidden = self._teacher_hidden(student_inputs)[:, :-1]
+            t2s_hidden, s2t_hidden = same_vocabulary_projection(projectors, student_hidden, teacher_hidden)
+        t2s_labels = None
+        if self.args.t2s_target == "teacher_argmax":
+            t2s_labels = self._teacher_argmax(teacher_hidden, teacher, labels)
+
+        losses = dual_space_loss(
+            student_hidden, student.get_output_embeddings(), t2s_hidden, labels,
+            teacher_hidden, teacher.get_output_embeddings(), s2t_hidden, teacher_labels, self.loss_settings,
+            s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self.cross_model_attention, t2s_labels=t2s_labels,
+            num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
+            teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
+            student_transform=LogitTransform.from_config(student.config),
+            teacher_transform=self.teacher_logit_transform,
+            generator=self._noise_generator(student_hidden.device, mode),
+        )
+        num_tokens = (labels != -100).sum()
+        num_teacher_tokens = (teacher_labels != -100).sum()
+        normalizer = self._loss_normalizer(num_tokens, num_items_in_batch)
+        # Every term is a sum divided by the student token count; the logs show each per student token.
+        metrics = {name: (getattr(losses, name) * normalizer, num_tokens)
+                   for name in ("ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss")}
+        metrics.update(mean_token_accuracy=(losses.num_correct, num_tokens),
+                       t2s_accuracy=(losses.t2s_num_correct, num_tokens),
+                       s2t_accuracy=(losses.s2t_num_correct, num_teacher_tokens))
+        return losses.loss, metrics
+
+    def _teacher_argmax(self, teacher_hidden, teacher, labels) -> torch.Tensor:
+        """DSKDv2's t2s target: the teacher's own prediction at each label position (same vocabulary), `[B, T]`."""
+        head = teacher.get_output_embeddings()
+        targets = torch.full_like(labels, -100)
+        mask = labels != -100
+        rows = teacher_hidden[mask]
+        chunk = self.args.loss_chunk_size or max(1, 2**25 // head.weight.shape[0])
+        predictions = [head(rows[start:start + chunk])[:, : self.distilled_vocab_size].argmax(-1)
+                       for start in range(0, rows.size(0), chunk)]
+        targets[mask] = torch.cat(predictions) if predictions else targets[mask]
+        return targets
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Saving and resuming: a clean student, the projectors beside it
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        prefix = PROJECTORS_ATTRIBUTE + "."
+        projector_state = {key.split(prefix, 1)[1]: value for key, value in state_dict.items() if prefix in key}
+        student_state = {key: value for key, value in state_dict.items() if prefix not in key}
+        with self._projectors_detached():
+            super()._save(output_dir, state_dict=student_state)
+        if self.args.should_save:
+            self.projectors.save(output_dir, projector_state)
+
+    @contextlib.contextmanager
+    def _projectors_detached(self):
+        """The student without its projectors, so that transformers and PEFT see (and save or load) a plain model."""
+        student = self.accelerator.unwrap_model(self.model)
+        projectors = student._modules.pop(PROJECTORS_ATTRIBUTE)
+        try:
+            yield
+        finally:
+            student._modules[PROJECTORS_ATTRIBUTE] = projectors
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.is_deepspeed_enabled:  # the DeepSpeed engine checkpoint holds the projectors with the student
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self._projectors_detached():
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not os.path.exists(os.path.join(resume_from_checkpoint, PROJECTOR_WEIGHTS)):
+            raise FileNotFoundError(f"{resume_from_checkpoint} has no {PROJECTOR_WEIGHTS}: it was not written by "
+                                    "DSKDTrainer, so the projectors cannot resume from it.")
+        self.projectors.load_saved(resume_from_checkpoint)
+
+    def kd_settings(self) -> dict[str, object]:
+        settings = super().kd_settings()
+        args = self.args
+        settings.update(
+            method="DSKD with cross-model attention" if self.cross_model_attention else "DSKD (same vocabulary)",
+            teacher_tokenizer=model_name(self.teacher_processing_class), projector_lr=args.projector_lr,
+            projector_init=args.projector_init, t2s_target=args.t2s_target,
+            teacher_temperature=args.teacher_temperature, s2t_divergence=args.s2t_divergence,
+        )
+        return settings

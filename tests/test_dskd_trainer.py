@@ -1,0 +1,242 @@
+"""DSKDTrainer on the demo task: across the two demo tokenizers (cross-model attention) and under one tokenizer."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kd_trainers import DSKDConfig, DSKDTrainer
+from kd_trainers.demo import demo_model, load_demo_dataset
+from kd_trainers.dskd.data import DualTokenizationCollator, DualTokenizer
+from kd_trainers.dskd.projectors import PROJECTOR_WEIGHTS, DSKDProjectors
+
+
+def dskd_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path / "out"), bf16=False, max_steps=6, per_device_train_batch_size=8,
+                  learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
+                  max_length=64, seed=0)
+    values.update(overrides)
+    return DSKDConfig(**values)
+
+
+@pytest.fixture
+def cross_vocab_pair(bpe_tokenizer, wordpiece_tokenizer):
+    """A Llama student (BPE, width 64, BOS) and a wider Qwen2 teacher (WordPiece, width 128, no BOS, another EOS)."""
+    return (demo_model("llama", bpe_tokenizer, "student", seed=2), demo_model("qwen2", wordpiece_tokenizer, "teacher",
+                                                                               seed=1))
+
+
+def cma_trainer(tmp_path, pair, bpe_tokenizer, wordpiece_tokenizer, data, **overrides):
+    student, teacher = pair
+    return DSKDTrainer(student, dskd_args(tmp_path, **overrides), train_dataset=data, processing_class=bpe_tokenizer,
+                       teacher_model=teacher, teacher_processing_class=wordpiece_tokenizer)
+
+
+def logged(trainer, key):
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
+def test_cma_trains_student_and_projectors_and_t2s_accuracy_rises(tmp_path, cross_vocab_pair, bpe_tokenizer,
+                                                                  wordpiece_tokenizer, demo_data):
+    student, teacher = cross_vocab_pair
+    trainer = cma_trainer(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer, demo_data["train"],
+                          max_steps=30, learning_rate=1e-3, projector_lr=3e-3)
+    assert trainer.cross_model_attention
+    projectors = trainer.projectors
+    assert projectors.query.in_features == 2 * 64 and projectors.query.out_features == 2 * 128
+    before_student = {n: p.detach().clone() for n, p in student.named_parameters() if "dskd" not in n}
+    before_projectors = {n: p.detach().clone() for n, p in projectors.named_parameters()}
+    before_teacher = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    trainer.train()
+
+    losses = logged(trainer, "loss")
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    t2s_accuracy = logged(trainer, "t2s_accuracy")
+    assert t2s_accuracy[0] < 0.05 and max(t2s_accuracy[-5:]) > t2s_accuracy[0] + 0.05
+    for key in ("ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss", "s2t_accuracy"):
+        assert len(logged(trainer, key)) == 30
+    assert all(not torch.equal(p, before_projectors[n]) for n, p in projectors.named_parameters())
+    changed = [n for n, p in student.named_parameters() if "dskd" not in n and not torch.equal(p, before_student[n])]
+    assert len(changed) == len(before_student)
+    assert all(torch.equal(p, before_teacher[n]) for n, p in teacher.named_parameters())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    # The projectors sit in their own optimizer groups at projector_lr (scheduled like the rest).
+    projector_ids = {id(p) for p in projectors.parameters()}
+    groups = [g for g in trainer.optimizer.param_groups if any(id(p) in projector_ids for p in g["params"])]
+    assert groups and all(all(id(p) in projector_ids for p in g["params"]) for g in groups)
+    assert all(g["initial_lr"] == 3e-3 for g in groups)
+
+
+def test_same_tokenizer_uses_plain_dskd_with_every_format(tmp_path, bpe_tokenizer):
+    for data_format in ("prompt_completion", "messages"):
+        student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+        teacher = demo_model("mistral", bpe_tokenizer, "teacher", seed=1)
+        data = load_demo_dataset(data_format)["train"]
+        trainer = DSKDTrainer(student, dskd_args(tmp_path, max_steps=3), train_dataset=data,
+                              processing_class=bpe_tokenizer, teacher_model=teacher,
+                              teacher_processing_class=bpe_tokenizer)
+        assert not trainer.cross_model_attention
+        trainer.train()
+        assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+        # No gate without attention: t2s_KD is counted on every token.
+        assert logged(trainer, "t2s_kd_loss")[0] > 0
+
+
+def test_cma_from_messages_and_forced_cma_on_one_tokenizer(tmp_path, cross_vocab_pair, bpe_tokenizer,
+                                                           wordpiece_tokenizer):
+    data = load_demo_dataset("messages")["train"]
+    trainer = cma_trainer(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer, data, max_steps=2)
+    trainer.train()
+    assert len(logged(trainer, "t2s_accuracy")) == 2
+    student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+    teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
+    forced = DSKDTrainer(student, dskd_args(tmp_path, max_steps=1, cross_model_attention=True),
+                         train_dataset=load_demo_dataset("prompt_completion")["train"], processing_class=bpe_tokenizer,
+                         teacher_model=teacher, teacher_processing_class=bpe_tokenizer)
+    assert forced.cross_model_attention
+    forced.train()
+
+
+def test_dual_tokenization_keeps_the_response_boundary_and_common_tails(bpe_tokenizer, wordpiece_tokenizer):
+    tokenize = DualTokenizer(bpe_tokenizer, wordpiece_tokenizer, max_length=None)
+    example = {"prompt": "What does RAN stand for?", "completion": " Radio Access Network."}
+    out = tokenize(example)
+    student_completion = [i for i, m in zip(out["input_ids"], out["completion_mask"]) if m]
+    teacher_completion = [i for i, m in zip(out["teacher_input_ids"], out["teacher_completion_mask"]) if m]
+    assert bpe_tokenizer.decode(student_completion) == " Radio Access Network.</s>"
+    assert out["input_ids"][0] == bpe_tokenizer.bos_token_id  # the BPE side has a BOS, the WordPiece side none
+    assert wordpiece_tokenizer.decode(teacher_completion) == "radio access network. <|endoftext|>"
+    assert out["teacher_input_ids"][0] != wordpiece_tokenizer.bos_token_id
+
+    # Truncation: both sides keep the same completion text prefix, and a cut completion has no EOS on either side.
+    long = {"prompt": "Explain the term.", "completion": " " + " ".join(["Radio access network carrier"] * 20)}
+    cut = DualTokenizer(bpe_tokenizer, wordpiece_tokenizer, max_length=24)(long)
+    assert len(cut["input_ids"]) <= 24 and len(cut["teacher_input_ids"]) <= 24
+    student_text = bpe_tokenizer.decode([i for i, m in zip(cut["input_ids"], cut["completion_mask"]) if m])
+    teacher_text = wordpiece_tokenizer.decode([i for i, m in zip(cut["teacher_input_ids"],
+                                                                 cut["teacher_completion_mask"]) if m])
+    assert "</s>" not in student_text and "<|endoftext|>" not in teacher_text
+    assert student_text.lower().split() == teacher_text.split()
+    assert len(student_text.split()) >= 4  # it kept as much as fits, not nothing
+
+    batch = DualTokenizationCollator(bpe_tokenizer.pad_token_id, wordpiece_tokenizer.pad_token_id)([out, cut])
+    assert batch["input_ids"].shape[1] == max(len(out["input_ids"]), len(cut["input_ids"]))
+    assert batch["teacher_input_ids"].shape[1] == max(len(out["teacher_input_ids"]), len(cut["teacher_input_ids"]))
+    assert (batch["labels"][0] != -100).sum() == sum(out["completion_mask"])
+    assert (batch["teacher_labels"][1] != -100).sum() == sum(cut["teacher_completion_mask"])
+    assert batch["teacher_attention_mask"][0].sum() == len(out["teacher_input_ids"])
+
+
+def test_checkpoint_holds_projectors_saved_student_is_clean_and_resume_is_exact(
+        tmp_path, bpe_tokenizer, wordpiece_tokenizer, demo_data):
+    def run(output, **overrides):
+        pair = (demo_model("llama", bpe_tokenizer, "student", seed=2),
+                demo_model("qwen2", wordpiece_tokenizer, "teacher", seed=1))
+        settings = dict(output_dir=str(tmp_path / output), max_steps=4, save_strategy="steps", save_steps=2,
+                        teacher_logit_noise_std=0.5)
+        trainer = cma_trainer(tmp_path, pair, bpe_tokenizer, wordpiece_tokenizer, demo_data["train"],
+                              **{**settings, **overrides})
+        return trainer
+
+    full = run("full")
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert (checkpoint / PROJECTOR_WEIGHTS).exists() and (checkpoint / "optimizer.pt").exists()
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    assert weights and not any("dskd" in key for key in weights)
+    full.save_model(str(tmp_path / "final"))
+    saved = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert not any("dskd" in key for key in saved)
+    reloaded = type(full.model).from_pretrained(str(tmp_path / "final"))
+    assert set(reloaded.state_dict()) == set(k for k in full.model.state_dict() if "dskd" not in k)
+    projectors = DSKDProjectors.from_saved(str(tmp_path / "final"))
+    for name, value in full.projectors.state_dict().items():
+        torch.testing.assert_close(projectors.state_dict()[name], value)
+
+    resumed = run("resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert logged(resumed, "loss")[-1] == logged(full, "loss")[-1]
+
+    # And a later run can start its projectors from the saved ones.
+    continued = run("continued", projector_path=str(tmp_path / "final"), max_steps=1)
+    for name, value in continued.projectors.state_dict().items():
+        torch.testing.assert_close(value, projectors.state_dict()[name])
+
+
+def test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space(tmp_path, bpe_tokenizer, demo_data):
+    student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+    teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
+    trainer = DSKDTrainer(student, dskd_args(tmp_path, projector_init="pinv", projector_bias=False),
+                          train_dataset=demo_data["train"], processing_class=bpe_tokenizer, teacher_model=teacher,
+                          teacher_processing_class=bpe_tokenizer)
+    w_s, w_t = student.get_output_embeddings().weight.detach(), teacher.get_output_embeddings().weight.detach()
+    hidden = torch.randn(16, w_t.shape[1])
+    with torch.no_grad():
+        residual = (trainer.projectors.t2s(hidden) @ w_s.T - hidden @ w_t.T).norm()
+        best = torch.linalg.lstsq(w_s, w_t).solution  # [D_S, D_T], the least-squares optimum
+        optimum = (hidden @ best.T @ w_s.T - hidden @ w_t.T).norm()
+    torch.testing.assert_close(residual, optimum, rtol=1e-3, atol=1e-3)
+    assert trainer.projectors.t2s.bias is None
+
+
+def test_teacher_argmax_target(tmp_path, bpe_tokenizer, demo_data):
+    student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+    teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
+    trainer = DSKDTrainer(student, dskd_args(tmp_path, t2s_target="teacher_argmax", max_steps=2, loss_chunk_size=7),
+                          train_dataset=demo_data["train"], processing_class=bpe_tokenizer, teacher_model=teacher,
+                          teacher_processing_class=bpe_tokenizer)
+    hidden = torch.randn(2, 9, 128)
+    labels = torch.randint(0, 100, (2, 9))
+    labels[0, :4] = -100
+    targets = trainer._teacher_argmax(hidden, teacher, labels)
+    expected = (hidden @ teacher.get_output_embeddings().weight.T)[..., :len(bpe_tokenizer)].argmax(-1)
+    assert torch.equal(targets[labels != -100], expected[labels != -100])
+    assert (targets[labels == -100] == -100).all()
+    trainer.train()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(cross_model_attention=False),
+     "cross_model_attention=False needs one shared vocabulary, but the student (<in-memory LlamaForCausalLM>) and the "
+     "teacher (<in-memory Qwen2ForCausalLM>) tokenize differently. Leave cross_model_attention=None (it turns on for "
+     "different tokenizers) or use a teacher with the student's tokenizer."),
+    (dict(t2s_target="teacher_argmax"),
+     "t2s_target='teacher_argmax' needs the teacher's prediction at each student position, which exists only under "
+     "one shared vocabulary without cross-model attention. Use t2s_target='gold'."),
+    (dict(packing=True),
+     "packing=True cannot be combined with cross-model attention, which aligns each example's two tokenizations "
+     "separately. Set packing=False."),
+])
+def test_impossible_settings_fail_before_training(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer,
+                                                  demo_data, overrides, message):
+    with pytest.raises(ValueError) as error:
+        cma_trainer(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer, demo_data["train"], **overrides)
+    assert str(error.value) == message
+
+
+def test_text_data_is_refused_under_cma(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer):
+    data = load_demo_dataset("text")["train"]
+    with pytest.raises(ValueError) as error:
+        cma_trainer(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer, data)
+    assert str(error.value).startswith(
+        "DSKD needs prompt/completion or messages data, got columns ['answer', 'kind', 'text']. The 'text' format has "
+        "no response boundary")
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("fp16", True, "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "
+                   "vocabulary-sized projected logits overflow fp16, and the official code fails there too. Use "
+                   "bf16=True, or neither for fp32."),
+    ("projector_lr", 0, "projector_lr must be a number > 0, got 0."),
+    ("t2s_target", "argmax", "t2s_target must be one of ['gold', 'teacher_argmax'], got 'argmax'."),
+    ("s2t_divergence", "kl", "s2t_divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', 'skew_forward_kl', "
+                             "'skew_reverse_kl', 'tvd'], got 'kl'."),
+])
+def test_config_rejects_bad_values(tmp_path, field, value, message):
+    with pytest.raises(ValueError) as error:
+        dskd_args(tmp_path, **{field: value})
+    assert str(error.value) == message
