@@ -1,6 +1,5 @@
 """DSKDTrainer on the demo task: across the two demo tokenizers (cross-model attention) and under one tokenizer."""
 
-import json
 import os
 
 import pytest
@@ -240,3 +239,36 @@ def test_config_rejects_bad_values(tmp_path, field, value, message):
     with pytest.raises(ValueError) as error:
         dskd_args(tmp_path, **{field: value})
     assert str(error.value) == message
+
+
+def test_gpt2_teacher_with_tied_head_and_peft_gpt_neox_student(tmp_path, bpe_tokenizer, wordpiece_tokenizer,
+                                                              demo_data):
+    """Embeddings and heads are found through the transformers API (GPT-2: `wte`, tied; GPT-NeoX: `embed_in` /
+    `embed_out`), through PEFT wrappers on both sides."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    student = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(bpe_tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=96, max_position_embeddings=128, pad_token_id=bpe_tokenizer.pad_token_id,
+        eos_token_id=bpe_tokenizer.eos_token_id, bos_token_id=bpe_tokenizer.bos_token_id))
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=len(wordpiece_tokenizer), n_embd=64, n_layer=2, n_head=4,
+                                         n_positions=128, eos_token_id=wordpiece_tokenizer.eos_token_id,
+                                         bos_token_id=wordpiece_tokenizer.eos_token_id))
+    assert teacher.get_output_embeddings().weight is teacher.get_input_embeddings().weight
+    teacher = get_peft_model(teacher, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    trainer = DSKDTrainer(student, dskd_args(tmp_path, max_steps=4), train_dataset=demo_data["train"],
+                          processing_class=bpe_tokenizer, teacher_model=teacher,
+                          teacher_processing_class=wordpiece_tokenizer,
+                          peft_config=LoraConfig(r=4, target_modules=["query_key_value"]))
+    assert trainer.cross_model_attention
+    lora_before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                   if "lora_B" in n}
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(logged(trainer, "loss"))))
+    assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if n in lora_before)
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert not any("dskd" in key for key in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert os.path.exists(tmp_path / "adapter" / PROJECTOR_WEIGHTS)

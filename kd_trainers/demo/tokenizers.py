@@ -10,6 +10,8 @@ conversational dataset formats work too.
 
 from __future__ import annotations
 
+from collections import Counter
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -42,14 +44,26 @@ def _train_bpe(corpus: list[str]) -> PreTrainedTokenizerFast:
                                    chat_template=CHAT_TEMPLATE)
 
 
-def _train_wordpiece(corpus: list[str]) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+def _train_wordpiece(corpus: list[str], vocab_size: int = 480) -> PreTrainedTokenizerFast:
+    """A lowercasing WordPiece tokenizer whose vocabulary is built here from word frequencies: the special tokens, the
+    alphabet alone and as `##` continuations, then the most frequent words (ties broken alphabetically).
+
+    Not `tokenizers.trainers.WordPieceTrainer`: it breaks ties between equally frequent merges in hash order, which
+    differs from process to process, and every process of a multi-process run must build the same tokenizer.
+    """
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for line in corpus
+                     for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)))
+    alphabet = sorted({character for word in counts for character in word})
+    tokens = ["[PAD]", "[UNK]", "<|endoftext|>", *alphabet, *(f"##{c}" for c in alphabet)]
+    known = set(tokens)
+    frequent = [word for word, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if word not in known]
+    tokens += frequent[: vocab_size - len(tokens)]
+    tokenizer = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(tokens)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=480, special_tokens=["[PAD]", "[UNK]", "<|endoftext|>"],
-                                        show_progress=False)
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="[PAD]",
                                    unk_token="[UNK]", chat_template=CHAT_TEMPLATE)
 

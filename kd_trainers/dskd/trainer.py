@@ -80,9 +80,18 @@ class DSKDTrainer(KDTrainer):
         self.args_for_init = args  # read by the checks that run before the Trainer sets self.args
         super().__init__(model, args, *sft_args, teacher_model=teacher_model,
                          teacher_processing_class=teacher_processing_class, **sft_kwargs)
+        self.teacher_vocab_size = len(self.teacher_processing_class)
+
+    def _prepare_teacher_side(self, teacher) -> None:
+        """Builds the projectors from both heads while the teacher is still whole, and puts them in the student."""
+        args = self.args
         student_head = self.model.get_output_embeddings().weight
-        teacher_head = self.accelerator.unwrap_model(self.teacher_model).get_output_embeddings().weight
-        projectors = DSKDProjectors(student_head.shape[1], teacher_head.shape[1], bias=args.projector_bias)
+        teacher_head = teacher.get_output_embeddings().weight
+        # Seeded here, so the initial projectors depend on `seed` alone, not on what consumed random numbers before
+        # (process count, DeepSpeed, data loading): one and several processes start from the same projectors.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            projectors = DSKDProjectors(student_head.shape[1], teacher_head.shape[1], bias=args.projector_bias)
         if args.projector_init == "pinv":
             student_ids, teacher_ids = shared_token_ids(self.processing_class, self.teacher_processing_class)
             projectors.init_from_heads(student_head.detach().cpu(), teacher_head.detach().cpu(), student_ids,
@@ -90,7 +99,6 @@ class DSKDTrainer(KDTrainer):
         if args.projector_path is not None:
             projectors.load_saved(args.projector_path)
         self.model.add_module(PROJECTORS_ATTRIBUTE, projectors.to(student_head.device, student_head.dtype))
-        self.teacher_vocab_size = len(self.teacher_processing_class)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Tokenizers and data

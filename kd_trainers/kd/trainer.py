@@ -103,6 +103,7 @@ class KDTrainer(SFTTrainer):
                 )
         self.teacher_name = model_name(teacher_model if teacher_model is not None else teacher)
         self.teacher_logit_transform = LogitTransform.from_config(teacher.config)
+        self._prepare_teacher_side(teacher)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
         else:
@@ -115,6 +116,7 @@ class KDTrainer(SFTTrainer):
         # Routes the backbone calls through the wrappers' forward, so DDP and DeepSpeed hooks fire.
         self._forward_redirection = _ForwardRedirection()
         self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
+        self._metric_totals: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
 
     _config_class = KDConfig
 
@@ -129,6 +131,9 @@ class KDTrainer(SFTTrainer):
 
     def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args):
         return load_teacher_tokenizer(teacher, teacher_processing_class)
+
+    def _prepare_teacher_side(self, teacher: PreTrainedModel) -> None:
+        """Called with the loaded, frozen teacher before DeepSpeed partitions it (its weights are whole here)."""
 
     def _default_data_collator(self, processing_class, args):
         """None: SFTTrainer's own collator. A subclass with other batches (DSKD's two tokenizations) returns its own."""
@@ -198,12 +203,22 @@ class KDTrainer(SFTTrainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes
 
-        # Sums and counts from every rank, then one mean per metric.
+        # Sums and counts from every rank, pooled until the next log: each logged value is a per-token mean over
+        # every micro-batch and rank since the last log, whatever the split into processes and accumulation steps.
         local = torch.stack([torch.stack([value.float(), count.float()]) for value, count in metrics.values()])
-        totals = self.accelerator.gather_for_metrics(local.detach()[None]).sum(0)
+        totals = self.accelerator.gather_for_metrics(local.detach()[None]).sum(0).tolist()
         for name, (value, count) in zip(metrics, totals):
-            self._metrics[mode][name].append((value / count.clamp(min=1)).item())
+            pooled = self._metric_totals[mode].setdefault(name, [0.0, 0.0])
+            pooled[0] += value
+            pooled[1] += count
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, (value, count) in self._metric_totals[mode].items():
+            self._metrics[mode][name] = [value / max(count, 1.0)]
+        self._metric_totals[mode].clear()
+        super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import torch
 
-from .chunked import LogitTransform, LossSettings, TeacherTerms, chunked_distillation_terms, _weight_and_bias
+from .chunked import (LogitTransform, LossSettings, TeacherTerms, _maybe_gather, _weight_and_bias,
+                      chunked_distillation_terms)
 
 
 class DualSpaceLoss(NamedTuple):
@@ -86,6 +87,18 @@ def dual_space_loss(
         num_items_in_batch = (student_labels != ignore_index).sum()
     common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
                   generator=generator)
+    # Under ZeRO-3 both heads are gathered here, once: the detached copies below must see the full weights.
+    with _maybe_gather(*_weight_and_bias(student_lm_head), *_weight_and_bias(teacher_lm_head)):
+        return _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden,
+                                teacher_lm_head, s2t_hidden, teacher_labels, settings, weight, common,
+                                s2t_divergence=s2t_divergence, gate_t2s_kd=gate_t2s_kd, t2s_labels=t2s_labels,
+                                student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
+                                student_transform=student_transform, teacher_transform=teacher_transform)
+
+
+def _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden, teacher_lm_head,
+                     s2t_hidden, teacher_labels, settings, weight, common, *, s2t_divergence, gate_t2s_kd, t2s_labels,
+                     student_vocab_size, teacher_vocab_size, student_transform, teacher_transform) -> DualSpaceLoss:
     student_space = chunked_distillation_terms(
         student_hidden, student_lm_head, t2s_hidden, _detached(student_lm_head), student_labels, settings,
         vocab_size=student_vocab_size, student_transform=student_transform, teacher_transform=student_transform,

@@ -1,0 +1,42 @@
+"""A short DSKD-CMA run on the demo pair, for the multi-process tests: writes the logged losses as JSON.
+
+Usage: [accelerate launch ...] train_dskd_demo.py OUTPUT_DIR PER_DEVICE_BATCH GRAD_ACCUM MAX_STEPS
+
+Writes OUTPUT_DIR/logs.json (the logged steps) and saves the student and its projectors to OUTPUT_DIR/final.
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+from kd_trainers import DSKDConfig, DSKDTrainer
+from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
+
+
+def main(output, per_device, accumulation, steps):
+    student_tokenizer, teacher_tokenizer = demo_tokenizer("bpe"), demo_tokenizer("wordpiece")
+    student = demo_model("llama", student_tokenizer, "student", seed=2)
+    teacher = demo_model("qwen2", teacher_tokenizer, "teacher", seed=1)
+    args = DSKDConfig(output_dir=tempfile.mkdtemp(), bf16=False, max_steps=steps, per_device_train_batch_size=per_device,
+                      gradient_accumulation_steps=accumulation, learning_rate=3e-3, projector_lr=1e-2,
+                      logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, max_length=64, seed=0,
+                      ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+                      lr_scheduler_type="constant")
+    trainer = DSKDTrainer(student, args, train_dataset=load_demo_dataset("prompt_completion")["train"],
+                          processing_class=student_tokenizer, teacher_model=teacher,
+                          teacher_processing_class=teacher_tokenizer)
+    trainer.train()
+    trainer.save_model(os.path.join(output, "final"))
+    if trainer.is_world_process_zero():
+        logs = [log for log in trainer.state.log_history if "loss" in log]
+        with open(os.path.join(output, "logs.json"), "w") as handle:
+            json.dump({"logs": logs, "world_size": trainer.accelerator.num_processes,
+                       "deepspeed": trainer.is_deepspeed_enabled}, handle)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
