@@ -8,12 +8,16 @@ the floor of the same shape, because these machines are noisy.
   model's own cross-entropy, AdamW step. No Trainer.
 - kd: `KDTrainer` (forward KL, T = 2, kd_weight 0.5), one `Trainer` step.
 - gkd: TRL's `GKDTrainer` with `lmbda=0` (off-policy) and `beta=0` (forward KL), one `Trainer` step.
+- dskd: `DSKDTrainer` under one tokenizer (t2s/s2t projectors, no attention), forward KL, T = 2, kd_weight 0.5.
+- dskd_cma: `DSKDTrainer` with cross-model attention: the teacher gets its own tokenizer (same size, other tokens) and
+  its own random token sequence of the same length.
 
 Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
 is a label (the worst case for the chunked engine, which skips unlabelled positions). Memory: peak RSS minus RSS
 before the first step (CPU), or peak allocated CUDA memory minus the allocated memory before it (GPU).
 
 Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024] [--steps 3]
+       python benchmarks/bench_kd_step.py --methods kd dskd dskd_cma --seq 512   (DSKD against vanilla KD)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
 """
 
@@ -31,7 +35,8 @@ import tempfile
 import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("floor", "kd", "gkd")
+METHODS = ("floor", "kd", "gkd", "dskd", "dskd_cma")
+BASELINES = ("floor", "gkd", "kd")  # ratios are taken against each of these that the run measured
 
 
 def _rss_bytes() -> int:
@@ -44,14 +49,16 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _vocab_tokenizer(vocab_size: int):
-    """A word-level tokenizer with `vocab_size` entries: the trainers need one for padding, nothing more."""
+def _vocab_tokenizer(vocab_size: int, prefix: str = "t"):
+    """A word-level tokenizer with `vocab_size` entries: the trainers need one for padding, nothing more. Another
+    `prefix` gives a tokenizer of the same size with other tokens (DSKD-CMA's teacher)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1"))
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t2", unk_token="t1")
+    vocab = {f"{prefix}{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"{prefix}1"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"{prefix}0", eos_token=f"{prefix}2",
+                                   unk_token=f"{prefix}1")
 
 
 def _models(vocab: int, realistic: bool, device: str, dtype):
@@ -80,8 +87,13 @@ class _Collator:
     def __call__(self, rows):
         import torch
 
-        input_ids = torch.tensor([row["input_ids"] for row in rows])
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+        batch = {}
+        for prefix in ("", "teacher_"):
+            if f"{prefix}input_ids" in rows[0]:
+                input_ids = torch.tensor([row[f"{prefix}input_ids"] for row in rows])
+                batch.update({f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": torch.ones_like(input_ids),
+                              f"{prefix}labels": input_ids.clone()})
+        return batch
 
 
 def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool) -> dict:
@@ -96,6 +108,9 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
             for _ in range(batch * (steps + 1))]
+    if method == "dskd_cma":
+        for row in rows:
+            row["teacher_input_ids"] = torch.randint(3, vocab, (seq,), generator=generator).tolist()
     times: list[float] = []
 
     if method == "floor":
@@ -146,6 +161,15 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                                 args=KDConfig(**common, divergence="forward_kl", kd_temperature=2.0, kd_weight=0.5),
                                 train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
                                 callbacks=[timer])
+        elif method in ("dskd", "dskd_cma"):
+            from kd_trainers import DSKDConfig, DSKDTrainer
+
+            teacher_tokenizer = _vocab_tokenizer(vocab, prefix="u") if method == "dskd_cma" else tokenizer
+            trainer = DSKDTrainer(student, DSKDConfig(**common, divergence="forward_kl", kd_temperature=2.0,
+                                                      kd_weight=0.5),
+                                  train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
+                                  teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
+                                  callbacks=[timer])
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -199,6 +223,8 @@ def main():
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", default=["floor", "kd", "gkd"], choices=METHODS)
+    parser.add_argument("--name", help="results file stem (default: kd_step_<device>)")
     parser.add_argument("--gpu-realistic", action="store_true")
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -212,28 +238,28 @@ def main():
     rows = []
     for vocab in options.vocab:
         for seq in options.seq:
-            cells = {m: run_cell(m, vocab, seq, options.batch, options.steps, realistic) for m in METHODS}
+            cells = {m: run_cell(m, vocab, seq, options.batch, options.steps, realistic) for m in options.methods}
             for method, cell in cells.items():
                 row = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method,
-                       "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1),
-                       "time_vs_floor": round(cell["step_s"] / cells["floor"]["step_s"], 3),
-                       "memory_vs_gkd": round(cell["memory_growth_mb"] / cells["gkd"]["memory_growth_mb"], 3),
-                       "note": cell["note"]}
+                       "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1)}
+                for base in BASELINES:
+                    if base in cells:
+                        row[f"time_vs_{base}"] = round(cell["step_s"] / cells[base]["step_s"], 3)
+                        row[f"memory_vs_{base}"] = round(cell["memory_growth_mb"] / cells[base]["memory_growth_mb"], 3)
+                row["note"] = cell["note"]
                 rows.append(row)
                 print(row, flush=True)
     os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"kd_step_{device}")
+    path = os.path.join(RESULTS, options.name or f"kd_step_{device}")
     with open(path + ".csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    columns = list(rows[0])[1:]  # the CSV's columns without the device
     with open(path + ".md", "w") as handle:
-        handle.write("| vocab | seq | method | step (s) | memory growth (MiB) | time / floor | memory / GKD | note |\n"
-                     "|---|---|---|---|---|---|---|---|\n")
+        handle.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
         for row in rows:
-            handle.write(f"| {row['vocab']} | {row['seq']} | {row['method']} | {row['step_s']} | "
-                         f"{row['memory_growth_mb']} | {row['time_vs_floor']} | {row['memory_vs_gkd']} | "
-                         f"{row['note']} |\n")
+            handle.write("| " + " | ".join(str(row[column]) for column in columns) + " |\n")
     print(f"wrote {path}.csv and {path}.md")
 
 

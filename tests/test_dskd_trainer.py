@@ -272,3 +272,16 @@ def test_gpt2_teacher_with_tied_head_and_peft_gpt_neox_student(tmp_path, bpe_tok
     assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
     assert not any("dskd" in key for key in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
     assert os.path.exists(tmp_path / "adapter" / PROJECTOR_WEIGHTS)
+
+
+def test_cma_in_bf16_stays_finite(tmp_path, bpe_tokenizer, wordpiece_tokenizer, demo_data):
+    """Models in bf16: the fp32 attention scores with the -1e5 mask and the fp32 chunked losses stay finite."""
+    student = demo_model("llama", bpe_tokenizer, "student", seed=2).to(torch.bfloat16)
+    teacher = demo_model("qwen2", wordpiece_tokenizer, "teacher", seed=1).to(torch.bfloat16)
+    trainer = DSKDTrainer(student, teacher, args=dskd_args(tmp_path, max_steps=3), train_dataset=demo_data["train"],
+                          processing_class=bpe_tokenizer, teacher_processing_class=wordpiece_tokenizer)
+    assert trainer.projectors.query.weight.dtype == torch.bfloat16
+    trainer.train()
+    for key in ("loss", "ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"):
+        assert all(torch.isfinite(torch.tensor(logged(trainer, key)))), key
+    assert all(torch.isfinite(p.float()).all() for p in trainer.projectors.parameters())

@@ -7,7 +7,7 @@ import os
 import textwrap
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainingArguments
 
 from ..kd.trainer import KDTrainer, last_hidden_state
 from ..losses import LogitTransform, dual_space_loss
@@ -51,7 +51,9 @@ class DSKDTrainer(KDTrainer):
     head. When the tokenizers differ, cross-model attention aligns the two token sequences; then every example is
     tokenized by both tokenizers from the same prompt and completion (`kd_trainers.dskd.data`).
 
-    Takes `KDTrainer`'s arguments, with a `DSKDConfig`. The teacher's tokenizer comes from `teacher_processing_class`,
+    Called as `DSKDTrainer(student, teacher, args=DSKDConfig(...), train_dataset=..., processing_class=...,
+    teacher_processing_class=...)`; `DSKDTrainer(student, args, teacher_model=teacher, ...)` (KDTrainer's order) works
+    too. Otherwise takes `KDTrainer`'s arguments. The teacher's tokenizer comes from `teacher_processing_class`,
     else `DSKDConfig.teacher_tokenizer_name_or_path`, else the teacher's name or path. The projectors (`query`, `t2s`,
     `s2t`) train with the student at `projector_lr`; they live in the student module while training (so that DDP and
     DeepSpeed synchronise and checkpoint them) and are saved beside it as `dskd_projectors.safetensors`, never inside
@@ -74,8 +76,16 @@ class DSKDTrainer(KDTrainer):
             }"""),
     }
 
-    def __init__(self, model, args: DSKDConfig | None = None, *sft_args, teacher_model=None,
+    def __init__(self, model, *positional, teacher_model=None, args: DSKDConfig | None = None,
                  teacher_processing_class=None, **sft_kwargs):
+        # DSKDTrainer(student, teacher, args=...) as DSKD is usually written, and DSKDTrainer(student, args, ...,
+        # teacher_model=teacher) in KDTrainer's and SFTTrainer's order: a config in second place is the config.
+        positional = list(positional)
+        if positional and teacher_model is None and not isinstance(positional[0], TrainingArguments):
+            teacher_model = positional.pop(0)
+        if positional and args is None and isinstance(positional[0], TrainingArguments):
+            args = positional.pop(0)
+        sft_args = tuple(positional)
         args = self._as_kd_config(model, args)
         self.args_for_init = args  # read by the checks that run before the Trainer sets self.args
         super().__init__(model, args, *sft_args, teacher_model=teacher_model,
