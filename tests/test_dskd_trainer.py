@@ -285,3 +285,20 @@ def test_cma_in_bf16_stays_finite(tmp_path, bpe_tokenizer, wordpiece_tokenizer, 
     for key in ("loss", "ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"):
         assert all(torch.isfinite(torch.tensor(logged(trainer, key)))), key
     assert all(torch.isfinite(p.float()).all() for p in trainer.projectors.parameters())
+
+
+def test_teacher_tokenizer_from_config_path_turns_cma_on(tmp_path, cross_vocab_pair, bpe_tokenizer,
+                                                         wordpiece_tokenizer, demo_data):
+    wordpiece_tokenizer.save_pretrained(tmp_path / "teacher-tokenizer")
+    student, teacher = cross_vocab_pair
+    trainer = DSKDTrainer(student, teacher, args=dskd_args(tmp_path, max_steps=1,
+                                                           teacher_tokenizer_name_or_path=str(tmp_path /
+                                                                                              "teacher-tokenizer")),
+                          train_dataset=demo_data["train"], processing_class=bpe_tokenizer)
+    assert trainer.cross_model_attention
+    assert trainer.teacher_processing_class.get_vocab() == wordpiece_tokenizer.get_vocab()
+    assert trainer.kd_settings()["method"] == "DSKD with cross-model attention"
+    trainer.train()
+    trainer.create_model_card(model_name="dskd-student")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "| `method` | DSKD with cross-model attention |" in card and "dskd" in card and "2406.17328" in card
