@@ -94,3 +94,9 @@ def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_to
         "Use a teacher with the student's tokenizer, or kd_trainers' DSKDTrainer, which distils across vocabularies "
         "with cross-model attention."
     )
+
+
+def output_head_shape(model: torch.nn.Module) -> torch.Size:
+    """`[rows, hidden]` of the model's output head, also when ZeRO-3 has partitioned it (its tensor is then empty)."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)

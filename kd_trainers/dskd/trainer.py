@@ -8,10 +8,11 @@ import textwrap
 
 import torch
 from transformers import AutoTokenizer, TrainingArguments
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..kd.trainer import KDTrainer, last_hidden_state
 from ..losses import LogitTransform, dual_space_loss
-from ..teacher import model_name
+from ..teacher import model_name, output_head_shape
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
 from .data import DualTokenizationCollator, DualTokenizer
@@ -101,11 +102,13 @@ class DSKDTrainer(KDTrainer):
         # (process count, DeepSpeed, data loading): one and several processes start from the same projectors.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(args.seed)
-            projectors = DSKDProjectors(student_head.shape[1], teacher_head.shape[1], bias=args.projector_bias)
+            projectors = DSKDProjectors(output_head_shape(self.model)[1], output_head_shape(teacher)[1],
+                                        bias=args.projector_bias)
         if args.projector_init == "pinv":
             student_ids, teacher_ids = shared_token_ids(self.processing_class, self.teacher_processing_class)
-            projectors.init_from_heads(student_head.detach().cpu(), teacher_head.detach().cpu(), student_ids,
-                                       teacher_ids)
+            with maybe_gather_lm_head_ctx(student_head, teacher_head):  # whole heads under ZeRO-3
+                projectors.init_from_heads(student_head.detach().cpu(), teacher_head.detach().cpu(), student_ids,
+                                           teacher_ids)
         if args.projector_path is not None:
             projectors.load_saved(args.projector_path)
         self.model.add_module(PROJECTORS_ATTRIBUTE, projectors.to(student_head.device, student_head.dtype))

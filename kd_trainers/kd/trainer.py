@@ -14,8 +14,10 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import _ForwardRedirection
 
+from ..checkpointing import AtomicCheckpointMixin
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
-from ..teacher import check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name
+from ..teacher import (check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name,
+                       output_head_shape)
 from .config import KDConfig
 
 
@@ -35,7 +37,7 @@ def last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     return backbone_of(model)(**inputs, use_cache=False).last_hidden_state
 
 
-class KDTrainer(SFTTrainer):
+class KDTrainer(AtomicCheckpointMixin, SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
@@ -95,7 +97,7 @@ class KDTrainer(SFTTrainer):
         self.distilled_vocab_size = len(processing_class)
         for role, head_model, tokenizer in (("student", self.model, processing_class),
                                             ("teacher", teacher, self.teacher_processing_class)):
-            rows = head_model.get_output_embeddings().weight.shape[0]
+            rows = output_head_shape(head_model)[0]
             if rows < len(tokenizer):
                 raise ValueError(
                     f"The {role}'s output head has {rows} rows but its tokenizer has {len(tokenizer)} tokens. "

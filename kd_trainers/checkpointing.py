@@ -1,0 +1,52 @@
+"""Atomic checkpoints: a checkpoint folder appears complete or not at all.
+
+`transformers.Trainer` writes `checkpoint-N/` in place, file after file; a run killed while saving leaves a folder that
+`get_last_checkpoint` takes for a checkpoint, and resuming from it fails or, worse, silently loads a mix. Here every
+process writes into `<output_dir>/.staging/checkpoint-N/`, and once all of them are done the main process renames it to
+`<output_dir>/checkpoint-N` (`os.replace`: atomic on one filesystem) and only then rotates old checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from transformers.trainer_utils import rotate_checkpoints
+
+STAGING_DIR = ".staging"
+
+
+class AtomicCheckpointMixin:
+    """Mix into a `transformers.Trainer` subclass, before the Trainer class: `class T(AtomicCheckpointMixin, SFTTrainer)`."""
+
+    _checkpoint_staging: str | None = None
+
+    def _get_output_dir(self, trial):
+        if self._checkpoint_staging is not None:
+            return self._checkpoint_staging
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = super()._get_output_dir(trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and os.path.exists(os.path.join(staging, name)):
+            shutil.rmtree(os.path.join(staging, name))  # left by a run killed while saving
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging = None
+        self.accelerator.wait_for_everyone()  # every rank's shards are written
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(
+                    self.state.best_model_checkpoint))
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        self.accelerator.wait_for_everyone()

@@ -1,0 +1,90 @@
+"""The dataset of a recipe: a Hub id, a local file or folder, or the built-in demo, mapped to SFT columns.
+
+`columns` renames (`{new: existing}`) and `prompt_template` builds a `prompt` column from others, so that a QA set with
+`question`, `context` and `answer` columns needs no code:
+
+    dataset_name: data/telecom_qa.jsonl
+    prompt_template: "Context: {context}\\nQuestion: {question}\\nAnswer:"
+    columns: {completion: answer}
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import string
+
+from datasets import Dataset, DatasetDict, Features, Value, load_dataset
+
+from ..demo import load_demo_dataset
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _load(name: str, config: str | None):
+    if name == "demo":
+        return load_demo_dataset(config or "prompt_completion")
+    extension = os.path.splitext(name)[1].lower()
+    if os.path.isfile(name):
+        if extension not in LOCAL_FORMATS:
+            raise ValueError(f"dataset_name: {name!r} is a {extension or 'extension-less'} file; use one of "
+                             f"{sorted(LOCAL_FORMATS)}, a folder, a Hub id, or 'demo'.")
+        if os.path.getsize(name) == 0:
+            raise ValueError(f"dataset_name: {name!r} is an empty file.")
+        if extension == ".csv":
+            # Every column as text: pandas would read an answer column of numbers (" 42") as integers.
+            with open(name, newline="") as handle:
+                header = next(csv.reader(handle), [])
+            return load_dataset("csv", data_files=name, keep_default_na=False,
+                                features=Features({column: Value("string") for column in header}))
+        return load_dataset(LOCAL_FORMATS[extension], data_files=name)
+    if os.path.isdir(name):
+        return load_dataset(name, config)
+    if extension in LOCAL_FORMATS:
+        raise ValueError(f"dataset_name: {name!r} does not exist (a local {extension} file was expected).")
+    return load_dataset(name, config)
+
+
+def _map_columns(dataset: Dataset, columns: dict | None, prompt_template: str | None, split: str) -> Dataset:
+    available = dataset.column_names
+    if prompt_template:
+        needed = [name for _, name, _, _ in string.Formatter().parse(prompt_template) if name]
+        missing = [name for name in needed if name not in available]
+        if missing:
+            raise ValueError(f"prompt_template uses column(s) {missing} that the {split} split does not have; it "
+                             f"has {available}.")
+        dataset = dataset.map(lambda row: {"prompt": prompt_template.format(**{k: row[k] for k in needed})})
+    for new, old in (columns or {}).items():
+        if old not in dataset.column_names:
+            raise ValueError(f"columns: {new}: {old!r} is not a column of the {split} split; it has "
+                             f"{dataset.column_names}.")
+        if new in dataset.column_names and new != old:
+            dataset = dataset.remove_columns(new)
+        dataset = dataset.rename_column(old, new)
+    return dataset
+
+
+def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
+    """`(train, eval or None)` for a recipe's dataset options, with its columns mapped. Clear errors on bad input."""
+    loaded = _load(options["dataset_name"], options["dataset_config"])
+    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    result = []
+    for key in ("dataset_train_split", "dataset_test_split"):
+        split = options[key]
+        if split is None:
+            result.append(None)
+            continue
+        if split not in splits:
+            raise ValueError(f"{key}: {split!r} is not a split of {options['dataset_name']!r}; it has "
+                             f"{list(splits)}.")
+        dataset = _map_columns(splits[split], options["columns"], options["prompt_template"], split)
+        if len(dataset) == 0:
+            raise ValueError(f"{key}: the {split!r} split of {options['dataset_name']!r} is empty.")
+        result.append(dataset)
+    train = result[0]
+    formats = ({"prompt", "completion"}, {"messages"}, {"text"})
+    if not any(needed <= set(train.column_names) for needed in formats):
+        raise ValueError(f"The train split has columns {train.column_names}, but training needs 'prompt' and "
+                         "'completion', 'messages', or 'text'. Map yours with `columns: {completion: answer}` and "
+                         "`prompt_template: 'Q: {question}\\nA:'`.")
+    return train, result[1]

@@ -1,0 +1,110 @@
+"""Running a validated recipe: models, tokenizers and data, the trainer, resume, the final save and publishing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import yaml
+from transformers import AutoTokenizer
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import load_recipe_datasets
+from .schema import Recipe
+
+DEMO_PREFIX = "demo:"
+
+
+def resolve_model(name: str, tokenizer_name: str | None = None):
+    """`(model or name, tokenizer)`. `demo:ARCH/SIZE/TOKENIZER` (e.g. `demo:llama/student/bpe`) builds a demo model;
+    anything else is a Hub id or a local path, loaded by the trainer (with `model_init_kwargs`)."""
+    if name.startswith(DEMO_PREFIX):
+        from ..demo import demo_model, demo_tokenizer
+
+        parts = name[len(DEMO_PREFIX):].split("/")
+        if len(parts) != 3:
+            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
+        arch, size, tokenizer_kind = parts
+        tokenizer = demo_tokenizer(tokenizer_kind)
+        seed = {"student": 2, "teacher": 1}.get(size, 0)
+        return demo_model(arch, tokenizer, size, seed=seed), tokenizer
+    return name, AutoTokenizer.from_pretrained(tokenizer_name or name)
+
+
+def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
+    """The resolved recipe, package versions and seed, in the output folder (main process only)."""
+    import accelerate
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    from .. import __version__
+
+    output_dir = recipe.config.output_dir
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "recipe.yaml"), "w") as handle:
+        handle.write(f"# Resolved from {recipe.path} (with command-line overrides).\n")
+        yaml.safe_dump(recipe.raw, handle, sort_keys=False)
+    info = {
+        "recipe": os.path.abspath(recipe.path), "command": sys.argv, "seed": recipe.config.seed,
+        "resumed_from": resumed_from, "python": platform.python_version(),
+        "versions": {"kd_trainers": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+                     "datasets": datasets.__version__},
+    }
+    with open(os.path.join(output_dir, "run_info.json"), "w") as handle:
+        json.dump(info, handle, indent=2)
+
+
+def build_trainer(recipe: Recipe, callbacks=None):
+    """The trainer of a recipe, with its models, tokenizers and data (heavy: loads everything)."""
+    config, options = recipe.config, recipe.options
+    for key, value in (options["env"] or {}).items():
+        os.environ[key] = str(value)
+    train, evaluation = load_recipe_datasets(options)
+    if evaluation is not None and config.eval_strategy == "no":
+        config.eval_strategy = "steps"
+        config.eval_steps = config.eval_steps or config.logging_steps
+    student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+    kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
+    if options["peft"]:
+        from peft import LoraConfig
+
+        kwargs["peft_config"] = LoraConfig(**options["peft"])
+    if recipe.method != "sft":
+        teacher_tokenizer_name = getattr(config, "teacher_tokenizer_name_or_path", None)
+        teacher, teacher_tokenizer = resolve_model(config.teacher_model_name_or_path, teacher_tokenizer_name)
+        kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
+    return recipe.trainer_class(model=student, args=config, **kwargs)
+
+
+def run_recipe(recipe: Recipe, callbacks=None):
+    """Train (resuming from the output folder's last complete checkpoint, if any), save, and publish if asked."""
+    from ..publish import build_publish_folder, upload
+
+    config = recipe.config
+    publish = config.push_to_hub
+    config.push_to_hub = False  # publishing happens once, at the end, from a complete local folder
+    resume = config.resume_from_checkpoint
+    if resume is None and os.path.isdir(config.output_dir):
+        resume = get_last_checkpoint(config.output_dir)
+    trainer = build_trainer(recipe, callbacks)
+    if trainer.is_world_process_zero():
+        write_run_info(recipe, resume)
+        if resume:
+            print(f"Resuming from {resume}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.accelerator.wait_for_everyone()
+    if publish and trainer.is_world_process_zero():
+        folder = build_publish_folder(trainer, merge_lora=recipe.options["merge_lora"],
+                                      dataset_name=recipe.options["dataset_name"])
+        print(f"Publish folder complete: {folder}", flush=True)
+        url = upload(folder, config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir)),
+                     token=config.hub_token)
+        print(f"Published to {url}", flush=True)
+    return trainer

@@ -1,0 +1,285 @@
+"""Recipes: one YAML file per experiment, validated against the method's config before anything heavy happens.
+
+A recipe's keys are the fields of the method's config class (`SFTConfig`, `KDConfig`, `DSKDConfig`, ...) plus the
+recipe keys below. Every problem (an unknown key, a wrong type, a value out of range) is reported with the file, the
+key, the value and, for unknown keys, the closest valid one. `key=value` overrides from the command line win over the
+file; their values are read as YAML (`max_steps=10`, `bf16=false`, `peft.r=16` for a nested key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from ..sft import SFTConfig, SFTTrainer
+
+from ..dskd import DSKDConfig, DSKDTrainer
+from ..kd import KDConfig, KDTrainer
+
+# method -> (config class, trainer class). A new method is one line here and one folder beside `kd/` and `dskd/`.
+METHODS: dict[str, tuple[type, type]] = {
+    "sft": (SFTConfig, SFTTrainer),
+    "kd": (KDConfig, KDTrainer),
+    "dskd": (DSKDConfig, DSKDTrainer),
+}
+
+# Keys a recipe has beyond its config's fields: name -> (type, default, help).
+RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
+    "method": (str, None, f"the training method: one of {sorted(METHODS)}"),
+    "model_name_or_path": (str, None, "the student (or, for sft, the model): Hub id, local path, or demo:ARCH/SIZE/TOKENIZER"),
+    "tokenizer_name_or_path": (str | None, None, "the student's tokenizer, when not the model's"),
+    "dataset_name": (str, "demo", "Hub id, local file (.jsonl, .json, .csv, .parquet) or folder, or 'demo'"),
+    "dataset_config": (str | None, None, "the dataset's configuration (for 'demo': its format, e.g. prompt_completion)"),
+    "dataset_train_split": (str, "train", "split to train on"),
+    "dataset_test_split": (str | None, None, "split to evaluate on (sets eval_strategy='steps' unless set)"),
+    "columns": (dict | None, None, "renames: {new_name: existing column}, e.g. {completion: answer}"),
+    "prompt_template": (str | None, None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'"),
+    "peft": (dict | None, None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, target_modules..."),
+    "merge_lora": (bool, False, "publish the model with its LoRA adapter merged (the output folder keeps the adapter)"),
+    "env": (dict | None, None, "environment variables set before anything runs"),
+    "accelerate": (dict | None, None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
+                   "multi_process_cpu | single_process | PATH, num_processes: N}"),
+}
+ACCELERATE_KEYS = ("config", "num_processes")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with a message naming the file, the key, the value and the fix."""
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: the method's config object plus the recipe keys."""
+
+    path: str
+    method: str
+    config: Any  # an instance of METHODS[method][0]
+    options: dict[str, Any] = field(default_factory=dict)  # the RECIPE_KEYS values
+    raw: dict[str, Any] = field(default_factory=dict)  # the merged file + overrides, as given
+    hardware_notes: list[str] = field(default_factory=list)  # flags switched off by a portable check
+
+    @property
+    def trainer_class(self) -> type:
+        return METHODS[self.method][1]
+
+    def __getattr__(self, name):
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(name)
+
+
+def config_fields(config_class) -> dict[str, Any]:
+    """`{field name: type annotation}` of the settable fields of a config dataclass."""
+    hints = typing.get_type_hints(config_class)
+    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, YAML-parsed value)."""
+    if "=" not in text:
+        raise RecipeError(f"Override {text!r} is not key=value (for example max_steps=10).")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def _set_nested(values: dict, key: str, value) -> None:
+    """`values[a][b] = value` for the key `a.b` (nested recipe blocks such as `peft` and `accelerate`)."""
+    *parents, last = key.split(".")
+    target = values
+    for part in parents:
+        if target.get(part) is None:
+            target[part] = {}
+        target = target[part]
+        if not isinstance(target, dict):
+            raise RecipeError(f"Override {key}={value!r}: {part!r} is not a mapping in the recipe.")
+    target[last] = value
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _coerce(value, annotation):
+    """`(ok, value)`: whether `value` fits `annotation`, with YAML's string-shaped numbers ('1e-3') made floats."""
+    if annotation is Any:
+        return True, value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            ok, coerced = _coerce(value, arg)
+            if ok:
+                return True, coerced
+        return False, value
+    if annotation is type(None):
+        return value is None, value
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation), value
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {member.value for member in annotation} or isinstance(value, annotation), value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    base = origin or annotation
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple)), value
+    if base is dict:
+        return isinstance(value, dict), value
+    return True, value  # a type this check does not know: the config's own __post_init__ decides
+
+
+def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
+    """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"Recipe file {path!r} does not exist. `kd-train list` shows the shipped recipes.")
+    with open(path) as handle:
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(values).__name__}.")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_nested(values, key, value)
+    return validate_recipe(values, path, portable=portable)
+
+
+HARDWARE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval")
+
+
+def _needs_other_hardware(error: Exception) -> bool:
+    message = str(error).lower()
+    return any(word in message for word in ("bf16", "fp16", "tf32", "gpu", "cuda")) and (
+        "support" in message or "requires" in message or "only available" in message)
+
+
+def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False) -> Recipe:
+    """The `Recipe` of merged recipe values. `portable=True` checks a recipe meant for other hardware (bf16 on a GPU
+    machine) on this one: precision flags this machine cannot honour are switched off for the check only, and the
+    switched-off flags are listed in `recipe.hardware_notes`."""
+    method = values.get("method")
+    if method not in METHODS:
+        raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(METHODS)}.")
+    config_class = METHODS[method][0]
+    fields = config_fields(config_class)
+    config_values, options = {}, {}
+    for key, value in values.items():
+        if key in RECIPE_KEYS:
+            annotation, _, _ = RECIPE_KEYS[key]
+            ok, value = _coerce(value, annotation)
+            if not ok:
+                raise RecipeError(f"{path}: {key}: {value!r} should be {_type_name(annotation)} "
+                                  f"({RECIPE_KEYS[key][2]}).")
+            options[key] = value
+        elif key in fields:
+            ok, value = _coerce(value, fields[key])
+            if not ok:
+                raise RecipeError(f"{path}: {key}: {value!r} should be {_type_name(fields[key])}.")
+            config_values[key] = value
+        else:
+            valid = sorted(set(fields) | set(RECIPE_KEYS))
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{path}: unknown key {key!r} (value {value!r}) for method {method!r}.{hint}")
+    for key, (_, default, _) in RECIPE_KEYS.items():
+        options.setdefault(key, default)
+    if not options.get("model_name_or_path"):
+        raise RecipeError(f"{path}: model_name_or_path is missing: the model to train (a Hub id, a local path, or "
+                          "demo:llama/student/bpe for the built-in demo).")
+    _check_peft(options["peft"], path)
+    _check_accelerate(options["accelerate"], path)
+    if options["env"]:
+        bad = {k: v for k, v in options["env"].items() if not isinstance(v, (str, int, float, bool))}
+        if bad:
+            raise RecipeError(f"{path}: env: values must be strings or numbers, got {bad!r}.")
+    config_values.setdefault("output_dir", os.path.join("outputs", os.path.splitext(os.path.basename(path))[0]))
+    if method != "sft" and "teacher_model_name_or_path" not in config_values:
+        raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher.")
+    _fit_process_group(config_values)
+    notes = []
+    try:
+        try:
+            config = config_class(**config_values)
+        except ValueError as error:
+            if not (portable and _needs_other_hardware(error)):
+                raise
+            notes = [f"{flag}={config_values[flag]} needs other hardware ({error})" for flag in HARDWARE_FLAGS
+                     if config_values.get(flag)]
+            config = config_class(**{**config_values, **{flag: False for flag in HARDWARE_FLAGS
+                                                          if flag in config_values}})
+    except (ValueError, TypeError) as error:
+        key = next((k for k in sorted(config_values, key=len, reverse=True) if k in str(error)), None)
+        where = f"{key}: {config_values[key]!r}: " if key else ""
+        raise RecipeError(f"{path}: {where}{error}") from None
+    recipe = Recipe(path=path, method=method, config=config, options=options, raw=values)
+    recipe.hardware_notes = notes
+    return recipe
+
+
+def _fit_process_group(config_values: dict) -> None:
+    """`ddp_backend` for where the recipe is being read: gloo for several processes on a machine without CUDA (NCCL
+    needs GPUs), and none in a single process (the launcher's parent, or `kd-train validate`), where setting one would
+    make the config try to join a process group that does not exist."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        config_values.pop("ddp_backend", None)
+    elif config_values.get("ddp_backend") is None and not torch.cuda.is_available():
+        config_values["ddp_backend"] = "gloo"
+
+
+def _check_peft(peft: dict | None, path: str) -> None:
+    if not peft:
+        return
+    from peft import LoraConfig
+
+    valid = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    for key, value in peft.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{path}: peft.{key}: unknown LoRA setting (value {value!r}).{hint}")
+    try:
+        LoraConfig(**peft)
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{path}: peft: {error}") from None
+
+
+def _check_accelerate(block: dict | None, path: str) -> None:
+    if not block:
+        return
+    from .launch import accelerate_config_path
+
+    for key in block:
+        if key not in ACCELERATE_KEYS:
+            close = difflib.get_close_matches(key, ACCELERATE_KEYS, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise RecipeError(f"{path}: accelerate.{key}: unknown key (value {block[key]!r}).{hint}")
+    accelerate_config_path(block.get("config", "single_process"), path)
+    processes = block.get("num_processes", 1)
+    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+        raise RecipeError(f"{path}: accelerate.num_processes: {processes!r} should be a positive integer.")

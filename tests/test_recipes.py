@@ -1,0 +1,243 @@
+"""Recipes: validation with exact messages, every shipped recipe, data mapping, the CLI, resume, atomic checkpoints,
+the LoRA SFT -> KD chain and publishing. The multi-process runs are in `test_recipes_distributed.py`."""
+
+import glob
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from kd_trainers import cli
+from kd_trainers.recipe import RecipeError, load_recipe
+from kd_trainers.recipe.launch import ACCELERATE_CONFIGS
+from kd_trainers.recipe.run import run_recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = os.path.join(ROOT, "recipes")
+FAST = ["max_steps=4", "save_steps=2", "logging_steps=1", "eval_steps=2", "per_device_train_batch_size=8",
+        "max_length=64"]
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BASE = """method: kd
+model_name_or_path: demo:llama/student/bpe
+teacher_model_name_or_path: demo:llama/teacher/bpe
+bf16: false
+report_to: none
+"""
+
+
+def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
+    paths = cli.shipped_recipes()
+    names = {os.path.relpath(p, RECIPES) for p in paths}
+    assert {"vanilla_kd.yaml", "dskd.yaml", "sft_lora.yaml"} <= names
+    assert len([n for n in names if n.startswith("telecom_qa/")]) >= 6
+    assert len([n for n in names if n.startswith("analytical/")]) >= 3
+    for path in paths:
+        recipe = load_recipe(path, portable=True)
+        with open(path) as handle:
+            text = handle.read()
+        assert text.startswith("# "), path
+        launch = [line for line in text.splitlines() if line.startswith("# Launch: ")]
+        assert launch and f"kd-train {os.path.relpath(path, ROOT)}" in launch[0], path
+        assert recipe.method in ("sft", "kd", "dskd")
+    lora = load_recipe(os.path.join(RECIPES, "sft_lora.yaml"), portable=True).options["peft"]
+    assert (lora["r"], lora["lora_alpha"]) == (256, 8)
+
+
+def test_shipped_accelerate_configs_equal_the_named_ones():
+    for name, config in ACCELERATE_CONFIGS.items():
+        with open(os.path.join(RECIPES, "accelerate", f"{name}.yaml")) as handle:
+            assert yaml.safe_load(handle) == config, name
+
+
+@pytest.mark.parametrize("extra,message", [
+    ("learning_rat: 0.1\n", "unknown key 'learning_rat' (value 0.1) for method 'kd'. Did you mean 'learning_rate'?"),
+    ("max_steps: ten\n", "max_steps: 'ten' should be int."),
+    ("kd_temperature: 0\n", "kd_temperature: 0.0: kd_temperature must be > 0, got 0.0."),
+    ("divergence: kl\n", "divergence: 'kl': divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', "
+                         "'skew_forward_kl', 'skew_reverse_kl', 'tvd'], got 'kl'."),
+    ("peft: {rank: 8}\n", "peft.rank: unknown LoRA setting (value 8)."),
+    ("peft: {r: 8, lora_alpa: 16}\n", "peft.lora_alpa: unknown LoRA setting (value 16). Did you mean 'lora_alpha'?"),
+    ("accelerate: {config: zero4}\n", "accelerate.config: 'zero4' is neither a named config (single_process, "
+                                      "multi_process, multi_process_cpu, zero2, zero3, zero3_offload) nor an existing "
+                                      "file."),
+    ("accelerate: {config: zero2, num_procs: 2}\n", "accelerate.num_procs: unknown key (value 2). Did you mean "
+                                                    "'num_processes'?"),
+])
+def test_bad_recipes_fail_naming_file_key_value_and_fix(tmp_path, extra, message):
+    path = write(tmp_path, BASE + extra)
+    with pytest.raises(RecipeError) as error:
+        load_recipe(path)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_missing_method_model_or_teacher(tmp_path):
+    path = write(tmp_path, "model_name_or_path: x\nmethod: distil\n")
+    with pytest.raises(RecipeError, match=r"method: 'distil' is not a method; use one of \['dskd', 'kd', 'sft'\]"):
+        load_recipe(path)
+    path = write(tmp_path, "method: kd\nmodel_name_or_path: demo:llama/student/bpe\n")
+    with pytest.raises(RecipeError, match="teacher_model_name_or_path is missing: method 'kd' needs a teacher"):
+        load_recipe(path)
+
+
+def test_overrides_win_and_reach_nested_blocks(tmp_path):
+    path = write(tmp_path, BASE + "learning_rate: 1.0e-3\npeft: {r: 8, lora_alpha: 16}\n")
+    recipe = load_recipe(path, ["learning_rate=5e-4", "peft.r=4", "max_steps=3", "dataset_test_split=test"])
+    assert recipe.config.learning_rate == 5e-4 and recipe.config.max_steps == 3
+    assert recipe.options["peft"] == {"r": 4, "lora_alpha": 16}
+    assert recipe.options["dataset_test_split"] == "test"
+    with pytest.raises(RecipeError, match="Override .max_steps. is not key=value"):
+        load_recipe(path, ["max_steps"])
+
+
+def test_local_qa_file_with_template_and_column_mapping(tmp_path):
+    from kd_trainers.recipe.data import load_recipe_datasets
+
+    rows = [{"question": f"What is {i}+{i}?", "context": "arithmetic", "answer": f" {2 * i}"} for i in range(10)]
+    jsonl = tmp_path / "qa.jsonl"
+    jsonl.write_text("\n".join(json.dumps(row) for row in rows))
+    options = {"dataset_name": str(jsonl), "dataset_config": None, "dataset_train_split": "train",
+               "dataset_test_split": None, "columns": {"completion": "answer"},
+               "prompt_template": "Context: {context}\nQ: {question}\nA:"}
+    train, evaluation = load_recipe_datasets(options)
+    assert evaluation is None and len(train) == 10
+    assert train[3]["prompt"] == "Context: arithmetic\nQ: What is 3+3?\nA:" and train[3]["completion"] == " 6"
+    import datasets
+
+    for suffix in ("csv", "parquet"):
+        path = tmp_path / f"qa.{suffix}"
+        getattr(datasets.Dataset.from_list(rows), f"to_{suffix}")(str(path))
+        train, _ = load_recipe_datasets({**options, "dataset_name": str(path)})
+        assert train[0]["completion"] == " 0"
+    with pytest.raises(ValueError, match=r"prompt_template uses column\(s\) \['title'\] that the train split does not "
+                                         r"have; it has \['question', 'context', 'answer'\]"):
+        load_recipe_datasets({**options, "prompt_template": "{title}: {question}"})
+    with pytest.raises(ValueError, match=r"columns: completion: 'reply' is not a column of the train split"):
+        load_recipe_datasets({**options, "columns": {"completion": "reply"}})
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"dataset_name: '.*empty.jsonl' is an empty file."):
+        load_recipe_datasets({**options, "dataset_name": str(tmp_path / "empty.jsonl")})
+    with pytest.raises(ValueError, match=r"dataset_name: '.*missing.jsonl' does not exist"):
+        load_recipe_datasets({**options, "dataset_name": str(tmp_path / "missing.jsonl")})
+
+
+def test_cli_list_validate_and_run(tmp_path, capsys):
+    assert cli.main(["list"]) == 0
+    listed = capsys.readouterr().out
+    assert "recipes/dskd.yaml" in listed and "recipes/accelerate" not in listed
+    assert cli.main(["validate", os.path.join(RECIPES, "telecom_qa", "dskd_cma_mistral7b_tinyllama.yaml")]) == 0
+    bad = write(tmp_path, BASE + "max_step: 3\n", "bad.yaml")
+    assert cli.main(["validate", bad]) == 2
+    assert "Did you mean 'max_steps'?" in capsys.readouterr().err
+
+    output = tmp_path / "run"
+    code = cli.main([os.path.join(RECIPES, "vanilla_kd.yaml"), *FAST, f"output_dir={output}"])
+    assert code == 0
+    assert (output / "model.safetensors").exists() and (output / "checkpoint-4").exists()
+    resolved = yaml.safe_load((output / "recipe.yaml").read_text())
+    assert resolved["max_steps"] == 4 and resolved["method"] == "kd"
+    info = json.loads((output / "run_info.json").read_text())
+    assert info["seed"] == 0 and {"torch", "transformers", "trl", "kd_trainers"} <= set(info["versions"])
+    assert not os.listdir(output / ".staging")
+
+
+class StopAt(TrainerCallback):
+    """Simulates a kill: raises at the end of step `step` (after the checkpoints before it were written)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("killed")
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path):
+    recipe = os.path.join(RECIPES, "dskd.yaml")
+    full = run_recipe(load_recipe(recipe, [*FAST, "max_steps=6", f"output_dir={tmp_path / 'full'}",
+                                           "teacher_logit_noise_std=0.5"]))
+    interrupted = load_recipe(recipe, [*FAST, "max_steps=6", f"output_dir={tmp_path / 'killed'}",
+                                       "teacher_logit_noise_std=0.5"])
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(interrupted, callbacks=[StopAt(3)])
+    assert sorted(os.listdir(tmp_path / "killed")).count("checkpoint-2") == 1
+    resumed = run_recipe(load_recipe(recipe, [*FAST, "max_steps=6", f"output_dir={tmp_path / 'killed'}",
+                                              "teacher_logit_noise_std=0.5"]))
+    info = json.loads((tmp_path / "killed" / "run_info.json").read_text())
+    assert info["resumed_from"].endswith("checkpoint-2")
+    for name, value in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_kill_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    from transformers import Trainer
+
+    recipe = load_recipe(os.path.join(RECIPES, "vanilla_kd.yaml"), [*FAST, f"output_dir={tmp_path}"])
+    original = Trainer._save_rng_state
+    calls = []
+
+    def dies_on_second_checkpoint(self, output_dir):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed while saving")
+        return original(self, output_dir)
+
+    monkeypatch.setattr(Trainer, "_save_rng_state", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe)
+    checkpoints = sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-2"]  # checkpoint-4 was half written, in .staging only
+    assert os.path.exists(tmp_path / ".staging" / "checkpoint-4" / "model.safetensors")
+    monkeypatch.setattr(Trainer, "_save_rng_state", original)
+    trainer = run_recipe(load_recipe(os.path.join(RECIPES, "vanilla_kd.yaml"), [*FAST, f"output_dir={tmp_path}"]))
+    assert trainer.state.global_step == 4
+    assert json.loads((tmp_path / "run_info.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
+
+
+def test_lora_sft_adapter_is_a_kd_teacher(tmp_path):
+    sft_dir = tmp_path / "teacher-sft"
+    sft = run_recipe(load_recipe(os.path.join(RECIPES, "sft_lora.yaml"),
+                                 [*FAST, "peft.r=8", f"output_dir={sft_dir}", "learning_rate=5e-3"]))
+    assert (sft_dir / "adapter_config.json").exists() and (sft_dir / "adapter_model.safetensors").exists()
+    kd = run_recipe(load_recipe(os.path.join(RECIPES, "vanilla_kd.yaml"),
+                                [*FAST, f"output_dir={tmp_path / 'kd'}", f"teacher_adapter_name_or_path={sft_dir}"]))
+    from kd_trainers.demo import demo_model, demo_tokenizer
+
+    base = demo_model("llama", demo_tokenizer("bpe"), "teacher", seed=1)
+    merged = kd.accelerator.unwrap_model(kd.teacher_model)
+    sft_model = sft.accelerator.unwrap_model(sft.model).merge_and_unload()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged.state_dict()[name], base.state_dict()[name])
+    torch.testing.assert_close(merged.state_dict()[name], sft_model.state_dict()[name])
+
+
+def test_publishing_offline_leaves_a_complete_folder_and_fails_clearly(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    output = tmp_path / "pub"
+    code = cli.main([os.path.join(RECIPES, "vanilla_kd.yaml"), *FAST, f"output_dir={output}", "push_to_hub=true",
+                     "hub_model_id=kd-trainers-tests/demo-student", "dataset_test_split=test"])
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "Uploading to the Hub repository 'kd-trainers-tests/demo-student' failed" in err
+    assert f"The complete folder is at {output / 'publish'}" in err
+    folder = output / "publish"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= set(os.listdir(folder))
+    assert not (output / "publish.tmp").exists()
+    card = ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
+    assert "knowledge-distillation" in card.data.tags
+    for text in ("| `teacher` |", "| `divergence` | forward_kl |", "| `kd_weight` | 0.5 |", "## Evaluation results",
+                 "`eval_loss`"):
+        assert text in card.text, text
+    assert load_file(str(folder / "model.safetensors"))

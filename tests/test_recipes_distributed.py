@@ -1,0 +1,65 @@
+"""The shipped demo recipes under DeepSpeed ZeRO-2 and ZeRO-3 with two CPU processes, launched as a user would:
+`python -m kd_trainers RECIPE accelerate.config=... accelerate.num_processes=2` (which relaunches itself under
+`accelerate launch`), and `accelerate launch --config_file recipes/accelerate/zero2.yaml -m kd_trainers RECIPE`."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kd_trainers.demo import demo_model, demo_tokenizer
+
+pytest.importorskip("deepspeed", reason="the ZeRO tests need the deepspeed extra (pip install -e '.[dev]')")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["max_steps=2", "save_steps=2", "logging_steps=1", "per_device_train_batch_size=4", "max_length=64",
+        "learning_rate=1e-2"]
+
+
+def launch(command):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def assert_trained_consolidated_student(output):
+    """The final save is a whole transformers model (ZeRO-3 shards gathered), and training changed it."""
+    saved = load_file(os.path.join(output, "model.safetensors"))
+    initial = demo_model("llama", demo_tokenizer("bpe"), "student", seed=2).state_dict()
+    assert set(saved) == {k for k in initial if k != "lm_head.weight" or k in saved}
+    for name, value in saved.items():
+        assert value.shape == initial[name].shape, name
+    assert not torch.equal(saved["model.layers.0.mlp.up_proj.weight"], initial["model.layers.0.mlp.up_proj.weight"])
+    assert not any("dskd" in key for key in saved)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+@pytest.mark.parametrize("recipe", ["vanilla_kd", "dskd", "sft_lora"])
+def test_recipe_under_zero_with_two_processes(tmp_path, recipe, stage):
+    output = str(tmp_path / "out")
+    extra = ["peft.r=8"] if recipe == "sft_lora" else []
+    stdout = launch([sys.executable, "-m", "kd_trainers", f"recipes/{recipe}.yaml", *FAST, *extra,
+                     f"output_dir={output}", f"accelerate.config={stage}", "accelerate.num_processes=2"])
+    assert "Launching: " in stdout and "accelerate.commands.launch" in stdout
+    assert os.path.exists(os.path.join(output, "checkpoint-2", "trainer_state.json"))
+    if recipe == "sft_lora":
+        adapter = load_file(os.path.join(output, "adapter_model.safetensors"))
+        lora_a = [v for k, v in adapter.items() if "lora_A" in k]
+        assert lora_a and all(v.shape[0] == 8 and v.numel() > 0 for v in lora_a)
+        assert any(torch.count_nonzero(v) for k, v in adapter.items() if "lora_B" in k)  # B starts at zero
+    else:
+        assert_trained_consolidated_student(output)
+    if recipe == "dskd":
+        projectors = load_file(os.path.join(output, "dskd_projectors.safetensors"))
+        assert projectors["query.weight"].shape == (2 * 128, 2 * 64)
+
+
+def test_accelerate_launch_module_form_with_a_shipped_config(tmp_path):
+    output = str(tmp_path / "out")
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero2.yaml",
+            "-m", "kd_trainers", "recipes/vanilla_kd.yaml", *FAST, f"output_dir={output}"])
+    assert_trained_consolidated_student(output)
