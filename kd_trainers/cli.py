@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from .recipe.launch import already_launched, relaunch
+    from .recipe.run import apply_env
+
+    apply_env(recipe.options)  # before a relaunch, so that every launched process inherits it
 
     if recipe.options["accelerate"] and not already_launched():
         return relaunch(recipe_path, overrides, recipe.options["accelerate"])

@@ -237,7 +237,25 @@ def test_publishing_offline_leaves_a_complete_folder_and_fails_clearly(tmp_path,
     assert not (output / "publish.tmp").exists()
     card = ModelCard.load(folder / "README.md", ignore_metadata_errors=False)
     assert "knowledge-distillation" in card.data.tags
-    for text in ("| `teacher` |", "| `divergence` | forward_kl |", "| `kd_weight` | 0.5 |", "## Evaluation results",
+    assert card.data.datasets == "demo"
+    for text in ("| `method` | vanilla logit KD |", "| `teacher` |", "| `divergence` | forward_kl |", "| `kd_weight` | 0.5 |", "## Evaluation results",
                  "`eval_loss`"):
         assert text in card.text, text
     assert load_file(str(folder / "model.safetensors"))
+
+
+def test_student_sft_adapter_is_merged_before_kd_and_env_is_applied(tmp_path, monkeypatch):
+    from kd_trainers.recipe.run import build_trainer
+
+    monkeypatch.delenv("KD_TRAINERS_TEST_MARK", raising=False)
+    sft_dir = tmp_path / "student-sft"
+    sft = run_recipe(load_recipe(os.path.join(RECIPES, "sft_lora.yaml"),
+                                 [*FAST, "peft.r=8", "model_name_or_path=demo:llama/student/bpe",
+                                  f"output_dir={sft_dir}", "learning_rate=5e-3"]))
+    sft_student = sft.accelerator.unwrap_model(sft.model).merge_and_unload()
+    kd = build_trainer(load_recipe(os.path.join(RECIPES, "vanilla_kd.yaml"),
+                                   [*FAST, f"output_dir={tmp_path / 'kd'}", f"model_adapter_name_or_path={sft_dir}",
+                                    "env.KD_TRAINERS_TEST_MARK=marked"]))
+    assert os.environ["KD_TRAINERS_TEST_MARK"] == "marked"
+    name = "model.layers.1.mlp.down_proj.weight"
+    torch.testing.assert_close(kd.model.state_dict()[name], sft_student.state_dict()[name])

@@ -239,6 +239,7 @@ class KDTrainer(AtomicCheckpointMixin, SFTTrainer):
         """The distillation settings, as recorded in the model card."""
         args = self.args
         return {
+            "method": "vanilla logit KD",
             "teacher": self.teacher_name,
             "teacher_adapter": args.teacher_adapter_name_or_path,
             "divergence": args.divergence,

@@ -33,6 +33,12 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
     return name, AutoTokenizer.from_pretrained(tokenizer_name or name)
 
 
+def apply_env(options: dict) -> None:
+    """The recipe's `env` block into this process's environment (and so into any process it launches)."""
+    for key, value in (options["env"] or {}).items():
+        os.environ[key] = str(value)
+
+
 def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
     """The resolved recipe, package versions and seed, in the output folder (main process only)."""
     import accelerate
@@ -63,13 +69,18 @@ def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
 def build_trainer(recipe: Recipe, callbacks=None):
     """The trainer of a recipe, with its models, tokenizers and data (heavy: loads everything)."""
     config, options = recipe.config, recipe.options
-    for key, value in (options["env"] or {}).items():
-        os.environ[key] = str(value)
+    apply_env(options)
     train, evaluation = load_recipe_datasets(options)
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
     student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+    if options["model_adapter_name_or_path"]:
+        from ..teacher import load_teacher
+
+        # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
+        student = load_teacher(student, config.model_init_kwargs if isinstance(student, str) else None,
+                               options["model_adapter_name_or_path"])
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         from peft import LoraConfig

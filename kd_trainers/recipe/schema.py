@@ -35,6 +35,8 @@ RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
     "method": (str, None, f"the training method: one of {sorted(METHODS)}"),
     "model_name_or_path": (str, None, "the student (or, for sft, the model): Hub id, local path, or demo:ARCH/SIZE/TOKENIZER"),
     "tokenizer_name_or_path": (str | None, None, "the student's tokenizer, when not the model's"),
+    "model_adapter_name_or_path": (str | None, None, "a LoRA adapter (e.g. from an SFT recipe) merged into the "
+                                   "student before training: the S_SFT configurations"),
     "dataset_name": (str, "demo", "Hub id, local file (.jsonl, .json, .csv, .parquet) or folder, or 'demo'"),
     "dataset_config": (str | None, None, "the dataset's configuration (for 'demo': its format, e.g. prompt_completion)"),
     "dataset_train_split": (str, "train", "split to train on"),
