@@ -1,0 +1,107 @@
+"""`kd-eval`: generate a model's answers on a test split, score them, and write predictions and scores.
+
+    kd-eval --model outputs/vanilla_kd --dataset demo --split test --metrics ngram reasoning \\
+            --answer-extractor demo --output outputs/vanilla_kd/eval
+    kd-eval --model demo:llama/student/bpe ... --teacher-predictions outputs/teacher/eval/predictions.jsonl
+
+Writes `predictions.jsonl` (inputs, references, predictions), `generation.json` (the generation settings and the
+model), `scores.csv` (one row per example, one column per metric) and `summary.json` (means and corpus scores).
+The model is a folder (a full model, or a LoRA adapter, which transformers loads onto its base), a Hub id, or a demo
+spec; `--adapter` merges a LoRA adapter into it first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--tokenizer", help="the model's tokenizer, when not in the model folder")
+    parser.add_argument("--adapter", help="a LoRA adapter merged into the model before generating")
+    parser.add_argument("--dataset", default="demo", help="as a recipe's dataset_name")
+    parser.add_argument("--dataset-config")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--prompt-template")
+    parser.add_argument("--columns", type=json.loads, help='JSON renames, e.g. \'{"completion": "answer"}\'')
+    parser.add_argument("--limit", type=int, help="score only the first N examples")
+    parser.add_argument("--metrics", nargs="+", default=["ngram"])
+    parser.add_argument("--answer-extractor", default="the_answer_is")
+    parser.add_argument("--teacher-predictions", help="the teacher's predictions.jsonl, for agreement and fidelity")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--output", required=True)
+    return parser
+
+
+def evaluate_model(options) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from .evaluation.generate import generate_predictions, load_predictions, save_predictions
+    from .evaluation.score import resolve_metrics, score
+    from .recipe.data import load_recipe_datasets
+    from .recipe.run import resolve_model
+    from .teacher import load_teacher
+
+    metrics = resolve_metrics(options.metrics)  # fail on a bad metric name before loading anything
+    _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
+                                       "dataset_train_split": options.split, "dataset_test_split": options.split,
+                                       "columns": options.columns, "prompt_template": options.prompt_template})
+    if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
+        raise ValueError(f"kd-eval needs 'prompt' and 'completion' columns; the {options.split} split has "
+                         f"{dataset.column_names}. Map them with --columns and --prompt-template.")
+    if options.limit:
+        dataset = dataset.select(range(min(options.limit, len(dataset))))
+    teacher = None
+    if options.teacher_predictions:
+        teacher = [row["prediction"] for row in load_predictions(options.teacher_predictions)]
+        if len(teacher) != len(dataset):
+            raise ValueError(f"{options.teacher_predictions} has {len(teacher)} predictions but the split has "
+                             f"{len(dataset)} examples (with --limit {options.limit}).")
+    model, tokenizer = resolve_model(options.model, options.tokenizer)
+    if isinstance(model, str):
+        model = AutoModelForCausalLM.from_pretrained(model)
+    if options.adapter:
+        model = load_teacher(model, None, options.adapter)
+    settings = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+                "temperature": options.temperature, "top_p": options.top_p}
+    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
+    predictions = generate_predictions(model, tokenizer, prompts, batch_size=options.batch_size, **settings)
+    os.makedirs(options.output, exist_ok=True)
+    save_predictions(os.path.join(options.output, "predictions.jsonl"), prompts, references, predictions,
+                     {**settings, "batch_size": options.batch_size, "model": options.model,
+                      "adapter": options.adapter, "dataset": options.dataset, "split": options.split})
+    frame = score(predictions, references, metrics=metrics, teacher_predictions=teacher,
+                  answer_extractor=options.answer_extractor)
+    frame.to_csv(os.path.join(options.output, "scores.csv"), index=False)
+    summary = {"n": len(frame), **{name: float(frame[name].mean()) for name in metrics},
+               **frame.attrs.get("corpus", {})}
+    with open(os.path.join(options.output, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    try:
+        summary = evaluate_model(options)
+    except ValueError as error:
+        print(f"kd-eval: {error}", file=sys.stderr)
+        return 2
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
+    print(f"Predictions and scores in {options.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

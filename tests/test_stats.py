@@ -1,0 +1,94 @@
+"""kd_trainers.stats against pingouin and scipy called directly on fixed data."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pingouin as pg
+import pytest
+from scipy import stats as sps
+
+from kd_trainers import stats
+
+# Fixed per-example scores of two configurations (B is better on metric "m1", equal on "m3").
+A = np.array([0.12, 0.40, 0.33, 0.58, 0.21, 0.47, 0.39, 0.05, 0.66, 0.30, 0.28, 0.51])
+B = np.array([0.25, 0.43, 0.52, 0.61, 0.35, 0.44, 0.58, 0.15, 0.71, 0.42, 0.30, 0.64])
+C = np.array([0.50, 0.51, 0.47, 0.62, 0.44, 0.58, 0.53, 0.49, 0.40, 0.55, 0.46, 0.57])
+
+
+def test_paired_ttest_equals_scipy_and_pingouin():
+    result = stats.paired_test(A, B, method="ttest")
+    reference = sps.ttest_rel(A, B)
+    assert result["T"] == pytest.approx(reference.statistic)
+    assert result["p_val"] == pytest.approx(reference.pvalue)
+    assert result["cohen_d"] == pytest.approx(pg.ttest(A, B, paired=True)["cohen_d"].iloc[0])
+    assert result["n"] == 12 and result["mean_b"] == pytest.approx(B.mean())
+
+
+def test_wilcoxon_equals_scipy():
+    result = stats.paired_test(A, B, method="wilcoxon")
+    reference = sps.wilcoxon(A, B)
+    assert result["W_val"] == pytest.approx(reference.statistic)
+    assert result["p_val"] == pytest.approx(reference.pvalue)
+    assert "RBC" in result
+
+
+def test_identical_scores_do_not_crash_and_do_not_reject():
+    result = stats.paired_test(A, A, method="wilcoxon")
+    assert result["p_val"] == 1.0 and math.isnan(result["W_val"])
+
+
+def test_bad_input_is_refused_clearly():
+    with pytest.raises(ValueError, match=r"same length, got \(12,\) and \(3,\)"):
+        stats.paired_test(A, B[:3])
+    with pytest.raises(ValueError, match="method must be one of \\('wilcoxon', 'ttest'\\), got 'sign'"):
+        stats.paired_test(A, B, method="sign")
+    with pytest.raises(ValueError, match="correction must be one of"):
+        stats.correct([0.1], "sidak")
+
+
+def test_corrections_equal_pingouin_multicomp():
+    p = [0.01, 0.04, 0.03, 0.20]
+    np.testing.assert_allclose(stats.correct(p, "holm"), pg.multicomp(p, method="holm")[1])
+    np.testing.assert_allclose(stats.correct(p, "bh"), pg.multicomp(p, method="fdr_bh")[1])
+    np.testing.assert_allclose(stats.correct(p, "holm"), [0.04, 0.09, 0.09, 0.2])  # by hand: sorted p · (4, 3, 2, 1)
+
+
+def test_effect_size_and_interval_equal_pingouin():
+    result = stats.effect_size(A, B)
+    d = pg.compute_effsize(A, B, paired=True, eftype="cohen")
+    low, high = pg.compute_esci(stat=d, nx=12, ny=12, paired=True, eftype="cohen")
+    assert result == pytest.approx({"cohen_d": d, "ci_low": low, "ci_high": high})
+
+
+def test_compare_per_metric_with_correction_and_reject_count():
+    frame_a = pd.DataFrame({"example_id": range(12), "m1": A, "m2": C, "m3": A})
+    frame_b = pd.DataFrame({"example_id": list(range(12))[::-1], "m1": B[::-1], "m2": A[::-1], "m3": A[::-1]})
+    table = stats.compare(frame_a, frame_b, method="both", correction="holm")
+    assert list(table["metric"]) == ["m1", "m2", "m3"] * 2
+    wilcoxon = table[table["method"] == "wilcoxon"].set_index("metric")
+    raw = [sps.wilcoxon(A, B).pvalue, sps.wilcoxon(C, A).pvalue, 1.0]
+    np.testing.assert_allclose(wilcoxon["p_val"], raw)
+    np.testing.assert_allclose(wilcoxon["p_corr"], pg.multicomp(raw, method="holm")[1])
+    assert wilcoxon.loc["m1", "reject"] and not wilcoxon.loc["m3", "reject"]
+    assert stats.reject_count(table, "wilcoxon") == (int(wilcoxon["reject"].sum()), 3)
+    with pytest.raises(ValueError, match="name one"):
+        stats.reject_count(table)
+    with pytest.raises(ValueError, match="different examples"):
+        stats.compare(frame_a, frame_b.iloc[:5])
+
+
+def test_anova_rm_anova_and_spearman_equal_pingouin_and_scipy():
+    data = pd.DataFrame({"score": np.r_[A, B, C], "config": ["a"] * 12 + ["b"] * 12 + ["c"] * 12,
+                         "example": list(range(12)) * 3})
+    one_way = stats.anova(data, dv="score", between="config")
+    assert one_way["F"].iloc[0] == pytest.approx(sps.f_oneway(A, B, C).statistic)
+    assert one_way["p_unc"].iloc[0] == pytest.approx(sps.f_oneway(A, B, C).pvalue)
+    repeated = stats.rm_anova(data, dv="score", within="config", subject="example")
+    assert repeated["F"].iloc[0] == pytest.approx(pg.rm_anova(data=data, dv="score", within="config",
+                                                             subject="example")["F"].iloc[0])
+    sigma = [0, 1, 2, 5, 0, 1, 2, 5]
+    accuracy = [0.61, 0.60, 0.55, 0.20, 0.63, 0.58, 0.57, 0.22]
+    result = stats.spearman(sigma, accuracy)
+    reference = sps.spearmanr(sigma, accuracy)
+    assert result["r"] == pytest.approx(reference.statistic) and result["p_val"] == pytest.approx(reference.pvalue)
