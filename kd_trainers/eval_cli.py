@@ -6,6 +6,8 @@
 
 Writes `predictions.jsonl` (inputs, references, predictions), `generation.json` (the generation settings and the
 model), `scores.csv` (one row per example, one column per metric) and `summary.json` (means and corpus scores).
+`--metrics judge` adds LLM-judge scores (`--judge-model` or `--judge-url` + `--judge-endpoint-model`), and
+`judge.json` with the judge's identity and the prompts.
 The model is a folder (a full model, or a LoRA adapter, which transformers loads onto its base), a Hub id, or a demo
 spec; `--adapter` merges a LoRA adapter into it first.
 """
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--judge-model", help="a local transformers model (path or Hub id) as the LLM judge")
+    parser.add_argument("--judge-url", help="an OpenAI-compatible endpoint as the judge, e.g. http://localhost:8000/v1")
+    parser.add_argument("--judge-endpoint-model", help="the model name to ask the endpoint for")
+    parser.add_argument("--judge-api-key")
+    parser.add_argument("--judge-metrics", nargs="+",
+                        default=["answer_correctness", "answer_similarity", "answer_relevancy"])
+    parser.add_argument("--context-column", help="a column with the context, for the faithfulness judge metric")
     parser.add_argument("--output", required=True)
     return parser
 
@@ -51,7 +60,11 @@ def evaluate_model(options) -> dict:
     from .recipe.run import resolve_model
     from .teacher import load_teacher
 
-    metrics = resolve_metrics(options.metrics)  # fail on a bad metric name before loading anything
+    use_judge = "judge" in options.metrics
+    metrics = resolve_metrics([m for m in options.metrics if m != "judge"])  # bad names fail before any loading
+    if use_judge and not (options.judge_model or (options.judge_url and options.judge_endpoint_model)):
+        raise ValueError("The judge suite needs a judge: --judge-model PATH, or --judge-url URL with "
+                         "--judge-endpoint-model NAME.")
     _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
                                        "dataset_train_split": options.split, "dataset_test_split": options.split,
                                        "columns": options.columns, "prompt_template": options.prompt_template})
@@ -80,13 +93,34 @@ def evaluate_model(options) -> dict:
                      {**settings, "batch_size": options.batch_size, "model": options.model,
                       "adapter": options.adapter, "dataset": options.dataset, "split": options.split})
     frame = score(predictions, references, metrics=metrics, teacher_predictions=teacher,
-                  answer_extractor=options.answer_extractor)
+                  answer_extractor=options.answer_extractor) if metrics else None
+    summary = {"n": len(predictions)}
+    if frame is not None:
+        summary.update({name: float(frame[name].mean()) for name in metrics}, **frame.attrs.get("corpus", {}))
+    if use_judge:
+        judged = _judge(options, dataset, predictions, references)
+        summary.update({f"judge_{m}": float(judged[f"judge_{m}"].mean()) for m in options.judge_metrics})
+        with open(os.path.join(options.output, "judge.json"), "w") as handle:
+            json.dump({"judge": judged.attrs["judge"], "prompts": judged.attrs["prompts"],
+                       "unparsed": judged.attrs["unparsed"]}, handle, indent=2)
+        frame = judged if frame is None else frame.merge(judged, on="example_id")
     frame.to_csv(os.path.join(options.output, "scores.csv"), index=False)
-    summary = {"n": len(frame), **{name: float(frame[name].mean()) for name in metrics},
-               **frame.attrs.get("corpus", {})}
     with open(os.path.join(options.output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
+
+
+def _judge(options, dataset, predictions, references):
+    from .evaluation.judge import LocalJudge, OpenAIJudge, judge_scores
+
+    if options.judge_model:
+        judge = LocalJudge.from_pretrained(options.judge_model)
+    else:
+        judge = OpenAIJudge(base_url=options.judge_url, model=options.judge_endpoint_model,
+                            api_key=options.judge_api_key)
+    contexts = list(dataset[options.context_column]) if options.context_column else None
+    return judge_scores(judge, predictions, references=references, questions=list(dataset["prompt"]),
+                        contexts=contexts, metrics=options.judge_metrics)
 
 
 def main(argv: list[str] | None = None) -> int:
