@@ -19,9 +19,9 @@ RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def shipped_recipes() -> list[str]:
-    """Every recipe under the repository's `recipes/` (recursively), accelerate configs excluded."""
+    """Every recipe under the repository's `recipes/` (recursively); accelerate configs and studies excluded."""
     paths = glob.glob(os.path.join(RECIPES_DIR, "**", "*.yaml"), recursive=True)
-    return sorted(p for p in paths if os.sep + "accelerate" + os.sep not in p)
+    return sorted(p for p in paths if not any(os.sep + folder + os.sep in p for folder in ("accelerate", "studies")))
 
 
 def _header(path: str) -> str:

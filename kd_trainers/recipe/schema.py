@@ -153,17 +153,23 @@ def _coerce(value, annotation):
     return True, value  # a type this check does not know: the config's own __post_init__ decides
 
 
-def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
-    """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
+def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dict:
+    """The mapping in a YAML file, or `error` naming the file: missing, not YAML, or not a mapping."""
     if not os.path.isfile(path):
-        raise RecipeError(f"Recipe file {path!r} does not exist. `kd-train list` shows the shipped recipes.")
+        raise error(f"File {path!r} does not exist.{hint}")
     with open(path) as handle:
         try:
             values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        except yaml.YAMLError as problem:
+            raise error(f"{path}: not valid YAML: {problem}") from None
     if not isinstance(values, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of keys to values, got {type(values).__name__}.")
+        raise error(f"{path}: expected a mapping of keys to values, got {type(values).__name__}.")
+    return values
+
+
+def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
+    """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
+    values = read_yaml_mapping(path, RecipeError, " `kd-train list` shows the shipped recipes.")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_nested(values, key, value)

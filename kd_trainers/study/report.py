@@ -1,0 +1,231 @@
+"""The study report: `report.md`, a self-contained `report.html` (plots embedded), PNG plots and CSVs.
+
+Per-example scores of a cell are averaged over its seeds before any test, so that every test pairs the same examples.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+
+import numpy as np
+import pandas as pd
+
+from .. import stats
+from .spec import Cell, Study
+
+
+def collect_scores(study: Study) -> pd.DataFrame:
+    """Every finished cell's per-example scores: columns cell, <factors>, seed, example_id, <metrics>."""
+    from .runner import DONE, cell_dir
+
+    frames = []
+    for cell in study.cells:
+        for seed in study.seeds:
+            directory = cell_dir(study, cell, seed)
+            if not os.path.exists(os.path.join(directory, DONE)):
+                continue
+            frame = pd.read_csv(os.path.join(directory, "scores.csv"))
+            frame.insert(0, "seed", seed)
+            for factor, level in reversed(list(cell.levels.items())):
+                frame.insert(0, factor, level)
+            frame.insert(0, "cell", cell.name)
+            frames.append(frame)
+    if not frames:
+        raise ValueError(f"No finished cell under {study.output_dir}: run the study first.")
+    return pd.concat(frames, ignore_index=True)
+
+
+def _metric_columns(scores: pd.DataFrame, study: Study) -> list[str]:
+    skip = {"cell", "seed", "example_id", *study.factors}
+    return [c for c in scores.columns if c not in skip and scores[c].notna().any()]
+
+
+def summary_table(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Mean and 95% t-interval half-width per cell and metric, over the seed-averaged examples."""
+    per_example = scores.groupby(["cell", "example_id"])[metrics].mean()
+    rows = []
+    for cell, group in per_example.groupby(level="cell", sort=False):
+        row = {"cell": cell, "n": len(group)}
+        for metric in metrics:
+            values = group[metric].dropna()
+            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+            row[metric] = values.mean()
+            row[f"{metric}_ci"] = half
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _cell_scores(scores: pd.DataFrame, name: str, metrics: list[str]) -> pd.DataFrame:
+    cell = scores[scores["cell"] == name]
+    return cell.groupby("example_id")[metrics].mean().reset_index()
+
+
+def hypothesis_tables(study: Study, scores: pd.DataFrame, metrics: list[str]) -> list[tuple[dict, pd.DataFrame]]:
+    results = []
+    for hypothesis in study.hypotheses:
+        names = [Cell({f: str(hypothesis[side][f]) for f in study.factors}, {}).name for side in ("a", "b")]
+        usable = [m for m in metrics if scores.loc[scores["cell"].isin(names), m].notna().all()]
+        table = stats.compare(_cell_scores(scores, names[0], usable), _cell_scores(scores, names[1], usable),
+                              metrics=usable, method=hypothesis.get("method", "wilcoxon"),
+                              correction=hypothesis.get("correction", "holm"), alpha=study.alpha)
+        results.append(({**hypothesis, "a_cell": names[0], "b_cell": names[1]}, table))
+    return results
+
+
+def correlation_tables(study: Study, scores: pd.DataFrame, metrics: list[str]) -> list[tuple[str, pd.DataFrame]]:
+    """Spearman between a numeric factor and each metric, over cell × seed means (the examples are not independent
+    observations of the factor)."""
+    results = []
+    for correlation in study.correlations:
+        factor = correlation["factor"]
+        means = scores.groupby(["cell", "seed", factor])[metrics].mean().reset_index()
+        rows = []
+        for metric in correlation.get("metrics", metrics):
+            x, y = means[factor].astype(float), means[metric]
+            if y.notna().sum() < 3 or x.nunique() < 2:
+                continue
+            result = stats.spearman(x[y.notna()], y.dropna())
+            rows.append({"metric": metric, "r": result["r"], "p_val": result["p_val"], "n": result["n"]})
+        results.append((factor, pd.DataFrame(rows)))
+    return results
+
+
+def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(summary) + 1.5), 3.2))
+    positions = np.arange(len(summary))
+    axis.bar(positions, summary[metric], yerr=summary[f"{metric}_ci"].fillna(0), capsize=4, color="#4C72B0",
+             alpha=0.85)
+    axis.set_xticks(positions, summary["cell"], rotation=20, ha="right", fontsize=8)
+    _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% CI)", path)
+
+
+def _plot_factor(scores: pd.DataFrame, factor: str, metric: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = scores.groupby(["seed", factor])[metric].mean().reset_index()
+    means[factor] = means[factor].astype(float)
+    curve = means.groupby(factor)[metric].agg(["mean", "std"]).reset_index().sort_values(factor)
+    figure, axis = plt.subplots(figsize=(4.5, 3.2))
+    axis.errorbar(curve[factor], curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=4, color="#DD8452")
+    _finish(figure, axis, factor, metric, f"{metric} against {factor} (mean ± sd over seeds)", path)
+
+
+def _finish(figure, axis, xlabel, ylabel, title, path) -> None:
+    import matplotlib.pyplot as plt
+
+    if xlabel:
+        axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title, fontsize=10)
+    axis.spines[["top", "right"]].set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
+    header = "| " + " | ".join(map(str, frame.columns)) + " |\n|" + "---|" * len(frame.columns) + "\n"
+
+    def cell(value):
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.{digits}g}"
+        return str(value)
+
+    return header + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
+
+
+def write_report(study: Study) -> str:
+    folder = os.path.join(study.output_dir, "report")
+    plots = os.path.join(folder, "plots")
+    os.makedirs(plots, exist_ok=True)
+    scores = collect_scores(study)
+    scores.to_csv(os.path.join(folder, "all_scores.csv"), index=False)
+    metrics = _metric_columns(scores, study)
+    summary = summary_table(scores, metrics)
+    summary.to_csv(os.path.join(folder, "summary.csv"), index=False)
+    hypotheses = hypothesis_tables(study, scores, metrics)
+    correlations = correlation_tables(study, scores, metrics)
+
+    images = []
+    for metric in metrics:
+        path = os.path.join(plots, f"{metric}.png")
+        _plot_metric(summary, metric, path)
+        images.append((f"{metric} by configuration", path))
+    for factor, _ in correlations:
+        for metric in metrics:
+            path = os.path.join(plots, f"{factor}_{metric}.png")
+            _plot_factor(scores, factor, metric, path)
+            images.append((f"{metric} against {factor}", path))
+
+    finished = scores.groupby("cell")["seed"].nunique()
+    headline = []
+    sections = [f"# Study report: {study.name}\n",
+                f"{len(finished)} of {len(study.cells)} cells finished, seeds {study.seeds}; "
+                f"{scores['example_id'].nunique()} test examples; α = {study.alpha}. Per-example scores are averaged "
+                "over seeds before testing. Tests are paired over examples.\n"]
+    for hypothesis, table in hypotheses:
+        method = hypothesis.get("method", "wilcoxon")
+        rejected, total = stats.reject_count(table, method if method != "both" else "wilcoxon")
+        better = int((table["mean_b"] > table["mean_a"]).sum()) if method != "both" else None
+        headline.append(f"- **{hypothesis.get('name', 'hypothesis')}** ({hypothesis['b_cell']} vs "
+                        f"{hypothesis['a_cell']}): {rejected} of {total} metrics reject the null at α = {study.alpha}"
+                        f" ({hypothesis.get('correction', 'holm')}-corrected {method})"
+                        + (f"; B higher on {better} of {total}." if better is not None else "."))
+    sections.append("## Headline\n\n" + ("\n".join(headline) if headline else "No hypotheses were declared.") + "\n")
+    means = summary[["cell", "n", *metrics]]
+    sections.append("## Mean score per configuration\n\n" + _markdown(means) + "\n95% t-interval half-widths are in "
+                    "`summary.csv` and drawn as error bars.\n")
+    for hypothesis, table in hypotheses:
+        sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs "
+                        f"{hypothesis['a_cell']}\n\n" + _markdown(table) + "\n")
+    for factor, table in correlations:
+        sections.append(f"## Spearman correlation with {factor}\n\nOver cell × seed means.\n\n"
+                        + (_markdown(table) if len(table) else "Too few points for a correlation.\n") + "\n")
+    sections.append("## Plots\n\n" + "\n".join(f"![{title}](plots/{os.path.basename(path)})" for title, path in images)
+                    + "\n")
+    markdown = "\n".join(sections)
+    with open(os.path.join(folder, "report.md"), "w") as handle:
+        handle.write(markdown)
+    with open(os.path.join(folder, "report.html"), "w") as handle:
+        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline))
+    with open(os.path.join(folder, "hypotheses.json"), "w") as handle:
+        json.dump([{**h, "table": t.to_dict("records")} for h, t in hypotheses], handle, indent=2, default=str)
+    return folder
+
+
+def _html(study, markdown, summary, means, hypotheses, correlations, images, headline) -> str:
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
+             "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
+             "h1{border-bottom:2px solid #4C72B0}.reject{background:#e8f4e8}img{max-width:100%;margin:0.5em 0}")
+
+    def table(frame):
+        return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
+
+    body = [f"<h1>Study report: {study.name}</h1>", "<h2>Headline</h2><ul>"]
+    body += [f"<li>{line[2:].replace('**', '')}</li>" for line in headline] or ["<li>No hypotheses.</li>"]
+    body += ["</ul><h2>Mean score per configuration</h2>", table(means)]
+    for hypothesis, frame in hypotheses:
+        body += [f"<h2>{hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs {hypothesis['a_cell']}</h2>",
+                 table(frame)]
+    for factor, frame in correlations:
+        body += [f"<h2>Spearman correlation with {factor}</h2>", table(frame) if len(frame) else "<p>Too few points.</p>"]
+    body.append("<h2>Plots</h2>")
+    for title, path in images:
+        with open(path, "rb") as handle:
+            encoded = base64.b64encode(handle.read()).decode()
+        body.append(f'<figure><img alt="{title}" src="data:image/png;base64,{encoded}"><figcaption>{title}'
+                    "</figcaption></figure>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{study.name}</title><style>{style}</style>" \
+           f"</head><body>{''.join(body)}</body></html>"

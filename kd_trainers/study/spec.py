@@ -1,0 +1,122 @@
+"""Study files: a base recipe, a grid of overrides, seeds, an evaluation suite and the hypotheses to test.
+
+    name: noise_sweep
+    base_recipe: ../vanilla_kd.yaml            # relative to this file
+    overrides: {max_steps: 200}                # for every cell
+    prepare:                                   # runs before the grid; cells refer to its output as {prepare.NAME}
+      - {name: teacher, recipe: ../sft_lora.yaml, overrides: {max_steps: 300}}
+    grid:                                      # factor -> level -> overrides; the cells are the product
+      sigma: {"0": {teacher_logit_noise_std: 0}, "2": {teacher_logit_noise_std: 2}}
+    seeds: [0, 1]
+    evaluation: {metrics: [ngram, reasoning], answer_extractor: demo, split: test, limit: 60, max_new_tokens: 40}
+    hypotheses:                                # paired tests between two cells on every metric
+      - {name: "noise hurts", a: {sigma: "0"}, b: {sigma: "2"}, method: wilcoxon, correction: holm}
+    correlations:                              # Spearman between a numeric factor and each metric
+      - {factor: sigma}
+    alpha: 0.05
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import os
+from dataclasses import dataclass, field
+
+from ..recipe.schema import read_yaml_mapping
+
+STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "seeds", "evaluation", "hypotheses",
+              "correlations", "alpha", "output_dir")
+EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size")
+
+
+class StudyError(ValueError):
+    """A study file that cannot run, with the file, the key and the fix."""
+
+
+@dataclass
+class Cell:
+    """One configuration of the grid: its levels (factor -> level) and its recipe overrides."""
+
+    levels: dict[str, str]
+    overrides: dict[str, object]
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{factor}={level}" for factor, level in self.levels.items()) or "base"
+
+
+@dataclass
+class Study:
+    path: str
+    name: str
+    base_recipe: str
+    overrides: dict
+    prepare: list[dict]
+    cells: list[Cell]
+    seeds: list[int]
+    evaluation: dict
+    hypotheses: list[dict]
+    correlations: list[dict]
+    alpha: float
+    output_dir: str
+    factors: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _close(key, valid):
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def load_study(path: str) -> Study:
+    values = read_yaml_mapping(path, StudyError)
+    for key in values:
+        if key not in STUDY_KEYS:
+            raise StudyError(f"{path}: unknown key {key!r}.{_close(key, STUDY_KEYS)}")
+    here = os.path.dirname(os.path.abspath(path))
+    base = values.get("base_recipe")
+    if not base:
+        raise StudyError(f"{path}: base_recipe is missing: the recipe every cell starts from.")
+    base = base if os.path.isabs(base) else os.path.join(here, base)
+    if not os.path.isfile(base):
+        raise StudyError(f"{path}: base_recipe: {values['base_recipe']!r} does not exist (relative to the study file).")
+    grid = values.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(levels, dict) and levels for levels in grid.values()):
+        raise StudyError(f"{path}: grid: a mapping factor -> {{level: {{recipe overrides}}}}, got {grid!r}.")
+    factors = {str(f): [str(level) for level in levels] for f, levels in grid.items()}
+    cells = []
+    for combination in itertools.product(*[[(f, str(l), o or {}) for l, o in levels.items()]
+                                           for f, levels in grid.items()]):
+        overrides = {}
+        for _, _, level_overrides in combination:
+            overrides.update(level_overrides)
+        cells.append(Cell({f: l for f, l, _ in combination}, overrides))
+    evaluation = {"metrics": ["ngram"], "answer_extractor": "the_answer_is", "split": "test", "limit": None,
+                  "max_new_tokens": 64, "batch_size": 16, **(values.get("evaluation") or {})}
+    for key in evaluation:
+        if key not in EVALUATION_KEYS:
+            raise StudyError(f"{path}: evaluation.{key}: unknown key.{_close(key, EVALUATION_KEYS)}")
+    hypotheses = values.get("hypotheses") or []
+    names = {cell.name for cell in cells}
+    for index, hypothesis in enumerate(hypotheses):
+        for side in ("a", "b"):
+            levels = {str(k): str(v) for k, v in (hypothesis.get(side) or {}).items()}
+            if Cell({f: levels.get(f) for f in factors}, {}).name not in names:
+                raise StudyError(f"{path}: hypotheses[{index}].{side}: {hypothesis.get(side)!r} is not a cell; "
+                                 f"name one level of each factor {factors}.")
+    for index, correlation in enumerate(values.get("correlations") or []):
+        factor = correlation.get("factor")
+        if factor not in factors:
+            raise StudyError(f"{path}: correlations[{index}].factor: {factor!r} is not a factor of the grid "
+                             f"({sorted(factors)}).")
+        try:
+            [float(level) for level in factors[factor]]
+        except ValueError:
+            raise StudyError(f"{path}: correlations[{index}]: the levels of {factor!r} ({factors[factor]}) must be "
+                             "numbers.") from None
+    name = values.get("name") or os.path.splitext(os.path.basename(path))[0]
+    return Study(path=path, name=name, base_recipe=base, overrides=values.get("overrides") or {},
+                 prepare=values.get("prepare") or [], cells=cells, seeds=[int(s) for s in values.get("seeds", [0])],
+                 evaluation=evaluation, hypotheses=hypotheses, correlations=values.get("correlations") or [],
+                 alpha=float(values.get("alpha", 0.05)),
+                 output_dir=values.get("output_dir") or os.path.join("outputs", "studies", name), factors=factors)

@@ -1,0 +1,97 @@
+"""The study runner end to end on a tiny grid, interrupted and resumed, and its report."""
+
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from kd_trainers.study import StudyError, load_study, run_study
+from kd_trainers.study import runner as study_runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4, "max_length": 64,
+        "dataset_test_split": None}
+
+
+def tiny_study(tmp_path) -> str:
+    spec = {
+        "name": "tiny",
+        "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
+        "output_dir": str(tmp_path / "study"),
+        "prepare": [{"name": "teacher", "recipe": os.path.join(ROOT, "recipes", "sft_lora.yaml"),
+                     "overrides": {**FAST, "peft": {"r": 4, "lora_alpha": 8, "target_modules": "all-linear"}}}],
+        "overrides": {**FAST, "teacher_adapter_name_or_path": "{prepare.teacher}"},
+        "grid": {"sigma": {"0": {"teacher_logit_noise_std": 0.0}, "1": {"teacher_logit_noise_std": 1.0},
+                           "5": {"teacher_logit_noise_std": 5.0}}},
+        "seeds": [0],
+        "evaluation": {"metrics": ["ngram", "reasoning"], "answer_extractor": "demo", "limit": 8,
+                       "max_new_tokens": 6, "batch_size": 8},
+        "hypotheses": [{"name": "noise", "a": {"sigma": "0"}, "b": {"sigma": "5"}, "method": "wilcoxon",
+                        "correction": "holm"}],
+        "correlations": [{"factor": "sigma"}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
+    study = load_study(tiny_study(tmp_path))
+    assert [cell.name for cell in study.cells] == ["sigma=0", "sigma=1", "sigma=5"]
+
+    trained, evaluated = [], []
+    real_run, real_evaluate = study_runner.run_recipe, study_runner.evaluate_cell
+
+    def counting_run(recipe, *args, **kwargs):
+        trained.append(recipe.config.output_dir)
+        return real_run(recipe, *args, **kwargs)
+
+    def evaluate_then_die(study_, trainer, recipe, directory):
+        evaluated.append(directory)
+        if len(evaluated) == 2:
+            raise KeyboardInterrupt("killed during the second cell's evaluation")
+        return real_evaluate(study_, trainer, recipe, directory)
+
+    monkeypatch.setattr(study_runner, "run_recipe", counting_run)
+    monkeypatch.setattr(study_runner, "evaluate_cell", evaluate_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, log=lambda message: None)
+    done = [c.name for c in study.cells if os.path.exists(os.path.join(study_runner.cell_dir(study, c, 0), "done.json"))]
+    assert done == ["sigma=0"]
+
+    trained.clear()
+    monkeypatch.setattr(study_runner, "evaluate_cell", real_evaluate)
+    report = run_study(study, log=lambda message: None)
+    # The finished prepare step and cell were skipped; the interrupted cell and the last one ran.
+    assert [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in trained] == ["sigma-1", "sigma-5"]
+
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    assert sorted(scores["cell"].unique()) == ["sigma=0", "sigma=1", "sigma=5"]
+    assert (scores.groupby("cell").size() == 8).all()
+    assert {"bleu_4", "rouge_l", "exact_match", "agreement", "fidelity"} <= set(scores.columns)
+    markdown = open(os.path.join(report, "report.md")).read()
+    assert "## Headline" in markdown and "metrics reject the null at α = 0.05" in markdown
+    assert "## noise: sigma=5 vs sigma=0" in markdown and "## Spearman correlation with sigma" in markdown
+    html = open(os.path.join(report, "report.html")).read()
+    assert html.count("data:image/png;base64,") >= 2 and "<table" in html
+    assert os.path.exists(os.path.join(report, "plots", "rouge_l.png"))
+    assert os.path.exists(os.path.join(report, "plots", "sigma_rouge_l.png"))
+    summary = pd.read_csv(os.path.join(report, "summary.csv"))
+    assert summary.set_index("cell").loc["sigma=1", "rouge_l"] == pytest.approx(
+        scores[scores["cell"] == "sigma=1"]["rouge_l"].mean())
+
+
+def test_shipped_studies_load_and_bad_studies_fail_clearly(tmp_path):
+    for name in ("noise_sweep", "temperature_sweep"):
+        study = load_study(os.path.join(ROOT, "recipes", "studies", f"{name}.yaml"))
+        assert len(study.cells) >= 3 and study.hypotheses and study.correlations
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
+                                   "grid": {"sigma": {"0": {}}}, "hypothesis": []}))
+    with pytest.raises(StudyError, match="unknown key 'hypothesis'. Did you mean 'hypotheses'?"):
+        load_study(str(bad))
+    bad.write_text(yaml.safe_dump({"base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
+                                   "grid": {"sigma": {"0": {}, "x": {}}}, "correlations": [{"factor": "sigma"}]}))
+    with pytest.raises(StudyError, match=r"the levels of 'sigma' \(\['0', 'x'\]\) must be numbers"):
+        load_study(str(bad))
