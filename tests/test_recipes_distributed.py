@@ -10,6 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from kd_trainers.recipe.launch import free_port
+
 from kd_trainers.demo import demo_model, demo_tokenizer
 
 pytest.importorskip("deepspeed", reason="the ZeRO tests need the deepspeed extra (pip install -e '.[dev]')")
@@ -60,6 +62,7 @@ def test_recipe_under_zero_with_two_processes(tmp_path, recipe, stage):
 
 def test_accelerate_launch_module_form_with_a_shipped_config(tmp_path):
     output = str(tmp_path / "out")
-    launch([sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/zero2.yaml",
+    launch([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+            "--config_file", "recipes/accelerate/zero2.yaml",
             "-m", "kd_trainers", "recipes/vanilla_kd.yaml", *FAST, f"output_dir={output}"])
     assert_trained_consolidated_student(output)

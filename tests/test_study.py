@@ -82,10 +82,24 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
         scores[scores["cell"] == "sigma=1"]["rouge_l"].mean())
 
 
-def test_shipped_studies_load_and_bad_studies_fail_clearly(tmp_path):
-    for name in ("noise_sweep", "temperature_sweep"):
+def test_shipped_studies_load_and_every_cell_recipe_validates(tmp_path):
+    from kd_trainers.recipe import load_recipe
+
+    for name in ("noise_sweep", "temperature_sweep", "telecom_qa"):
         study = load_study(os.path.join(ROOT, "recipes", "studies", f"{name}.yaml"))
-        assert len(study.cells) >= 3 and study.hypotheses and study.correlations
+        assert len(study.cells) >= 3 and study.hypotheses
+        prepared = {step["name"]: str(tmp_path / step["name"]) for step in study.prepare}
+        for cell in study.cells:
+            values = {**study.overrides, **cell.overrides, "output_dir": str(tmp_path / "x")}
+            recipe = load_recipe(cell.recipe or study.base_recipe, study_runner._as_overrides(values, prepared))
+            assert "{prepare." not in str(recipe.raw)
+    telecom = load_study(os.path.join(ROOT, "recipes", "studies", "telecom_qa.yaml"))
+    assert len(telecom.cells) == 12  # 4 teachers x 2 students x 2 algorithms, minus vanilla KD across vocabularies
+    assert not any(c.levels["algorithm"] == "kd" and c.levels["teacher"].startswith("different")
+                   for c in telecom.cells)
+
+
+def test_bad_studies_fail_clearly(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
                                    "grid": {"sigma": {"0": {}}}, "hypothesis": []}))

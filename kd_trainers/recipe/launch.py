@@ -8,6 +8,7 @@ accumulation, clipping and precision to the recipe (the Trainer fills DeepSpeed'
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,13 @@ def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> 
                       f"({', '.join(ACCELERATE_CONFIGS)}) nor an existing file.")
 
 
+def free_port() -> int:
+    """A TCP port free on this machine right now (for the launcher's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def already_launched() -> bool:
     """True inside `accelerate launch` / `torchrun` (ours or the user's), where the recipe must simply run."""
     return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ
@@ -67,6 +75,8 @@ def relaunch(recipe_path: str, overrides: list[str], block: dict) -> int:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
     if "num_processes" in block:
         command += ["--num_processes", str(block["num_processes"])]
+    if "MASTER_PORT" not in os.environ:  # a free port, so that runs started side by side do not collide
+        command += ["--main_process_port", str(free_port())]
     command += ["-m", "kd_trainers", recipe_path, *overrides]
     print("Launching: " + " ".join(command), flush=True)
     return subprocess.call(command, env={**os.environ, LAUNCHED_ENV: "1"})

@@ -84,13 +84,13 @@ def evaluate_cell(study: Study, trainer, recipe, directory: str) -> pd.DataFrame
     save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
                      {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False})
     metrics = resolve_metrics(evaluation["metrics"])
-    teacher = _teacher_predictions(study, trainer, recipe, prompts)
     own = [m for m in metrics if METRICS[m][2] == "references"]
     frame = score(predictions, references, metrics=own, answer_extractor=evaluation["answer_extractor"])
     versus_teacher = [m for m in metrics if METRICS[m][2] == "teacher_predictions"]
     for metric in versus_teacher:  # NaN for a cell without a teacher (SFT)
         frame[metric] = float("nan")
-    if versus_teacher and teacher is not None:
+    teacher = _teacher_predictions(study, trainer, recipe, prompts) if versus_teacher else None
+    if teacher is not None:
         with_teacher = score(predictions, references, metrics=versus_teacher, teacher_predictions=teacher,
                              answer_extractor=evaluation["answer_extractor"])
         for metric in versus_teacher:
@@ -127,7 +127,7 @@ def run_study(study: Study, log=print) -> str:
             log(f"[study] {cell.name} seed {seed}: training and evaluating")
             values = {**study.overrides, **cell.overrides, "seed": seed,
                       "output_dir": os.path.join(directory, "train")}
-            recipe = load_recipe(study.base_recipe, _as_overrides(values, prepared))
+            recipe = load_recipe(cell.recipe or study.base_recipe, _as_overrides(values, prepared))
             trainer = run_recipe(recipe)
             evaluate_cell(study, trainer, recipe, directory)
             _write_done(directory, {"cell": cell.name, "levels": cell.levels, "seed": seed,

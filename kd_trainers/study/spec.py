@@ -7,6 +7,10 @@
       - {name: teacher, recipe: ../sft_lora.yaml, overrides: {max_steps: 300}}
     grid:                                      # factor -> level -> overrides; the cells are the product
       sigma: {"0": {teacher_logit_noise_std: 0}, "2": {teacher_logit_noise_std: 2}}
+    exclude: [{sigma: "2", ...}]               # cells to leave out (every listed level must match)
+
+A level's overrides may hold `recipe: PATH` (relative to the study file): that level's cells start from this recipe
+instead of `base_recipe` (an SFT-only student beside KD students, for example).
     seeds: [0, 1]
     evaluation: {metrics: [ngram, reasoning], answer_extractor: demo, split: test, limit: 60, max_new_tokens: 40}
     hypotheses:                                # paired tests between two cells on every metric
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..recipe.schema import read_yaml_mapping
 
-STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "seeds", "evaluation", "hypotheses",
+STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "alpha", "output_dir")
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size")
 
@@ -40,6 +44,7 @@ class Cell:
 
     levels: dict[str, str]
     overrides: dict[str, object]
+    recipe: str | None = None  # a level's own recipe, instead of the study's base recipe
 
     @property
     def name(self) -> str:
@@ -84,13 +89,27 @@ def load_study(path: str) -> Study:
     if not isinstance(grid, dict) or not all(isinstance(levels, dict) and levels for levels in grid.values()):
         raise StudyError(f"{path}: grid: a mapping factor -> {{level: {{recipe overrides}}}}, got {grid!r}.")
     factors = {str(f): [str(level) for level in levels] for f, levels in grid.items()}
+    exclusions = [{str(k): str(v) for k, v in rule.items()} for rule in values.get("exclude") or []]
+    for index, rule in enumerate(exclusions):
+        unknown = {k: v for k, v in rule.items() if k not in factors or v not in factors[k]}
+        if unknown:
+            raise StudyError(f"{path}: exclude[{index}]: {unknown} names no factor level of {factors}.")
     cells = []
     for combination in itertools.product(*[[(f, str(l), o or {}) for l, o in levels.items()]
                                            for f, levels in grid.items()]):
-        overrides = {}
+        chosen = {f: l for f, l, _ in combination}
+        if any(all(chosen[k] == v for k, v in rule.items()) for rule in exclusions):
+            continue
+        overrides, recipe = {}, None
         for _, _, level_overrides in combination:
+            level_overrides = dict(level_overrides)
+            if "recipe" in level_overrides:
+                recipe = level_overrides.pop("recipe")
+                recipe = recipe if os.path.isabs(recipe) else os.path.join(here, recipe)
+                if not os.path.isfile(recipe):
+                    raise StudyError(f"{path}: grid: recipe {recipe!r} does not exist.")
             overrides.update(level_overrides)
-        cells.append(Cell({f: l for f, l, _ in combination}, overrides))
+        cells.append(Cell(chosen, overrides, recipe))
     evaluation = {"metrics": ["ngram"], "answer_extractor": "the_answer_is", "split": "test", "limit": None,
                   "max_new_tokens": 64, "batch_size": 16, **(values.get("evaluation") or {})}
     for key in evaluation:

