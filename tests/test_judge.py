@@ -3,8 +3,6 @@ transformers model."""
 
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -18,34 +16,6 @@ def test_parse_score_by_hand():
     assert parse_score("First I thought Score: 1, but on reflection\nScore: 4") == 0.75  # the last one counts
     assert math.isnan(parse_score("I cannot tell."))
     assert math.isnan(parse_score("Score: 9"))
-
-
-@pytest.fixture
-def endpoint():
-    """A loopback chat-completions server: replies `Score: 4` (or 2 when the answer says 'wrong'); records requests."""
-    received = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            received.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            prompt = body["messages"][0]["content"]
-            reply = "Looks fine.\nScore: 2" if "wrong" in prompt else "Looks fine.\nScore: 4"
-            payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/v1", received
-    server.shutdown()
 
 
 def test_openai_compatible_judge_over_http(endpoint):

@@ -14,7 +14,7 @@ FAST = {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "per_device_train_b
         "dataset_test_split": None}
 
 
-def tiny_study(tmp_path) -> str:
+def tiny_study(tmp_path, judge_url=None) -> str:
     spec = {
         "name": "tiny",
         "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
@@ -31,13 +31,18 @@ def tiny_study(tmp_path) -> str:
                         "correction": "holm"}],
         "correlations": [{"factor": "sigma"}],
     }
+    if judge_url:
+        spec["evaluation"]["metrics"].append("judge")
+        spec["evaluation"]["judge"] = {"url": judge_url, "endpoint_model": "judge-7b",
+                                       "metrics": ["answer_correctness"]}
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(spec))
     return str(path)
 
 
-def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch):
-    study = load_study(tiny_study(tmp_path))
+def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypatch, endpoint):
+    url, received = endpoint
+    study = load_study(tiny_study(tmp_path, judge_url=url))
     assert [cell.name for cell in study.cells] == ["sigma=0", "sigma=1", "sigma=5"]
 
     trained, evaluated = [], []
@@ -70,6 +75,10 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
     assert sorted(scores["cell"].unique()) == ["sigma=0", "sigma=1", "sigma=5"]
     assert (scores.groupby("cell").size() == 8).all()
     assert {"bleu_4", "rouge_l", "exact_match", "agreement", "fidelity"} <= set(scores.columns)
+    assert (scores["judge_answer_correctness"] == 0.75).all()  # the loopback judge, on every example of every cell
+    judge = open(os.path.join(study_runner.cell_dir(study, study.cells[0], 0), "judge.json")).read()
+    assert '"model": "judge-7b"' in judge and "You grade answers" in judge
+    assert "## Repeated-measures ANOVA across configurations" in open(os.path.join(report, "report.md")).read()
     markdown = open(os.path.join(report, "report.md")).read()
     assert "## Headline" in markdown and "metrics reject the null at α = 0.05" in markdown
     assert "## noise: sigma=5 vs sigma=0" in markdown and "## Spearman correlation with sigma" in markdown
@@ -108,4 +117,8 @@ def test_bad_studies_fail_clearly(tmp_path):
     bad.write_text(yaml.safe_dump({"base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
                                    "grid": {"sigma": {"0": {}, "x": {}}}, "correlations": [{"factor": "sigma"}]}))
     with pytest.raises(StudyError, match=r"the levels of 'sigma' \(\['0', 'x'\]\) must be numbers"):
+        load_study(str(bad))
+    bad.write_text(yaml.safe_dump({"base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
+                                   "grid": {"sigma": {"0": {}}}, "evaluation": {"metrics": ["judge"]}}))
+    with pytest.raises(StudyError, match="evaluation.metrics has 'judge' but evaluation.judge names no judge"):
         load_study(str(bad))

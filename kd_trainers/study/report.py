@@ -93,6 +93,27 @@ def correlation_tables(study: Study, scores: pd.DataFrame, metrics: list[str]) -
     return results
 
 
+def anova_table(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Repeated-measures ANOVA per metric across every configuration (the test examples are the subjects), on the
+    seed-averaged scores; only with three configurations or more and examples scored in all of them."""
+    per_example = scores.groupby(["cell", "example_id"])[metrics].mean().reset_index()
+    if per_example["cell"].nunique() < 3:
+        return pd.DataFrame()
+    rows = []
+    for metric in metrics:
+        data = per_example[["cell", "example_id", metric]].dropna()
+        complete = data.groupby("example_id")["cell"].nunique() == data["cell"].nunique()
+        data = data[data["example_id"].isin(complete[complete].index)]
+        if data["example_id"].nunique() < 2 or data[metric].std() == 0:
+            continue
+        result = stats.rm_anova(data, dv=metric, within="cell", subject="example_id").iloc[0]
+        if "F" not in result:  # pingouin gives no F when a configuration's scores do not vary at all
+            continue
+        rows.append({"metric": metric, "F": result["F"], "ddof1": result["ddof1"], "ddof2": result["ddof2"],
+                     "p_unc": result["p_unc"], "p_GG_corr": result.get("p_GG_corr", math.nan)})
+    return pd.DataFrame(rows)
+
+
 def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     import matplotlib
 
@@ -189,6 +210,11 @@ def write_report(study: Study) -> str:
     for hypothesis, table in hypotheses:
         sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs "
                         f"{hypothesis['a_cell']}\n\n" + _markdown(table) + "\n")
+    anova = anova_table(scores, metrics)
+    if len(anova):
+        sections.append("## Repeated-measures ANOVA across configurations\n\nDo the configurations differ at all? "
+                        "Examples are the subjects; p_GG_corr is Greenhouse-Geisser corrected.\n\n"
+                        + _markdown(anova) + "\n")
     for factor, table in correlations:
         sections.append(f"## Spearman correlation with {factor}\n\nOver cell × seed means.\n\n"
                         + (_markdown(table) if len(table) else "Too few points for a correlation.\n") + "\n")
@@ -198,13 +224,13 @@ def write_report(study: Study) -> str:
     with open(os.path.join(folder, "report.md"), "w") as handle:
         handle.write(markdown)
     with open(os.path.join(folder, "report.html"), "w") as handle:
-        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline))
+        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova))
     with open(os.path.join(folder, "hypotheses.json"), "w") as handle:
         json.dump([{**h, "table": t.to_dict("records")} for h, t in hypotheses], handle, indent=2, default=str)
     return folder
 
 
-def _html(study, markdown, summary, means, hypotheses, correlations, images, headline) -> str:
+def _html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
@@ -219,6 +245,8 @@ def _html(study, markdown, summary, means, hypotheses, correlations, images, hea
     for hypothesis, frame in hypotheses:
         body += [f"<h2>{hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs {hypothesis['a_cell']}</h2>",
                  table(frame)]
+    if len(anova):
+        body += ["<h2>Repeated-measures ANOVA across configurations</h2>", table(anova)]
     for factor, frame in correlations:
         body += [f"<h2>Spearman correlation with {factor}</h2>", table(frame) if len(frame) else "<p>Too few points.</p>"]
     body.append("<h2>Plots</h2>")

@@ -83,7 +83,7 @@ def evaluate_cell(study: Study, trainer, recipe, directory: str) -> pd.DataFrame
                                        max_new_tokens=evaluation["max_new_tokens"])
     save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
                      {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False})
-    metrics = resolve_metrics(evaluation["metrics"])
+    metrics = resolve_metrics([m for m in evaluation["metrics"] if m != "judge"])
     own = [m for m in metrics if METRICS[m][2] == "references"]
     frame = score(predictions, references, metrics=own, answer_extractor=evaluation["answer_extractor"])
     versus_teacher = [m for m in metrics if METRICS[m][2] == "teacher_predictions"]
@@ -95,8 +95,31 @@ def evaluate_cell(study: Study, trainer, recipe, directory: str) -> pd.DataFrame
                              answer_extractor=evaluation["answer_extractor"])
         for metric in versus_teacher:
             frame[metric] = with_teacher[metric]
+    if "judge" in evaluation["metrics"]:
+        judged = _judge_scores(evaluation["judge"], predictions, references, prompts, recipe)
+        frame = frame.merge(judged[[c for c in judged.columns if not c.endswith("_reply")]], on="example_id")
+        judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
+        with open(os.path.join(directory, "judge.json"), "w") as handle:
+            json.dump({k: judged.attrs[k] for k in ("judge", "prompts", "unparsed")}, handle, indent=2)
     frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
     return frame
+
+
+def _judge_scores(settings: dict, predictions, references, prompts, recipe):
+    from ..evaluation.judge import LocalJudge, OpenAIJudge, judge_scores
+
+    if settings.get("model"):
+        judge = LocalJudge.from_pretrained(settings["model"])
+    else:
+        judge = OpenAIJudge(base_url=settings["url"], model=settings["endpoint_model"],
+                            api_key=settings.get("api_key"))
+    contexts = None
+    if settings.get("context_column"):
+        options = {**recipe.options, "dataset_train_split": settings.get("split", "test"), "dataset_test_split": None}
+        contexts = list(load_recipe_datasets(options)[0][settings["context_column"]])[: len(predictions)]
+    return judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
+                        metrics=settings.get("metrics", ["answer_correctness", "answer_similarity",
+                                                         "answer_relevancy"]))
 
 
 def run_study(study: Study, log=print) -> str:

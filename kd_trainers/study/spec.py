@@ -13,6 +13,7 @@ A level's overrides may hold `recipe: PATH` (relative to the study file): that l
 instead of `base_recipe` (an SFT-only student beside KD students, for example).
     seeds: [0, 1]
     evaluation: {metrics: [ngram, reasoning], answer_extractor: demo, split: test, limit: 60, max_new_tokens: 40}
+    # with `judge` among the metrics: judge: {url: http://localhost:8000/v1, endpoint_model: NAME} or {model: PATH}
     hypotheses:                                # paired tests between two cells on every metric
       - {name: "noise hurts", a: {sigma: "0"}, b: {sigma: "2"}, method: wilcoxon, correction: holm}
     correlations:                              # Spearman between a numeric factor and each metric
@@ -31,7 +32,8 @@ from ..recipe.schema import read_yaml_mapping
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "alpha", "output_dir")
-EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size")
+EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge")
+JUDGE_KEYS = ("model", "url", "endpoint_model", "api_key", "metrics", "context_column")
 
 
 class StudyError(ValueError):
@@ -115,6 +117,14 @@ def load_study(path: str) -> Study:
     for key in evaluation:
         if key not in EVALUATION_KEYS:
             raise StudyError(f"{path}: evaluation.{key}: unknown key.{_close(key, EVALUATION_KEYS)}")
+    if "judge" in evaluation["metrics"]:
+        judge = evaluation.get("judge") or {}
+        for key in judge:
+            if key not in JUDGE_KEYS:
+                raise StudyError(f"{path}: evaluation.judge.{key}: unknown key.{_close(key, JUDGE_KEYS)}")
+        if not (judge.get("model") or (judge.get("url") and judge.get("endpoint_model"))):
+            raise StudyError(f"{path}: evaluation.metrics has 'judge' but evaluation.judge names no judge: set "
+                             "{model: PATH} or {url: http://..., endpoint_model: NAME}.")
     hypotheses = values.get("hypotheses") or []
     names = {cell.name for cell in cells}
     for index, hypothesis in enumerate(hypotheses):
