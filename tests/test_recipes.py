@@ -259,3 +259,22 @@ def test_student_sft_adapter_is_merged_before_kd_and_env_is_applied(tmp_path, mo
     assert os.environ["KD_TRAINERS_TEST_MARK"] == "marked"
     name = "model.layers.1.mlp.down_proj.weight"
     torch.testing.assert_close(kd.model.state_dict()[name], sft_student.state_dict()[name])
+
+
+def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
+    output = tmp_path / "kd"
+    code = cli.main([os.path.join(RECIPES, "vanilla_kd.yaml"), *FAST, f"output_dir={output}",
+                     'evaluation={"metrics": ["ngram", "reasoning"], "answer_extractor": "demo", "limit": 5, '
+                     '"max_new_tokens": 5}'])
+    assert code == 0
+    import pandas as pd
+
+    scores = pd.read_csv(output / "eval" / "scores.csv")
+    assert len(scores) == 5 and {"rouge_l", "exact_match", "agreement", "fidelity"} <= set(scores.columns)
+    assert (output / "eval" / "predictions.jsonl").exists()
+    path = write(tmp_path, BASE + "evaluation: {metrics: [ngram], answer_extractr: demo}\n")
+    with pytest.raises(RecipeError, match="evaluation.answer_extractr: unknown key. Did you mean 'answer_extractor'"):
+        load_recipe(path)
+    path = write(tmp_path, BASE + "evaluation: {metrics: [bleurt]}\n")
+    with pytest.raises(RecipeError, match="evaluation.metrics: Unknown metric or suite 'bleurt'"):
+        load_recipe(path)

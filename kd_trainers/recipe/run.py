@@ -111,6 +111,15 @@ def run_recipe(recipe: Recipe, callbacks=None):
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()
+    if recipe.options["evaluation"]:
+        if trainer.accelerator.num_processes == 1:
+            from ..study.runner import evaluate_trained
+
+            evaluate_trained(recipe.options["evaluation"], trainer, recipe, os.path.join(config.output_dir, "eval"),
+                             cache_root=os.path.join(config.output_dir, "eval"))
+        elif trainer.is_world_process_zero():
+            print(f"Not evaluated here ({trainer.accelerator.num_processes} processes): run kd-eval --model "
+                  f"{config.output_dir} ...", flush=True)
     if publish and trainer.is_world_process_zero():
         folder = build_publish_folder(trainer, merge_lora=recipe.options["merge_lora"],
                                       dataset_name=recipe.options["dataset_name"])

@@ -46,6 +46,8 @@ RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
     "peft": (dict | None, None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, target_modules..."),
     "merge_lora": (bool, False, "publish the model with its LoRA adapter merged (the output folder keeps the adapter)"),
     "env": (dict | None, None, "environment variables set before anything runs"),
+    "evaluation": (dict | None, None, "evaluate after training (one process): {metrics: [ngram, embedding, "
+                   "reasoning, judge, ...], answer_extractor, split, limit, max_new_tokens, batch_size, judge}"),
     "accelerate": (dict | None, None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
                    "multi_process_cpu | single_process | PATH, num_processes: N}"),
 }
@@ -218,6 +220,10 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     if not options.get("model_name_or_path"):
         raise RecipeError(f"{path}: model_name_or_path is missing: the model to train (a Hub id, a local path, or "
                           "demo:llama/student/bpe for the built-in demo).")
+    if options["evaluation"] is not None:
+        from ..evaluation.settings import evaluation_settings
+
+        options["evaluation"] = evaluation_settings(options["evaluation"], path, RecipeError)
     _check_peft(options["peft"], path)
     _check_accelerate(options["accelerate"], path)
     if options["env"]:

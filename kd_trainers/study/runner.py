@@ -54,29 +54,35 @@ def _test_prompts(recipe, split: str, limit: int | None):
     return list(dataset["prompt"]), list(dataset["completion"])
 
 
-def _teacher_predictions(study: Study, trainer, recipe, prompts: list[str]) -> list[str] | None:
-    """The teacher's answers on the test prompts, generated once per distinct teacher and cached."""
+def _teacher_predictions(evaluation: dict, cache_root: str, trainer, recipe, prompts: list[str]) -> list[str] | None:
+    """The teacher's answers on the test prompts, generated once per distinct teacher and cached under `cache_root`."""
     teacher = getattr(trainer, "teacher_model", None)
     if teacher is None:
         return None
     key = json.dumps([recipe.config.teacher_model_name_or_path, recipe.config.teacher_adapter_name_or_path,
-                      len(prompts), study.evaluation["max_new_tokens"]])
-    folder = os.path.join(study.output_dir, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12])
+                      len(prompts), evaluation["max_new_tokens"]])
+    folder = os.path.join(cache_root, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12])
     path = os.path.join(folder, "predictions.jsonl")
     if os.path.exists(os.path.join(folder, DONE)):
         with open(path) as handle:
             return [json.loads(line)["prediction"] for line in handle]
     os.makedirs(folder, exist_ok=True)
     predictions = generate_predictions(trainer.accelerator.unwrap_model(teacher), trainer.teacher_processing_class,
-                                       prompts, batch_size=study.evaluation["batch_size"],
-                                       max_new_tokens=study.evaluation["max_new_tokens"])
+                                       prompts, batch_size=evaluation["batch_size"],
+                                       max_new_tokens=evaluation["max_new_tokens"])
     save_predictions(path, prompts, [""] * len(prompts), predictions, {"teacher": key})
     _write_done(folder, {"teacher": key})
     return predictions
 
 
 def evaluate_cell(study: Study, trainer, recipe, directory: str) -> pd.DataFrame:
-    evaluation = study.evaluation
+    return evaluate_trained(study.evaluation, trainer, recipe, directory, cache_root=study.output_dir)
+
+
+def evaluate_trained(evaluation: dict, trainer, recipe, directory: str, cache_root: str) -> pd.DataFrame:
+    """Generates on the recipe's test split with the trained model, scores it (see `evaluation_settings`), and writes
+    `predictions.jsonl`, `generation.json` and `scores.csv` (plus the judge's files) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
     prompts, references = _test_prompts(recipe, evaluation["split"], evaluation["limit"])
     model = trainer.accelerator.unwrap_model(trainer.model)
     predictions = generate_predictions(model, trainer.processing_class, prompts, batch_size=evaluation["batch_size"],
@@ -89,7 +95,7 @@ def evaluate_cell(study: Study, trainer, recipe, directory: str) -> pd.DataFrame
     versus_teacher = [m for m in metrics if METRICS[m][2] == "teacher_predictions"]
     for metric in versus_teacher:  # NaN for a cell without a teacher (SFT)
         frame[metric] = float("nan")
-    teacher = _teacher_predictions(study, trainer, recipe, prompts) if versus_teacher else None
+    teacher = _teacher_predictions(evaluation, cache_root, trainer, recipe, prompts) if versus_teacher else None
     if teacher is not None:
         with_teacher = score(predictions, references, metrics=versus_teacher, teacher_predictions=teacher,
                              answer_extractor=evaluation["answer_extractor"])

@@ -28,12 +28,11 @@ import itertools
 import os
 from dataclasses import dataclass, field
 
+from ..evaluation.settings import evaluation_settings
 from ..recipe.schema import read_yaml_mapping
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "alpha", "output_dir")
-EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge")
-JUDGE_KEYS = ("model", "url", "endpoint_model", "api_key", "metrics", "context_column")
 
 
 class StudyError(ValueError):
@@ -112,19 +111,7 @@ def load_study(path: str) -> Study:
                     raise StudyError(f"{path}: grid: recipe {recipe!r} does not exist.")
             overrides.update(level_overrides)
         cells.append(Cell(chosen, overrides, recipe))
-    evaluation = {"metrics": ["ngram"], "answer_extractor": "the_answer_is", "split": "test", "limit": None,
-                  "max_new_tokens": 64, "batch_size": 16, **(values.get("evaluation") or {})}
-    for key in evaluation:
-        if key not in EVALUATION_KEYS:
-            raise StudyError(f"{path}: evaluation.{key}: unknown key.{_close(key, EVALUATION_KEYS)}")
-    if "judge" in evaluation["metrics"]:
-        judge = evaluation.get("judge") or {}
-        for key in judge:
-            if key not in JUDGE_KEYS:
-                raise StudyError(f"{path}: evaluation.judge.{key}: unknown key.{_close(key, JUDGE_KEYS)}")
-        if not (judge.get("model") or (judge.get("url") and judge.get("endpoint_model"))):
-            raise StudyError(f"{path}: evaluation.metrics has 'judge' but evaluation.judge names no judge: set "
-                             "{model: PATH} or {url: http://..., endpoint_model: NAME}.")
+    evaluation = evaluation_settings(values.get("evaluation"), path, StudyError)
     hypotheses = values.get("hypotheses") or []
     names = {cell.name for cell in cells}
     for index, hypothesis in enumerate(hypotheses):
