@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from .evaluation.judge import DEFAULT_JUDGE_METRICS
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-eval", description=__doc__,
@@ -44,8 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-url", help="an OpenAI-compatible endpoint as the judge, e.g. http://localhost:8000/v1")
     parser.add_argument("--judge-endpoint-model", help="the model name to ask the endpoint for")
     parser.add_argument("--judge-api-key")
-    parser.add_argument("--judge-metrics", nargs="+",
-                        default=["answer_correctness", "answer_similarity", "answer_relevancy"])
+    parser.add_argument("--judge-metrics", nargs="+", default=list(DEFAULT_JUDGE_METRICS))
     parser.add_argument("--context-column", help="a column with the context, for the faithfulness judge metric")
     parser.add_argument("--output", required=True)
     return parser
@@ -55,6 +56,7 @@ def evaluate_model(options) -> dict:
     from transformers import AutoModelForCausalLM
 
     from .evaluation.generate import generate_predictions, load_predictions, save_predictions
+    from .evaluation.judge import judge_scores, make_judge, save_judge_record
     from .evaluation.score import resolve_metrics, score
     from .recipe.data import load_recipe_datasets
     from .recipe.run import resolve_model
@@ -98,29 +100,18 @@ def evaluate_model(options) -> dict:
     if frame is not None:
         summary.update({name: float(frame[name].mean()) for name in metrics}, **frame.attrs.get("corpus", {}))
     if use_judge:
-        judged = _judge(options, dataset, predictions, references)
+        judge = make_judge(options.judge_model, options.judge_url, options.judge_endpoint_model,
+                           options.judge_api_key)
+        contexts = list(dataset[options.context_column]) if options.context_column else None
+        judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
+                              metrics=options.judge_metrics)
         summary.update({f"judge_{m}": float(judged[f"judge_{m}"].mean()) for m in options.judge_metrics})
-        with open(os.path.join(options.output, "judge.json"), "w") as handle:
-            json.dump({"judge": judged.attrs["judge"], "prompts": judged.attrs["prompts"],
-                       "unparsed": judged.attrs["unparsed"]}, handle, indent=2)
+        save_judge_record(judged, os.path.join(options.output, "judge.json"))
         frame = judged if frame is None else frame.merge(judged, on="example_id")
     frame.to_csv(os.path.join(options.output, "scores.csv"), index=False)
     with open(os.path.join(options.output, "summary.json"), "w") as handle:
         json.dump(summary, handle, indent=2)
     return summary
-
-
-def _judge(options, dataset, predictions, references):
-    from .evaluation.judge import LocalJudge, OpenAIJudge, judge_scores
-
-    if options.judge_model:
-        judge = LocalJudge.from_pretrained(options.judge_model)
-    else:
-        judge = OpenAIJudge(base_url=options.judge_url, model=options.judge_endpoint_model,
-                            api_key=options.judge_api_key)
-    contexts = list(dataset[options.context_column]) if options.context_column else None
-    return judge_scores(judge, predictions, references=references, questions=list(dataset["prompt"]),
-                        contexts=contexts, metrics=options.judge_metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from kd_trainers.losses import (DIVERGENCES, LogitTransform, LossSettings, chunked_distillation_loss,
                                 distillation_loss)

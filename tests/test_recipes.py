@@ -1,7 +1,6 @@
 """Recipes: validation with exact messages, every shipped recipe, data mapping, the CLI, resume, atomic checkpoints,
 the LoRA SFT -> KD chain and publishing. The multi-process runs are in `test_recipes_distributed.py`."""
 
-import glob
 import json
 import os
 

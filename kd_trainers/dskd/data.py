@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.data_utils import common_prefix_length
 
 SIDES = (("student", ""), ("teacher", "teacher_"))
 
@@ -53,15 +54,6 @@ def as_prompt_completion(example: dict) -> tuple[Any, Any]:
     )
 
 
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
 def _truncated_completion(completion, characters: int | None):
     if characters is None:
         return completion
@@ -86,7 +78,7 @@ def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool =
             completion = completion + tokenizer.eos_token
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = tokenizer(prompt + completion)["input_ids"]
-    return full_ids, _common_prefix_length(prompt_ids, full_ids)
+    return full_ids, common_prefix_length(prompt_ids, full_ids)
 
 
 @dataclass

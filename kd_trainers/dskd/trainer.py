@@ -12,6 +12,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..kd.trainer import KDTrainer, last_hidden_state
 from ..losses import LogitTransform, dual_space_loss
+from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
 from ..teacher import model_name, output_head_shape
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
@@ -252,7 +253,7 @@ class DSKDTrainer(KDTrainer):
         targets = torch.full_like(labels, -100)
         mask = labels != -100
         rows = teacher_hidden[mask]
-        chunk = self.args.loss_chunk_size or max(1, 2**25 // head.weight.shape[0])
+        chunk = self.args.loss_chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // head.weight.shape[0])
         predictions = [head(rows[start:start + chunk])[:, : self.distilled_vocab_size].argmax(-1)
                        for start in range(0, rows.size(0), chunk)]
         targets[mask] = torch.cat(predictions) if predictions else targets[mask]

@@ -110,10 +110,26 @@ class OpenAIJudge:
         return [self._ask(prompt) for prompt in prompts]
 
 
+DEFAULT_JUDGE_METRICS = ("answer_correctness", "answer_similarity", "answer_relevancy")
+
+
+def make_judge(model: str | None = None, url: str | None = None, endpoint_model: str | None = None,
+               api_key: str | None = None):
+    """A local transformers judge (`model`: path or Hub id), else an OpenAI-compatible one (`url`, `endpoint_model`)."""
+    if model:
+        return LocalJudge.from_pretrained(model)
+    return OpenAIJudge(base_url=url, model=endpoint_model, api_key=api_key)
+
+
+def save_judge_record(judged: pd.DataFrame, path: str) -> None:
+    """The judge's identity, the prompts and the unparsed counts of a `judge_scores` frame, as JSON."""
+    with open(path, "w") as handle:
+        json.dump({key: judged.attrs[key] for key in ("judge", "prompts", "unparsed")}, handle, indent=2)
+
+
 def judge_scores(judge, predictions: list[str], references: list[str] | None = None,
                  questions: list[str] | None = None, contexts: list[str] | None = None,
-                 metrics: list[str] = ("answer_correctness", "answer_similarity", "answer_relevancy")
-                 ) -> pd.DataFrame:
+                 metrics: list[str] = DEFAULT_JUDGE_METRICS) -> pd.DataFrame:
     """One row per example, a `judge_<metric>` column per metric in [0, 1] (NaN when unparsable), and the judge's raw
     replies in `judge_<metric>_reply`. `attrs`: `judge` (identity), `prompts` (the templates), `unparsed` (counts)."""
     available = {"question": questions, "reference": references, "context": contexts}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
+from ..recipe.suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge")
 JUDGE_KEYS = ("model", "url", "endpoint_model", "api_key", "metrics", "context_column")
@@ -10,24 +10,19 @@ DEFAULTS = {"metrics": ["ngram"], "answer_extractor": "the_answer_is", "split": 
             "max_new_tokens": 64, "batch_size": 16}
 
 
-def _close(key, valid):
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def evaluation_settings(block: dict | None, where: str, error: type[ValueError]) -> dict:
     """The block with its defaults, checked: unknown keys (with the closest one), a `judge` metric without a judge."""
     settings = {**DEFAULTS, **(block or {})}
     for key in settings:
         if key not in EVALUATION_KEYS:
-            raise error(f"{where}: evaluation.{key}: unknown key.{_close(key, EVALUATION_KEYS)}")
+            raise error(f"{where}: evaluation.{key}: unknown key.{did_you_mean(key, EVALUATION_KEYS)}")
     if isinstance(settings["metrics"], str):
         settings["metrics"] = [settings["metrics"]]
     if "judge" in settings["metrics"]:
         judge = settings.get("judge") or {}
         for key in judge:
             if key not in JUDGE_KEYS:
-                raise error(f"{where}: evaluation.judge.{key}: unknown key.{_close(key, JUDGE_KEYS)}")
+                raise error(f"{where}: evaluation.judge.{key}: unknown key.{did_you_mean(key, JUDGE_KEYS)}")
         if not (judge.get("model") or (judge.get("url") and judge.get("endpoint_model"))):
             raise error(f"{where}: evaluation.metrics has 'judge' but evaluation.judge names no judge: set "
                         "{model: PATH} or {url: http://..., endpoint_model: NAME}.")

@@ -39,15 +39,13 @@ ACCELERATE_CONFIGS: dict[str, dict] = {
 }
 
 
-def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> str:
-    """A named config (written to a temporary file) or an existing accelerate config file."""
+def existing_config_file(name_or_path: str, recipe_path: str = "<recipe>") -> str | None:
+    """None for a named config; else the existing accelerate config file it names (as given, or relative to the
+    recipe). Raises `RecipeError` when it is neither. Writes nothing: recipe validation calls it."""
     from .schema import RecipeError
 
     if name_or_path in ACCELERATE_CONFIGS:
-        handle = tempfile.NamedTemporaryFile("w", suffix=f"-{name_or_path}.yaml", delete=False)
-        with handle:
-            yaml.safe_dump(ACCELERATE_CONFIGS[name_or_path], handle)
-        return handle.name
+        return None
     candidate = name_or_path if os.path.isabs(name_or_path) else os.path.join(os.path.dirname(recipe_path),
                                                                               name_or_path)
     for path in (name_or_path, candidate):
@@ -55,6 +53,18 @@ def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> 
             return path
     raise RecipeError(f"{recipe_path}: accelerate.config: {name_or_path!r} is neither a named config "
                       f"({', '.join(ACCELERATE_CONFIGS)}) nor an existing file.")
+
+
+def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> str:
+    """The file to give `accelerate launch --config_file`: a named config written to a temporary file, or the
+    existing file the recipe names."""
+    existing = existing_config_file(name_or_path, recipe_path)
+    if existing is not None:
+        return existing
+    handle = tempfile.NamedTemporaryFile("w", suffix=f"-{name_or_path}.yaml", delete=False)
+    with handle:
+        yaml.safe_dump(ACCELERATE_CONFIGS[name_or_path], handle)
+    return handle.name
 
 
 def free_port() -> int:

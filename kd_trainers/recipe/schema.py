@@ -9,7 +9,6 @@ file; their values are read as YAML (`max_steps=10`, `bf16=false`, `peft.r=16` f
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import enum
 import os
 import types
@@ -18,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from ..sft import SFTConfig, SFTTrainer
 
 from ..dskd import DSKDConfig, DSKDTrainer
 from ..kd import KDConfig, KDTrainer
+from ..sft import SFTConfig, SFTTrainer
+from .suggest import did_you_mean
 
 # method -> (config class, trainer class). A new method is one line here and one folder beside `kd/` and `dskd/`.
 METHODS: dict[str, tuple[type, type]] = {
@@ -73,11 +73,6 @@ class Recipe:
     def trainer_class(self) -> type:
         return METHODS[self.method][1]
 
-    def __getattr__(self, name):
-        options = self.__dict__.get("options", {})
-        if name in options:
-            return options[name]
-        raise AttributeError(name)
 
 
 def config_fields(config_class) -> dict[str, Any]:
@@ -211,9 +206,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
                 raise RecipeError(f"{path}: {key}: {value!r} should be {_type_name(fields[key])}.")
             config_values[key] = value
         else:
-            valid = sorted(set(fields) | set(RECIPE_KEYS))
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(key, set(fields) | set(RECIPE_KEYS))
             raise RecipeError(f"{path}: unknown key {key!r} (value {value!r}) for method {method!r}.{hint}")
     for key, (_, default, _) in RECIPE_KEYS.items():
         options.setdefault(key, default)
@@ -249,9 +242,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         key = next((k for k in sorted(config_values, key=len, reverse=True) if k in str(error)), None)
         where = f"{key}: {config_values[key]!r}: " if key else ""
         raise RecipeError(f"{path}: {where}{error}") from None
-    recipe = Recipe(path=path, method=method, config=config, options=options, raw=values)
-    recipe.hardware_notes = notes
-    return recipe
+    return Recipe(path=path, method=method, config=config, options=options, raw=values, hardware_notes=notes)
 
 
 def _fit_process_group(config_values: dict) -> None:
@@ -274,9 +265,7 @@ def _check_peft(peft: dict | None, path: str) -> None:
     valid = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     for key, value in peft.items():
         if key not in valid:
-            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{path}: peft.{key}: unknown LoRA setting (value {value!r}).{hint}")
+            raise RecipeError(f"{path}: peft.{key}: unknown LoRA setting (value {value!r}).{did_you_mean(key, valid)}")
     try:
         LoraConfig(**peft)
     except (ValueError, TypeError) as error:
@@ -286,14 +275,13 @@ def _check_peft(peft: dict | None, path: str) -> None:
 def _check_accelerate(block: dict | None, path: str) -> None:
     if not block:
         return
-    from .launch import accelerate_config_path
+    from .launch import existing_config_file
 
     for key in block:
         if key not in ACCELERATE_KEYS:
-            close = difflib.get_close_matches(key, ACCELERATE_KEYS, n=1, cutoff=0.6)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise RecipeError(f"{path}: accelerate.{key}: unknown key (value {block[key]!r}).{hint}")
-    accelerate_config_path(block.get("config", "single_process"), path)
+            raise RecipeError(f"{path}: accelerate.{key}: unknown key (value {block[key]!r})."
+                              f"{did_you_mean(key, ACCELERATE_KEYS)}")
+    existing_config_file(block.get("config", "single_process"), path)
     processes = block.get("num_processes", 1)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise RecipeError(f"{path}: accelerate.num_processes: {processes!r} should be a positive integer.")

@@ -43,11 +43,15 @@ def _metric_columns(scores: pd.DataFrame, study: Study) -> list[str]:
     return [c for c in scores.columns if c not in skip and scores[c].notna().any()]
 
 
-def summary_table(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+def seed_averaged(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per (cell, example): the metrics averaged over the cell's seeds. Every table and test starts here."""
+    return scores.groupby(["cell", "example_id"])[metrics].mean().reset_index()
+
+
+def summary_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Mean and 95% t-interval half-width per cell and metric, over the seed-averaged examples."""
-    per_example = scores.groupby(["cell", "example_id"])[metrics].mean()
     rows = []
-    for cell, group in per_example.groupby(level="cell", sort=False):
+    for cell, group in per_example.groupby("cell", sort=False):
         row = {"cell": cell, "n": len(group)}
         for metric in metrics:
             values = group[metric].dropna()
@@ -58,17 +62,14 @@ def summary_table(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _cell_scores(scores: pd.DataFrame, name: str, metrics: list[str]) -> pd.DataFrame:
-    cell = scores[scores["cell"] == name]
-    return cell.groupby("example_id")[metrics].mean().reset_index()
-
-
-def hypothesis_tables(study: Study, scores: pd.DataFrame, metrics: list[str]) -> list[tuple[dict, pd.DataFrame]]:
+def hypothesis_tables(study: Study, scores: pd.DataFrame, per_example: pd.DataFrame, metrics: list[str]
+                      ) -> list[tuple[dict, pd.DataFrame]]:
     results = []
     for hypothesis in study.hypotheses:
         names = [Cell({f: str(hypothesis[side][f]) for f in study.factors}, {}).name for side in ("a", "b")]
         usable = [m for m in metrics if scores.loc[scores["cell"].isin(names), m].notna().all()]
-        table = stats.compare(_cell_scores(scores, names[0], usable), _cell_scores(scores, names[1], usable),
+        a, b = (per_example.loc[per_example["cell"] == name, ["example_id", *usable]] for name in names)
+        table = stats.compare(a, b,
                               metrics=usable, method=hypothesis.get("method", "wilcoxon"),
                               correction=hypothesis.get("correction", "holm"), alpha=study.alpha)
         results.append(({**hypothesis, "a_cell": names[0], "b_cell": names[1]}, table))
@@ -93,10 +94,9 @@ def correlation_tables(study: Study, scores: pd.DataFrame, metrics: list[str]) -
     return results
 
 
-def anova_table(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+def anova_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Repeated-measures ANOVA per metric across every configuration (the test examples are the subjects), on the
     seed-averaged scores; only with three configurations or more and examples scored in all of them."""
-    per_example = scores.groupby(["cell", "example_id"])[metrics].mean().reset_index()
     if per_example["cell"].nunique() < 3:
         return pd.DataFrame()
     rows = []
@@ -173,9 +173,10 @@ def write_report(study: Study) -> str:
     scores = collect_scores(study)
     scores.to_csv(os.path.join(folder, "all_scores.csv"), index=False)
     metrics = _metric_columns(scores, study)
-    summary = summary_table(scores, metrics)
+    per_example = seed_averaged(scores, metrics)
+    summary = summary_table(per_example, metrics)
     summary.to_csv(os.path.join(folder, "summary.csv"), index=False)
-    hypotheses = hypothesis_tables(study, scores, metrics)
+    hypotheses = hypothesis_tables(study, scores, per_example, metrics)
     correlations = correlation_tables(study, scores, metrics)
 
     images = []
@@ -210,7 +211,7 @@ def write_report(study: Study) -> str:
     for hypothesis, table in hypotheses:
         sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs "
                         f"{hypothesis['a_cell']}\n\n" + _markdown(table) + "\n")
-    anova = anova_table(scores, metrics)
+    anova = anova_table(per_example, metrics)
     if len(anova):
         sections.append("## Repeated-measures ANOVA across configurations\n\nDo the configurations differ at all? "
                         "Examples are the subjects; p_GG_corr is Greenhouse-Geisser corrected.\n\n"

@@ -14,6 +14,7 @@ import os
 import pandas as pd
 
 from ..evaluation.generate import generate_predictions, save_predictions
+from ..evaluation.judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from ..evaluation.score import METRICS, resolve_metrics, score
 from ..recipe.data import load_recipe_datasets
 from ..recipe.run import run_recipe
@@ -46,12 +47,11 @@ def cell_dir(study: Study, cell: Cell, seed: int) -> str:
     return os.path.join(study.output_dir, "cells", safe, f"seed{seed}")
 
 
-def _test_prompts(recipe, split: str, limit: int | None):
+def _test_split(recipe, split: str, limit: int | None):
+    """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples."""
     options = {**recipe.options, "dataset_train_split": split, "dataset_test_split": None}
     dataset, _ = load_recipe_datasets(options)
-    if limit:
-        dataset = dataset.select(range(min(limit, len(dataset))))
-    return list(dataset["prompt"]), list(dataset["completion"])
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
 def _teacher_predictions(evaluation: dict, cache_root: str, trainer, recipe, prompts: list[str]) -> list[str] | None:
@@ -83,7 +83,8 @@ def evaluate_trained(evaluation: dict, trainer, recipe, directory: str, cache_ro
     """Generates on the recipe's test split with the trained model, scores it (see `evaluation_settings`), and writes
     `predictions.jsonl`, `generation.json` and `scores.csv` (plus the judge's files) into `directory`."""
     os.makedirs(directory, exist_ok=True)
-    prompts, references = _test_prompts(recipe, evaluation["split"], evaluation["limit"])
+    dataset = _test_split(recipe, evaluation["split"], evaluation["limit"])
+    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
     model = trainer.accelerator.unwrap_model(trainer.model)
     predictions = generate_predictions(model, trainer.processing_class, prompts, batch_size=evaluation["batch_size"],
                                        max_new_tokens=evaluation["max_new_tokens"])
@@ -102,30 +103,17 @@ def evaluate_trained(evaluation: dict, trainer, recipe, directory: str, cache_ro
         for metric in versus_teacher:
             frame[metric] = with_teacher[metric]
     if "judge" in evaluation["metrics"]:
-        judged = _judge_scores(evaluation["judge"], predictions, references, prompts, recipe)
+        settings = evaluation["judge"]
+        judge = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
+                           settings.get("api_key"))
+        contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
+        judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
+                              metrics=settings.get("metrics", DEFAULT_JUDGE_METRICS))
         frame = frame.merge(judged[[c for c in judged.columns if not c.endswith("_reply")]], on="example_id")
         judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
-        with open(os.path.join(directory, "judge.json"), "w") as handle:
-            json.dump({k: judged.attrs[k] for k in ("judge", "prompts", "unparsed")}, handle, indent=2)
+        save_judge_record(judged, os.path.join(directory, "judge.json"))
     frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
     return frame
-
-
-def _judge_scores(settings: dict, predictions, references, prompts, recipe):
-    from ..evaluation.judge import LocalJudge, OpenAIJudge, judge_scores
-
-    if settings.get("model"):
-        judge = LocalJudge.from_pretrained(settings["model"])
-    else:
-        judge = OpenAIJudge(base_url=settings["url"], model=settings["endpoint_model"],
-                            api_key=settings.get("api_key"))
-    contexts = None
-    if settings.get("context_column"):
-        options = {**recipe.options, "dataset_train_split": settings.get("split", "test"), "dataset_test_split": None}
-        contexts = list(load_recipe_datasets(options)[0][settings["context_column"]])[: len(predictions)]
-    return judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
-                        metrics=settings.get("metrics", ["answer_correctness", "answer_similarity",
-                                                         "answer_relevancy"]))
 
 
 def run_study(study: Study, log=print) -> str:

@@ -23,13 +23,13 @@ instead of `base_recipe` (an SFT-only student beside KD students, for example).
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import os
 from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
 from ..recipe.schema import read_yaml_mapping
+from ..recipe.suggest import did_you_mean
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "alpha", "output_dir")
@@ -69,16 +69,11 @@ class Study:
     factors: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _close(key, valid):
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def load_study(path: str) -> Study:
     values = read_yaml_mapping(path, StudyError)
     for key in values:
         if key not in STUDY_KEYS:
-            raise StudyError(f"{path}: unknown key {key!r}.{_close(key, STUDY_KEYS)}")
+            raise StudyError(f"{path}: unknown key {key!r}.{did_you_mean(key, STUDY_KEYS)}")
     here = os.path.dirname(os.path.abspath(path))
     base = values.get("base_recipe")
     if not base:
