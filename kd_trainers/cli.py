@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if recipe.options["accelerate"] and not already_launched():
         return relaunch(recipe_path, overrides, recipe.options["accelerate"])
+    from .distributed import end_process_group
     from .publish import PublishError
     from .recipe.run import run_recipe
 
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     except PublishError as error:
         print(f"Publish error: {error}", file=sys.stderr)
         return 3
+    finally:
+        end_process_group()
     return 0
 
 

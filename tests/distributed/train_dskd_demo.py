@@ -14,6 +14,7 @@ import torch
 
 from kd_trainers import DSKDConfig, DSKDTrainer
 from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
+from kd_trainers.distributed import end_process_group
 
 
 def main(output, per_device, accumulation, steps):
@@ -35,6 +36,8 @@ def main(output, per_device, accumulation, steps):
         with open(os.path.join(output, "logs.json"), "w") as handle:
             json.dump({"logs": logs, "world_size": trainer.accelerator.num_processes,
                        "deepspeed": trainer.is_deepspeed_enabled}, handle)
+    trainer.accelerator.wait_for_everyone()
+    end_process_group()
 
 
 if __name__ == "__main__":
