@@ -66,7 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     apply_env(recipe.options)  # before a relaunch, so that every launched process inherits it
 
     if recipe.options["accelerate"] and not already_launched():
-        return relaunch(recipe_path, overrides, recipe.options["accelerate"])
+        code = relaunch(recipe_path, overrides, recipe.options["accelerate"])
+        if code == 0 and recipe.options["evaluation"]:
+            # Here, after every launched process has ended: evaluation needs one process and the saved model.
+            from .evaluation.trained import TrainedModels
+            from .recipe.run import evaluate_recipe
+
+            evaluate_recipe(recipe, TrainedModels.from_output(recipe))
+        return code
     from .distributed import end_process_group
     from .publish import PublishError
     from .recipe.run import run_recipe

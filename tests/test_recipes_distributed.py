@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -44,9 +45,18 @@ def assert_trained_consolidated_student(output):
 def test_recipe_under_zero_with_two_processes(tmp_path, recipe, stage):
     output = str(tmp_path / "out")
     extra = ["peft.r=8"] if recipe == "sft_lora" else []
+    if stage == "zero2":  # evaluated afterwards by the launching process, from what the run saved
+        extra.append('evaluation={"metrics": ["ngram", "reasoning"], "limit": 4, "max_new_tokens": 4, '
+                     '"answer_extractor": "demo"}')
     stdout = launch([sys.executable, "-m", "kd_trainers", f"recipes/{recipe}.yaml", *FAST, *extra,
                      f"output_dir={output}", f"accelerate.config={stage}", "accelerate.num_processes=2"])
     assert "Launching: " in stdout and "accelerate.commands.launch" in stdout
+    if stage == "zero2":
+        scores = pd.read_csv(os.path.join(output, "eval", "scores.csv"))
+        assert len(scores) == 4 and scores["bleu_1"].notna().all()
+        # Agreement needs the teacher, loaded again from the recipe (with another vocabulary for DSKD); SFT has none.
+        assert scores["agreement"].isna().all() == (recipe == "sft_lora")
+        assert "Not evaluated here" not in stdout
     assert os.path.exists(os.path.join(output, "checkpoint-2", "trainer_state.json"))
     if recipe == "sft_lora":
         adapter = load_file(os.path.join(output, "adapter_model.safetensors"))

@@ -91,6 +91,37 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
         scores[scores["cell"] == "sigma=1"]["rouge_l"].mean())
 
 
+def test_a_cell_with_an_accelerate_block_runs_in_two_processes_and_is_evaluated_from_its_output(tmp_path,
+                                                                                               monkeypatch):
+    pytest.importorskip("deepspeed", reason="needs the deepspeed extra (pip install -e '.[dev]')")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    spec = {"name": "launched", "base_recipe": os.path.join(ROOT, "recipes", "dskd.yaml"),
+            "output_dir": str(tmp_path / "study"), "overrides": FAST, "seeds": [0],
+            "grid": {"processes": {"1": {}, "2": {"accelerate": {"config": "zero2", "num_processes": 2}}}},
+            "evaluation": {"metrics": ["ngram", "reasoning"], "answer_extractor": "demo", "limit": 4,
+                           "max_new_tokens": 4, "batch_size": 4}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    study = load_study(str(path))
+    launched = []
+    real_launch = study_runner.launch_recipe
+
+    def counting_launch(recipe_path, overrides):
+        launched.append(overrides)
+        return real_launch(recipe_path, overrides)
+
+    monkeypatch.setattr(study_runner, "launch_recipe", counting_launch)
+    report = run_study(study, log=lambda message: None)
+    assert len(launched) == 1 and any(o.startswith("accelerate=") for o in launched[0])
+    train = os.path.join(study_runner.cell_dir(study, study.cells[1], 0), "train")
+    assert os.path.exists(os.path.join(train, "model.safetensors"))
+    assert os.path.exists(os.path.join(train, "dskd_projectors.safetensors"))
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    assert (scores.groupby("cell").size() == 4).to_dict() == {"processes=1": True, "processes=2": True}
+    # The teacher of the launched cell (another vocabulary) was loaded again here for agreement and fidelity.
+    assert scores["agreement"].notna().all() and scores["fidelity"].notna().all()
+
+
 def test_shipped_studies_load_and_every_cell_recipe_validates(tmp_path):
     from kd_trainers.recipe import load_recipe
 

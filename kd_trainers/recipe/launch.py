@@ -74,6 +74,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def launched_by_kd_train() -> bool:
+    """True in processes that `relaunch` started (the launching process then does what must happen once, after)."""
+    return bool(os.environ.get(LAUNCHED_ENV))
+
+
 def already_launched() -> bool:
     """True inside `accelerate launch` / `torchrun` (ours or the user's), where the recipe must simply run."""
     return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
 from .data import load_recipe_datasets
+from .launch import launched_by_kd_train
 from .schema import Recipe
 
 DEMO_PREFIX = "demo:"
@@ -93,6 +94,15 @@ def build_trainer(recipe: Recipe, callbacks=None):
     return recipe.trainer_class(model=student, args=config, **kwargs)
 
 
+def evaluate_recipe(recipe: Recipe, trained) -> None:
+    """The recipe's `evaluation` block on its trained models; results in `<output_dir>/eval/`."""
+    from ..evaluation.trained import evaluate_trained
+
+    folder = os.path.join(recipe.config.output_dir, "eval")
+    evaluate_trained(recipe.options["evaluation"], trained, recipe, folder, cache_root=folder)
+    print(f"Evaluation written to {folder}", flush=True)
+
+
 def run_recipe(recipe: Recipe, callbacks=None):
     """Train (resuming from the output folder's last complete checkpoint, if any), save, and publish if asked."""
     from ..publish import build_publish_folder, upload
@@ -111,12 +121,11 @@ def run_recipe(recipe: Recipe, callbacks=None):
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()
-    if recipe.options["evaluation"]:
+    if recipe.options["evaluation"] and not launched_by_kd_train():  # else the launching process evaluates
         if trainer.accelerator.num_processes == 1:
-            from ..study.runner import evaluate_trained
+            from ..evaluation.trained import TrainedModels
 
-            evaluate_trained(recipe.options["evaluation"], trainer, recipe, os.path.join(config.output_dir, "eval"),
-                             cache_root=os.path.join(config.output_dir, "eval"))
+            evaluate_recipe(recipe, TrainedModels.from_trainer(trainer))
         elif trainer.is_world_process_zero():
             print(f"Not evaluated here ({trainer.accelerator.num_processes} processes): run kd-eval --model "
                   f"{config.output_dir} ...", flush=True)

@@ -1,0 +1,150 @@
+"""Evaluating a trained recipe: its student on the recipe's test split, and its teacher for agreement and fidelity.
+
+The models come from a trainer still in memory (a one-process run), or from the run's output folder when the run was
+launched in other processes (a recipe with an `accelerate` block): `kd-train` and the study runner then evaluate in
+the launching process, once training has ended, from what the run saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .generate import generate_predictions, save_predictions
+from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
+from .score import METRICS, resolve_metrics, score
+
+DONE = "done.json"
+
+
+def write_done(directory: str, info: dict) -> None:
+    """`directory/done.json`, written atomically: the marker that what the folder holds is complete."""
+    temporary = os.path.join(directory, DONE + ".tmp")
+    with open(temporary, "w") as handle:
+        json.dump(info, handle, indent=2)
+    os.replace(temporary, os.path.join(directory, DONE))
+
+
+@dataclass
+class TrainedModels:
+    """The trained student with its tokenizer, and a loader for the frozen teacher (None without one: SFT)."""
+
+    model: object
+    tokenizer: object
+    load_teacher: Callable[[], tuple[object, object]] | None
+
+    @classmethod
+    def from_trainer(cls, trainer) -> TrainedModels:
+        teacher = getattr(trainer, "teacher_model", None)
+
+        def loader():
+            return trainer.accelerator.unwrap_model(teacher), trainer.teacher_processing_class
+
+        return cls(trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class,
+                   loader if teacher is not None else None)
+
+    @classmethod
+    def from_output(cls, recipe) -> TrainedModels:
+        """The models of a finished run, loaded from `recipe.config.output_dir` (a full model, or a LoRA adapter that
+        is merged onto the base the run started from) and from the teacher the recipe names."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..recipe.run import resolve_model
+        from ..teacher import _dtype_from_init_kwargs, load_teacher
+
+        config, options = recipe.config, recipe.options
+        output = config.output_dir
+        init_kwargs = config.model_init_kwargs if isinstance(config.model_init_kwargs, dict) else {}
+        base, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+        if os.path.exists(os.path.join(output, "adapter_config.json")):
+            # A LoRA run saved only its adapter: rebuild the base it trained from (with any merged SFT adapter).
+            base = load_teacher(base, init_kwargs if isinstance(base, str) else None,
+                                options["model_adapter_name_or_path"])
+            model = load_teacher(base, None, output)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(output, **_dtype_from_init_kwargs(init_kwargs))
+        if os.path.exists(os.path.join(output, "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(output)
+
+        def loader():
+            teacher_kwargs = getattr(config, "teacher_model_init_kwargs", None)
+            teacher, teacher_tokenizer = resolve_model(config.teacher_model_name_or_path,
+                                                       getattr(config, "teacher_tokenizer_name_or_path", None))
+            teacher = load_teacher(teacher, teacher_kwargs if isinstance(teacher, str) and
+                                   isinstance(teacher_kwargs, dict) else None, config.teacher_adapter_name_or_path)
+            return teacher, teacher_tokenizer
+
+        return cls(model, tokenizer, loader if recipe.method != "sft" else None)
+
+
+def evaluation_split(recipe, split: str, limit: int | None):
+    """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples."""
+    from ..recipe.data import load_recipe_datasets
+
+    options = {**recipe.options, "dataset_train_split": split, "dataset_test_split": None}
+    dataset, _ = load_recipe_datasets(options)
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def teacher_predictions(evaluation: dict, cache_root: str, trained: TrainedModels, recipe,
+                        prompts: list[str]) -> list[str] | None:
+    """The teacher's answers on the test prompts, generated once per distinct teacher and cached under `cache_root`
+    (the teacher is only loaded when its answers are not cached yet)."""
+    if trained.load_teacher is None:
+        return None
+    key = json.dumps([recipe.config.teacher_model_name_or_path, recipe.config.teacher_adapter_name_or_path,
+                      len(prompts), evaluation["max_new_tokens"]])
+    folder = os.path.join(cache_root, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12])
+    path = os.path.join(folder, "predictions.jsonl")
+    if os.path.exists(os.path.join(folder, DONE)):
+        with open(path) as handle:
+            return [json.loads(line)["prediction"] for line in handle]
+    os.makedirs(folder, exist_ok=True)
+    teacher, teacher_tokenizer = trained.load_teacher()
+    predictions = generate_predictions(teacher, teacher_tokenizer, prompts, batch_size=evaluation["batch_size"],
+                                       max_new_tokens=evaluation["max_new_tokens"])
+    save_predictions(path, prompts, [""] * len(prompts), predictions, {"teacher": key})
+    write_done(folder, {"teacher": key})
+    return predictions
+
+
+def evaluate_trained(evaluation: dict, trained: TrainedModels, recipe, directory: str,
+                     cache_root: str) -> pd.DataFrame:
+    """Generates on the recipe's test split with the trained model, scores it (see `evaluation_settings`), and writes
+    `predictions.jsonl`, `generation.json` and `scores.csv` (plus the judge's files) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    dataset = evaluation_split(recipe, evaluation["split"], evaluation["limit"])
+    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
+    predictions = generate_predictions(trained.model, trained.tokenizer, prompts, batch_size=evaluation["batch_size"],
+                                       max_new_tokens=evaluation["max_new_tokens"])
+    save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
+                     {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False})
+    metrics = resolve_metrics([m for m in evaluation["metrics"] if m != "judge"])
+    own = [m for m in metrics if METRICS[m][2] == "references"]
+    frame = score(predictions, references, metrics=own, answer_extractor=evaluation["answer_extractor"])
+    versus_teacher = [m for m in metrics if METRICS[m][2] == "teacher_predictions"]
+    for metric in versus_teacher:  # NaN for a run without a teacher (SFT)
+        frame[metric] = float("nan")
+    teacher = teacher_predictions(evaluation, cache_root, trained, recipe, prompts) if versus_teacher else None
+    if teacher is not None:
+        with_teacher = score(predictions, references, metrics=versus_teacher, teacher_predictions=teacher,
+                             answer_extractor=evaluation["answer_extractor"])
+        for metric in versus_teacher:
+            frame[metric] = with_teacher[metric]
+    if "judge" in evaluation["metrics"]:
+        settings = evaluation["judge"]
+        judge = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
+                           settings.get("api_key"))
+        contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
+        judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
+                              metrics=settings.get("metrics", DEFAULT_JUDGE_METRICS))
+        frame = frame.merge(judged[[c for c in judged.columns if not c.endswith("_reply")]], on="example_id")
+        judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
+        save_judge_record(judged, os.path.join(directory, "judge.json"))
+    frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
+    return frame
