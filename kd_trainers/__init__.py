@@ -3,13 +3,16 @@
     from kd_trainers import KDConfig, KDTrainer
 
 Where things are: `losses/` (divergences, the readable reference, the chunked engine), one folder per method
-(`kd/`: config and trainer; `dskd/`: also the dual tokenization, projectors and cross-model attention), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
+(`kd/`: config, trainer and the shared loss mixin; `dskd/`: also the dual tokenization, projectors and cross-model
+attention; `gkd/`: on-policy GKD on TRL's trainer; `seqkd/`: teacher-generated data), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
 """
 
 __version__ = "0.1.0.dev0"
 
 from .dskd import DSKDConfig, DSKDTrainer
+from .gkd import GKDConfig, GKDTrainer
 from .kd import KDConfig, KDTrainer
 from .losses import DIVERGENCES, chunked_distillation_loss, distillation_loss
 
-__all__ = ["DIVERGENCES", "DSKDConfig", "DSKDTrainer", "KDConfig", "KDTrainer", "chunked_distillation_loss", "distillation_loss", "__version__"]
+__all__ = ["DIVERGENCES", "DSKDConfig", "DSKDTrainer", "GKDConfig", "GKDTrainer", "KDConfig", "KDTrainer",
+           "chunked_distillation_loss", "distillation_loss", "__version__"]

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer, TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..kd.trainer import KDTrainer, last_hidden_state
+from ..kd.loss_mixin import last_hidden_state
+from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
 from ..teacher import model_name, output_head_shape

@@ -1,0 +1,48 @@
+"""`GKDConfig`: on-policy distillation settings (TRL's `GKDConfig`) with the package's loss settings (`KDConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.experimental.gkd import GKDConfig as TRLGKDConfig
+
+from ..kd.config import KDConfig
+
+
+@dataclass
+class GKDConfig(KDConfig, TRLGKDConfig):
+    r"""
+    Configuration class for [`GKDTrainer`]: every field of TRL's `GKDConfig` (`lmbda`, `beta`, `seq_kd`,
+    `max_new_tokens`, the sampling `temperature`, ...) and of `KDConfig` (`divergence`, `kd_temperature`, `kd_weight`,
+    `teacher_logit_noise_std`, ...).
+
+    The defaults reproduce TRL's GKD loss: `divergence="jsd"` with β = `beta`, `kd_temperature=1`, `kd_weight=1` (no
+    CE term), no noise. Two temperatures, on purpose: TRL's `temperature` is the *sampling* temperature of the
+    on-policy completions, and TRL's loss always runs at T = 1; `kd_temperature` divides both models' logits in the
+    loss (times T² when `kd_temperature_squared`).
+
+    > Parameters that differ from `KDConfig`
+
+    divergence (`str`, *optional*, defaults to `"jsd"`):
+        As in `KDConfig`. With `"jsd"`, `beta` = 0 means forward KL and `beta` = 1 reverse KL, as in TRL.
+    jsd_beta (`float`, *optional*, defaults to `None`):
+        Follows `beta` (TRL's name for the same β); setting it to another value is an error.
+    kd_weight (`float`, *optional*, defaults to `1.0`):
+        w in `loss = (1 − w)·CE + w·KD`; the CE term is on the batch's labels (the dataset's completion off-policy,
+        the sampled completion on-policy).
+    """
+
+    divergence: str = field(default="jsd", metadata={"help": "Divergence between the two distributions."})
+    jsd_beta: float | None = field(default=None, metadata={"help": "Follows `beta`; leave unset."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."})
+
+    def __post_init__(self):
+        if self.jsd_beta is not None and self.jsd_beta != self.beta:
+            raise ValueError(f"jsd_beta ({self.jsd_beta}) and beta ({self.beta}) are the same setting in GKDConfig: "
+                             "set beta only.")
+        self.jsd_beta = self.beta
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            # TRL's generalised JSD at its ends: β = 0 is KL(p_T ‖ p_S), β = 1 is KL(p_S ‖ p_T).
+            self.divergence = "forward_kl" if self.beta == 0.0 else "reverse_kl"
+            self.jsd_beta = 0.5  # unused by the KLs, and within the range the shared check asks for
+        super().__post_init__()

@@ -1,0 +1,79 @@
+"""`GKDTrainer`: TRL's on-policy GKD with the package's loss (divergences, temperature, CE mixing, noise, chunks)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from transformers import AutoTokenizer
+from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
+
+from ..checkpointing import AtomicCheckpointMixin
+from ..kd.loss_mixin import DistillationLossMixin
+from ..teacher import check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name
+from .config import GKDConfig
+from .data import PromptCompletionCollator
+
+
+class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
+    """Generalized knowledge distillation (Agarwal et al., 2024) on top of `trl.experimental.gkd.GKDTrainer`.
+
+    TRL's training step is kept as it is: with probability `lmbda` the batch's completions are replaced by the
+    student's own samples (on-policy), else by the teacher's when `seq_kd`, else the dataset's are used. The loss is
+    the package's: `(1 − kd_weight)·CE + kd_weight·KD` with any of `kd_trainers.DIVERGENCES` at `kd_temperature`,
+    teacher-logit noise, and the chunked engine (no `[B, T, V]` logits held). With `GKDConfig`'s defaults it equals
+    TRL's own GKD loss (tested).
+
+    Takes TRL's `GKDTrainer` arguments in TRL's order (`model, teacher_model, args, ...`), plus
+    `teacher_processing_class`. The data may be prompt/completion or messages; it is tokenized per batch by
+    `PromptCompletionCollator` unless a `data_collator` is given.
+    """
+
+    _tag_names = ["trl", "gkd", "kd_trainers", "knowledge-distillation"]
+    _name = "GKD"
+    _paper = {
+        "title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
+        "id": "2306.13649",
+        "citation": textwrap.dedent("""\
+            @inproceedings{agarwal2024on-policy,
+                title        = {{On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes}},
+                author       = {Rishabh Agarwal and Nino Vieillard and Yongchao Zhou and Piotr Stanczyk and Sabela Ramos Garea and Matthieu Geist and Olivier Bachem},
+                year         = 2024,
+                booktitle    = {The Twelfth International Conference on Learning Representations, {ICLR} 2024},
+            }"""),
+    }
+    # Batch keys that are not model inputs: the prompts are only for generating on-policy completions.
+    _non_model_keys = ("labels", "prompts", "prompt_attention_mask")
+
+    def __init__(self, model=None, teacher_model=None, args: GKDConfig | None = None, data_collator=None,
+                 train_dataset=None, eval_dataset=None, processing_class=None, *trl_args,
+                 teacher_processing_class=None, **trl_kwargs):
+        if args is None:
+            args = GKDConfig(output_dir=f"{model_name(model).split('/')[-1].strip('<>')}-GKD")
+        elif not isinstance(args, GKDConfig):
+            args = GKDConfig.from_sft_config(args)
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError("GKDTrainer needs a teacher: pass teacher_model=<model or name> or set "
+                             "GKDConfig.teacher_model_name_or_path.")
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(model_name(model))
+        self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class)
+        check_same_vocabulary(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
+        if data_collator is None:
+            data_collator = PromptCompletionCollator(processing_class, args.max_length)
+        self.teacher_name = model_name(teacher)
+        loaded = freeze(load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path))
+        # TRL refuses init kwargs with a teacher object; they have been applied above.
+        init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
+        try:
+            super().__init__(model, loaded, args, data_collator, train_dataset, eval_dataset, processing_class,
+                             *trl_args, **trl_kwargs)
+        finally:
+            args.teacher_model_init_kwargs = init_kwargs
+        self._init_distillation(args, loaded)
+
+    def kd_settings(self) -> dict[str, object]:
+        settings = super().kd_settings()
+        settings.update(method="GKD (on-policy)", lmbda=self.args.lmbda, seq_kd=self.args.seq_kd,
+                        sampling_temperature=self.args.temperature, max_new_tokens=self.args.max_new_tokens)
+        return settings
