@@ -13,6 +13,7 @@ from .dskd import DSKDConfig, DSKDTrainer
 from .gkd import GKDConfig, GKDTrainer
 from .kd import KDConfig, KDTrainer
 from .losses import DIVERGENCES, chunked_distillation_loss, distillation_loss
+from .seqkd import SeqKDConfig, SeqKDTrainer
 
 __all__ = ["DIVERGENCES", "DSKDConfig", "DSKDTrainer", "GKDConfig", "GKDTrainer", "KDConfig", "KDTrainer",
-           "chunked_distillation_loss", "distillation_loss", "__version__"]
+           "SeqKDConfig", "SeqKDTrainer", "chunked_distillation_loss", "distillation_loss", "__version__"]

@@ -15,6 +15,21 @@ datasets.disable_progress_bars()
 logging.getLogger("datasets").setLevel(logging.ERROR)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def package_cache(tmp_path_factory):
+    """The package's cache (Seq-KD's generated sets) in a temporary folder, for this process and those it starts."""
+    import os
+
+    folder = str(tmp_path_factory.mktemp("kd_trainers_cache"))
+    previous = os.environ.get("KD_TRAINERS_CACHE")
+    os.environ["KD_TRAINERS_CACHE"] = folder
+    yield folder
+    if previous is None:
+        os.environ.pop("KD_TRAINERS_CACHE", None)
+    else:
+        os.environ["KD_TRAINERS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer():
     return demo_tokenizer("bpe")

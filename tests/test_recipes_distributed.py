@@ -76,3 +76,20 @@ def test_accelerate_launch_module_form_with_a_shipped_config(tmp_path):
             "--config_file", "recipes/accelerate/zero2.yaml",
             "-m", "kd_trainers", "recipes/vanilla_kd.yaml", *FAST, f"output_dir={output}"])
     assert_trained_consolidated_student(output)
+
+
+@pytest.mark.parametrize("recipe,stage", [("seqkd", "zero2"), ("seqkd", "zero3"), ("gkd", "zero2"), ("gkd", "zero3")])
+def test_analytical_methods_under_zero_with_two_processes(tmp_path, recipe, stage):
+    """Seq-KD (each rank generates its share of the teacher's completions; under ZeRO-3 from a gathered, partitioned
+    teacher) and on-policy GKD (the student samples mid-training) under DeepSpeed with two CPU processes."""
+    output = str(tmp_path / "out")
+    extra = (["seqkd_max_new_tokens=6", "seqkd_batch_size=4", "kd_weight=0.5", f"seqkd_cache_dir={tmp_path}/cache"]
+             if recipe == "seqkd" else ["max_new_tokens=6", "lmbda=1.0"])
+    launch([sys.executable, "-m", "kd_trainers", f"recipes/{recipe}.yaml", *FAST, *extra, "dataset_test_split=null",
+            f"output_dir={output}", f"accelerate.config={stage}", "accelerate.num_processes=2"])
+    assert_trained_consolidated_student(output)
+    if recipe == "seqkd":
+        (folder,) = os.listdir(tmp_path / "cache")
+        parts = os.listdir(tmp_path / "cache" / folder / "parts")
+        assert len(parts) >= 2  # 4 x 8 prompts per part over the demo's training set, shared by both ranks
+        assert os.path.exists(tmp_path / "cache" / folder / "done.json")

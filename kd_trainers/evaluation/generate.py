@@ -11,8 +11,10 @@ DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 
 
 
 @torch.no_grad()
-def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 16, **generation) -> list[str]:
-    """Completions of `prompts` (left-padded batches; greedy unless `do_sample=True`), special tokens removed."""
+def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 16, strip: bool = True,
+                         **generation) -> list[str]:
+    """Completions of `prompts` (left-padded batches; greedy unless `do_sample=True`), special tokens removed, and
+    surrounding whitespace too unless `strip=False` (training data keeps the completion's leading space)."""
     settings = {**DEFAULT_GENERATION, **generation}
     if not settings["do_sample"]:
         settings.pop("temperature"), settings.pop("top_p")
@@ -29,7 +31,7 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
             outputs += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side
-    return [text.strip() for text in outputs]
+    return [text.strip() for text in outputs] if strip else outputs
 
 
 def save_predictions(path: str, prompts: list[str], references: list[str], predictions: list[str],

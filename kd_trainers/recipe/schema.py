@@ -19,15 +19,19 @@ from typing import Any
 import yaml
 
 from ..dskd import DSKDConfig, DSKDTrainer
+from ..gkd import GKDConfig, GKDTrainer
 from ..kd import KDConfig, KDTrainer
+from ..seqkd import SeqKDConfig, SeqKDTrainer
 from ..sft import SFTConfig, SFTTrainer
 from .suggest import did_you_mean
 
-# method -> (config class, trainer class). A new method is one line here and one folder beside `kd/` and `dskd/`.
+# method -> (config class, trainer class). A new method is one line here and one folder beside `kd/`, `dskd/`, `seqkd/` and `gkd/`.
 METHODS: dict[str, tuple[type, type]] = {
     "sft": (SFTConfig, SFTTrainer),
     "kd": (KDConfig, KDTrainer),
     "dskd": (DSKDConfig, DSKDTrainer),
+    "seqkd": (SeqKDConfig, SeqKDTrainer),
+    "gkd": (GKDConfig, GKDTrainer),
 }
 
 # Keys a recipe has beyond its config's fields: name -> (type, default, help).

@@ -1,0 +1,55 @@
+"""`SeqKDConfig`: sequence-level KD (Kim & Rush, 2016) settings, on top of `KDConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..kd.config import KDConfig
+
+
+@dataclass
+class SeqKDConfig(KDConfig):
+    r"""
+    Configuration class for [`SeqKDTrainer`]: every field of `KDConfig`, plus how the teacher generates the training
+    completions. The student then trains on the teacher's completions: by SFT alone (`kd_weight=0`, the default; the
+    teacher's tokenizer may then differ from the student's) or with logit KD on top (`kd_weight > 0`, same vocabulary).
+
+    > Parameters that control the teacher's generation
+
+    seqkd_max_new_tokens (`int`, *optional*, defaults to `128`):
+        Most tokens the teacher generates per prompt.
+    seqkd_do_sample (`bool`, *optional*, defaults to `False`):
+        Sample instead of greedy decoding (seeded by `seed`, per block of prompts, so a resumed generation matches).
+    seqkd_temperature (`float`, *optional*, defaults to `1.0`) and seqkd_top_p (`float`, *optional*, defaults to `1.0`):
+        Sampling settings, used when `seqkd_do_sample`.
+    seqkd_batch_size (`int`, *optional*, defaults to `16`):
+        Prompts per generation batch.
+    seqkd_cache_dir (`str`, *optional*, defaults to `None`):
+        Where generated sets are kept, one folder per (teacher, adapter, prompts, settings); `None` is
+        `$KD_TRAINERS_CACHE/seqkd` (default `~/.cache/kd_trainers/seqkd`). A run that finds its set there does not
+        generate again, so a sweep generates once.
+    """
+
+    kd_weight: float = field(default=0.0, metadata={"help": "Weight of logit KD on top of SFT on the teacher's outputs."})
+    seqkd_max_new_tokens: int = field(default=128, metadata={"help": "Most tokens the teacher generates per prompt."})
+    seqkd_do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    seqkd_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (with seqkd_do_sample)."})
+    seqkd_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling p (with seqkd_do_sample)."})
+    seqkd_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
+    seqkd_cache_dir: str | None = field(default=None, metadata={"help": "Cache of generated sets; None: the user cache."})
+
+    def __post_init__(self):
+        for name in ("seqkd_max_new_tokens", "seqkd_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.seqkd_temperature <= 0 or not 0 < self.seqkd_top_p <= 1:
+            raise ValueError(f"seqkd_temperature must be > 0 and seqkd_top_p in (0, 1], got {self.seqkd_temperature} "
+                             f"and {self.seqkd_top_p}.")
+        super().__post_init__()
+
+    def generation_settings(self) -> dict:
+        settings = {"max_new_tokens": self.seqkd_max_new_tokens, "do_sample": self.seqkd_do_sample}
+        if self.seqkd_do_sample:
+            settings.update(temperature=self.seqkd_temperature, top_p=self.seqkd_top_p, seed=self.seed)
+        return settings
