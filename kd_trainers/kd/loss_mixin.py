@@ -44,6 +44,11 @@ class DistillationLossMixin:
         self._forward_redirection = _ForwardRedirection()
         self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
         self._metric_totals: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+        from ..callbacks import AgreementCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, AgreementCallback):
+                callback.bind(self)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss

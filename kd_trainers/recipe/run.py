@@ -82,6 +82,16 @@ def build_trainer(recipe: Recipe, callbacks=None):
         # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
         student = load_teacher(student, config.model_init_kwargs if isinstance(student, str) else None,
                                options["model_adapter_name_or_path"])
+    callbacks = list(callbacks or [])
+    if options["agreement"]:
+        from ..callbacks import AgreementCallback
+        from ..evaluation.trained import evaluation_split
+
+        settings = options["agreement"]
+        callbacks.append(AgreementCallback(
+            evaluation_split(recipe, settings["split"], settings["samples"]), every_steps=settings["every_steps"],
+            num_samples=settings["samples"], max_new_tokens=settings["max_new_tokens"],
+            batch_size=settings["batch_size"], answer_extractor=settings["answer_extractor"]))
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         from peft import LoraConfig

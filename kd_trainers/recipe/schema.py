@@ -52,14 +52,40 @@ RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
     "env": (dict | None, None, "environment variables set before anything runs"),
     "evaluation": (dict | None, None, "evaluate after training (one process): {metrics: [ngram, embedding, "
                    "reasoning, judge, ...], answer_extractor, split, limit, max_new_tokens, batch_size, judge}"),
+    "agreement": (dict | None, None, "log teacher-student agreement, fidelity and exact match while training: "
+                  "{every_steps, samples, max_new_tokens, batch_size, answer_extractor, split}"),
     "accelerate": (dict | None, None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
                    "multi_process_cpu | single_process | PATH, num_processes: N}"),
 }
 ACCELERATE_KEYS = ("config", "num_processes")
+AGREEMENT_KEYS = {"every_steps": 50, "samples": 32, "max_new_tokens": 64, "batch_size": 16,
+                  "answer_extractor": "the_answer_is", "split": "test"}
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run, with a message naming the file, the key, the value and the fix."""
+
+
+def _agreement_settings(block: dict | None, method: str, path: str) -> dict | None:
+    """The `agreement` block with its defaults (see `kd_trainers.callbacks.AgreementCallback`)."""
+    if block is None:
+        return None
+    if method == "sft":
+        raise RecipeError(f"{path}: agreement: method 'sft' has no teacher to agree with; remove the block.")
+    for key, value in block.items():
+        if key not in AGREEMENT_KEYS:
+            raise RecipeError(f"{path}: agreement.{key}: unknown key.{did_you_mean(key, AGREEMENT_KEYS)}")
+        expected = type(AGREEMENT_KEYS[key])
+        if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 1)):
+            raise RecipeError(f"{path}: agreement.{key}: {value!r} should be "
+                              f"{'a positive integer' if expected is int else 'a string'}.")
+    from ..evaluation.answers import ANSWER_EXTRACTORS
+
+    settings = {**AGREEMENT_KEYS, **block}
+    if settings["answer_extractor"] not in ANSWER_EXTRACTORS:
+        raise RecipeError(f"{path}: agreement.answer_extractor: {settings['answer_extractor']!r} is not one of "
+                          f"{sorted(ANSWER_EXTRACTORS)}.")
+    return settings
 
 
 @dataclass
@@ -223,6 +249,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         options["evaluation"] = evaluation_settings(options["evaluation"], path, RecipeError)
     _check_peft(options["peft"], path)
     _check_accelerate(options["accelerate"], path)
+    options["agreement"] = _agreement_settings(options["agreement"], method, path)
     if options["env"]:
         bad = {k: v for k, v in options["env"].items() if not isinstance(v, (str, int, float, bool))}
         if bad:
