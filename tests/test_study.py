@@ -122,21 +122,81 @@ def test_a_cell_with_an_accelerate_block_runs_in_two_processes_and_is_evaluated_
     assert scores["agreement"].notna().all() and scores["fidelity"].notna().all()
 
 
-def test_shipped_studies_load_and_every_cell_recipe_validates(tmp_path):
+DEMO_STUDIES = ("noise_sweep", "temperature_sweep", "telecom_qa", "methods", "student_size")
+REAL_STUDIES = ("methods_qwen2.5", "student_size_qwen2.5", "noise_sweep_qwen2.5", "temperature_sweep_qwen2.5")
+
+
+@pytest.mark.parametrize("name", DEMO_STUDIES + REAL_STUDIES)
+def test_shipped_studies_load_and_every_cell_recipe_validates(tmp_path, name):
     from kd_trainers.recipe import load_recipe
 
-    for name in ("noise_sweep", "temperature_sweep", "telecom_qa"):
-        study = load_study(os.path.join(ROOT, "recipes", "studies", f"{name}.yaml"))
-        assert len(study.cells) >= 3 and study.hypotheses
-        prepared = {step["name"]: str(tmp_path / step["name"]) for step in study.prepare}
-        for cell in study.cells:
-            values = {**study.overrides, **cell.overrides, "output_dir": str(tmp_path / "x")}
-            recipe = load_recipe(cell.recipe or study.base_recipe, study_runner._as_overrides(values, prepared))
-            assert "{prepare." not in str(recipe.raw)
-    telecom = load_study(os.path.join(ROOT, "recipes", "studies", "telecom_qa.yaml"))
-    assert len(telecom.cells) == 12  # 4 teachers x 2 students x 2 algorithms, minus vanilla KD across vocabularies
-    assert not any(c.levels["algorithm"] == "kd" and c.levels["teacher"].startswith("different")
-                   for c in telecom.cells)
+    study = load_study(os.path.join(ROOT, "recipes", "studies", f"{name}.yaml"))
+    assert len(study.cells) >= 3 and study.hypotheses
+    prepared = {step["name"]: str(tmp_path / step["name"]) for step in study.prepare}
+    for cell in study.cells:
+        values = {**study.overrides, **cell.overrides, "output_dir": str(tmp_path / "x")}
+        # Real-model studies are checked in portable mode: bf16 and GPU launches are fine on other hardware.
+        recipe = load_recipe(cell.recipe or study.base_recipe, study_runner._as_overrides(values, prepared),
+                             portable=name in REAL_STUDIES)
+        assert "{prepare." not in str(recipe.raw)
+    if name == "telecom_qa":
+        assert len(study.cells) == 12  # 4 teachers x 2 students x 2 algorithms, minus vanilla KD across vocabularies
+        assert not any(c.levels["algorithm"] == "kd" and c.levels["teacher"].startswith("different")
+                       for c in study.cells)
+
+
+def shrunk(study, tmp_path):
+    """A shipped demo study cut to a few steps, one seed and a few test examples (the same code paths)."""
+    study.output_dir = str(tmp_path / study.name)
+    study.seeds = [0]
+    study.overrides = {**study.overrides, "max_steps": 3, "save_steps": 3, "logging_steps": 1,
+                       "per_device_train_batch_size": 8, "max_length": 64}
+    for step in study.prepare:
+        step["overrides"] = {**step["overrides"], "max_steps": 3, "save_steps": 3}
+    for cell in study.cells:
+        method = cell.levels.get("method")
+        if method == "seqkd":
+            cell.overrides = {**cell.overrides, "seqkd_max_new_tokens": 6}
+        if method == "gkd":
+            cell.overrides = {**cell.overrides, "max_new_tokens": 6}
+    study.evaluation = {**study.evaluation, "limit": 6, "max_new_tokens": 6}
+    return study
+
+
+def test_the_methods_study_runs_on_the_demo_task_and_reports_its_analyses(tmp_path):
+    study = shrunk(load_study(os.path.join(ROOT, "recipes", "studies", "methods.yaml")), tmp_path)
+    report = run_study(study, log=lambda message: None)
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    assert sorted(scores["method"].unique()) == ["gkd", "kd", "rev_kd", "seqkd", "sft"]
+    assert scores.loc[scores["method"] == "sft", "agreement"].isna().all()  # no teacher
+    assert scores.loc[scores["method"] != "sft", "agreement"].notna().all()
+    markdown = open(os.path.join(report, "report.md")).read()
+    for title in ("## GKD vs SFT: method=gkd vs method=sft", "## One-way ANOVA across method ∈ {kd, rev_kd, seqkd, gkd}",
+                  "## Correlation between metrics"):
+        assert title in markdown, title
+    assert os.path.exists(os.path.join(report, "plots", "scatter_agreement_exact_match.png"))
+    # The Seq-KD cell's generated set is a reusable dataset folder.
+    from datasets import load_from_disk
+
+    (folder,) = os.listdir(os.path.join(os.environ["KD_TRAINERS_CACHE"], "seqkd"))
+    assert len(load_from_disk(os.path.join(os.environ["KD_TRAINERS_CACHE"], "seqkd", folder, "dataset"))) > 100
+
+
+def test_the_student_size_study_reports_the_kd_gain_against_size(tmp_path):
+    from kd_trainers.study.analyses import gain_table
+
+    study = shrunk(load_study(os.path.join(ROOT, "recipes", "studies", "student_size.yaml")), tmp_path)
+    report = run_study(study, log=lambda message: None)
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    gains, _ = gain_table(scores.astype({"width": str}), "method", "sft", "kd", "width", ["rouge_l"])
+    # Each gain is the KD cell's mean minus the SFT cell's mean at that width, computed here by hand.
+    for width in ("32", "64", "96"):
+        at = scores[scores["width"].astype(str) == width]
+        by_hand = (at.loc[at["method"] == "kd", "rouge_l"].mean() - at.loc[at["method"] == "sft", "rouge_l"].mean())
+        assert gains.set_index("width").loc[width, "rouge_l"] == pytest.approx(by_hand)
+    markdown = open(os.path.join(report, "report.md")).read()
+    assert "## Gain of method=kd over method=sft against width" in markdown
+    assert os.path.exists(os.path.join(report, "plots", "gain_kd_width_rouge_l.png"))
 
 
 def test_bad_studies_fail_clearly(tmp_path):
@@ -153,3 +213,28 @@ def test_bad_studies_fail_clearly(tmp_path):
                                    "grid": {"sigma": {"0": {}}}, "evaluation": {"metrics": ["judge"]}}))
     with pytest.raises(StudyError, match="evaluation.metrics has 'judge' but evaluation.judge names no judge"):
         load_study(str(bad))
+
+
+def test_analyses_equal_scipy_on_fixed_data():
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    from kd_trainers.study.analyses import anova_across_levels, metric_correlation
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for index, method in enumerate(["sft", "kd", "rev_kd", "gkd"]):
+        for seed in (0, 1):
+            for example in range(10):
+                rows.append({"cell": f"method={method}", "method": method, "seed": seed, "example_id": example,
+                             "exact_match": rng.random() + 0.1 * index, "agreement": rng.random() + 0.2 * index})
+    scores = pd.DataFrame(rows)
+    table = anova_across_levels(scores, "method", ["kd", "rev_kd", "gkd"], ["exact_match"])
+    groups = [scores[scores["method"] == m].groupby("example_id")["exact_match"].mean() for m in ("kd", "rev_kd", "gkd")]
+    expected = scipy_stats.f_oneway(*groups)
+    assert table.loc[0, "F"] == pytest.approx(expected.statistic) and table.loc[0, "p_unc"] == pytest.approx(
+        expected.pvalue)
+    means = scores.groupby(["cell", "seed"])[["agreement", "exact_match"]].mean()
+    result = metric_correlation(scores, "agreement", "exact_match")
+    rho, p = scipy_stats.spearmanr(means["agreement"], means["exact_match"])
+    assert result["n"] == 8 and result["r"] == pytest.approx(rho) and result["p_val"] == pytest.approx(p)

@@ -13,7 +13,9 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreT
 ARCHITECTURES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
 
 # Named sizes: (hidden size, layers, attention heads). The teacher is twice as wide and deep as the student.
-SIZES = {"student": (64, 2, 4), "teacher": (128, 4, 4), "bench_student": (128, 2, 4), "bench_teacher": (256, 4, 4)}
+# student_xs / student_l: the other student sizes of the student-size study.
+SIZES = {"student": (64, 2, 4), "teacher": (128, 4, 4), "bench_student": (128, 2, 4), "bench_teacher": (256, 4, 4),
+         "student_xs": (32, 1, 2), "student_l": (96, 3, 4)}
 
 
 def demo_config(arch: str, vocab_size: int, *, hidden_size: int, num_layers: int, num_heads: int,

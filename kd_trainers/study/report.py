@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from .. import stats
+from .analyses import anova_across_levels, gain_table, metric_correlation
 from .spec import Cell, Study
 
 
@@ -114,6 +115,65 @@ def anova_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _analyses(study: Study, scores: pd.DataFrame, metrics: list[str], plots: str) -> list[tuple]:
+    """`(section title, markdown, [(plot title, path)], [tables])` for the study's `anovas`, `gains` and
+    `metric_correlations`."""
+    sections = []
+    for anova in study.anovas:
+        factor = anova["factor"]
+        levels = [str(level) for level in anova.get("levels") or study.factors[factor]]
+        table = anova_across_levels(scores, factor, levels, metrics)
+        title = f"One-way ANOVA across {factor} ∈ {{{', '.join(levels)}}}"
+        text = ("Per-example scores (seed-averaged) grouped by level; np2 is partial eta squared.\n\n"
+                + (_markdown(table) if len(table) else "Too few varying scores for an ANOVA.\n"))
+        sections.append((title, text, [], [table]))
+    for gain in study.gains:
+        factor, against = gain["factor"], gain["against"]
+        baseline, treatment = str(gain["baseline"]), str(gain["treatment"])
+        gains, correlations = gain_table(scores, factor, baseline, treatment, against, metrics)
+        title = f"Gain of {factor}={treatment} over {factor}={baseline} against {against}"
+        text = (f"Mean {treatment} − mean {baseline} per {against} and seed, then Spearman between {against} and "
+                "each metric's gain.\n\n" + (_markdown(gains) if len(gains) else "No level has both cells.\n")
+                + "\n" + (_markdown(correlations) if len(correlations) else "Too few points for a correlation.\n"))
+        images = []
+        if len(gains):
+            for metric in metrics:
+                path = os.path.join(plots, f"gain_{treatment}_{against}_{metric}.png")
+                _plot_factor(gains, against, metric, path, title=f"{metric} gain of {treatment} against {against}")
+                images.append((f"{metric} gain of {treatment} over {baseline} against {against}", path))
+        sections.append((title, text, images, [gains, correlations]))
+    if study.metric_correlations:
+        rows = [metric_correlation(scores, pair["x"], pair["y"]) for pair in study.metric_correlations
+                if pair["x"] in scores and pair["y"] in scores]
+        table = pd.DataFrame([row for row in rows if row])
+        title = "Correlation between metrics"
+        images = []
+        for pair in study.metric_correlations:
+            if pair["x"] in scores and pair["y"] in scores:
+                path = os.path.join(plots, f"scatter_{pair['x']}_{pair['y']}.png")
+                _plot_scatter(scores, pair["x"], pair["y"], path)
+                images.append((f"{pair['y']} against {pair['x']}", path))
+        text = ("Spearman over cell × seed means: do the students that imitate the teacher more also score better?\n\n"
+                + (_markdown(table) if len(table) else "Too few points for a correlation.\n"))
+        sections.append((title, text, images, [table]))
+    return sections
+
+
+def _plot_scatter(scores: pd.DataFrame, x: str, y: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = scores.groupby(["cell", "seed"])[[x, y]].mean().reset_index()
+    figure, axis = plt.subplots(figsize=(4.5, 3.4))
+    for cell, group in means.groupby("cell", sort=False):
+        axis.scatter(group[x], group[y], label=cell, s=24)
+    if means["cell"].nunique() <= 12:
+        axis.legend(fontsize=6, frameon=False)
+    _finish(figure, axis, x, y, f"{y} against {x} (one point per cell and seed)", path)
+
+
 def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     import matplotlib
 
@@ -128,7 +188,7 @@ def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% CI)", path)
 
 
-def _plot_factor(scores: pd.DataFrame, factor: str, metric: str, path: str) -> None:
+def _plot_factor(scores: pd.DataFrame, factor: str, metric: str, path: str, title: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +199,7 @@ def _plot_factor(scores: pd.DataFrame, factor: str, metric: str, path: str) -> N
     curve = means.groupby(factor)[metric].agg(["mean", "std"]).reset_index().sort_values(factor)
     figure, axis = plt.subplots(figsize=(4.5, 3.2))
     axis.errorbar(curve[factor], curve["mean"], yerr=curve["std"].fillna(0), marker="o", capsize=4, color="#DD8452")
-    _finish(figure, axis, factor, metric, f"{metric} against {factor} (mean ± sd over seeds)", path)
+    _finish(figure, axis, factor, metric, title or f"{metric} against {factor} (mean ± sd over seeds)", path)
 
 
 def _finish(figure, axis, xlabel, ylabel, title, path) -> None:
@@ -178,6 +238,7 @@ def write_report(study: Study) -> str:
     summary.to_csv(os.path.join(folder, "summary.csv"), index=False)
     hypotheses = hypothesis_tables(study, scores, per_example, metrics)
     correlations = correlation_tables(study, scores, metrics)
+    analyses = _analyses(study, scores, metrics, plots)
 
     images = []
     for metric in metrics:
@@ -219,19 +280,23 @@ def write_report(study: Study) -> str:
     for factor, table in correlations:
         sections.append(f"## Spearman correlation with {factor}\n\nOver cell × seed means.\n\n"
                         + (_markdown(table) if len(table) else "Too few points for a correlation.\n") + "\n")
+    for title, text, _, _ in analyses:
+        sections.append(f"## {title}\n\n{text}\n")
+    images += [image for _, _, extra, _ in analyses for image in extra]
     sections.append("## Plots\n\n" + "\n".join(f"![{title}](plots/{os.path.basename(path)})" for title, path in images)
                     + "\n")
     markdown = "\n".join(sections)
     with open(os.path.join(folder, "report.md"), "w") as handle:
         handle.write(markdown)
     with open(os.path.join(folder, "report.html"), "w") as handle:
-        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova))
+        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova,
+                           analyses))
     with open(os.path.join(folder, "hypotheses.json"), "w") as handle:
         json.dump([{**h, "table": t.to_dict("records")} for h, t in hypotheses], handle, indent=2, default=str)
     return folder
 
 
-def _html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova) -> str:
+def _html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova, analyses) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
              "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
              "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
@@ -250,6 +315,9 @@ def _html(study, markdown, summary, means, hypotheses, correlations, images, hea
         body += ["<h2>Repeated-measures ANOVA across configurations</h2>", table(anova)]
     for factor, frame in correlations:
         body += [f"<h2>Spearman correlation with {factor}</h2>", table(frame) if len(frame) else "<p>Too few points.</p>"]
+    for title, _, _, frames in analyses:
+        body.append(f"<h2>{title}</h2>")
+        body += [table(frame) for frame in frames if len(frame)] or ["<p>Too few points.</p>"]
     body.append("<h2>Plots</h2>")
     for title, path in images:
         with open(path, "rb") as handle:

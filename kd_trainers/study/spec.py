@@ -18,6 +18,9 @@ instead of `base_recipe` (an SFT-only student beside KD students, for example).
       - {name: "noise hurts", a: {sigma: "0"}, b: {sigma: "2"}, method: wilcoxon, correction: holm}
     correlations:                              # Spearman between a numeric factor and each metric
       - {factor: sigma}
+    anovas: [{factor: method, levels: [kd, rev_kd]}]             # one-way ANOVA across some levels
+    gains: [{factor: method, baseline: sft, treatment: kd, against: width}]   # gain vs a numeric factor
+    metric_correlations: [{x: agreement, y: exact_match}]        # Spearman between two metrics
     alpha: 0.05
 """
 
@@ -32,7 +35,7 @@ from ..recipe.schema import read_yaml_mapping
 from ..recipe.suggest import did_you_mean
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
-              "correlations", "alpha", "output_dir")
+              "correlations", "anovas", "gains", "metric_correlations", "alpha", "output_dir")
 
 
 class StudyError(ValueError):
@@ -67,6 +70,9 @@ class Study:
     alpha: float
     output_dir: str
     factors: dict[str, list[str]] = field(default_factory=dict)
+    anovas: list[dict] = field(default_factory=list)
+    gains: list[dict] = field(default_factory=list)
+    metric_correlations: list[dict] = field(default_factory=list)
 
 
 def load_study(path: str) -> Study:
@@ -120,14 +126,45 @@ def load_study(path: str) -> Study:
         if factor not in factors:
             raise StudyError(f"{path}: correlations[{index}].factor: {factor!r} is not a factor of the grid "
                              f"({sorted(factors)}).")
-        try:
-            [float(level) for level in factors[factor]]
-        except ValueError:
-            raise StudyError(f"{path}: correlations[{index}]: the levels of {factor!r} ({factors[factor]}) must be "
-                             "numbers.") from None
+        _require_numeric_levels(factors, factor, f"{path}: correlations[{index}]")
+    _check_analyses(values, factors, path)
     name = values.get("name") or os.path.splitext(os.path.basename(path))[0]
     return Study(path=path, name=name, base_recipe=base, overrides=values.get("overrides") or {},
                  prepare=values.get("prepare") or [], cells=cells, seeds=[int(s) for s in values.get("seeds", [0])],
                  evaluation=evaluation, hypotheses=hypotheses, correlations=values.get("correlations") or [],
                  alpha=float(values.get("alpha", 0.05)),
-                 output_dir=values.get("output_dir") or os.path.join("outputs", "studies", name), factors=factors)
+                 output_dir=values.get("output_dir") or os.path.join("outputs", "studies", name), factors=factors,
+                 anovas=values.get("anovas") or [], gains=values.get("gains") or [],
+                 metric_correlations=values.get("metric_correlations") or [])
+
+
+def _require_numeric_levels(factors: dict[str, list[str]], factor: str, where: str) -> None:
+    try:
+        [float(level) for level in factors[factor]]
+    except ValueError:
+        raise StudyError(f"{where}: the levels of {factor!r} ({factors[factor]}) must be numbers.") from None
+
+
+def _check_analyses(values: dict, factors: dict[str, list[str]], path: str) -> None:
+    """`anovas` and `gains` name factors and levels of the grid; `gains.against` is numeric."""
+    def level(key: str, index: int, factor, name) -> None:
+        if factor not in factors:
+            raise StudyError(f"{path}: {key}[{index}].factor: {factor!r} is not a factor of the grid "
+                             f"({sorted(factors)}).")
+        if str(name) not in factors[factor]:
+            raise StudyError(f"{path}: {key}[{index}]: {name!r} is not a level of {factor!r} ({factors[factor]}).")
+
+    for index, anova in enumerate(values.get("anovas") or []):
+        for name in anova.get("levels") or factors.get(anova.get("factor"), []):
+            level("anovas", index, anova.get("factor"), name)
+    for index, gain in enumerate(values.get("gains") or []):
+        for side in ("baseline", "treatment"):
+            level("gains", index, gain.get("factor"), gain.get(side))
+        against = gain.get("against")
+        if against not in factors or against == gain.get("factor"):
+            raise StudyError(f"{path}: gains[{index}].against: {against!r} must be another factor of the grid "
+                             f"({sorted(factors)}).")
+        _require_numeric_levels(factors, against, f"{path}: gains[{index}]")
+    for index, pair in enumerate(values.get("metric_correlations") or []):
+        if not isinstance(pair, dict) or not pair.get("x") or not pair.get("y"):
+            raise StudyError(f"{path}: metric_correlations[{index}]: {{x: METRIC, y: METRIC}}, got {pair!r}.")
