@@ -48,7 +48,8 @@ class AgreementCallback(TrainerCallback):
         self.every_steps, self.max_new_tokens, self.batch_size = every_steps, max_new_tokens, batch_size
         self.answer_extractor = answer_extractor
         self.trainer = None
-        self.teacher_predictions: list[str] | None = None
+        self.teacher_predictions: list[str] | None = None  # generated once: the teacher is frozen
+        self.teacher_exact_match: float | None = None
 
     def bind(self, trainer) -> None:
         """Called by the package's trainers at the end of their `__init__`: the models to generate with."""
@@ -72,14 +73,15 @@ class AgreementCallback(TrainerCallback):
         trainer = self.trainer
         if self.teacher_predictions is None:
             self.teacher_predictions = self._generate(trainer.teacher_model, trainer.teacher_processing_class)
+            teacher = score(self.teacher_predictions, self.references, metrics=["exact_match"],
+                            answer_extractor=self.answer_extractor)
+            self.teacher_exact_match = float(teacher["exact_match"].mean())
         student = self._generate(trainer.model_wrapped, trainer.processing_class)
         ours = score(student, self.references, metrics=["exact_match", "agreement", "fidelity"],
                      teacher_predictions=self.teacher_predictions, answer_extractor=self.answer_extractor)
-        teacher = score(self.teacher_predictions, self.references, metrics=["exact_match"],
-                        answer_extractor=self.answer_extractor)
         return {"gen_agreement": float(ours["agreement"].mean()), "gen_fidelity": float(ours["fidelity"].mean()),
                 "gen_exact_match": float(ours["exact_match"].mean()),
-                "gen_teacher_exact_match": float(teacher["exact_match"].mean())}
+                "gen_teacher_exact_match": self.teacher_exact_match}
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer is None:

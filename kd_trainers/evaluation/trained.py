@@ -15,20 +15,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..files import DONE, write_done
 from .generate import generate_predictions, save_predictions
 from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from .score import METRICS, resolve_metrics, score
-
-DONE = "done.json"
-
-
-def write_done(directory: str, info: dict) -> None:
-    """`directory/done.json`, written atomically: the marker that what the folder holds is complete."""
-    temporary = os.path.join(directory, DONE + ".tmp")
-    with open(temporary, "w") as handle:
-        json.dump(info, handle, indent=2)
-    os.replace(temporary, os.path.join(directory, DONE))
-
 
 @dataclass
 class TrainedModels:
@@ -54,27 +44,24 @@ class TrainedModels:
         is merged onto the base the run started from) and from the teacher the recipe names."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..recipe.run import resolve_model
+        from ..recipe.run import resolve_student, resolve_teacher
         from ..teacher import _dtype_from_init_kwargs, load_teacher
 
-        config, options = recipe.config, recipe.options
+        config = recipe.config
         output = config.output_dir
         init_kwargs = config.model_init_kwargs if isinstance(config.model_init_kwargs, dict) else {}
-        base, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+        base, tokenizer = resolve_student(recipe)
         if os.path.exists(os.path.join(output, "adapter_config.json")):
-            # A LoRA run saved only its adapter: rebuild the base it trained from (with any merged SFT adapter).
-            base = load_teacher(base, init_kwargs if isinstance(base, str) else None,
-                                options["model_adapter_name_or_path"])
-            model = load_teacher(base, None, output)
+            # A LoRA run saved only its adapter: put it back on the base it trained from.
+            model = load_teacher(base, init_kwargs if isinstance(base, str) else None, output)
         else:
             model = AutoModelForCausalLM.from_pretrained(output, **_dtype_from_init_kwargs(init_kwargs))
         if os.path.exists(os.path.join(output, "tokenizer_config.json")):
             tokenizer = AutoTokenizer.from_pretrained(output)
 
         def loader():
+            teacher, teacher_tokenizer = resolve_teacher(recipe)
             teacher_kwargs = getattr(config, "teacher_model_init_kwargs", None)
-            teacher, teacher_tokenizer = resolve_model(config.teacher_model_name_or_path,
-                                                       getattr(config, "teacher_tokenizer_name_or_path", None))
             teacher = load_teacher(teacher, teacher_kwargs if isinstance(teacher, str) and
                                    isinstance(teacher_kwargs, dict) else None, config.teacher_adapter_name_or_path)
             return teacher, teacher_tokenizer

@@ -51,10 +51,7 @@ class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
             args = GKDConfig(output_dir=f"{model_name(model).split('/')[-1].strip('<>')}-GKD")
         elif not isinstance(args, GKDConfig):
             args = GKDConfig.from_sft_config(args)
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError("GKDTrainer needs a teacher: pass teacher_model=<model or name> or set "
-                             "GKDConfig.teacher_model_name_or_path.")
+        teacher = self._required_teacher(teacher_model, args)
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_name(model))
         self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class)

@@ -31,6 +31,15 @@ class DistillationLossMixin:
 
     _non_model_keys: tuple[str, ...] = ("labels",)  # batch keys the models must not receive
 
+    @classmethod
+    def _required_teacher(cls, teacher_model, args):
+        """The teacher given, else the config's name for it; a clear error when there is neither."""
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "
+                             f"{type(args).__name__}.teacher_model_name_or_path.")
+        return teacher
+
     def _init_distillation(self, args, teacher) -> None:
         """`teacher`: the unwrapped, frozen teacher (its config gives its logit scale and softcap)."""
         self.teacher_logit_transform = LogitTransform.from_config(teacher.config)

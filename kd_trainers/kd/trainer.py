@@ -58,10 +58,7 @@ class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
                  teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None, **sft_kwargs):
         args = self._as_kd_config(model, args)
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError("KDTrainer needs a teacher: pass teacher_model=<model or name> or set "
-                             "KDConfig.teacher_model_name_or_path.")
+        teacher = self._required_teacher(teacher_model, args)
 
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))

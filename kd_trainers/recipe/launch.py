@@ -81,7 +81,7 @@ def launched_by_kd_train() -> bool:
 
 def already_launched() -> bool:
     """True inside `accelerate launch` / `torchrun` (ours or the user's), where the recipe must simply run."""
-    return bool(os.environ.get(LAUNCHED_ENV)) or "LOCAL_RANK" in os.environ
+    return launched_by_kd_train() or "LOCAL_RANK" in os.environ
 
 
 def relaunch(recipe_path: str, overrides: list[str], block: dict) -> int:

@@ -67,6 +67,27 @@ def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
         json.dump(info, handle, indent=2)
 
 
+def resolve_student(recipe: Recipe):
+    """`(student or its name, tokenizer)`: the model the recipe starts from, with `model_adapter_name_or_path` merged
+    into it when named (a name is otherwise left for the trainer to load with `model_init_kwargs`)."""
+    options = recipe.options
+    student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+    if options["model_adapter_name_or_path"]:
+        from ..teacher import load_teacher
+
+        # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
+        init_kwargs = recipe.config.model_init_kwargs
+        student = load_teacher(student, init_kwargs if isinstance(student, str) else None,
+                               options["model_adapter_name_or_path"])
+    return student, tokenizer
+
+
+def resolve_teacher(recipe: Recipe):
+    """`(teacher or its name, its tokenizer)` of a recipe with a teacher; loading and its adapter are the trainer's."""
+    config = recipe.config
+    return resolve_model(config.teacher_model_name_or_path, getattr(config, "teacher_tokenizer_name_or_path", None))
+
+
 def build_trainer(recipe: Recipe, callbacks=None):
     """The trainer of a recipe, with its models, tokenizers and data (heavy: loads everything)."""
     config, options = recipe.config, recipe.options
@@ -75,13 +96,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
-    student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
-    if options["model_adapter_name_or_path"]:
-        from ..teacher import load_teacher
-
-        # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
-        student = load_teacher(student, config.model_init_kwargs if isinstance(student, str) else None,
-                               options["model_adapter_name_or_path"])
+    student, tokenizer = resolve_student(recipe)
     callbacks = list(callbacks or [])
     if options["agreement"]:
         from ..callbacks import AgreementCallback
@@ -98,8 +113,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
 
         kwargs["peft_config"] = LoraConfig(**options["peft"])
     if recipe.method != "sft":
-        teacher_tokenizer_name = getattr(config, "teacher_tokenizer_name_or_path", None)
-        teacher, teacher_tokenizer = resolve_model(config.teacher_model_name_or_path, teacher_tokenizer_name)
+        teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
     return recipe.trainer_class(model=student, args=config, **kwargs)
 

@@ -21,9 +21,9 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from ..evaluation.generate import generate_predictions
+from ..files import DONE, write_atomically, write_done
 from ..prompt_completion import as_prompt_completion, is_conversational
 
-DONE = "done.json"
 BLOCK_BATCHES = 8  # generation batches per part file: the unit of resumption
 
 
@@ -46,12 +46,6 @@ def _gathered(model):
 
         return deepspeed.zero.GatheredParameters(list(model.parameters()))
     return contextlib.nullcontext()
-
-
-def _write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.replace(path + ".tmp", path)
 
 
 def teacher_generated_dataset(teacher, tokenizer, dataset: Dataset, settings: dict, cache_dir: str | None,
@@ -97,7 +91,7 @@ def _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, f
                 torch.manual_seed(settings["seed"] + index)  # per block, so a resumed run samples the same
             completions = generate_predictions(teacher, tokenizer, prompts[start:start + block],
                                                batch_size=batch_size, strip=False, **generation)
-            _write_atomically(path, "".join(json.dumps({"completion": c}) + "\n" for c in completions))
+            write_atomically(path, "".join(json.dumps({"completion": c}) + "\n" for c in completions))
             log(f"[seqkd] teacher completions {start + len(completions)}/{len(prompts)}")
     if state is not None:
         state.wait_for_everyone()
@@ -126,5 +120,5 @@ def _assemble(dataset, pairs, prompts, settings, teacher_id, folder) -> None:
     shutil.rmtree(os.path.join(folder, "dataset"), ignore_errors=True)
     os.replace(staging, os.path.join(folder, "dataset"))
     info = {"teacher": teacher_id, "settings": settings, "num_examples": len(rows)}
-    _write_atomically(os.path.join(folder, "generation.json"), json.dumps(info, indent=2))
-    _write_atomically(os.path.join(folder, DONE), json.dumps(info))
+    write_atomically(os.path.join(folder, "generation.json"), json.dumps(info, indent=2))
+    write_done(folder, info)

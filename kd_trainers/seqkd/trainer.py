@@ -41,10 +41,7 @@ class SeqKDTrainer(KDTrainer):
                  teacher_processing_class=None, **sft_kwargs):
         args = self._as_kd_config(model, args)
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError("SeqKDTrainer needs a teacher: pass teacher_model=<model or name> or set "
-                             "SeqKDConfig.teacher_model_name_or_path.")
+        teacher = self._required_teacher(teacher_model, args)
         if sft_kwargs.get("train_dataset") is None:
             raise ValueError("SeqKDTrainer needs a train_dataset: its prompts are what the teacher completes.")
         teacher_tokenizer = load_teacher_tokenizer(teacher, teacher_processing_class)

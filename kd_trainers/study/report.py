@@ -20,7 +20,8 @@ from .spec import Cell, Study
 
 def collect_scores(study: Study) -> pd.DataFrame:
     """Every finished cell's per-example scores: columns cell, <factors>, seed, example_id, <metrics>."""
-    from .runner import DONE, cell_dir
+    from ..files import DONE
+    from .runner import cell_dir
 
     frames = []
     for cell in study.cells:

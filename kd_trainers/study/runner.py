@@ -17,7 +17,8 @@ import sys
 
 import pandas as pd
 
-from ..evaluation.trained import DONE, TrainedModels, evaluate_trained, write_done
+from ..evaluation.trained import TrainedModels, evaluate_trained
+from ..files import DONE, write_done
 from ..recipe.run import run_recipe
 from ..recipe.schema import load_recipe
 from .spec import Cell, Study

@@ -1,0 +1,21 @@
+"""Atomic small-file writes and the `done.json` marker shared by every resumable step (study cells, cached teacher
+predictions, Seq-KD's generated sets): a reader sees a whole file or none, never half of one."""
+
+from __future__ import annotations
+
+import json
+import os
+
+DONE = "done.json"
+
+
+def write_atomically(path: str, text: str) -> None:
+    """`text` into `path` through a temporary file and a rename (atomic on one filesystem)."""
+    with open(path + ".tmp", "w") as handle:
+        handle.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_done(directory: str, info: dict) -> None:
+    """`directory/done.json`, written last: the marker that what the folder holds is complete."""
+    write_atomically(os.path.join(directory, DONE), json.dumps(info, indent=2))
