@@ -5,6 +5,8 @@ Kept out of the trainers so that KD, DSKD and GKD treat a teacher the same way.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -52,23 +54,87 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def load_teacher_tokenizer(teacher: str | PreTrainedModel, teacher_processing_class=None) -> PreTrainedTokenizerBase:
-    """The teacher's tokenizer: the one given, else the one stored beside the teacher's name or path."""
+def load_teacher_tokenizer(teacher: str | PreTrainedModel, teacher_processing_class=None,
+                           student_tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedTokenizerBase:
+    """The teacher's tokenizer: the one given, else the one stored beside the teacher's name or path.
+
+    A teacher passed as a model object that has no tokenizer to load (built in memory, or saved without one) is
+    assumed to use `student_tokenizer`, as TRL's trainers assume, when one is given: after checking what can be
+    checked (`check_assumed_tokenizer`), with one warning line that says so. Without `student_tokenizer`, or for a
+    teacher given by name, a missing tokenizer is an error.
+    """
     if teacher_processing_class is not None:
         return teacher_processing_class
     name = teacher if isinstance(teacher, str) else getattr(getattr(teacher, "config", None), "_name_or_path", "")
-    if not name:
+    problem = "it was built in memory, with no name or path to load one from"
+    if name:
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            if isinstance(teacher, str) or student_tokenizer is None:
+                raise ValueError(
+                    f"Could not load the teacher's tokenizer from {name!r} ({error}). "
+                    "Pass teacher_processing_class=<the teacher's tokenizer>."
+                ) from error
+            problem = f"none could be loaded from {name!r}"
+    if student_tokenizer is None:
         raise ValueError(
-            f"Cannot tell which tokenizer the teacher {model_name(teacher)} uses: it was built in memory, with no name "
-            "or path to load one from. Pass teacher_processing_class=<the teacher's tokenizer>."
-        )
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"Could not load the teacher's tokenizer from {name!r} ({error}). "
+            f"Cannot tell which tokenizer the teacher {model_name(teacher)} uses: {problem}. "
             "Pass teacher_processing_class=<the teacher's tokenizer>."
-        ) from error
+        )
+    check_assumed_tokenizer(teacher, student_tokenizer)
+    warnings.warn(
+        f"The teacher {model_name(teacher)} came without a tokenizer ({problem}): assuming it uses the student's "
+        f"({model_name(student_tokenizer)}, {len(student_tokenizer)} tokens), as TRL does; its special-token ids and "
+        "head size agree with that. Pass teacher_processing_class= to say otherwise.", AssumedTeacherTokenizer,
+        stacklevel=3,
+    )
+    return student_tokenizer
+
+
+class AssumedTeacherTokenizer(UserWarning):
+    """The teacher came without a tokenizer and the student's is used for it."""
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def check_assumed_tokenizer(teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """What can be checked of a teacher assumed to use `tokenizer`: its head has a row for every token, and its
+    config's special-token ids (where it sets them) are the tokenizer's."""
+    rows = output_head_shape(teacher)[0]
+    if rows < len(tokenizer):
+        raise ValueError(
+            f"The teacher {model_name(teacher)} came without a tokenizer, and its output head has {rows} rows, fewer "
+            f"than the student's tokenizer's {len(tokenizer)} tokens: it cannot use the student's vocabulary. Pass "
+            "teacher_processing_class=<the teacher's tokenizer>; for a teacher with another vocabulary use "
+            "kd_trainers.DSKDTrainer, which distils across vocabularies."
+        )
+    config = teacher.config.get_text_config() if hasattr(teacher.config, "get_text_config") else teacher.config
+    for name in SPECIAL_TOKENS:
+        teacher_id, tokenizer_id = getattr(config, name, None), getattr(tokenizer, name, None)
+        if teacher_id is None or tokenizer_id is None:
+            continue
+        if tokenizer_id not in (teacher_id if isinstance(teacher_id, (list, tuple)) else [teacher_id]):
+            raise ValueError(
+                f"The teacher {model_name(teacher)} came without a tokenizer, and its config's {name} is {teacher_id} "
+                f"where the student's tokenizer has {tokenizer_id}: it does not use the student's vocabulary. Pass "
+                "teacher_processing_class=<the teacher's tokenizer>, or use kd_trainers.DSKDTrainer for a teacher "
+                "with another vocabulary."
+            )
+
+
+def check_same_head_size(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """For a teacher assumed to share the student's tokenizer: both heads must have the same number of rows."""
+    student_rows, teacher_rows = output_head_shape(student)[0], output_head_shape(teacher)[0]
+    if student_rows != teacher_rows:
+        raise ValueError(
+            f"The teacher {model_name(teacher)} came without a tokenizer and its output head has {teacher_rows} rows "
+            f"where the student's has {student_rows}: a different vocabulary size, so the student's tokenizer cannot "
+            "be assumed for it. For a teacher with another vocabulary use kd_trainers.DSKDTrainer (cross-model "
+            "attention); if it does share the student's tokenizer (a padded head), pass "
+            "teacher_processing_class=<the tokenizer>."
+        )
 
 
 def check_same_vocabulary(student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase,

@@ -102,7 +102,26 @@ def test_gkd_config_keeps_one_beta(tmp_path):
     with pytest.raises(ValueError, match=r"jsd_beta \(0.3\) and beta \(0.5\) are the same setting in GKDConfig: "
                                          "set beta only."):
         gkd_args(tmp_path, jsd_beta=0.3)
-    assert gkd_args(tmp_path, beta=1.0).divergence == "reverse_kl"
+    # beta = 0 and 1 run as forward and reverse KL, without rewriting the config's fields.
+    for beta, divergence in ((0.0, "forward_kl"), (1.0, "reverse_kl"), (0.3, "jsd")):
+        config = gkd_args(tmp_path, beta=beta)
+        assert config.divergence == "jsd" and config.jsd_beta is None
+        assert config.loss_settings().divergence == divergence and config.loss_settings().jsd_beta == beta
+
+
+def test_gkd_config_round_trips_and_checks_beta_only_where_used(tmp_path):
+    """TRL's scripts set beta whatever the divergence: a beta the loss never reads is not an error, and a config
+    survives `dataclasses.replace` (which `__post_init__` rewriting fields used to break)."""
+    import dataclasses
+
+    config = gkd_args(tmp_path, beta=0.0)
+    copy_ = dataclasses.replace(config)
+    assert (copy_.beta, copy_.divergence, copy_.jsd_beta) == (0.0, "jsd", None)
+    assert copy_.loss_settings() == config.loss_settings()
+    assert gkd_args(tmp_path, beta=0.0, divergence="reverse_kl").loss_settings().divergence == "reverse_kl"
+    assert dataclasses.replace(gkd_args(tmp_path, beta=1.0), lmbda=0.5).loss_settings().divergence == "reverse_kl"
+    with pytest.raises(ValueError, match=r"^beta must be in \(0, 1\)"):
+        gkd_args(tmp_path, beta=1.5)
 
 
 def test_prompt_completion_collator_masks_prompts_and_left_pads_them(bpe_tokenizer):

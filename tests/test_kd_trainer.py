@@ -160,8 +160,39 @@ def test_same_size_different_tokens_is_caught(tmp_path, student, teacher, bpe_to
                   processing_class=bpe_tokenizer, teacher_processing_class=swapped)
 
 
-def test_in_memory_teacher_without_tokenizer_is_a_clear_error(tmp_path, student, teacher, bpe_tokenizer, demo_data):
-    with pytest.raises(ValueError, match=r"Cannot tell which tokenizer the teacher <in-memory LlamaForCausalLM> uses"):
+def test_in_memory_teacher_without_tokenizer_uses_the_students_with_one_warning(tmp_path, student, teacher,
+                                                                              bpe_tokenizer, demo_data):
+    """TRL's call (`teacher_model=<model>`, no teacher tokenizer) is accepted: the student's tokenizer is assumed, after
+    the checks, with one warning that says so; the loss is the one with the tokenizer given explicitly."""
+    from kd_trainers.teacher import AssumedTeacherTokenizer
+
+    with pytest.warns(AssumedTeacherTokenizer, match=r"assuming it uses the student's .* 640 tokens") as caught:
+        trainer = KDTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path),
+                            train_dataset=demo_data["train"], processing_class=bpe_tokenizer)
+    assert len([w for w in caught if w.category is AssumedTeacherTokenizer]) == 1
+    assert trainer.teacher_processing_class is bpe_tokenizer
+    explicit = make_trainer(tmp_path, student, teacher, bpe_tokenizer, demo_data)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    torch.testing.assert_close(trainer.compute_loss(student, batch), explicit.compute_loss(student, batch))
+
+
+def test_in_memory_teacher_with_another_head_size_points_to_dskd(tmp_path, student, bpe_tokenizer, demo_data):
+    bigger = demo_model("llama", bpe_tokenizer, "teacher", seed=1, vocab_size=len(bpe_tokenizer) + 64)
+    with pytest.raises(ValueError, match=r"output head has 704 rows where the student's has 640: a different "
+                                         r"vocabulary size.*DSKDTrainer"):
+        KDTrainer(model=student, teacher_model=bigger, args=kd_args(tmp_path), train_dataset=demo_data["train"],
+                  processing_class=bpe_tokenizer)
+    smaller = demo_model("llama", bpe_tokenizer, "teacher", seed=1, vocab_size=len(bpe_tokenizer) - 40)
+    with pytest.raises(ValueError, match=r"output head has 600 rows, fewer than the student's tokenizer's 640 "
+                                         r"tokens.*DSKDTrainer"):
+        KDTrainer(model=student, teacher_model=smaller, args=kd_args(tmp_path), train_dataset=demo_data["train"],
+                  processing_class=bpe_tokenizer)
+
+
+def test_in_memory_teacher_with_other_special_tokens_is_refused(tmp_path, student, teacher, bpe_tokenizer, demo_data):
+    teacher.config.eos_token_id = bpe_tokenizer.eos_token_id + 1
+    with pytest.raises(ValueError, match=rf"its config's eos_token_id is {bpe_tokenizer.eos_token_id + 1} where the "
+                                         rf"student's tokenizer has {bpe_tokenizer.eos_token_id}"):
         KDTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path), train_dataset=demo_data["train"],
                   processing_class=bpe_tokenizer)
 
@@ -177,11 +208,17 @@ def test_missing_teacher_is_a_clear_error(tmp_path, student, bpe_tokenizer, demo
     ("divergence", "kl", "divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', 'skew_forward_kl', "
                          "'skew_reverse_kl', 'tvd'], got 'kl'."),
     ("kd_weight", 2.0, "kd_weight must be in [0, 1], got 2.0."),
-    ("kd_temperature", -1.0, "kd_temperature must be > 0, got -1.0."),
-    ("teacher_logit_noise_std", -0.5, "teacher_logit_noise_std must be >= 0, got -0.5."),
+    ("kd_temperature", -1.0, "kd_temperature must be a finite number > 0, got -1.0."),
+    ("kd_temperature", float("inf"), "kd_temperature must be a finite number > 0, got inf."),
+    ("teacher_logit_noise_std", -0.5, "teacher_logit_noise_std must be a finite number >= 0, got -0.5."),
+    ("jsd_beta", 0.0, None),  # forward KL never reads beta: accepted
+    ("skew_alpha", 1.0, None),
     ("loss_chunk_size", 0, "loss_chunk_size must be a positive integer or None, got 0."),
 ])
 def test_config_rejects_bad_values_with_exact_messages(tmp_path, field, value, message):
+    if message is None:
+        assert getattr(kd_args(tmp_path, **{field: value}), field) == value
+        return
     with pytest.raises(ValueError) as error:
         kd_args(tmp_path, **{field: value})
     assert str(error.value) == message
@@ -229,8 +266,7 @@ def test_drop_in_replacement_of_sft_trainer(tmp_path):
                                        "from trl import SFTConfig\nfrom kd_trainers import KDTrainer as SFTTrainer")
     kd_script = kd_script.replace("processing_class=tokenizer)",
                                   "processing_class=tokenizer,\n                     "
-                                  "teacher_model=demo_model('llama', tokenizer, 'teacher', seed=1), "
-                                  "teacher_processing_class=tokenizer)")
+                                  "teacher_model=demo_model('llama', tokenizer, 'teacher', seed=1))")
     assert kd_script.count("\n") == DROP_IN_SCRIPT.count("\n") + 2
     kd_namespace = {"OUTPUT": str(tmp_path / "kd")}
     exec(kd_script, kd_namespace)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from kd_trainers.losses.noise import mix_seed
 
 from kd_trainers.losses import (DIVERGENCES, LogitTransform, LossSettings, chunked_distillation_loss,
                                 distillation_loss)
@@ -190,34 +191,72 @@ def test_temperature_squared_is_a_setting():
     torch.testing.assert_close(scaled.kd_loss, 9.0 * unscaled.kd_loss)
 
 
-def test_teacher_noise_is_applied_to_teacher_logits_and_reproducible():
+def position_keyed_noise(shape, seed):
+    """The noise of `kd_trainers.losses.noise`, rebuilt independently: row (b, t) from its own seeded generator."""
+    B, T, V = shape
+    noise = torch.empty(B, T, V)
+    for b in range(B):
+        for t in range(T):
+            noise[b, t] = torch.randn(V, generator=torch.Generator().manual_seed(mix_seed(seed, b, t)))
+    return noise
+
+
+def test_teacher_noise_is_keyed_to_positions_not_chunks_or_masks():
     hs, ws, bs, ht, wt, bt, labels = make_inputs()
     z_s, z_t = logits_of(hs, ws, bs).detach(), logits_of(ht, wt, bt)
     settings = LossSettings(divergence="forward_kl", temperature=2.0, noise_std=2.0)
 
-    def run(seed, chunk):
+    def run(seed, chunk, labels=labels):
         return chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=chunk,
-                                         generator=torch.Generator().manual_seed(seed))[0].loss
+                                         noise_seed=seed)[0].loss
 
     assert run(1, 10) == run(1, 10)
     assert run(1, 10) != run(2, 10)
     clean = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, LossSettings(temperature=2.0))[0].loss
     assert run(1, 10) != clean
-    # The engine draws [n, V] noise per chunk of label tokens, in token order: rebuild those draws and compare.
-    mask = labels.reshape(-1) != -100
-    teacher_rows = z_t.reshape(-1, z_t.size(-1))[mask]
-    generator = torch.Generator().manual_seed(1)
-    noisy = torch.cat([rows + 2.0 * torch.randn(rows.shape, generator=generator)
-                       for rows in teacher_rows.split(10)])
-    expected, _, _ = naive_loss(z_s.reshape(-1, z_s.size(-1))[mask], noisy, labels.reshape(-1)[mask],
-                                divergence="forward_kl", temperature=2.0)
-    torch.testing.assert_close(run(1, 10).double(), expected, rtol=1e-5, atol=1e-6)
-    # The reference draws its noise over the full tensor from the generator it is given.
-    generator = torch.Generator().manual_seed(3)
-    noise = torch.randn(z_t.shape, generator=generator)
-    ref = distillation_loss(z_s, z_t, labels, temperature=2.0, noise_std=2.0,
-                            generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(ref.loss, distillation_loss(z_s, z_t + 2.0 * noise, labels, temperature=2.0).loss)
+    # Any chunk size draws the same noise at the same token (a run resumed with another loss_chunk_size).
+    for chunk in (1, 7, 1000):
+        torch.testing.assert_close(run(1, chunk), run(1, 10), rtol=1e-6, atol=1e-7)
+    # Rebuilt independently, position by position, for two different masks: masking other tokens changes nothing.
+    noisy = z_t + 2.0 * position_keyed_noise(z_t.shape, 1)
+    other_labels = labels.clone()
+    other_labels[0, -5:] = -100
+    other_labels[1, 20:30] = -100
+    for these in (labels, other_labels):
+        mask = these.reshape(-1) != -100
+        expected, _, _ = naive_loss(z_s.reshape(-1, z_s.size(-1))[mask], noisy.reshape(-1, z_t.size(-1))[mask],
+                                    these.reshape(-1)[mask], divergence="forward_kl", temperature=2.0)
+        torch.testing.assert_close(run(1, 10, these).double(), expected, rtol=1e-5, atol=1e-6)
+    # The reference draws the same noise from the same seed.
+    ref = distillation_loss(z_s, z_t, labels, temperature=2.0, noise_std=2.0, noise_seed=1)
+    torch.testing.assert_close(ref.loss, distillation_loss(z_s, noisy, labels, temperature=2.0).loss)
+    torch.testing.assert_close(ref.loss, run(1, 10), rtol=1e-5, atol=1e-6)
+
+
+def test_accumulated_batch_without_label_tokens_gives_zero_not_nan():
+    """num_items_in_batch=0 (no label token in the whole accumulated batch): loss 0 and zero gradients, as SFTTrainer."""
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    masked = torch.full_like(labels, -100)
+    out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), masked, LossSettings(kd_weight=0.5),
+                                       num_items_in_batch=0)
+    (grad,) = torch.autograd.grad(out.loss, hs)
+    assert out.loss.item() == 0.0 and torch.count_nonzero(grad) == 0
+    ref = distillation_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), masked, num_items_in_batch=0)
+    assert ref.loss.item() == 0.0
+
+
+def test_beta_and_alpha_are_checked_only_where_a_divergence_reads_them():
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    z_s, z_t = logits_of(hs, ws, bs), logits_of(ht, wt, bt)
+    plain = distillation_loss(z_s, z_t, labels, divergence="forward_kl")
+    torch.testing.assert_close(distillation_loss(z_s, z_t, labels, divergence="forward_kl", jsd_beta=0.0).loss,
+                               plain.loss)
+    torch.testing.assert_close(distillation_loss(z_s, z_t, labels, divergence="forward_kl", skew_alpha=1.0).loss,
+                               plain.loss)
+    with pytest.raises(ValueError, match=r"jsd_beta must be in \(0, 1\)"):
+        distillation_loss(z_s, z_t, labels, divergence="jsd", jsd_beta=0.0)
+    with pytest.raises(ValueError, match=r"skew_alpha must be in \[0, 1\)"):
+        distillation_loss(z_s, z_t, labels, divergence="skew_reverse_kl", skew_alpha=1.0)
 
 
 def test_vocab_size_slices_padded_heads():
@@ -260,10 +299,12 @@ def test_frozen_student_head_gets_no_weight_gradient():
 @pytest.mark.parametrize("kwargs,message", [
     ({"divergence": "kl"}, "Unknown divergence 'kl'. Choose one of: forward_kl, jsd, reverse_kl, skew_forward_kl, "
                            "skew_reverse_kl, tvd."),
-    ({"temperature": 0.0}, "temperature must be > 0, got 0.0."),
-    ({"jsd_beta": 1.0}, "jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got 1.0."),
-    ({"skew_alpha": 1.0}, "skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got 1.0."),
-    ({"noise_std": -1.0}, "noise_std must be >= 0, got -1.0."),
+    ({"temperature": 0.0}, "temperature must be a finite number > 0, got 0.0."),
+    ({"temperature": math.inf}, "temperature must be a finite number > 0, got inf."),
+    ({"divergence": "jsd", "jsd_beta": 1.0}, "jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got 1.0."),
+    ({"divergence": "skew_forward_kl", "skew_alpha": 1.0},
+     "skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got 1.0."),
+    ({"noise_std": -1.0}, "noise_std must be a finite number >= 0, got -1.0."),
     ({"kd_weight": 1.5}, "kd_weight must be in [0, 1], got 1.5."),
 ])
 def test_bad_settings_fail_with_exact_messages(kwargs, message):

@@ -63,7 +63,7 @@ def test_shipped_accelerate_configs_equal_the_named_ones():
 @pytest.mark.parametrize("extra,message", [
     ("learning_rat: 0.1\n", "unknown key 'learning_rat' (value 0.1) for method 'kd'. Did you mean 'learning_rate'?"),
     ("max_steps: ten\n", "max_steps: 'ten' should be int."),
-    ("kd_temperature: 0\n", "kd_temperature: 0.0: kd_temperature must be > 0, got 0.0."),
+    ("kd_temperature: 0\n", "kd_temperature: 0.0: kd_temperature must be a finite number > 0, got 0.0."),
     ("divergence: kl\n", "divergence: 'kl': divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', "
                          "'skew_forward_kl', 'skew_reverse_kl', 'tvd'], got 'kl'."),
     ("peft: {rank: 8}\n", "peft.rank: unknown LoRA setting (value 8)."),

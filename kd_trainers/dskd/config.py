@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..kd.config import KDConfig
+from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
 
 T2S_TARGETS = ("gold", "teacher_argmax")
@@ -88,7 +90,8 @@ class DSKDConfig(KDConfig):
             ("projector_lr", self.projector_lr, isinstance(self.projector_lr, (int, float)) and self.projector_lr > 0,
              "a number > 0"),
             ("teacher_temperature", self.teacher_temperature,
-             isinstance(self.teacher_temperature, (int, float)) and self.teacher_temperature > 0, "a number > 0"),
+             isinstance(self.teacher_temperature, (int, float)) and 0 < self.teacher_temperature < float("inf"),
+             "a finite number > 0"),
             ("projector_init", self.projector_init, self.projector_init in PROJECTOR_INITS,
              f"one of {list(PROJECTOR_INITS)}"),
             ("t2s_target", self.t2s_target, self.t2s_target in T2S_TARGETS, f"one of {list(T2S_TARGETS)}"),
@@ -108,3 +111,9 @@ class DSKDConfig(KDConfig):
                 "bf16=True, or neither for fp32."
             )
         super().__post_init__()
+
+    def loss_settings(self) -> LossSettings:
+        """KD's settings plus τ_t; the teacher-space divergence is checked with them (it reads jsd_beta/skew_alpha)."""
+        settings = dataclasses.replace(super().loss_settings(), teacher_temperature=self.teacher_temperature)
+        dataclasses.replace(settings, divergence=self.s2t_divergence)  # validates what s2t_divergence reads
+        return settings

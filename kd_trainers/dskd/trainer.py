@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..kd.loss_mixin import last_hidden_state
+from ..kd.hidden import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
@@ -22,6 +22,7 @@ from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
 
 PROJECTORS_ATTRIBUTE = "dskd_projectors"  # where the projectors live inside the student while training
 TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
+TEACHER_BATCH_KEYS = ("teacher_labels", "teacher_input_ids", "teacher_attention_mask")
 
 
 def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
@@ -65,6 +66,7 @@ class DSKDTrainer(KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "dskd"]
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS)
     _name = "DSKD"
     _config_class = DSKDConfig
     _paper = {
@@ -118,10 +120,10 @@ class DSKDTrainer(KDTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Tokenizers and data
 
-    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args):
+    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
         if teacher_processing_class is None and args.teacher_tokenizer_name_or_path is not None:
             teacher_processing_class = AutoTokenizer.from_pretrained(args.teacher_tokenizer_name_or_path)
-        return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args)
+        return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
 
     def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
         """Decides whether cross-model attention is needed; refuses what cannot work before any data is touched."""
@@ -203,14 +205,21 @@ class DSKDTrainer(KDTrainer):
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
-        student_inputs = {k: v for k, v in inputs.items()
-                          if k not in ("labels", "teacher_labels", "teacher_input_ids", "teacher_attention_mask")}
+        student_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
-        student_hidden = last_hidden_state(student, student_inputs)[:, :-1]
-        projectors = getattr(student, PROJECTORS_ATTRIBUTE)
+        teacher_inputs = student_inputs
         if self.cross_model_attention:
             teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
                               "attention_mask": inputs["teacher_attention_mask"]}
+        student_transform = LogitTransform.from_config(student.config)
+        self._check_heads_once([
+            ("student", student, student_inputs, student_transform, self.distilled_vocab_size),
+            ("teacher", teacher, teacher_inputs, self.teacher_logit_transform, self.teacher_vocab_size),
+        ])
+        student_hidden, aux_loss = self._student_hidden(student, student_inputs)
+        student_hidden = student_hidden[:, :-1]
+        projectors = getattr(student, PROJECTORS_ATTRIBUTE)
+        if self.cross_model_attention:
             teacher_labels = inputs["teacher_labels"][:, 1:]
             teacher_hidden = self._teacher_hidden(teacher_inputs)[:, :-1]
             t2s_hidden, s2t_hidden = cross_model_attention(
@@ -229,13 +238,12 @@ class DSKDTrainer(KDTrainer):
 
         losses = dual_space_loss(
             student_hidden, student.get_output_embeddings(), t2s_hidden, labels,
-            teacher_hidden, teacher.get_output_embeddings(), s2t_hidden, teacher_labels, self.loss_settings,
+            teacher_hidden, teacher.get_output_embeddings(), s2t_hidden, teacher_labels, self._settings_for(mode),
             s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self.cross_model_attention, t2s_labels=t2s_labels,
             num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
             teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
-            student_transform=LogitTransform.from_config(student.config),
-            teacher_transform=self.teacher_logit_transform,
-            generator=self._noise_generator(student_hidden.device, mode),
+            student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
+            noise_seed=self._noise_seed(mode),
         )
         num_tokens = (labels != -100).sum()
         num_teacher_tokens = (teacher_labels != -100).sum()
@@ -246,7 +254,7 @@ class DSKDTrainer(KDTrainer):
         metrics.update(mean_token_accuracy=(losses.num_correct, num_tokens),
                        t2s_accuracy=(losses.t2s_num_correct, num_tokens),
                        s2t_accuracy=(losses.s2t_num_correct, num_teacher_tokens))
-        return losses.loss, metrics
+        return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
     def _teacher_argmax(self, teacher_hidden, teacher, labels) -> torch.Tensor:
         """DSKDv2's t2s target: the teacher's own prediction at each label position (same vocabulary), `[B, T]`."""

@@ -84,8 +84,18 @@ def teacher_predictions(evaluation: dict, cache_root: str, trained: TrainedModel
     (the teacher is only loaded when its answers are not cached yet)."""
     if trained.load_teacher is None:
         return None
-    key = json.dumps([recipe.config.teacher_model_name_or_path, recipe.config.teacher_adapter_name_or_path,
-                      len(prompts), evaluation["max_new_tokens"]])
+    # Keyed by everything the answers depend on: the teacher (name, adapter, load settings, tokenizer), the prompts'
+    # content (not their number: two test sets of the same size are different sets) and every generation setting
+    # (the batch size too: left padding can change a greedy continuation).
+    config = recipe.config
+    key = json.dumps({
+        "teacher": config.teacher_model_name_or_path, "adapter": config.teacher_adapter_name_or_path,
+        "init_kwargs": getattr(config, "teacher_model_init_kwargs", None),
+        "tokenizer": getattr(config, "teacher_tokenizer_name_or_path", None),
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "generation": {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False,
+                       "batch_size": evaluation["batch_size"]},
+    }, sort_keys=True, default=str)
     folder = os.path.join(cache_root, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12])
     path = os.path.join(folder, "predictions.jsonl")
     if os.path.exists(os.path.join(folder, DONE)):

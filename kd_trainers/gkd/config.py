@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl.experimental.gkd import GKDConfig as TRLGKDConfig
 
 from ..kd.config import KDConfig
+from ..losses.chunked import LossSettings
 
 
 @dataclass
@@ -37,12 +38,23 @@ class GKDConfig(KDConfig, TRLGKDConfig):
     kd_weight: float = field(default=1.0, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."})
 
     def __post_init__(self):
+        # No field is rewritten here (β = 0 or 1 is mapped in `loss_settings`), so `dataclasses.replace` and a
+        # round trip through `to_dict` give back the config that was written.
         if self.jsd_beta is not None and self.jsd_beta != self.beta:
             raise ValueError(f"jsd_beta ({self.jsd_beta}) and beta ({self.beta}) are the same setting in GKDConfig: "
                              "set beta only.")
-        self.jsd_beta = self.beta
-        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
-            # TRL's generalised JSD at its ends: β = 0 is KL(p_T ‖ p_S), β = 1 is KL(p_S ‖ p_T).
-            self.divergence = "forward_kl" if self.beta == 0.0 else "reverse_kl"
-            self.jsd_beta = 0.5  # unused by the KLs, and within the range the shared check asks for
         super().__post_init__()
+
+    _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}
+
+    def loss_settings(self) -> LossSettings:
+        """KD's settings with β = `beta`. TRL's generalised JSD at its ends: β = 0 is KL(p_T ‖ p_S), β = 1 is
+        KL(p_S ‖ p_T), so `divergence="jsd"` there runs as forward or reverse KL (the JSD itself vanishes)."""
+        divergence = self.divergence
+        if divergence == "jsd" and self.beta in (0.0, 1.0):
+            divergence = "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return LossSettings(
+            divergence=divergence, temperature=self.kd_temperature, jsd_beta=self.beta, skew_alpha=self.skew_alpha,
+            noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
+            temperature_squared=self.kd_temperature_squared,
+        )

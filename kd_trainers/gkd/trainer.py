@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import textwrap
 
+import random
+
 from transformers import AutoTokenizer
+from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
+from trl.models.utils import unwrap_model_for_generation
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..kd.loss_mixin import DistillationLossMixin
-from ..teacher import check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name
+from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
+                       model_name)
 from .config import GKDConfig
 from .data import PromptCompletionCollator
 
@@ -52,9 +57,16 @@ class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
         elif not isinstance(args, GKDConfig):
             args = GKDConfig.from_sft_config(args)
         teacher = self._required_teacher(teacher_model, args)
+        self._refuse_compute_loss_func(args, trl_kwargs.get("compute_loss_func"))
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_name(model))
-        self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class)
+        # TRL's GKD script passes the teacher as a model and no teacher tokenizer: the student's is then assumed
+        # (with a warning) for a teacher that has none of its own, as TRL does, after checking what can be checked.
+        self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class, processing_class)
+        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class \
+            and not isinstance(teacher, str)
+        if assumed and not isinstance(model, str):
+            check_same_head_size(model, teacher)
         check_same_vocabulary(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
         if data_collator is None:
             data_collator = PromptCompletionCollator(processing_class, args.max_length)
@@ -67,7 +79,39 @@ class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
                              *trl_args, **trl_kwargs)
         finally:
             args.teacher_model_init_kwargs = init_kwargs
+        if assumed and isinstance(model, str):
+            check_same_head_size(self.model, loaded)
         self._init_distillation(args, loaded)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # On-policy batches, counted after generation
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The accumulation step's micro-batches, with their completions replaced as TRL's GKD replaces them (the
+        student's samples with probability `lmbda`, else the teacher's when `seq_kd`), *before* the label tokens are
+        counted: the loss is then divided by the tokens it covers, not by the dataset's completion lengths (TRL's
+        `training_step` replaces them after `Trainer` has counted)."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = [self._replace_completions(batch) for batch in batch_samples]
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
+
+    def _replace_completions(self, inputs: dict) -> dict:
+        if random.random() <= self.lmbda:
+            generator, extra = self.model_wrapped, {"gradient_checkpointing_kwargs":
+                                                    self.args.gradient_checkpointing_kwargs}
+        elif self.seq_kd:
+            generator, extra = self.teacher_model, {}
+        else:
+            return inputs
+        with unwrap_model_for_generation(generator, self.accelerator, generation_kwargs=self.generation_kwargs,
+                                         **extra) as unwrapped:
+            input_ids, attention_mask, labels = self.generate_on_policy_outputs(unwrapped, inputs,
+                                                                                self.generation_config)
+        return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The completions were replaced in `get_batch_samples`; TRL's own step would replace them a second time.
+        return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()

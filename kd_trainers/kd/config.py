@@ -8,8 +8,8 @@ from typing import Any
 
 from trl import SFTConfig
 
+from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
-from ..losses.reference import check_loss_settings
 
 
 @dataclass
@@ -49,11 +49,22 @@ class KDConfig(SFTConfig):
         w in `loss = (1 − w)·CE + w·KD`, in [0, 1]. `1.0` is pure distillation, `0.0` plain SFT.
     teacher_logit_noise_std (`float`, *optional*, defaults to `0.0`):
         Standard deviation σ of Gaussian noise added to the teacher's logits before the softmax (the noisy-teacher
-        experiments). The noise is drawn from a generator seeded by `seed`, the global step and the micro-batch, so
-        a run, and a run resumed from a checkpoint, sees the same noise.
+        experiments). The noise at each token is drawn from `seed`, the global step, the micro-batch, the process and
+        the token's position in the batch, so a run resumed from a checkpoint, with any `loss_chunk_size`, sees the
+        same noise. Evaluation losses are noise-free unless `teacher_logit_noise_in_eval`.
     loss_chunk_size (`int`, *optional*, defaults to `None`):
         Number of label tokens per chunk of the fused loss. `None` picks the largest chunk whose fp32 logits
-        `[chunk, vocab]` fit in 128 MiB (256 tokens at a 128k vocabulary). Smaller saves memory, larger may be faster.
+        `[chunk, vocab]` fit in 128 MiB (256 tokens at a 128k vocabulary). Smaller saves memory, larger may be faster;
+        the loss and its gradients do not depend on it.
+    teacher_logit_noise_in_eval (`bool`, *optional*, defaults to `False`):
+        Also add the teacher-logit noise to evaluation losses. Off, evaluation measures the clean objective.
+
+    > SFT settings
+
+    Every `SFTConfig` field works as in `SFTTrainer`; at `kd_weight=0` this trainer *is* `SFTTrainer` (its own
+    `compute_loss`: DFT, label smoothing, the MoE router loss all apply). With `kd_weight > 0` the CE term is plain
+    cross-entropy, so `loss_type='dft'` and `label_smoothing_factor > 0` are refused; an MoE student's router loss is
+    added exactly as `SFTTrainer` adds it.
     """
 
     teacher_model_name_or_path: str | None = field(
@@ -91,25 +102,57 @@ class KDConfig(SFTConfig):
         default=None,
         metadata={"help": "Label tokens per chunk of the fused loss; None picks one that keeps a chunk within 128 MiB."},
     )
+    teacher_logit_noise_in_eval: bool = field(
+        default=False,
+        metadata={"help": "Add the teacher-logit noise to evaluation losses too (off: eval losses are noise-free)."},
+    )
 
     def __post_init__(self):
         # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
-        names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
         try:
-            check_loss_settings(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
-                                skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std,
-                                kd_weight=self.kd_weight)
+            self.loss_settings()
         except ValueError as error:
             message = str(error)
-            for loss_name, field_name in names.items():
+            for loss_name, field_name in self._loss_setting_names.items():
                 if message.startswith(loss_name + " "):
                     message = field_name + message[len(loss_name):]
             raise ValueError(message) from None
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
+        self._refuse_sft_only_losses()
         super().__post_init__()
+
+    # LossSettings' names -> this config's fields, for error messages.
+    _loss_setting_names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
+
+    def loss_settings(self) -> LossSettings:
+        """The `LossSettings` the trainer's loss runs with: every loss field of this config, and nothing else."""
+        settings = LossSettings(
+            divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
+            skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
+            temperature_squared=self.kd_temperature_squared,
+        )
+        return settings
+
+    def _refuse_sft_only_losses(self) -> None:
+        """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD
+        loss has plain cross-entropy only, so beside a KD term they are refused rather than silently dropped."""
+        if self.kd_weight == 0:
+            return
+        if getattr(self, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} changes SFT's cross-entropy, which the distillation loss "
+                f"(kd_weight={self.kd_weight}) does not implement: its CE term is the plain negative log-likelihood. "
+                "Set loss_type='nll', or kd_weight=0 for plain SFT with it."
+            )
+        if getattr(self, "label_smoothing_factor", 0) > 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} smooths SFT's cross-entropy, which the "
+                f"distillation loss (kd_weight={self.kd_weight}) does not implement (the teacher's distribution is "
+                "already a soft target). Set label_smoothing_factor=0, or kd_weight=0 for plain SFT with it."
+            )
 
     @classmethod
     def from_sft_config(cls, args: SFTConfig, **overrides) -> "KDConfig":

@@ -4,26 +4,18 @@ by accelerate or DeepSpeed) and calls `_init_distillation(args, teacher)` at the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 
 import torch
 from huggingface_hub import ModelCard
+from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection
 
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
-
-
-def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its output head (`LlamaModel` of a `LlamaForCausalLM`), through a PEFT wrapper if any."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model.base_model
-
-
-def last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """`[B, T, D]` hidden states after the final norm, without computing the `[B, T, V]` logits."""
-    return backbone_of(model)(**inputs, use_cache=False).last_hidden_state
+from .heads import check_engine_logits
+from .hidden import hidden_state_and_router_loss, last_hidden_state
 
 
 class DistillationLossMixin:
@@ -40,15 +32,23 @@ class DistillationLossMixin:
                              f"{type(args).__name__}.teacher_model_name_or_path.")
         return teacher
 
+    @staticmethod
+    def _refuse_compute_loss_func(args, compute_loss_func) -> None:
+        """A `compute_loss_func` replaces SFT's loss; beside a KD term it would be silently dropped, so it is refused."""
+        if compute_loss_func is not None and args.kd_weight > 0:
+            raise ValueError(
+                f"compute_loss_func is SFTTrainer's replacement for its own loss; the distillation loss "
+                f"(kd_weight={args.kd_weight}) cannot include it. Drop compute_loss_func, or set kd_weight=0 (plain "
+                "SFT, where it applies)."
+            )
+
     def _init_distillation(self, args, teacher) -> None:
         """`teacher`: the unwrapped, frozen teacher (its config gives its logit scale and softcap)."""
         self.teacher_logit_transform = LogitTransform.from_config(teacher.config)
-        self.loss_settings = LossSettings(
-            divergence=args.divergence, temperature=args.kd_temperature, jsd_beta=args.jsd_beta,
-            skew_alpha=args.skew_alpha, noise_std=args.teacher_logit_noise_std, kd_weight=args.kd_weight,
-            temperature_squared=args.kd_temperature_squared,
-        )
+        # Every loss field of the config, through one method per config class: a field the loss reads is in it.
+        self.loss_settings: LossSettings = args.loss_settings()
         self.distilled_vocab_size = len(self.processing_class)
+        self._heads_checked = False  # the engine's logits are compared with each model's own forward once
         # Routes the backbone calls through the wrappers' forward, so DDP and DeepSpeed hooks fire.
         self._forward_redirection = _ForwardRedirection()
         self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
@@ -62,53 +62,104 @@ class DistillationLossMixin:
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
 
-    def _noise_generator(self, device: torch.device, mode: str) -> torch.Generator | None:
-        """A generator for the teacher-logit noise, seeded by (seed, mode, global step, micro-batch, rank).
+    def _settings_for(self, mode: str) -> LossSettings:
+        """The loss settings of a train or eval step: evaluation is noise-free unless `teacher_logit_noise_in_eval`."""
+        if mode == "eval" and self.loss_settings.noise_std > 0 and not self.args.teacher_logit_noise_in_eval:
+            return dataclasses.replace(self.loss_settings, noise_std=0.0)
+        return self.loss_settings
+
+    def _noise_seed(self, mode: str) -> int | None:
+        """The seed of this micro-batch's teacher-logit noise: (seed, mode, global step, micro-batch, rank).
 
         Keyed by position in training rather than drawn from one running stream, so a run resumed from a checkpoint
-        draws exactly the noise the uninterrupted run drew.
+        draws exactly the noise the uninterrupted run drew; the engine then keys each token's noise to its position
+        in the batch (`kd_trainers.losses.noise`).
         """
-        if self.loss_settings.noise_std == 0:
+        if self._settings_for(mode).noise_std == 0:
             return None
         key = (mode, self.state.global_step)
         micro_batch = self._noise_position[1] if self._noise_position[0] == key else 0
         self._noise_position = (key, micro_batch + 1)
         material = f"{self.args.seed}/{mode}/{self.state.global_step}/{micro_batch}/{self.accelerator.process_index}"
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(hashlib.sha256(material.encode()).hexdigest()[:15], 16))
-        return generator
+        return int(hashlib.sha256(material.encode()).hexdigest()[:15], 16)
+
+    def _student_hidden(self, student, model_inputs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`([B, T, D] student hidden states, the MoE router loss or None)`; the router loss is computed when
+        `SFTTrainer` would add it (`aux_loss_enabled`, from the model config and `router_aux_loss_coef`)."""
+        if getattr(self, "aux_loss_enabled", False):
+            return hidden_state_and_router_loss(student, model_inputs)
+        return last_hidden_state(student, model_inputs), None
+
+    def _weighted_router_loss(self, aux_loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """The router loss as `SFTTrainer.compute_loss` adds it: coef · aux, averaged over the accumulation steps when
+        `num_items_in_batch` is given; divided by the process count that `compute_loss` multiplies the loss by."""
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        weighted = self.router_aux_loss_coef * aux_loss / steps
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            weighted = weighted / self.accelerator.num_processes
+        return weighted
+
+    def _check_heads_once(self, checks) -> None:
+        """On the first batch, the engine's logits at a few positions must equal each model's own forward (a custom
+        head, an unread logit scale or softcap would otherwise train a wrong objective in silence). `checks`:
+        `[(role, model, inputs, transform, vocab)]`."""
+        if self._heads_checked:
+            return
+        for role, model, inputs, transform, vocab in checks:
+            check_engine_logits(role, model, inputs, transform, vocab)
+        self._heads_checked = True
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
         """Runs inside the student wrapper's forward. Returns `(loss, metrics)`, metrics `{name: (sum, count)}` for
         the logs (per-token means whatever `num_items_in_batch` is)."""
         model_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
-        student_hidden = last_hidden_state(student, model_inputs)[:, :-1]
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        student_transform = LogitTransform.from_config(student.config)
+        self._check_heads_once([
+            ("student", student, model_inputs, student_transform, self.distilled_vocab_size),
+            ("teacher", unwrapped_teacher, model_inputs, self.teacher_logit_transform, self.distilled_vocab_size),
+        ])
+        student_hidden, aux_loss = self._student_hidden(student, model_inputs)
+        student_hidden = student_hidden[:, :-1]
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
                 self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, model_inputs
             )[:, :-1]
         losses, num_correct = chunked_distillation_loss(
             student_hidden, student.get_output_embeddings(), teacher_hidden, unwrapped_teacher.get_output_embeddings(),
-            labels, self.loss_settings, num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
-            chunk_size=self.args.loss_chunk_size, student_transform=LogitTransform.from_config(student.config),
-            teacher_transform=self.teacher_logit_transform,
-            generator=self._noise_generator(student_hidden.device, mode),
+            labels, self._settings_for(mode), num_items_in_batch=num_items_in_batch,
+            vocab_size=self.distilled_vocab_size, chunk_size=self.args.loss_chunk_size,
+            student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
+            noise_seed=self._noise_seed(mode),
         )
         num_tokens = (labels != -100).sum()
         normalizer = self._loss_normalizer(num_tokens, num_items_in_batch)
-        return losses.loss, {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
-                             "kd_loss": (losses.kd_loss * normalizer, num_tokens),
-                             "mean_token_accuracy": (num_correct, num_tokens)}
+        metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
+                   "kd_loss": (losses.kd_loss * normalizer, num_tokens),
+                   "mean_token_accuracy": (num_correct, num_tokens)}
+        return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
+
+    def _with_router_loss(self, loss, metrics: dict, aux_loss, num_items_in_batch):
+        """`(loss + the weighted MoE router loss, metrics + aux_loss)`; unchanged for a dense student."""
+        if aux_loss is None:
+            return loss, metrics
+        one = torch.ones((), device=loss.device)
+        metrics["aux_loss"] = (aux_loss.detach().float(), one)
+        return loss + self._weighted_router_loss(aux_loss, num_items_in_batch), metrics
 
     @staticmethod
     def _loss_normalizer(num_tokens: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """What the engine divided the sums by: turns its means back into sums for the logs."""
-        normalizer = num_tokens.clamp(min=1) if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        return normalizer.to(num_tokens.device, torch.float32)
+        normalizer = num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+        return normalizer.to(num_tokens.device, torch.float32).clamp(min=1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_settings.kd_weight == 0:
+            # No KD term: the trainer is SFTTrainer, with its own loss (DFT, label smoothing, compute_loss_func, the
+            # MoE router loss) on the same batches, and no teacher forward.
+            sft_inputs = {k: v for k, v in inputs.items() if k == "labels" or k not in self._non_model_keys}
+            return SFTTrainer.compute_loss(self, model, sft_inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         self.teacher_model.eval()
         student = self.accelerator.unwrap_model(model)
@@ -151,18 +202,19 @@ class DistillationLossMixin:
 
     def kd_settings(self) -> dict[str, object]:
         """The distillation settings, as recorded in the model card."""
-        args = self.args
+        args, settings = self.args, self.loss_settings  # the settings the loss ran with, not the config's text
         return {
             "method": "vanilla logit KD",
             "teacher": self.teacher_name,
             "teacher_adapter": args.teacher_adapter_name_or_path,
-            "divergence": args.divergence,
-            "kd_temperature": args.kd_temperature,
-            "kd_temperature_squared": args.kd_temperature_squared,
-            "kd_weight": args.kd_weight,
-            "jsd_beta": args.jsd_beta if args.divergence == "jsd" else None,
-            "skew_alpha": args.skew_alpha if args.divergence.startswith("skew") else None,
-            "teacher_logit_noise_std": args.teacher_logit_noise_std,
+            "divergence": settings.divergence,
+            "kd_temperature": settings.temperature,
+            "kd_temperature_squared": settings.temperature_squared,
+            "kd_weight": settings.kd_weight,
+            "jsd_beta": settings.jsd_beta if settings.divergence == "jsd" else None,
+            "skew_alpha": settings.skew_alpha if settings.divergence.startswith("skew") else None,
+            "teacher_logit_noise_std": settings.noise_std,
+            "teacher_logit_noise_in_eval": args.teacher_logit_noise_in_eval if settings.noise_std > 0 else None,
             "loss_chunk_size": args.loss_chunk_size,
         }
 

@@ -10,8 +10,8 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed
 
 from ..checkpointing import AtomicCheckpointMixin
-from ..teacher import (check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer, model_name,
-                       output_head_shape)
+from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
+                       model_name, output_head_shape)
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
 
@@ -62,11 +62,19 @@ class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
 
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
+        self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
         # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
         if sft_kwargs.get("processing_class") is None:
             sft_kwargs["processing_class"] = AutoTokenizer.from_pretrained(model_name(model))
         processing_class = sft_kwargs["processing_class"]
-        self.teacher_processing_class = self._load_teacher_tokenizer(teacher, teacher_processing_class, args)
+        self.teacher_processing_class = self._load_teacher_tokenizer(teacher, teacher_processing_class, args,
+                                                                     processing_class)
+        # A teacher that came without a tokenizer is assumed to use the student's (as TRL assumes): then the heads
+        # must have the same size, checked now when the student is an object, else once SFTTrainer has loaded it.
+        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class \
+            and not isinstance(teacher, str)
+        if assumed and not isinstance(model, str):
+            check_same_head_size(model, teacher)
         self._check_tokenizers(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
         if sft_kwargs.get("data_collator") is None:
             sft_kwargs["data_collator"] = self._default_data_collator(processing_class, args)
@@ -74,6 +82,8 @@ class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
         super().__init__(model, args, **sft_kwargs)
 
         teacher = freeze(self._load_teacher_model(teacher, args))
+        if assumed:
+            check_same_head_size(self.model, teacher)
         for role, head_model, tokenizer in (("student", self.model, processing_class),
                                             ("teacher", teacher, self.teacher_processing_class)):
             rows = output_head_shape(head_model)[0]
@@ -105,8 +115,8 @@ class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
         """The teacher, loaded from its name if need be, with its adapter merged (Seq-KD has loaded it already)."""
         return load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path)
 
-    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args):
-        return load_teacher_tokenizer(teacher, teacher_processing_class)
+    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
+        return load_teacher_tokenizer(teacher, teacher_processing_class, student_tokenizer)
 
     def _prepare_teacher_side(self, teacher: PreTrainedModel) -> None:
         """Called with the loaded, frozen teacher before DeepSpeed partitions it (its weights are whole here)."""

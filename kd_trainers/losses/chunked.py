@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .divergences import get_divergence
+from .noise import grid_positions, position_noise_
 from .reference import DistillationLoss, check_loss_settings, loss_normalizer
 
 # Default chunk: the largest number of tokens whose fp32 logits [chunk, V] fit in this many elements (128 MiB).
@@ -48,7 +49,10 @@ class LogitTransform:
         if scale is None:
             scale = getattr(config, "lm_head_multiplier", None)
         if scale is None and getattr(config, "logits_scaling", None) is not None:
-            scale = 1.0 / config.logits_scaling
+            # Granite divides its logits by `logits_scaling`; HyperCLOVA X multiplies them by it. A head that does
+            # something else again is caught by the trainers' first-batch check (`kd_trainers.kd.heads`).
+            multiplies = getattr(config, "model_type", None) == "hyperclovax"
+            scale = config.logits_scaling if multiplies else 1.0 / config.logits_scaling
         return cls(scale=1.0 if scale is None else float(scale), softcap=getattr(config, "final_logit_softcapping", None))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -84,8 +88,8 @@ class LossSettings:
     def __post_init__(self):
         check_loss_settings(divergence=self.divergence, temperature=self.temperature, jsd_beta=self.jsd_beta,
                             skew_alpha=self.skew_alpha, noise_std=self.noise_std, kd_weight=self.kd_weight)
-        if not self.teacher_temperature > 0:
-            raise ValueError(f"teacher_temperature must be > 0, got {self.teacher_temperature}.")
+        if not 0 < self.teacher_temperature < float("inf"):
+            raise ValueError(f"teacher_temperature must be a finite number > 0, got {self.teacher_temperature}.")
 
 
 def chunk_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -234,7 +238,7 @@ class ChunkedDistillationOutput(NamedTuple):
 class _FusedDistillationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, teacher_labels, normalizer, settings, transforms, teacher_terms, chunk_size, generator):
+                labels, teacher_labels, normalizer, settings, transforms, teacher_terms, chunk_size, noise):
         student_transform, teacher_transform = transforms
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
@@ -274,9 +278,9 @@ class _FusedDistillationFunction(torch.autograd.Function):
                 torch.mm(teacher_grad, teacher_weight, out=grad_teacher_hidden[chunk])
             teacher_transform.apply_(teacher_logits)
             if settings.noise_std > 0:
-                noise = torch.randn(teacher_logits.shape, generator=generator, device=teacher_logits.device,
-                                    dtype=torch.float32, out=scratch[0])
-                teacher_logits.add_(noise, alpha=settings.noise_std)
+                seed, rows, columns = noise
+                position_noise_(scratch[0], seed, rows[chunk], columns[chunk])
+                teacher_logits.add_(scratch[0], alpha=settings.noise_std)
             _project_into(student_logits, hidden, student_weight, student_bias)
             counts[0] += (student_logits.argmax(-1) == chunk_labels).sum()
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
@@ -339,7 +343,7 @@ def chunked_distillation_terms(
     chunk_size: int | None = None,
     student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
-    generator: torch.Generator | None = None,
+    noise_seed: int | None = None,
     teacher_terms: TeacherTerms = TeacherTerms(),
     teacher_labels: torch.Tensor | None = None,
 ) -> ChunkedDistillationOutput:
@@ -358,7 +362,9 @@ def chunked_distillation_terms(
             e.g. Qwen2.5-0.5B's 151,936 rows against Qwen2.5-7B's 152,064). Defaults to the smaller head.
         chunk_size: tokens per chunk; default: as many as keep one `[chunk, V]` fp32 tensor within 128 MiB.
         student_transform / teacher_transform: logit scale and soft-capping of each model.
-        generator: RNG of the teacher-logit noise. Noise is drawn chunk by chunk in token order, `[n, V]` at a time.
+        noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`). The noise at position
+            (b, t) of `labels` depends on `(noise_seed, b, t)` alone, as in the reference: not on the chunk size nor on
+            which other positions are masked.
         teacher_terms: the teacher-side cross-entropy and KD gate of DSKD (off by default).
         teacher_labels: `[B, T]` or `[N]` targets of those teacher-side terms; defaults to `labels`. Only positions
             where `labels != ignore_index` count.
@@ -370,10 +376,16 @@ def chunked_distillation_terms(
         if vocab > min(student_weight.size(0), teacher_weight.size(0)):
             raise ValueError(f"vocab_size={vocab} exceeds an output head ({student_weight.size(0)} student rows, "
                              f"{teacher_weight.size(0)} teacher rows).")
+        positions = grid_positions(labels)  # (b, t) of every label entry, for the noise
         labels = labels.reshape(-1)
         mask = labels != ignore_index
         if mask.any() and int(labels[mask].max()) >= vocab:
             raise ValueError(f"A label id ({int(labels[mask].max())}) is outside the distilled vocabulary of {vocab}.")
+        noise = None
+        if settings.noise_std > 0:
+            if noise_seed is None:
+                raise ValueError("settings.noise_std > 0 needs a noise_seed (an int): the noise is drawn from it.")
+            noise = (noise_seed, *(index[mask] for index in positions))
         teacher_labels = labels if teacher_labels is None else teacher_labels.reshape(-1)
         normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
         # Boolean indexing keeps the autograd link: the gradient is scattered back to [B, T, D].
@@ -388,7 +400,7 @@ def chunked_distillation_terms(
             teacher_rows, teacher_weight[:vocab].detach(),
             None if teacher_bias is None else teacher_bias[:vocab].detach(),
             labels[mask], teacher_labels[mask], normalizer, settings, (student_transform, teacher_transform),
-            teacher_terms, chunk_size, generator,
+            teacher_terms, chunk_size, noise,
         )
     return ChunkedDistillationOutput(*outputs)
 

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from .noise import mix_seed
 from .chunked import (LogitTransform, LossSettings, TeacherTerms, _maybe_gather, _weight_and_bias,
                       chunked_distillation_terms)
 
@@ -63,7 +64,7 @@ def dual_space_loss(
     chunk_size: int | None = None,
     student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
-    generator: torch.Generator | None = None,
+    noise_seed: int | None = None,
 ) -> DualSpaceLoss:
     """The DSKD loss from hidden states, never holding a `[B, T, V]` tensor.
 
@@ -85,30 +86,32 @@ def dual_space_loss(
     weight = settings.kd_weight
     if num_items_in_batch is None:
         num_items_in_batch = (student_labels != ignore_index).sum()
-    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-                  generator=generator)
+    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
     # Under ZeRO-3 both heads are gathered here, once: the detached copies below must see the full weights.
     with _maybe_gather(*_weight_and_bias(student_lm_head), *_weight_and_bias(teacher_lm_head)):
         return _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden,
                                 teacher_lm_head, s2t_hidden, teacher_labels, settings, weight, common,
                                 s2t_divergence=s2t_divergence, gate_t2s_kd=gate_t2s_kd, t2s_labels=t2s_labels,
                                 student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
-                                student_transform=student_transform, teacher_transform=teacher_transform)
+                                student_transform=student_transform, teacher_transform=teacher_transform,
+                                noise_seed=noise_seed)
 
 
 def _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden, teacher_lm_head,
                      s2t_hidden, teacher_labels, settings, weight, common, *, s2t_divergence, gate_t2s_kd, t2s_labels,
-                     student_vocab_size, teacher_vocab_size, student_transform, teacher_transform) -> DualSpaceLoss:
+                     student_vocab_size, teacher_vocab_size, student_transform, teacher_transform,
+                     noise_seed) -> DualSpaceLoss:
     student_space = chunked_distillation_terms(
         student_hidden, student_lm_head, t2s_hidden, _detached(student_lm_head), student_labels, settings,
         vocab_size=student_vocab_size, student_transform=student_transform, teacher_transform=student_transform,
-        teacher_terms=TeacherTerms(ce_weight=weight, gate_kd=gate_t2s_kd), teacher_labels=t2s_labels, **common,
+        teacher_terms=TeacherTerms(ce_weight=weight, gate_kd=gate_t2s_kd), teacher_labels=t2s_labels,
+        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 1), **common,
     )
     teacher_settings = dataclasses.replace(settings, divergence=s2t_divergence, kd_weight=1.0, teacher_temperature=1.0)
     teacher_space = chunked_distillation_terms(
         s2t_hidden, _detached(teacher_lm_head), teacher_hidden, teacher_lm_head, teacher_labels, teacher_settings,
         vocab_size=teacher_vocab_size, student_transform=teacher_transform, teacher_transform=teacher_transform,
-        **common,
+        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 2), **common,
     )
     return DualSpaceLoss(
         loss=student_space.loss + weight * teacher_space.loss,  # .loss carries the gradient; it equals kd_loss here

@@ -5,14 +5,14 @@ trainers use the chunked engine (`chunked.py`) instead; use this one to read, to
 
 The loss, for student logits z_S, teacher logits z_T, temperature T, KD weight w and noise σ:
 
-    z_T' = z_T + σ·ε,  ε ~ N(0, 1)                 (teacher-logit noise, drawn from `generator`)
+    z_T' = z_T + σ·ε,  ε ~ N(0, 1)                 (teacher-logit noise, keyed to (noise_seed, position))
     ce   = Σ_i −log softmax(z_S,i)[y_i] / N        (hard-label cross-entropy at temperature 1)
     kd   = s · Σ_i D(softmax(z_S,i / T), softmax(z_T',i / T)) / N
     loss = (1 − w)·ce + w·kd
 
 where the sums run over the positions whose label is not `ignore_index`, N is `num_items_in_batch` when given (the
 number of label tokens in the whole accumulated batch, which keeps gradient accumulation exact) and otherwise the
-number of label tokens here, clamped to at least 1 so that an all-masked batch gives 0 rather than NaN; and s = T² when
+number of label tokens here, either clamped to at least 1 so that an all-masked batch gives 0, not NaN; and s = T² when
 `temperature_squared=True` (Hinton et al., 2015: it keeps the soft-target gradients at the same magnitude as T changes),
 else 1 (the DSKD and GKD codebases use s = 1).
 """
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .divergences import get_divergence
+from .noise import grid_positions, position_noise_
 
 
 class DistillationLoss(NamedTuple):
@@ -35,36 +36,54 @@ class DistillationLoss(NamedTuple):
     kd_loss: torch.Tensor
 
 
+def uses_jsd_beta(divergence: str) -> bool:
+    return divergence == "jsd"
+
+
+def uses_skew_alpha(divergence: str) -> bool:
+    return divergence.startswith("skew_")
+
+
 def check_loss_settings(*, divergence: str, temperature: float, jsd_beta: float, skew_alpha: float,
-                        noise_std: float, kd_weight: float) -> None:
-    """Fail fast, naming the setting and the value, on settings that would give a meaningless loss."""
-    get_divergence(divergence)
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    if not 0.0 < jsd_beta < 1.0:
+                        noise_std: float, kd_weight: float, other_divergences: tuple[str, ...] = ()) -> None:
+    """Fail fast, naming the setting and the value, on settings that would give a meaningless loss.
+
+    `jsd_beta` and `skew_alpha` are checked only when a divergence in use reads them (`divergence` or one of
+    `other_divergences`, e.g. DSKD's teacher-space one): a β that the loss never reads cannot make it meaningless.
+    """
+    divergences = (divergence, *other_divergences)
+    for name in divergences:
+        get_divergence(name)
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
+    if any(map(uses_jsd_beta, divergences)) and not 0.0 < jsd_beta < 1.0:
         raise ValueError(f"jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got {jsd_beta}.")
-    if not 0.0 <= skew_alpha < 1.0:
+    if any(map(uses_skew_alpha, divergences)) and not 0.0 <= skew_alpha < 1.0:
         raise ValueError(f"skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got {skew_alpha}.")
-    if not noise_std >= 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+    if not 0 <= noise_std < float("inf"):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}.")
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}.")
 
 
 def loss_normalizer(num_label_tokens: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-    """The N the summed losses are divided by: `num_items_in_batch` if given, else the local count clamped to >= 1."""
-    if num_items_in_batch is None:
-        return num_label_tokens.clamp(min=1).to(torch.float32)
-    return torch.as_tensor(num_items_in_batch, device=num_label_tokens.device).to(torch.float32)
+    """The N the summed losses are divided by: `num_items_in_batch` if given, else the local count; clamped to >= 1
+    either way, so that a batch (or an accumulated batch) without label tokens gives a finite 0, as in SFTTrainer."""
+    count = num_label_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
+    return count.to(num_label_tokens.device, torch.float32).clamp(min=1)
 
 
-def add_teacher_noise(teacher_logits: torch.Tensor, noise_std: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """z_T + σ·ε with ε ~ N(0, 1) drawn in fp32 from `generator` (the global RNG when None)."""
+def add_teacher_noise(teacher_logits: torch.Tensor, labels: torch.Tensor, noise_std: float,
+                      noise_seed: int | None) -> torch.Tensor:
+    """z_T + σ·ε in fp32, ε at each position of `labels` (`[B, T]` or `[N]`) drawn from `(noise_seed, b, t)` alone
+    (`noise.position_noise_`). Logits `[B·T, V]`."""
     if noise_std == 0:
         return teacher_logits
-    noise = torch.randn(teacher_logits.shape, generator=generator, device=teacher_logits.device,
-                        dtype=torch.float32)
+    if noise_seed is None:
+        raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
+    rows, columns = grid_positions(labels)
+    noise = position_noise_(torch.empty(teacher_logits.shape, dtype=torch.float32, device=teacher_logits.device),
+                            noise_seed, rows, columns)
     return teacher_logits.float() + noise_std * noise
 
 
@@ -82,7 +101,7 @@ def distillation_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     kd_weight: float = 1.0,
     temperature_squared: bool = True,
-    generator: torch.Generator | None = None,
+    noise_seed: int | None = None,
 ) -> DistillationLoss:
     """Distillation loss from full logits (see the module docstring for the formula).
 
@@ -99,7 +118,7 @@ def distillation_loss(
         num_items_in_batch: global number of label tokens of the accumulated batch (see the module docstring).
         kd_weight: w in `(1 − w)·ce + w·kd`.
         temperature_squared: multiply the KD term by T².
-        generator: RNG for the noise, on the logits' device.
+        noise_seed: seed of the noise; the row at position (b, t) depends on `(noise_seed, b, t)` alone.
     """
     check_loss_settings(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
                         noise_std=noise_std, kd_weight=kd_weight)
@@ -110,7 +129,8 @@ def distillation_loss(
         )
     vocab = student_logits.size(-1)
     student_logits = student_logits.reshape(-1, vocab).float()
-    teacher_logits = add_teacher_noise(teacher_logits.reshape(-1, vocab).detach().float(), noise_std, generator)
+    teacher_logits = add_teacher_noise(teacher_logits.reshape(-1, vocab).detach().float(), labels, noise_std,
+                                       noise_seed)
     labels = labels.reshape(-1)
     mask = labels != ignore_index
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -66,6 +67,30 @@ class RecipeError(ValueError):
     """A recipe that cannot run, with a message naming the file, the key, the value and the fix."""
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only `true` and `false`.
+
+    YAML 1.1 also reads `yes`, `no`, `on` and `off` as booleans, so `save_strategy: no` (as every transformers user
+    types it) would reach the config as `False`. Here they stay the text the user wrote; a boolean field turns them into
+    booleans itself (`_coerce`), and a string or enum field keeps them.
+    """
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "y": True, "false": False, "no": False, "off": False,
+                 "n": False}
+
+
+def load_yaml(text_or_stream):
+    """A YAML document read with `RecipeLoader` (recipes, studies and `key=value` overrides alike)."""
+    return yaml.load(text_or_stream, Loader=RecipeLoader)
+
+
 def _agreement_settings(block: dict | None, method: str, path: str) -> dict | None:
     """The `agreement` block with its defaults (see `kd_trainers.callbacks.AgreementCallback`)."""
     if block is None:
@@ -116,7 +141,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise RecipeError(f"Override {text!r} is not key=value (for example max_steps=10).")
     key, value = text.split("=", 1)
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    return key.strip(), load_yaml(value) if value.strip() else None
 
 
 def _set_nested(values: dict, key: str, value) -> None:
@@ -158,6 +183,8 @@ def _coerce(value, annotation):
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return value in {member.value for member in annotation} or isinstance(value, annotation), value
     if annotation is bool:
+        if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:  # `no`, `off`, `yes`, `on` (YAML 1.1's words)
+            return True, BOOLEAN_WORDS[value.lower()]
         return isinstance(value, bool), value
     if annotation is int:
         return isinstance(value, int) and not isinstance(value, bool), value
@@ -186,7 +213,7 @@ def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dic
         raise error(f"File {path!r} does not exist.{hint}")
     with open(path) as handle:
         try:
-            values = yaml.safe_load(handle) or {}
+            values = load_yaml(handle) or {}
         except yaml.YAMLError as problem:
             raise error(f"{path}: not valid YAML: {problem}") from None
     if not isinstance(values, dict):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import textwrap
 
 from accelerate import PartialState
-from trl import SFTTrainer
 
 from ..kd.trainer import _SFT_POSITIONAL_NAMES, KDTrainer
-from ..teacher import freeze, load_teacher, load_teacher_tokenizer, model_name
+from ..teacher import check_same_head_size, freeze, load_teacher, load_teacher_tokenizer, model_name
 from .config import SeqKDConfig
 from .generate import teacher_generated_dataset
 
@@ -44,8 +43,13 @@ class SeqKDTrainer(KDTrainer):
         teacher = self._required_teacher(teacher_model, args)
         if sft_kwargs.get("train_dataset") is None:
             raise ValueError("SeqKDTrainer needs a train_dataset: its prompts are what the teacher completes.")
-        teacher_tokenizer = load_teacher_tokenizer(teacher, teacher_processing_class)
+        self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
+        teacher_tokenizer = load_teacher_tokenizer(teacher, teacher_processing_class,
+                                                   sft_kwargs.get("processing_class"))
         loaded = freeze(load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path))
+        if teacher_tokenizer is sft_kwargs.get("processing_class") and teacher_processing_class is None \
+                and args.kd_weight > 0 and not isinstance(model, str):
+            check_same_head_size(model, loaded)  # the student's tokenizer was assumed for an in-memory teacher
         state = PartialState()
         generated, self.seqkd_dataset_dir = teacher_generated_dataset(
             loaded, teacher_tokenizer, sft_kwargs["train_dataset"], args.generation_settings(), args.seqkd_cache_dir,
@@ -64,11 +68,6 @@ class SeqKDTrainer(KDTrainer):
         # SFT on the teacher's text needs no shared vocabulary; logit KD on top does.
         if self._kd_on_top:
             super()._check_tokenizers(student_tokenizer, teacher_tokenizer, student_name, teacher_name)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.kd_weight == 0:  # SFT alone: no teacher forward at all
-            return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()

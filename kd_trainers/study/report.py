@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pandas as pd
+from scipy import stats as scipy_stats
 
 from .. import stats
 from .analyses import anova_across_levels, gain_table, metric_correlation
@@ -51,13 +52,15 @@ def seed_averaged(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def summary_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Mean and 95% t-interval half-width per cell and metric, over the seed-averaged examples."""
+    """Mean and 95% Student-t confidence-interval half-width per cell and metric, over the seed-averaged examples:
+    t_{0.975, n−1} · s / √n (not 1.96, which understates the interval for the few examples of a small study)."""
     rows = []
     for cell, group in per_example.groupby("cell", sort=False):
         row = {"cell": cell, "n": len(group)}
         for metric in metrics:
             values = group[metric].dropna()
-            half = 1.96 * values.std(ddof=1) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+            n = len(values)
+            half = scipy_stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n) if n > 1 else math.nan
             row[metric] = values.mean()
             row[f"{metric}_ci"] = half
         rows.append(row)
@@ -186,7 +189,7 @@ def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     axis.bar(positions, summary[metric], yerr=summary[f"{metric}_ci"].fillna(0), capsize=4, color="#4C72B0",
              alpha=0.85)
     axis.set_xticks(positions, summary["cell"], rotation=20, ha="right", fontsize=8)
-    _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% CI)", path)
+    _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% Student-t CI)", path)
 
 
 def _plot_factor(scores: pd.DataFrame, factor: str, metric: str, path: str, title: str | None = None) -> None:
@@ -268,8 +271,9 @@ def write_report(study: Study) -> str:
                         + (f"; B higher on {better} of {total}." if better is not None else "."))
     sections.append("## Headline\n\n" + ("\n".join(headline) if headline else "No hypotheses were declared.") + "\n")
     means = summary[["cell", "n", *metrics]]
-    sections.append("## Mean score per configuration\n\n" + _markdown(means) + "\n95% t-interval half-widths are in "
-                    "`summary.csv` and drawn as error bars.\n")
+    sections.append("## Mean score per configuration\n\n" + _markdown(means) + "\nHalf-widths of 95% Student-t "
+                    "confidence intervals (t quantile with n − 1 degrees of freedom, n examples) are in `summary.csv` "
+                    "and drawn as error bars.\n")
     for hypothesis, table in hypotheses:
         sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs "
                         f"{hypothesis['a_cell']}\n\n" + _markdown(table) + "\n")
