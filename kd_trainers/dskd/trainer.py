@@ -212,10 +212,6 @@ class DSKDTrainer(KDTrainer):
             teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
                               "attention_mask": inputs["teacher_attention_mask"]}
         student_transform = LogitTransform.from_config(student.config)
-        self._check_heads_once([
-            ("student", student, student_inputs, student_transform, self.distilled_vocab_size),
-            ("teacher", teacher, teacher_inputs, self.teacher_logit_transform, self.teacher_vocab_size),
-        ])
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
         student_hidden = student_hidden[:, :-1]
         projectors = getattr(student, PROJECTORS_ATTRIBUTE)
@@ -255,6 +251,15 @@ class DSKDTrainer(KDTrainer):
                        t2s_accuracy=(losses.t2s_num_correct, num_tokens),
                        s2t_accuracy=(losses.s2t_num_correct, num_teacher_tokens))
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
+
+    def _head_checks(self, model, inputs: dict) -> list[tuple]:
+        checks = super()._head_checks(model, inputs)
+        if self.cross_model_attention:  # the teacher reads its own tokenization, in its own vocabulary
+            teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
+                              "attention_mask": inputs["teacher_attention_mask"]}
+            checks[1] = ("teacher", self.teacher_model, teacher_inputs, self.teacher_logit_transform,
+                         self.teacher_vocab_size)
+        return checks
 
     def _teacher_argmax(self, teacher_hidden, teacher, labels) -> torch.Tensor:
         """DSKDv2's t2s target: the teacher's own prediction at each label position (same vocabulary), `[B, T]`."""

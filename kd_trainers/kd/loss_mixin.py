@@ -11,7 +11,7 @@ import os
 import torch
 from huggingface_hub import ModelCard
 from trl import SFTTrainer
-from trl.models.utils import _ForwardRedirection
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
 from .heads import check_engine_logits
@@ -99,14 +99,24 @@ class DistillationLossMixin:
             weighted = weighted / self.accelerator.num_processes
         return weighted
 
-    def _check_heads_once(self, checks) -> None:
+    def _head_checks(self, model, inputs: dict) -> list[tuple]:
+        """`[(role, wrapped model, its inputs, transform, vocabulary)]` whose fused logits `_check_heads_once` checks."""
+        model_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
+        student_transform = LogitTransform.from_config(self.accelerator.unwrap_model(model).config)
+        return [("student", model, model_inputs, student_transform, self.distilled_vocab_size),
+                ("teacher", self.teacher_model, model_inputs, self.teacher_logit_transform, self.distilled_vocab_size)]
+
+    def _check_heads_once(self, model, inputs: dict) -> None:
         """On the first batch, the engine's logits at a few positions must equal each model's own forward (a custom
-        head, an unread logit scale or softcap would otherwise train a wrong objective in silence). `checks`:
-        `[(role, model, inputs, transform, vocab)]`."""
+        head, an unread logit scale or softcap would otherwise train a wrong objective in silence).
+
+        Run outside the training forward, on each model unwrapped as for generation (whole parameters under ZeRO-3):
+        a nested forward inside a partitioned module's forward would upset DeepSpeed's parameter bookkeeping."""
         if self._heads_checked:
             return
-        for role, model, inputs, transform, vocab in checks:
-            check_engine_logits(role, model, inputs, transform, vocab)
+        for role, wrapped, inputs_, transform, vocab in self._head_checks(model, inputs):
+            with unwrap_model_for_generation(wrapped, self.accelerator) as unwrapped:
+                check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
@@ -116,10 +126,6 @@ class DistillationLossMixin:
         labels = inputs["labels"][:, 1:]
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         student_transform = LogitTransform.from_config(student.config)
-        self._check_heads_once([
-            ("student", student, model_inputs, student_transform, self.distilled_vocab_size),
-            ("teacher", unwrapped_teacher, model_inputs, self.teacher_logit_transform, self.distilled_vocab_size),
-        ])
         student_hidden, aux_loss = self._student_hidden(student, model_inputs)
         student_hidden = student_hidden[:, :-1]
         with torch.no_grad():
@@ -162,6 +168,7 @@ class DistillationLossMixin:
             return SFTTrainer.compute_loss(self, model, sft_inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         self.teacher_model.eval()
+        self._check_heads_once(model, inputs)
         student = self.accelerator.unwrap_model(model)
         loss, metrics = self._forward_redirection(
             model, student, self._distillation_forward, student, inputs, num_items_in_batch, mode
