@@ -3,5 +3,8 @@
 import sys
 
 from .cli import main
+from .distributed import exit_launched_worker
 
-sys.exit(main())
+status = main()
+exit_launched_worker(status)  # a launched worker ends here (see kd_trainers.distributed); one process goes on
+sys.exit(status)

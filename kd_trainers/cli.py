@@ -89,4 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import exit_launched_worker
+
+    status = main()
+    exit_launched_worker(status)
+    sys.exit(status)

@@ -1,8 +1,15 @@
-"""Process-group teardown for launched runs.
+"""Process-group teardown and exit for launched runs.
 
 A process that exits with a gloo process group still up can abort at interpreter exit ("terminate called without an
 active exception", SIGABRT): gloo's worker threads still hold work objects when Python is torn down. Every entry point
 that may run under `accelerate launch` therefore destroys the group itself before returning.
+
+Destroying the group was not enough: a ZeRO-3 GKD run was still seen to abort at exit on one rank after training and
+saving had completed, so the launcher reported a failure for a finished run. The abort happens while the interpreter
+tears down the C++ objects that DeepSpeed, gloo and torch keep in module globals, in an order none of them controls.
+A launched worker therefore leaves the way multi-process frameworks' workers do: its work is finished, written and
+flushed, the group is destroyed, the `atexit` handlers have run; then `os._exit` ends the process without the
+teardown, with the run's own exit status.
 """
 
 from __future__ import annotations
@@ -14,3 +21,21 @@ def end_process_group() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_launched_worker(status: int) -> None:
+    """Ends a process started by `accelerate launch` (WORLD_SIZE > 1) with `status`, skipping interpreter teardown.
+
+    Returns (and lets the caller exit normally) in a single process, where there is nothing to tear down.
+    """
+    import atexit
+    import os
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    end_process_group()
+    atexit._run_exitfuncs()  # what a normal exit runs first: loggers, trackers, multiprocessing children
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)

@@ -14,7 +14,7 @@ import torch
 
 from kd_trainers import DSKDConfig, DSKDTrainer
 from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
-from kd_trainers.distributed import end_process_group
+from kd_trainers.distributed import end_process_group, exit_launched_worker
 
 
 def main(output, per_device, accumulation, steps):
@@ -43,3 +43,4 @@ def main(output, per_device, accumulation, steps):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+    exit_launched_worker(0)
