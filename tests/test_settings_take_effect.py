@@ -88,6 +88,28 @@ def test_moe_student_at_kd_weight_zero_is_sft_exactly(tmp_path, bpe_tokenizer, d
     assert torch.equal(kd.compute_loss(kd.model, dict(batch)), sft.compute_loss(sft.model, dict(batch)))
 
 
+def test_moe_student_in_dskd_at_kd_weight_zero_is_sft_and_keeps_its_router_loss_beside_kd(tmp_path, bpe_tokenizer,
+                                                                                         demo_data):
+    student = mixtral_student(bpe_tokenizer)
+    sft = SFTTrainer(copy.deepcopy(student), SFTConfig(output_dir=str(tmp_path / "sft"), **COMMON),
+                     train_dataset=small(demo_data), processing_class=bpe_tokenizer)
+    batch = first_batch(sft)
+    losses = {}
+    for weight in (0.0, 0.5):
+        dskd = DSKDTrainer(copy.deepcopy(student), copy.deepcopy(student),
+                           args=DSKDConfig(output_dir=str(tmp_path / str(weight)), kd_weight=weight, **COMMON),
+                           train_dataset=small(demo_data), processing_class=bpe_tokenizer,
+                           teacher_processing_class=bpe_tokenizer)
+        losses[weight] = dskd.compute_loss(dskd.model, dict(batch))
+        dskd.log({})
+        logged = dskd.state.log_history[-1]
+    assert torch.equal(losses[0.0], sft.compute_loss(sft.model, dict(batch)))
+    assert float(logged["aux_loss"]) > 0  # beside the dual-space loss, the router loss is there and logged
+    parts = sum(float(logged[k]) for k in ("t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss"))
+    expected = 0.5 * float(logged["ce_loss"]) + 0.5 * parts + 0.3 * float(logged["aux_loss"])
+    assert losses[0.5].item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_moe_student_keeps_its_router_loss_beside_kd(tmp_path, bpe_tokenizer, demo_data):
     """With the teacher a copy of the student the KD term is 0, so the loss is (1 − w)·NLL + coef·aux, the router
     loss computed by the model's own forward."""
@@ -106,6 +128,23 @@ def test_moe_student_keeps_its_router_loss_beside_kd(tmp_path, bpe_tokenizer, de
     torch.testing.assert_close(loss, 0.6 * nll + 0.3 * own.aux_loss, rtol=1e-4, atol=1e-5)
     kd.log({})
     assert kd.state.log_history[-1]["aux_loss"] == pytest.approx(own.aux_loss.item(), rel=1e-4)
+
+
+def test_gkd_takes_trls_call_with_an_in_memory_teacher(tmp_path, student, teacher, bpe_tokenizer, demo_data):
+    """The call of TRL's GKD documentation: model and teacher objects, the student's tokenizer, nothing else."""
+    from kd_trainers.teacher import AssumedTeacherTokenizer
+
+    args = GKDConfig(output_dir=str(tmp_path / "gkd"), lmbda=0.0, **COMMON)
+    with pytest.warns(AssumedTeacherTokenizer):
+        trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=small(demo_data),
+                             processing_class=bpe_tokenizer)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    assert all(not torch.equal(p, before[n]) for n, p in student.named_parameters())
+    bigger = demo_model("llama", bpe_tokenizer, "teacher", seed=1, vocab_size=len(bpe_tokenizer) + 64)
+    with pytest.raises(ValueError, match=r"different vocabulary size.*DSKDTrainer"):
+        GKDTrainer(model=student, teacher_model=bigger, args=args, train_dataset=small(demo_data),
+                   processing_class=bpe_tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
