@@ -110,8 +110,10 @@ class DistillationLossMixin:
         """On the first batch, the engine's logits at a few positions must equal each model's own forward (a custom
         head, an unread logit scale or softcap would otherwise train a wrong objective in silence).
 
-        Run outside the training forward, on each model unwrapped as for generation (whole parameters under ZeRO-3):
-        a nested forward inside a partitioned module's forward would upset DeepSpeed's parameter bookkeeping."""
+        Run outside the training forward, on each model unwrapped as for generation. Under ZeRO-3 that gathers one
+        model whole at a time, for the check's one-row forward, and releases it (as on-policy generation does): a
+        forward of the partitioned model outside its engine's own forward, gathered or nested, breaks DeepSpeed's
+        parameter bookkeeping (a size-0 gradient in the next backward)."""
         if self._heads_checked:
             return
         for role, wrapped, inputs_, transform, vocab in self._head_checks(model, inputs):
