@@ -315,6 +315,6 @@ class DSKDTrainer(KDTrainer):
             method="DSKD with cross-model attention" if self.cross_model_attention else "DSKD (same vocabulary)",
             teacher_tokenizer=model_name(self.teacher_processing_class), projector_lr=args.projector_lr,
             projector_init=args.projector_init, t2s_target=args.t2s_target,
-            teacher_temperature=args.teacher_temperature, s2t_divergence=args.s2t_divergence,
+            teacher_temperature=self.loss_settings.teacher_temperature, s2t_divergence=args.s2t_divergence,
         )
         return settings
