@@ -3,8 +3,9 @@ the trainer's result as it should or is refused before training with a message n
 
 - `SameAsSFT`: fields that change `SFTTrainer`'s loss or batches. At `kd_weight=0` a KD trainer must *be*
   `SFTTrainer`: two optimizer steps give bit-identical weights and losses with the field set, and (unless the field
-  only reorganises work) the field changes SFT's result, so the comparison is not vacuous.
-- `RefusedBesideKD`: SFT-only loss variants; with `kd_weight > 0` the config refuses them, naming the field.
+  only reorganises work) the field changes SFT's result, so the comparison is not vacuous. The SFT-only loss variants
+  among them (`loss_type`, `label_smoothing_factor`) are refused beside a KD term, naming the field
+  (`test_sft_only_losses_are_refused_beside_kd`).
 - `KDLoss`: the distillation loss fields; the trainer's loss on a fixed batch equals the full-logits reference at
   the field's value and differs from the default (or, for the chunk size, equals it).
 - `TestedIn`: method fields with their own behaviour tests, named here (the test must exist).
@@ -38,10 +39,6 @@ class SameAsSFT(NamedTuple):
     values: dict
     dataset: str = "prompt_completion"
     changes: bool = True  # False: the field reorganises work (processes, columns) without changing the result
-
-
-class RefusedBesideKD(NamedTuple):
-    value: object
 
 
 class KDLoss(NamedTuple):
