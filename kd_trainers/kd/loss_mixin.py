@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import warnings
 
 import torch
 from huggingface_hub import ModelCard
@@ -117,8 +118,11 @@ class DistillationLossMixin:
         if self._heads_checked:
             return
         for role, wrapped, inputs_, transform, vocab in self._head_checks(model, inputs):
-            with unwrap_model_for_generation(wrapped, self.accelerator) as unwrapped:
-                check_engine_logits(role, unwrapped, inputs_, transform, vocab)
+            # TRL's unwrapping still calls transformers' deprecated gradient-checkpointing names: not the user's to fix.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*deprecated")
+                with unwrap_model_for_generation(wrapped, self.accelerator) as unwrapped:
+                    check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
