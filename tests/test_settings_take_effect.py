@@ -379,3 +379,16 @@ def test_summary_intervals_use_the_t_quantile():
     expected = scipy_stats.t.ppf(0.975, 4) * np.std(values, ddof=1) / math.sqrt(5)
     assert table.loc[0, "m_ci"] == pytest.approx(expected)
     assert table.loc[0, "m_ci"] > 1.96 * np.std(values, ddof=1) / math.sqrt(5) * 1.3
+
+
+def test_the_head_check_keeps_the_users_gradient_checkpointing_kwargs(tmp_path, student, teacher, bpe_tokenizer,
+                                                                      demo_data):
+    """The first-batch check unwraps the student as for generation, which switches checkpointing off and on again:
+    it must come back with the user's `gradient_checkpointing_kwargs`, not the library defaults."""
+    args = KDConfig(output_dir=str(tmp_path / "kd"), gradient_checkpointing=True,
+                    gradient_checkpointing_kwargs={"use_reentrant": True}, **COMMON)
+    trainer = KDTrainer(student, args, train_dataset=small(demo_data), processing_class=bpe_tokenizer,
+                        teacher_model=teacher, teacher_processing_class=bpe_tokenizer)
+    trainer.train()
+    layer = student.model.layers[0]
+    assert layer._gradient_checkpointing_func.keywords == {"use_reentrant": True}

@@ -121,7 +121,9 @@ class DistillationLossMixin:
             # TRL's unwrapping still calls transformers' deprecated gradient-checkpointing names: not the user's to fix.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning, message=".*checkpointing.*deprecated")
-                with unwrap_model_for_generation(wrapped, self.accelerator) as unwrapped:
+                # It turns gradient checkpointing off and back on: with the user's kwargs, not TRL's defaults.
+                with unwrap_model_for_generation(wrapped, self.accelerator, gradient_checkpointing_kwargs=
+                                                 self.args.gradient_checkpointing_kwargs) as unwrapped:
                     check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
