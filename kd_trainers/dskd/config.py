@@ -112,8 +112,11 @@ class DSKDConfig(KDConfig):
             )
         super().__post_init__()
 
+    def _loss_setting_values(self) -> dict:
+        return {**super()._loss_setting_values(), "teacher_temperature": self.teacher_temperature}
+
     def loss_settings(self) -> LossSettings:
         """KD's settings plus τ_t; the teacher-space divergence is checked with them (it reads jsd_beta/skew_alpha)."""
-        settings = dataclasses.replace(super().loss_settings(), teacher_temperature=self.teacher_temperature)
+        settings = super().loss_settings()
         dataclasses.replace(settings, divergence=self.s2t_divergence)  # validates what s2t_divergence reads
         return settings

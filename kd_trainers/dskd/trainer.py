@@ -14,6 +14,7 @@ from ..kd.hidden import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
+from ..losses.reference import loss_normalizer
 from ..teacher import model_name, output_head_shape
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
@@ -207,10 +208,7 @@ class DSKDTrainer(KDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher_model)
         student_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
-        teacher_inputs = student_inputs
-        if self.cross_model_attention:
-            teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
-                              "attention_mask": inputs["teacher_attention_mask"]}
+        teacher_inputs = self._teacher_inputs(inputs) if self.cross_model_attention else student_inputs
         student_transform = LogitTransform.from_config(student.config)
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
         student_hidden = student_hidden[:, :-1]
@@ -243,7 +241,7 @@ class DSKDTrainer(KDTrainer):
         )
         num_tokens = (labels != -100).sum()
         num_teacher_tokens = (teacher_labels != -100).sum()
-        normalizer = self._loss_normalizer(num_tokens, num_items_in_batch)
+        normalizer = loss_normalizer(num_tokens, num_items_in_batch)
         # Every term is a sum divided by the student token count; the logs show each per student token.
         metrics = {name: (getattr(losses, name) * normalizer, num_tokens)
                    for name in ("ce_loss", "t2s_ce_loss", "t2s_kd_loss", "s2t_kd_loss")}
@@ -252,12 +250,15 @@ class DSKDTrainer(KDTrainer):
                        s2t_accuracy=(losses.s2t_num_correct, num_teacher_tokens))
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
+    @staticmethod
+    def _teacher_inputs(inputs: dict) -> dict:
+        """The teacher's own tokenization of the batch (cross-model attention)."""
+        return {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"]}
+
     def _head_checks(self, model, inputs: dict) -> list[tuple]:
         checks = super()._head_checks(model, inputs)
         if self.cross_model_attention:  # the teacher reads its own tokenization, in its own vocabulary
-            teacher_inputs = {"input_ids": inputs["teacher_input_ids"],
-                              "attention_mask": inputs["teacher_attention_mask"]}
-            checks[1] = ("teacher", self.teacher_model, teacher_inputs, self.teacher_logit_transform,
+            checks[1] = ("teacher", self.teacher_model, self._teacher_inputs(inputs), self.teacher_logit_transform,
                          self.teacher_vocab_size)
         return checks
 

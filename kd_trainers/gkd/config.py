@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from trl.experimental.gkd import GKDConfig as TRLGKDConfig
 
 from ..kd.config import KDConfig
-from ..losses.chunked import LossSettings
 
 
 @dataclass
@@ -47,14 +46,10 @@ class GKDConfig(KDConfig, TRLGKDConfig):
 
     _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}
 
-    def loss_settings(self) -> LossSettings:
+    def _loss_setting_values(self) -> dict:
         """KD's settings with β = `beta`. TRL's generalised JSD at its ends: β = 0 is KL(p_T ‖ p_S), β = 1 is
         KL(p_S ‖ p_T), so `divergence="jsd"` there runs as forward or reverse KL (the JSD itself vanishes)."""
-        divergence = self.divergence
-        if divergence == "jsd" and self.beta in (0.0, 1.0):
-            divergence = "forward_kl" if self.beta == 0.0 else "reverse_kl"
-        return LossSettings(
-            divergence=divergence, temperature=self.kd_temperature, jsd_beta=self.beta, skew_alpha=self.skew_alpha,
-            noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
-            temperature_squared=self.kd_temperature_squared,
-        )
+        values = {**super()._loss_setting_values(), "jsd_beta": self.beta}
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):
+            values["divergence"] = "forward_kl" if self.beta == 0.0 else "reverse_kl"
+        return values

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import textwrap
-
 import random
+import textwrap
 
 from transformers import AutoTokenizer
 from trl import SFTTrainer
@@ -63,8 +62,7 @@ class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
         # TRL's GKD script passes the teacher as a model and no teacher tokenizer: the student's is then assumed
         # (with a warning) for a teacher that has none of its own, as TRL does, after checking what can be checked.
         self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class, processing_class)
-        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class \
-            and not isinstance(teacher, str)
+        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class
         if assumed and not isinstance(model, str):
             check_same_head_size(model, teacher)
         check_same_vocabulary(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))

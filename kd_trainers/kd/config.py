@@ -129,12 +129,13 @@ class KDConfig(SFTConfig):
 
     def loss_settings(self) -> LossSettings:
         """The `LossSettings` the trainer's loss runs with: every loss field of this config, and nothing else."""
-        settings = LossSettings(
-            divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
-            skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
-            temperature_squared=self.kd_temperature_squared,
-        )
-        return settings
+        return LossSettings(**self._loss_setting_values())
+
+    def _loss_setting_values(self) -> dict:
+        """`LossSettings` keyword arguments from this config's fields; a subclass maps its own fields here."""
+        return dict(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
+                    skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
+                    temperature_squared=self.kd_temperature_squared)
 
     def _refuse_sft_only_losses(self) -> None:
         """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD

@@ -15,6 +15,7 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
+from ..losses.reference import loss_normalizer, uses_jsd_beta, uses_skew_alpha
 from .heads import check_engine_logits
 from .hidden import hidden_state_and_router_loss, last_hidden_state
 
@@ -148,7 +149,7 @@ class DistillationLossMixin:
             noise_seed=self._noise_seed(mode),
         )
         num_tokens = (labels != -100).sum()
-        normalizer = self._loss_normalizer(num_tokens, num_items_in_batch)
+        normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the engine divided by: back to sums
         metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
                    "kd_loss": (losses.kd_loss * normalizer, num_tokens),
                    "mean_token_accuracy": (num_correct, num_tokens)}
@@ -161,12 +162,6 @@ class DistillationLossMixin:
         one = torch.ones((), device=loss.device)
         metrics["aux_loss"] = (aux_loss.detach().float(), one)
         return loss + self._weighted_router_loss(aux_loss, num_items_in_batch), metrics
-
-    @staticmethod
-    def _loss_normalizer(num_tokens: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """What the engine divided the sums by: turns its means back into sums for the logs."""
-        normalizer = num_tokens if num_items_in_batch is None else torch.as_tensor(num_items_in_batch)
-        return normalizer.to(num_tokens.device, torch.float32).clamp(min=1)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_settings.kd_weight == 0:
@@ -226,8 +221,8 @@ class DistillationLossMixin:
             "kd_temperature": settings.temperature,
             "kd_temperature_squared": settings.temperature_squared,
             "kd_weight": settings.kd_weight,
-            "jsd_beta": settings.jsd_beta if settings.divergence == "jsd" else None,
-            "skew_alpha": settings.skew_alpha if settings.divergence.startswith("skew") else None,
+            "jsd_beta": settings.jsd_beta if uses_jsd_beta(settings.divergence) else None,
+            "skew_alpha": settings.skew_alpha if uses_skew_alpha(settings.divergence) else None,
             "teacher_logit_noise_std": settings.noise_std,
             "teacher_logit_noise_in_eval": args.teacher_logit_noise_in_eval if settings.noise_std > 0 else None,
             "loss_chunk_size": args.loss_chunk_size,

@@ -71,8 +71,8 @@ class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
                                                                      processing_class)
         # A teacher that came without a tokenizer is assumed to use the student's (as TRL assumes): then the heads
         # must have the same size, checked now when the student is an object, else once SFTTrainer has loaded it.
-        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class \
-            and not isinstance(teacher, str)
+        # (`load_teacher_tokenizer` returns the student's own object only when it assumed it.)
+        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class
         if assumed and not isinstance(model, str):
             check_same_head_size(model, teacher)
         self._check_tokenizers(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))

@@ -12,7 +12,7 @@ The loss, for student logits z_S, teacher logits z_T, temperature T, KD weight w
 
 where the sums run over the positions whose label is not `ignore_index`, N is `num_items_in_batch` when given (the
 number of label tokens in the whole accumulated batch, which keeps gradient accumulation exact) and otherwise the
-number of label tokens here, either clamped to at least 1 so that an all-masked batch gives 0, not NaN; and s = T² when
+number of label tokens here (either clamped to at least 1, so that an all-masked batch gives 0, not NaN); s = T² when
 `temperature_squared=True` (Hinton et al., 2015: it keeps the soft-target gradients at the same magnitude as T changes),
 else 1 (the DSKD and GKD codebases use s = 1).
 """
@@ -45,20 +45,18 @@ def uses_skew_alpha(divergence: str) -> bool:
 
 
 def check_loss_settings(*, divergence: str, temperature: float, jsd_beta: float, skew_alpha: float,
-                        noise_std: float, kd_weight: float, other_divergences: tuple[str, ...] = ()) -> None:
+                        noise_std: float, kd_weight: float) -> None:
     """Fail fast, naming the setting and the value, on settings that would give a meaningless loss.
 
-    `jsd_beta` and `skew_alpha` are checked only when a divergence in use reads them (`divergence` or one of
-    `other_divergences`, e.g. DSKD's teacher-space one): a β that the loss never reads cannot make it meaningless.
+    `jsd_beta` and `skew_alpha` are checked only when `divergence` reads them: a β that the loss never reads cannot
+    make it meaningless.
     """
-    divergences = (divergence, *other_divergences)
-    for name in divergences:
-        get_divergence(name)
+    get_divergence(divergence)
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
-    if any(map(uses_jsd_beta, divergences)) and not 0.0 < jsd_beta < 1.0:
+    if uses_jsd_beta(divergence) and not 0.0 < jsd_beta < 1.0:
         raise ValueError(f"jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got {jsd_beta}.")
-    if any(map(uses_skew_alpha, divergences)) and not 0.0 <= skew_alpha < 1.0:
+    if uses_skew_alpha(divergence) and not 0.0 <= skew_alpha < 1.0:
         raise ValueError(f"skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got {skew_alpha}.")
     if not 0 <= noise_std < float("inf"):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}.")
