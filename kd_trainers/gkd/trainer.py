@@ -11,6 +11,7 @@ from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 from trl.models.utils import unwrap_model_for_generation
 
 from ..checkpointing import AtomicCheckpointMixin
+from ..guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
                        model_name)
@@ -18,7 +19,7 @@ from .config import GKDConfig
 from .data import PromptCompletionCollator
 
 
-class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
+class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
     """Generalized knowledge distillation (Agarwal et al., 2024) on top of `trl.experimental.gkd.GKDTrainer`.
 
     TRL's training step is kept as it is: with probability `lmbda` the batch's completions are replaced by the
@@ -109,7 +110,7 @@ class GKDTrainer(AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # The completions were replaced in `get_batch_samples`; TRL's own step would replace them a second time.
-        return SFTTrainer.training_step(self, model, inputs, num_items_in_batch)
+        return self._note_loss(SFTTrainer.training_step(self, model, inputs, num_items_in_batch))
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()

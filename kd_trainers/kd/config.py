@@ -8,6 +8,7 @@ from typing import Any
 
 from trl import SFTConfig
 
+from ..guards import check_training_args
 from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
 
@@ -123,6 +124,7 @@ class KDConfig(SFTConfig):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
         self._refuse_sft_only_losses()
         super().__post_init__()
+        check_training_args(self)  # settings that would train nothing are refused here, before any model loads
 
     # LossSettings' names -> this config's fields, for error messages.
     _loss_setting_names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}

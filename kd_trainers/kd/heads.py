@@ -76,6 +76,11 @@ def check_engine_logits(role: str, model: torch.nn.Module, inputs: dict, transfo
         engine = transform(engine)
     finally:
         model.train(was_training)
+    if not torch.isfinite(own).all():
+        raise ValueError(
+            f"The {role} ({type(model).__name__}, {model_name(model)}) gives non-finite logits (NaN or inf) on the "
+            "first batch from its own forward: its weights (or its dtype's range) are broken; check the checkpoint it "
+            "was loaded from, or load it in float32.")
     difference = (engine - own).abs().max().item()
     scale = max(own.abs().max().item(), 1.0)
     tolerance = TOLERANCE.get(weight.dtype, LOW_PRECISION_TOLERANCE)

@@ -234,6 +234,7 @@ class DistillationLossMixin:
         if not self.is_world_process_zero() or not os.path.exists(path):
             return
         card = ModelCard.load(path)
+        card.data.tags = sorted(card.data.tags or [])  # TRL collects them in a set: the same run, the same card
         rows = "\n".join(f"| `{key}` | {value} |" for key, value in self.kd_settings().items() if value is not None)
         card.text += (
             "\n## Knowledge distillation\n\n"

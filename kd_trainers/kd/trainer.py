@@ -10,6 +10,7 @@ from trl import SFTTrainer
 from trl.models import prepare_deepspeed
 
 from ..checkpointing import AtomicCheckpointMixin
+from ..guards import RunGuardsMixin
 from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
                        model_name, output_head_shape)
 from .config import KDConfig
@@ -20,7 +21,7 @@ from .loss_mixin import DistillationLossMixin
 _SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
 
 
-class KDTrainer(AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
+class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
