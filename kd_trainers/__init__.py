@@ -4,7 +4,9 @@
 
 Where things are: `losses/` (divergences, the readable reference, the chunked engine), one folder per method
 (`kd/`: config, trainer and the shared loss mixin; `dskd/`: also the dual tokenization, projectors and cross-model
-attention; `gkd/`: on-policy GKD on TRL's trainer; `seqkd/`: teacher-generated data), `teacher.py` (teacher loading and the tokenizer check), `demo/` (the built-in demo task).
+attention; `gkd/`: on-policy GKD on TRL's trainer; `seqkd/`: teacher-generated data), `teacher.py` (teacher loading
+and the tokenizer check), `guards.py` (the non-finite stop and training-setting ranges), `checkpointing.py` (atomic,
+secret-free checkpoints), `redaction.py` (secrets kept off the disk), `demo/` (the built-in demo task).
 """
 
 __version__ = "0.1.0.dev0"

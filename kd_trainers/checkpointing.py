@@ -4,14 +4,21 @@
 `get_last_checkpoint` takes for a checkpoint, and resuming from it fails or, worse, silently loads a mix. Here every
 process writes into `<output_dir>/.staging/checkpoint-N/`, and once all of them are done the main process renames it to
 `<output_dir>/checkpoint-N` (`os.replace`: atomic on one filesystem) and only then rotates old checkpoints.
+
+`Trainer` also pickles its `TrainingArguments` into every checkpoint and the final folder (`training_args.bin`); here
+they are pickled with their secrets (`hub_token`) set to None, so that no token reaches the disk.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import shutil
 
 from transformers.trainer_utils import rotate_checkpoints
+
+from .redaction import is_secret_key
 
 STAGING_DIR = ".staging"
 
@@ -20,6 +27,23 @@ class AtomicCheckpointMixin:
     """Mix into a `transformers.Trainer` subclass, before the Trainer class: `class T(AtomicCheckpointMixin, SFTTrainer)`."""
 
     _checkpoint_staging: str | None = None
+
+    @contextlib.contextmanager
+    def _arguments_without_secrets(self):
+        """`self.args` with every secret field (`hub_token`) None while files are written; restored after."""
+        hidden = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)
+                  if is_secret_key(f.name) and isinstance(getattr(self.args, f.name, None), str)}
+        for name in hidden:
+            object.__setattr__(self.args, name, None)
+        try:
+            yield
+        finally:
+            for name, value in hidden.items():
+                object.__setattr__(self.args, name, value)
+
+    def _save(self, output_dir=None, state_dict=None):
+        with self._arguments_without_secrets():
+            return super()._save(output_dir, state_dict)
 
     def _get_output_dir(self, trial):
         if self._checkpoint_staging is not None:
@@ -35,7 +59,8 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
         try:
-            super()._save_checkpoint(model, trial)
+            with self._arguments_without_secrets():
+                super()._save_checkpoint(model, trial)
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every rank's shards are written

@@ -5,6 +5,10 @@
                                              `accelerate launch [flags] -m kd_trainers RECIPE ...`
     kd-train validate RECIPE [key=value ...] check a recipe without loading anything heavy
     kd-train list                            the shipped recipes, with the first line of their header
+
+Bad input (a recipe, a path, the data) stops before anything heavy loads, with one line and exit status 2; a run
+whose loss stops being finite exits 1; `--debug` shows the traceback. A finished run (its output folder has
+`done.json`) is left alone when run again; `overwrite_output_dir=true` starts it over.
 """
 
 from __future__ import annotations
@@ -32,8 +36,67 @@ def _header(path: str) -> str:
     return ""
 
 
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (library messages often span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command; the package's errors (bad input, a run stopped on a non-finite loss) print as one line and
+    return 2 (or 1 for a stopped run), without a traceback unless `--debug` is given."""
+    from .guards import NonFiniteTrainingError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [argument for argument in argv if argument != "--debug"]
+    try:
+        return _main(argv)
+    except RecipeError as error:
+        if debug:
+            raise
+        print(f"Recipe error: {one_line(error)}", file=sys.stderr)
+        return 2
+    except NonFiniteTrainingError as error:
+        if debug:
+            raise
+        print(f"kd-train: {one_line(error)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:  # data, model loading, a study file: bad input found while loading it
+        if debug:
+            raise
+        print(f"kd-train: {one_line(error)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def _validate(recipe_path: str, overrides: list[str]) -> int:
+    """`kd-train validate`: the recipe, what it names on this machine, its data and its output folder."""
+    from .recipe.data import load_recipe_datasets
+    from .recipe.output import is_finished
+    from .recipe.preflight import preflight
+
+    recipe = load_recipe(recipe_path, overrides, portable=True)
+    preflight(recipe, output=False)
+    dataset = recipe.options["dataset_name"]
+    if dataset == "demo" or os.path.exists(dataset):  # local data (not a Hub id): splits, columns and rows too
+        try:
+            load_recipe_datasets(recipe.options)
+        except ValueError as error:
+            raise RecipeError(f"{recipe_path}: {error}") from None
+    print(f"{recipe_path}: valid ({recipe.method}, output_dir {recipe.config.output_dir}).")
+    for note in recipe.hardware_notes:
+        print(f"  note: not runnable on this machine as is: {note}")
+    try:
+        from .recipe.output import check_output_dir
+
+        check_output_dir(recipe)
+    except RecipeError as error:
+        print(f"  note: {one_line(error)}")
+    if is_finished(recipe.config.output_dir):
+        print(f"  note: {recipe.config.output_dir} holds a finished run; running the recipe leaves it alone.")
+    return 0
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -42,37 +105,37 @@ def main(argv: list[str] | None = None) -> int:
         for path in shipped_recipes():
             print(f"{os.path.relpath(path, os.path.dirname(RECIPES_DIR))}  {_header(path)}")
         return 0
-    validate_only = command == "validate"
-    if validate_only:
-        argv = argv[1:]
-        if not argv:
+    if command == "validate":
+        if len(argv) < 2:
             print("kd-train validate RECIPE [key=value ...]", file=sys.stderr)
             return 2
+        return _validate(argv[1], argv[2:])
     recipe_path, overrides = argv[0], argv[1:]
-    try:
-        recipe = load_recipe(recipe_path, overrides, portable=validate_only)
-    except RecipeError as error:
-        print(f"Recipe error: {error}", file=sys.stderr)
-        return 2
-    if validate_only:
-        print(f"{recipe_path}: valid ({recipe.method}, output_dir {recipe.config.output_dir}).")
-        for note in recipe.hardware_notes:
-            print(f"  note: not runnable on this machine as is: {note}")
+    recipe = load_recipe(recipe_path, overrides)
+
+    from .recipe.launch import already_launched, launched_by_kd_train, relaunch
+    from .recipe.output import evaluation_finished, is_finished, start_over
+    from .recipe.preflight import preflight
+    from .recipe.run import apply_env, evaluate_recipe, finished_message
+
+    if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
+        start_over(recipe.config.output_dir)  # before the checks: the old run's settings no longer matter
+    preflight(recipe)
+    evaluate_here = bool(recipe.options["evaluation"]) and not launched_by_kd_train() and \
+        int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if is_finished(recipe.config.output_dir):
+        if evaluate_here and not evaluation_finished(recipe.config.output_dir):
+            evaluate_recipe(recipe)  # training finished, its evaluation was interrupted
+        else:
+            print(finished_message(recipe.config.output_dir), flush=True)
         return 0
-
-    from .recipe.launch import already_launched, relaunch
-    from .recipe.run import apply_env
-
     apply_env(recipe.options)  # before a relaunch, so that every launched process inherits it
 
     if recipe.options["accelerate"] and not already_launched():
         code = relaunch(recipe_path, overrides, recipe.options["accelerate"])
         if code == 0 and recipe.options["evaluation"]:
             # Here, after every launched process has ended: evaluation needs one process and the saved model.
-            from .evaluation.trained import TrainedModels
-            from .recipe.run import evaluate_recipe
-
-            evaluate_recipe(recipe, TrainedModels.from_output(recipe))
+            evaluate_recipe(recipe)
         return code
     from .distributed import end_process_group
     from .publish import PublishError
@@ -81,10 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_recipe(recipe)
     except PublishError as error:
-        print(f"Publish error: {error}", file=sys.stderr)
+        print(f"Publish error: {one_line(error)}", file=sys.stderr)
         return 3
     finally:
         end_process_group()
+    if evaluate_here:
+        evaluate_recipe(recipe)
+    elif recipe.options["evaluation"] and not launched_by_kd_train():
+        print(f"Not evaluated here ({os.environ.get('WORLD_SIZE')} processes): run kd-eval --model "
+              f"{recipe.config.output_dir} ...", flush=True)
     return 0
 
 

@@ -45,10 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--judge-model", help="a local transformers model (path or Hub id) as the LLM judge")
     parser.add_argument("--judge-url", help="an OpenAI-compatible endpoint as the judge, e.g. http://localhost:8000/v1")
     parser.add_argument("--judge-endpoint-model", help="the model name to ask the endpoint for")
-    parser.add_argument("--judge-api-key")
+    parser.add_argument("--judge-api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="the endpoint's key (default: $OPENAI_API_KEY); never written to disk")
     parser.add_argument("--judge-metrics", nargs="+", default=list(DEFAULT_JUDGE_METRICS))
     parser.add_argument("--context-column", help="a column with the context, for the faithfulness judge metric")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -62,6 +64,28 @@ def evaluate_model(options) -> dict:
     from .recipe.run import resolve_model
     from .teacher import load_teacher
 
+    from .files import DONE
+    from .recipe.preflight import check_model_reference
+
+    check_model_reference("--model", options.model, "kd-eval")
+    check_model_reference("--tokenizer", options.tokenizer, "kd-eval")
+    check_model_reference("--adapter", options.adapter, "kd-eval", adapter=True)
+    if os.path.isfile(os.path.join(options.model, "run_info.json")) and \
+            not os.path.isfile(os.path.join(options.model, DONE)):
+        raise ValueError(f"--model: {options.model!r} is a run that did not finish (no {DONE}: it was stopped before "
+                         "or during its final save); run its kd-train command again to finish it.")
+    if options.teacher_predictions and not os.path.isfile(options.teacher_predictions):
+        raise ValueError(f"--teacher-predictions: {options.teacher_predictions!r} does not exist.")
+    if os.path.exists(options.output) and not os.path.isdir(options.output):
+        raise ValueError(f"--output: {options.output!r} is a file; name a folder.")
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: {value} should be a positive integer.")
+    from .evaluation.answers import ANSWER_EXTRACTORS
+
+    if options.answer_extractor not in ANSWER_EXTRACTORS:
+        raise ValueError(f"--answer-extractor: {options.answer_extractor!r} is not one of {sorted(ANSWER_EXTRACTORS)}.")
     use_judge = "judge" in options.metrics
     metrics = resolve_metrics([m for m in options.metrics if m != "judge"])  # bad names fail before any loading
     if use_judge and not (options.judge_model or (options.judge_url and options.judge_endpoint_model)):
@@ -116,10 +140,14 @@ def evaluate_model(options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    from .cli import one_line
+
     try:
         summary = evaluate_model(options)
-    except ValueError as error:
-        print(f"kd-eval: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:
+        if options.debug:
+            raise
+        print(f"kd-eval: {one_line(error)}", file=sys.stderr)
         return 2
     width = max(len(k) for k in summary)
     for key, value in summary.items():

@@ -10,19 +10,31 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
     parser = argparse.ArgumentParser(prog="kd-study", description=__doc__)
     parser.add_argument("study")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     options = parser.parse_args(argv)
+    from .cli import one_line
+    from .recipe.schema import RecipeError
     from .study import StudyError, load_study, run_study
     from .study.report import write_report
+    from .study.runner import check_study
 
     try:
         study = load_study(options.study)
-    except StudyError as error:
-        print(f"Study error: {error}", file=sys.stderr)
+        if options.report_only:
+            folder = write_report(study)
+        else:
+            check_study(study)  # every cell, before the first one starts
+            folder = run_study(study)
+    except (StudyError, RecipeError, ValueError, OSError) as error:
+        if debug:
+            raise
+        print(f"Study error: {one_line(error)}", file=sys.stderr)
         return 2
-    folder = write_report(study) if options.report_only else run_study(study)
     print(f"Report: {folder}/report.md and {folder}/report.html")
     with open(f"{folder}/report.md") as handle:
         text = handle.read()

@@ -3,13 +3,15 @@ the LoRA SFT -> KD chain and publishing. The multi-process runs are in `test_rec
 
 import json
 import os
+import sys
 
 import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+
+from faults import StopAt
 
 from kd_trainers import cli
 from kd_trainers.recipe import RecipeError, load_recipe
@@ -135,7 +137,11 @@ def test_cli_list_validate_and_run(tmp_path, capsys):
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
     assert "recipes/dskd.yaml" in listed and "recipes/accelerate" not in listed
-    assert cli.main(["validate", os.path.join(RECIPES, "telecom_qa", "dskd_cma_mistral7b_tinyllama.yaml")]) == 0
+    assert cli.main(["validate", os.path.join(RECIPES, "dskd.yaml")]) == 0
+    # A recipe chained after another one names its output; validate says so until that recipe has run.
+    assert cli.main(["validate", os.path.join(RECIPES, "telecom_qa", "dskd_cma_mistral7b_tinyllama.yaml")]) == 2
+    assert ("teacher_adapter_name_or_path: 'outputs/telecom_qa/sft_teacher_mistral7b' does not exist (no such "
+            "folder); check the path, or run the recipe that produces it first.") in capsys.readouterr().err
     bad = write(tmp_path, BASE + "max_step: 3\n", "bad.yaml")
     assert cli.main(["validate", bad]) == 2
     assert "Did you mean 'max_steps'?" in capsys.readouterr().err
@@ -149,17 +155,6 @@ def test_cli_list_validate_and_run(tmp_path, capsys):
     info = json.loads((output / "run_info.json").read_text())
     assert info["seed"] == 0 and {"torch", "transformers", "trl", "kd_trainers"} <= set(info["versions"])
     assert not os.listdir(output / ".staging")
-
-
-class StopAt(TrainerCallback):
-    """Simulates a kill: raises at the end of step `step` (after the checkpoints before it were written)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("killed")
 
 
 def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path):
@@ -225,9 +220,18 @@ def test_lora_sft_adapter_is_a_kd_teacher(tmp_path):
 def test_publishing_offline_leaves_a_complete_folder_and_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "pub"
+    secret = "hf_notARealTokenButASecret123"
+    monkeypatch.setattr(sys, "argv", ["kd-train", "recipe.yaml", f"hub_token={secret}"])  # run_info records argv
     code = cli.main([os.path.join(RECIPES, "vanilla_kd.yaml"), *FAST, f"output_dir={output}", "push_to_hub=true",
-                     "hub_model_id=kd-trainers-tests/demo-student", "dataset_test_split=test"])
+                     "hub_model_id=kd-trainers-tests/demo-student", "dataset_test_split=test", f"hub_token={secret}"])
     assert code == 3
+    # The token given on the command line reached no file: not the resolved recipe, run_info.json, nor the pickled
+    # TrainingArguments of the checkpoints and the final folder.
+    written = [os.path.join(root, name) for root, _, names in os.walk(output) for name in names]
+    assert any(path.endswith("training_args.bin") for path in written)
+    assert [path for path in written if secret.encode() in open(path, "rb").read()] == []
+    assert "<redacted>" in (output / "recipe.yaml").read_text()
+    assert "hub_token=<redacted>" in (output / "run_info.json").read_text()
     err = capsys.readouterr().err
     assert "Uploading to the Hub repository 'kd-trainers-tests/demo-student' failed" in err
     assert f"The complete folder is at {output / 'publish'}" in err

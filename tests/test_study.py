@@ -52,11 +52,11 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
         trained.append(recipe.config.output_dir)
         return real_run(recipe, *args, **kwargs)
 
-    def evaluate_then_die(study_, trainer, recipe, directory):
+    def evaluate_then_die(study_, recipe, directory):
         evaluated.append(directory)
         if len(evaluated) == 2:
             raise KeyboardInterrupt("killed during the second cell's evaluation")
-        return real_evaluate(study_, trainer, recipe, directory)
+        return real_evaluate(study_, recipe, directory)
 
     monkeypatch.setattr(study_runner, "run_recipe", counting_run)
     monkeypatch.setattr(study_runner, "evaluate_cell", evaluate_then_die)
@@ -68,8 +68,9 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
     trained.clear()
     monkeypatch.setattr(study_runner, "evaluate_cell", real_evaluate)
     report = run_study(study, log=lambda message: None)
-    # The finished prepare step and cell were skipped; the interrupted cell and the last one ran.
-    assert [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in trained] == ["sigma-1", "sigma-5"]
+    # The finished prepare step and cell were skipped, and so was the interrupted cell's finished training (only its
+    # evaluation was redone); the last cell trained.
+    assert [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in trained] == ["sigma-5"]
 
     scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
     assert sorted(scores["cell"].unique()) == ["sigma=0", "sigma=1", "sigma=5"]

@@ -26,8 +26,22 @@ def evaluation_settings(block: dict | None, where: str, error: type[ValueError])
         if not (judge.get("model") or (judge.get("url") and judge.get("endpoint_model"))):
             raise error(f"{where}: evaluation.metrics has 'judge' but evaluation.judge names no judge: set "
                         "{model: PATH} or {url: http://..., endpoint_model: NAME}.")
+    for key in ("limit", "max_new_tokens", "batch_size"):
+        value = settings[key]
+        if not (value is None and key == "limit") and (not isinstance(value, int) or isinstance(value, bool)
+                                                       or value < 1):
+            raise error(f"{where}: evaluation.{key}: {value!r} should be a positive integer"
+                        f"{' (or null for every example)' if key == 'limit' else ''}.")
+    if not isinstance(settings["split"], str) or not settings["split"]:
+        raise error(f"{where}: evaluation.split: {settings['split']!r} should be the name of a split, e.g. test.")
+    if not isinstance(settings["metrics"], list) or not settings["metrics"]:
+        raise error(f"{where}: evaluation.metrics: {settings['metrics']!r} should be a list of metric names.")
+    from .answers import ANSWER_EXTRACTORS
     from .score import resolve_metrics
 
+    if settings["answer_extractor"] not in ANSWER_EXTRACTORS:
+        raise error(f"{where}: evaluation.answer_extractor: {settings['answer_extractor']!r} is not one of "
+                    f"{sorted(ANSWER_EXTRACTORS)}.{did_you_mean(str(settings['answer_extractor']), ANSWER_EXTRACTORS)}")
     try:
         resolve_metrics([m for m in settings["metrics"] if m != "judge"])
     except ValueError as problem:

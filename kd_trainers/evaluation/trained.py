@@ -136,7 +136,7 @@ def evaluate_trained(evaluation: dict, trained: TrainedModels, recipe, directory
     if "judge" in evaluation["metrics"]:
         settings = evaluation["judge"]
         judge = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
-                           settings.get("api_key"))
+                           settings.get("api_key") or os.environ.get("OPENAI_API_KEY"))
         contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
         judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
                               metrics=settings.get("metrics", DEFAULT_JUDGE_METRICS))

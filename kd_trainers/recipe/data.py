@@ -64,6 +64,31 @@ def _map_columns(dataset: Dataset, columns: dict | None, prompt_template: str | 
     return dataset
 
 
+def _text_problems(values: list) -> tuple[list[int], list[int]]:
+    """`(rows that are null or not text, rows that are empty or blank)`, as row indices."""
+    missing = [i for i, value in enumerate(values) if not isinstance(value, (str, list))]
+    empty = [i for i, value in enumerate(values) if isinstance(value, str) and not value.strip()]
+    return missing, empty
+
+
+def check_rows(dataset: Dataset, where: str) -> None:
+    """Refuses rows that cannot train (a null prompt, completion or text) and a split whose completions are all
+    empty; warns, with the count, when some completions are empty (they carry no label token beyond EOS)."""
+    for column in ("prompt", "completion", "text", "messages"):
+        if column not in dataset.column_names:
+            continue
+        missing, empty = _text_problems(dataset[column])
+        if missing:
+            raise ValueError(f"{where}: column {column!r} is null (or not text) in {len(missing)} of {len(dataset)} "
+                             f"rows (first: row {missing[0]}); fill or drop them.")
+        if column in ("completion", "text") and empty:
+            if len(empty) == len(dataset):
+                raise ValueError(f"{where}: every {column!r} is empty ({len(dataset)} rows): there is nothing to "
+                                 "learn; check the column mapping (columns: {completion: ANSWER_COLUMN}).")
+            print(f"WARNING: {where}: {len(empty)} of {len(dataset)} rows have an empty {column!r} (first: row "
+                  f"{empty[0]}); they teach only the end of the sequence.", flush=True)
+
+
 def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
     """`(train, eval or None)` for a recipe's dataset options, with its columns mapped. Clear errors on bad input."""
     loaded = _load(options["dataset_name"], options["dataset_config"])
@@ -80,6 +105,7 @@ def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
         dataset = _map_columns(splits[split], options["columns"], options["prompt_template"], split)
         if len(dataset) == 0:
             raise ValueError(f"{key}: the {split!r} split of {options['dataset_name']!r} is empty.")
+        check_rows(dataset, f"the {split!r} split of {options['dataset_name']!r}")
         result.append(dataset)
     train = result[0]
     formats = ({"prompt", "completion"}, {"messages"}, {"text"})

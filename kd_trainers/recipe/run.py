@@ -9,10 +9,10 @@ import sys
 
 import yaml
 from transformers import AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 
 from .data import load_recipe_datasets
 from .launch import launched_by_kd_train
+from .output import RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final, start_over
 from .schema import Recipe
 
 DEMO_PREFIX = "demo:"
@@ -41,7 +41,8 @@ def apply_env(options: dict) -> None:
 
 
 def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
-    """The resolved recipe, package versions and seed, in the output folder (main process only)."""
+    """The resolved recipe, the settings the model is made with, package versions and seed, in the output folder
+    (main process only). Secrets (`hub_token`, a judge's `api_key`) are redacted."""
     import accelerate
     import datasets
     import peft
@@ -50,21 +51,23 @@ def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
     import trl
 
     from .. import __version__
+    from ..files import write_atomically
+    from ..redaction import redact, redact_arguments
 
     output_dir = recipe.config.output_dir
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "recipe.yaml"), "w") as handle:
-        handle.write(f"# Resolved from {recipe.path} (with command-line overrides).\n")
-        yaml.safe_dump(recipe.raw, handle, sort_keys=False)
+    text = f"# Resolved from {recipe.path} (with command-line overrides).\n" + yaml.safe_dump(
+        redact(recipe.raw), sort_keys=False)
+    write_atomically(os.path.join(output_dir, "recipe.yaml"), text)
     info = {
-        "recipe": os.path.abspath(recipe.path), "command": sys.argv, "seed": recipe.config.seed,
+        "recipe": os.path.abspath(recipe.path), "command": redact_arguments(sys.argv), "seed": recipe.config.seed,
         "resumed_from": resumed_from, "python": platform.python_version(),
         "versions": {"kd_trainers": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "trl": trl.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
                      "datasets": datasets.__version__},
+        "settings": redact(run_settings(recipe)),
     }
-    with open(os.path.join(output_dir, "run_info.json"), "w") as handle:
-        json.dump(info, handle, indent=2)
+    write_atomically(os.path.join(output_dir, RUN_INFO), json.dumps(info, indent=2))
 
 
 def resolve_student(recipe: Recipe):
@@ -118,41 +121,46 @@ def build_trainer(recipe: Recipe, callbacks=None):
     return recipe.trainer_class(model=student, args=config, **kwargs)
 
 
-def evaluate_recipe(recipe: Recipe, trained) -> None:
-    """The recipe's `evaluation` block on its trained models; results in `<output_dir>/eval/`."""
-    from ..evaluation.trained import evaluate_trained
+def evaluate_recipe(recipe: Recipe) -> None:
+    """The recipe's `evaluation` block on the models its finished run saved; results in `<output_dir>/eval/`, with
+    `eval/done.json` last. Always from the saved folder, so that a run resumed or re-run is scored the same."""
+    from ..evaluation.trained import TrainedModels, evaluate_trained
+    from ..files import write_done
 
     folder = os.path.join(recipe.config.output_dir, "eval")
-    evaluate_trained(recipe.options["evaluation"], trained, recipe, folder, cache_root=folder)
+    evaluate_trained(recipe.options["evaluation"], TrainedModels.from_output(recipe), recipe, folder,
+                     cache_root=folder)
+    write_done(folder, {"evaluation": recipe.options["evaluation"]["metrics"]})
     print(f"Evaluation written to {folder}", flush=True)
 
 
+def finished_message(output_dir: str) -> str:
+    return (f"{output_dir} holds a finished run (done.json): left alone. To train again, use another output_dir or "
+            "overwrite_output_dir=true.")
+
+
 def run_recipe(recipe: Recipe, callbacks=None):
-    """Train (resuming from the output folder's last complete checkpoint, if any), save, and publish if asked."""
+    """Train (resuming from the output folder's last intact checkpoint, if any), save, and publish if asked; returns
+    the trainer, or None when the output folder already holds the finished run (it is left alone)."""
     from ..publish import build_publish_folder, upload
 
     config = recipe.config
+    if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
+        start_over(config.output_dir)  # the launching process did it already for its launched ones
+    if is_finished(config.output_dir):
+        print(finished_message(config.output_dir), flush=True)
+        return None
+    check_output_dir(recipe)
     publish = config.push_to_hub
     config.push_to_hub = False  # publishing happens once, at the end, from a complete local folder
-    resume = config.resume_from_checkpoint
-    if resume is None and os.path.isdir(config.output_dir):
-        resume = get_last_checkpoint(config.output_dir)
+    resume = config.resume_from_checkpoint or intact_checkpoint(config.output_dir)
     trainer = build_trainer(recipe, callbacks)
     if trainer.is_world_process_zero():
         write_run_info(recipe, resume)
         if resume:
             print(f"Resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    trainer.accelerator.wait_for_everyone()
-    if recipe.options["evaluation"] and not launched_by_kd_train():  # else the launching process evaluates
-        if trainer.accelerator.num_processes == 1:
-            from ..evaluation.trained import TrainedModels
-
-            evaluate_recipe(recipe, TrainedModels.from_trainer(trainer))
-        elif trainer.is_world_process_zero():
-            print(f"Not evaluated here ({trainer.accelerator.num_processes} processes): run kd-eval --model "
-                  f"{config.output_dir} ...", flush=True)
+    save_final(trainer)
     if publish and trainer.is_world_process_zero():
         folder = build_publish_folder(trainer, merge_lora=recipe.options["merge_lora"],
                                       dataset_name=recipe.options["dataset_name"])

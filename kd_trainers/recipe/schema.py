@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,8 @@ RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
                    "reasoning, judge, ...], answer_extractor, split, limit, max_new_tokens, batch_size, judge}"),
     "agreement": (dict | None, None, "log teacher-student agreement, fidelity and exact match while training: "
                   "{every_steps, samples, max_new_tokens, batch_size, answer_extractor, split}"),
+    "overwrite_output_dir": (bool, False, "start over in an output_dir that holds another run (its files are removed);"
+                             " without it a finished run is left alone and changed settings are refused"),
     "accelerate": (dict | None, None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
                    "multi_process_cpu | single_process | PATH, num_processes: N}"),
 }
@@ -82,6 +86,22 @@ RecipeLoader.yaml_implicit_resolvers = {
 }
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                    list("tTfF"))
+
+
+def _mapping_without_duplicates(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are each given once: YAML would silently keep the last of two `kd_temperature:` lines."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                "keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "y": True, "false": False, "no": False, "off": False,
                  "n": False}
 
@@ -215,10 +235,18 @@ def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dic
         try:
             values = load_yaml(handle) or {}
         except yaml.YAMLError as problem:
-            raise error(f"{path}: not valid YAML: {problem}") from None
+            raise error(f"{path}: not valid YAML: {_one_line(problem)}") from None
     if not isinstance(values, dict):
         raise error(f"{path}: expected a mapping of keys to values, got {type(values).__name__}.")
     return values
+
+
+def _one_line(problem: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    mark = getattr(problem, "problem_mark", None)
+    what = " ".join(str(part) for part in (getattr(problem, "context", None), getattr(problem, "problem", None))
+                    if part) or str(problem).splitlines()[0]
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
 
 
 def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
@@ -244,12 +272,16 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     machine) on this one: precision flags this machine cannot honour are switched off for the check only, and the
     switched-off flags are listed in `recipe.hardware_notes`."""
     method = values.get("method")
+    if method is None and ("base_recipe" in values or "grid" in values):
+        raise RecipeError(f"{path}: this is a study (it has base_recipe/grid): run it with kd-study {path}.")
     if method not in METHODS:
         raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(METHODS)}.")
     config_class = METHODS[method][0]
     fields = config_fields(config_class)
     config_values, options = {}, {}
     for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(f"{path}: {key}: {value!r} is not a finite number; give a finite value.")
         if key in RECIPE_KEYS:
             annotation, _, _ = RECIPE_KEYS[key]
             ok, value = _coerce(value, annotation)
@@ -288,7 +320,9 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     notes = []
     try:
         try:
-            config = config_class(**config_values)
+            with warnings.catch_warnings():  # TRL's own default (gradient_checkpointing) uses transformers' old name
+                warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+                config = config_class(**config_values)
         except ValueError as error:
             if not (portable and _needs_other_hardware(error)):
                 raise
@@ -300,6 +334,12 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         key = next((k for k in sorted(config_values, key=len, reverse=True) if k in str(error)), None)
         where = f"{key}: {config_values[key]!r}: " if key else ""
         raise RecipeError(f"{path}: {where}{error}") from None
+    from ..guards import check_training_args
+
+    try:
+        check_training_args(config)
+    except ValueError as error:
+        raise RecipeError(f"{path}: {error}") from None
     return Recipe(path=path, method=method, config=config, options=options, raw=values, hardware_notes=notes)
 
 

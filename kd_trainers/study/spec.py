@@ -77,6 +77,8 @@ class Study:
 
 def load_study(path: str) -> Study:
     values = read_yaml_mapping(path, StudyError)
+    if "method" in values and "base_recipe" not in values:
+        raise StudyError(f"{path}: this is a recipe (it has method), not a study: run it with kd-train {path}.")
     for key in values:
         if key not in STUDY_KEYS:
             raise StudyError(f"{path}: unknown key {key!r}.{did_you_mean(key, STUDY_KEYS)}")
@@ -128,11 +130,27 @@ def load_study(path: str) -> Study:
                              f"({sorted(factors)}).")
         _require_numeric_levels(factors, factor, f"{path}: correlations[{index}]")
     _check_analyses(values, factors, path)
+    seeds = values.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool)
+                                                            for seed in seeds) or len(set(seeds)) != len(seeds):
+        raise StudyError(f"{path}: seeds: {seeds!r} should be a list of distinct integers, e.g. [0, 1, 2].")
+    alpha = values.get("alpha", 0.05)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
+        raise StudyError(f"{path}: alpha: {alpha!r} should be a number between 0 and 1, e.g. 0.05.")
+    for index, step in enumerate(values.get("prepare") or []):
+        if not isinstance(step, dict) or not step.get("name") or not step.get("recipe"):
+            raise StudyError(f"{path}: prepare[{index}]: {{name: NAME, recipe: PATH, overrides: {{...}}}}, got {step!r}.")
+        recipe = step["recipe"] if os.path.isabs(step["recipe"]) else os.path.join(here, step["recipe"])
+        if not os.path.isfile(recipe):
+            raise StudyError(f"{path}: prepare[{index}].recipe: {step['recipe']!r} does not exist (relative to the "
+                             "study file).")
+    if not isinstance(values.get("overrides") or {}, dict):
+        raise StudyError(f"{path}: overrides: a mapping of recipe keys to values, got {values['overrides']!r}.")
     name = values.get("name") or os.path.splitext(os.path.basename(path))[0]
     return Study(path=path, name=name, base_recipe=base, overrides=values.get("overrides") or {},
-                 prepare=values.get("prepare") or [], cells=cells, seeds=[int(s) for s in values.get("seeds", [0])],
+                 prepare=values.get("prepare") or [], cells=cells, seeds=seeds,
                  evaluation=evaluation, hypotheses=hypotheses, correlations=values.get("correlations") or [],
-                 alpha=float(values.get("alpha", 0.05)),
+                 alpha=float(alpha),
                  output_dir=values.get("output_dir") or os.path.join("outputs", "studies", name), factors=factors,
                  anovas=values.get("anovas") or [], gains=values.get("gains") or [],
                  metric_correlations=values.get("metric_correlations") or [])

@@ -1,0 +1,199 @@
+"""Bad input through every CLI: one line naming the field, exit status 2, no traceback, no model loaded, nothing
+written. Each case runs in an empty folder of its own, with the files it needs, and compares the folder after."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from kd_trainers import cli, eval_cli, study_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOOD = {"method": "kd", "model_name_or_path": "demo:llama/student/bpe",
+        "teacher_model_name_or_path": "demo:llama/teacher/bpe", "dataset_name": "data.jsonl", "max_steps": 2,
+        "max_length": 64, "report_to": "none", "output_dir": "out", "bf16": False}
+ROWS = [{"prompt": f"Q{i}: 2 + {i} =", "completion": f" {2 + i}"} for i in range(6)]
+
+
+def recipe(**changes):
+    values = {**GOOD, **changes}
+    return yaml.safe_dump({k: v for k, v in values.items() if v is not DROP}, sort_keys=False)
+
+
+DROP = object()
+
+
+def study(**changes):
+    values = {"name": "s", "base_recipe": "recipe.yaml", "output_dir": "study_out", "seeds": [0],
+              "grid": {"t": {"1": {"kd_temperature": 1.0}, "2": {"kd_temperature": 2.0}}},
+              "evaluation": {"metrics": ["ngram"], "limit": 2}, **changes}
+    return yaml.safe_dump(values, sort_keys=False)
+
+
+def jsonl(rows):
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+# (id, cli, argv, {file: text}, text the one line must contain)
+CASES = [
+    ("unknown key", "train", ["recipe.yaml"], {"recipe.yaml": recipe(max_step=3)}, "Did you mean 'max_steps'"),
+    ("wrong type", "train", ["recipe.yaml"], {"recipe.yaml": recipe(max_steps="ten")}, "max_steps: 'ten'"),
+    ("infinite temperature", "train", ["recipe.yaml"], {"recipe.yaml": recipe() + "kd_temperature: .inf\n"},
+     "kd_temperature: inf is not a finite number"),
+    ("nan learning rate", "train", ["recipe.yaml", "learning_rate=.nan"], {"recipe.yaml": recipe()},
+     "learning_rate: nan"),
+    ("negative learning rate", "train", ["recipe.yaml", "learning_rate=-1.0"], {"recipe.yaml": recipe()},
+     "learning_rate: -1.0"),
+    ("key given twice", "train", ["recipe.yaml"], {"recipe.yaml": recipe() + "max_steps: 3\n"},
+     "'max_steps' is given twice"),
+    ("not YAML", "train", ["recipe.yaml"], {"recipe.yaml": "method: [kd,\n"}, "not valid YAML"),
+    ("no such recipe", "train", ["nope.yaml"], {}, "'nope.yaml' does not exist"),
+    ("a study given to kd-train", "train", ["study.yaml"], {"study.yaml": study(), "recipe.yaml": recipe()},
+     "run it with kd-study"),
+    ("override without =", "train", ["recipe.yaml", "max_steps"], {"recipe.yaml": recipe()}, "key=value"),
+    ("empty output_dir", "train", ["recipe.yaml"], {"recipe.yaml": recipe(output_dir="")}, "output_dir: ''"),
+    ("zero steps", "train", ["recipe.yaml"], {"recipe.yaml": recipe(max_steps=0)}, "max_steps: 0"),
+    ("zero batch", "train", ["recipe.yaml"], {"recipe.yaml": recipe(per_device_train_batch_size=0)},
+     "per_device_train_batch_size: 0"),
+    ("zero accumulation", "train", ["recipe.yaml"], {"recipe.yaml": recipe(gradient_accumulation_steps=0)},
+     "gradient_accumulation_steps: 0"),
+    ("output_dir is a file", "train", ["recipe.yaml"], {"recipe.yaml": recipe(output_dir="taken"), "taken": "x"},
+     "output_dir: 'taken' is a file"),
+    ("student path missing", "train", ["recipe.yaml"], {"recipe.yaml": recipe(model_name_or_path="./models/none")},
+     "model_name_or_path: './models/none' does not exist"),
+    ("teacher adapter missing", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(teacher_adapter_name_or_path="outputs/sft/teacher")},
+     "teacher_adapter_name_or_path: 'outputs/sft/teacher' does not exist"),
+    ("bad demo spec", "train", ["recipe.yaml"], {"recipe.yaml": recipe(model_name_or_path="demo:llama/huge/bpe")},
+     "model_name_or_path: 'demo:llama/huge/bpe' is not a demo model"),
+    ("dataset missing", "train", ["recipe.yaml"], {"recipe.yaml": recipe(dataset_name="data/missing.jsonl")},
+     "dataset_name: 'data/missing.jsonl' does not exist"),
+    ("dataset empty", "train", ["recipe.yaml"], {"recipe.yaml": recipe(), "data.jsonl": ""}, "is an empty file"),
+    ("null completions", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(), "data.jsonl": jsonl(ROWS[:3] + [{"prompt": "Q", "completion": None}])},
+     "column 'completion' is null (or not text) in 1 of 4 rows"),
+    ("every completion empty", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(), "data.jsonl": jsonl([{"prompt": "Q", "completion": ""}] * 3)},
+     "every 'completion' is empty"),
+    ("no prompt/completion columns", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(), "data.jsonl": jsonl([{"question": "Q", "answer": "A"}] * 3)},
+     "training needs 'prompt' and 'completion'"),
+    ("column mapped from nothing", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(columns={"completion": "answer"})}, "columns: completion: 'answer' is not a column"),
+    ("template column missing", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(prompt_template="Q: {question}")}, "prompt_template uses column(s) ['question']"),
+    ("test split missing", "train", ["recipe.yaml"], {"recipe.yaml": recipe(dataset_test_split="validation")},
+     "dataset_test_split: 'validation' is not a split"),
+    ("bad answer extractor", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(evaluation={"answer_extractor": "the_anwser_is"})},
+     "evaluation.answer_extractor: 'the_anwser_is'"),
+    ("evaluation limit 0", "train", ["recipe.yaml"], {"recipe.yaml": recipe(evaluation={"limit": 0})},
+     "evaluation.limit: 0"),
+    ("unknown metric", "train", ["recipe.yaml"], {"recipe.yaml": recipe(evaluation={"metrics": ["blue"]})},
+     "evaluation.metrics"),
+    ("push without token", "train", ["recipe.yaml"], {"recipe.yaml": recipe(push_to_hub=True)},
+     "push_to_hub: true needs a Hub token"),
+    ("push to a bad repo id", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(push_to_hub=True, hub_model_id="not a repo!")}, "hub_model_id: 'not a repo!'"),
+    ("wandb not installed", "train", ["recipe.yaml"], {"recipe.yaml": recipe(report_to="wandb")},
+     "report_to: 'wandb' needs the 'wandb' package"),
+    ("deepspeed not installed", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(accelerate={"config": "zero2", "num_processes": 2})},
+     "pip install 'kd-trainers[deepspeed]'"),
+    ("changed settings", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(), "out/run_info.json": json.dumps({"settings": {"kd_temperature": 4.0}})},
+     "holds a run made with other settings (kd_temperature: 4.0 -> 1.0"),
+    ("agreement without a teacher", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(method="sft", teacher_model_name_or_path=DROP, agreement={"every_steps": 1})},
+     "agreement: method 'sft' has no teacher"),
+    ("validate: model path missing", "validate", ["recipe.yaml"],
+     {"recipe.yaml": recipe(teacher_model_name_or_path="/nonexistent/teacher")},
+     "teacher_model_name_or_path: '/nonexistent/teacher' does not exist"),
+    ("validate: data columns", "validate", ["recipe.yaml"],
+     {"recipe.yaml": recipe(), "data.jsonl": jsonl([{"question": "Q", "answer": "A"}] * 3)},
+     "training needs 'prompt' and 'completion'"),
+    ("validate: wandb", "validate", ["recipe.yaml"], {"recipe.yaml": recipe(report_to=["wandb"])},
+     "pip install 'wandb'"),
+    ("a recipe given to kd-study", "study", ["recipe.yaml"], {"recipe.yaml": recipe()}, "run it with kd-train"),
+    ("typo in the last cell", "study", ["study.yaml"],
+     {"study.yaml": study(grid={"t": {"1": {"kd_temperature": 1.0}, "2": {"kd_temperatur": 2.0}}}),
+      "recipe.yaml": recipe()}, "cell t=2 seed 0"),
+    ("bad seeds", "study", ["study.yaml"], {"study.yaml": study(seeds="0,1"), "recipe.yaml": recipe()}, "seeds:"),
+    ("alpha out of range", "study", ["study.yaml"], {"study.yaml": study(alpha=5), "recipe.yaml": recipe()},
+     "alpha: 5"),
+    ("bad study evaluation", "study", ["study.yaml"],
+     {"study.yaml": study(evaluation={"batch_size": 0}), "recipe.yaml": recipe()}, "evaluation.batch_size: 0"),
+    ("kd-eval: no such model", "eval", ["--model", "outputs/none/run", "--output", "ev"], {},
+     "--model: 'outputs/none/run' does not exist"),
+    ("kd-eval: unfinished run", "eval", ["--model", "run", "--output", "ev"],
+     {"run/run_info.json": "{}", "run/config.json": "{}"}, "is a run that did not finish"),
+    ("kd-eval: limit 0", "eval", ["--model", "demo:llama/student/bpe", "--limit", "0", "--output", "ev"], {},
+     "--limit: 0"),
+    ("kd-eval: bad answer extractor", "eval", ["--model", "demo:llama/student/bpe", "--metrics", "exact_match",
+                                                "--answer-extractor", "nope", "--output", "ev"], {}, "'nope'"),
+]
+COMMANDS = {"train": cli.main, "validate": lambda argv: cli.main(["validate", *argv]), "study": study_cli.main,
+            "eval": eval_cli.main}
+
+
+def listing(folder):
+    return sorted((os.path.relpath(os.path.join(root, name), folder), os.path.getsize(os.path.join(root, name)))
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch):
+    """Any model load fails the test: bad input must be refused before."""
+    import transformers
+
+    import kd_trainers.recipe.run as run
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+
+    monkeypatch.setattr(run, "resolve_model", heavy)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", heavy)
+
+
+@pytest.mark.parametrize("name,command,argv,files,expected", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files, expected, tmp_path, monkeypatch,
+                                                      capsys, no_heavy_work):
+    import importlib.util
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / ".hf"))  # no stored login either
+    real_find_spec = importlib.util.find_spec
+    missing = {"wandb", "deepspeed"}  # as on a machine without these extras
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda module, *a: None if module in missing else real_find_spec(module, *a))
+    files = {"data.jsonl": jsonl(ROWS), **files}
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+    before = listing(tmp_path)
+    code = COMMANDS[command](argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured
+    assert len(lines) == 1, lines
+    assert "Traceback" not in captured.err + captured.out
+    assert expected in lines[0], lines[0]
+    after = [entry for entry in listing(tmp_path) if not entry[0].startswith(".hf")]
+    assert after == [entry for entry in before if not entry[0].startswith(".hf")]  # nothing written, nothing changed
+
+
+def test_there_are_at_least_thirty_cases_over_every_cli():
+    assert len(CASES) >= 30
+    assert {case[1] for case in CASES} == set(COMMANDS)
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(recipe(max_steps=0))
+    from kd_trainers.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="max_steps: 0"):
+        cli.main(["recipe.yaml", "--debug"])
