@@ -80,6 +80,11 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     if dataset == "demo" or os.path.exists(dataset):  # local data (not a Hub id): splits, columns and rows too
         try:
             load_recipe_datasets(recipe.options)
+            from .evaluation.trained import evaluation_split
+
+            for key in ("evaluation", "agreement"):
+                if recipe.options[key]:
+                    evaluation_split(recipe, recipe.options[key]["split"], 1, key=f"{key}.split")
         except ValueError as error:
             raise RecipeError(f"{recipe_path}: {error}") from None
     print(f"{recipe_path}: valid ({recipe.method}, output_dir {recipe.config.output_dir}).")

@@ -69,12 +69,16 @@ class TrainedModels:
         return cls(model, tokenizer, loader if recipe.method != "sft" else None)
 
 
-def evaluation_split(recipe, split: str, limit: int | None):
-    """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples."""
+def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluation.split"):
+    """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples. `key` names the
+    setting in errors (`evaluation.split`, `agreement.split`)."""
     from ..recipe.data import load_recipe_datasets
 
     options = {**recipe.options, "dataset_train_split": split, "dataset_test_split": None}
-    dataset, _ = load_recipe_datasets(options)
+    try:
+        dataset, _ = load_recipe_datasets(options)
+    except ValueError as error:
+        raise ValueError(str(error).replace("dataset_train_split:", f"{key}:", 1)) from None
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 

@@ -99,17 +99,24 @@ def build_trainer(recipe: Recipe, callbacks=None):
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
+    from ..evaluation.trained import evaluation_split
+
+    if options["evaluation"]:  # its split exists: found now, not after training
+        evaluation_split(recipe, options["evaluation"]["split"], 1, key="evaluation.split")
+    agreement_data = None
+    if options["agreement"]:
+        agreement_data = evaluation_split(recipe, options["agreement"]["split"], options["agreement"]["samples"],
+                                          key="agreement.split")
     student, tokenizer = resolve_student(recipe)
     callbacks = list(callbacks or [])
-    if options["agreement"]:
+    if agreement_data is not None:
         from ..callbacks import AgreementCallback
-        from ..evaluation.trained import evaluation_split
 
         settings = options["agreement"]
         callbacks.append(AgreementCallback(
-            evaluation_split(recipe, settings["split"], settings["samples"]), every_steps=settings["every_steps"],
-            num_samples=settings["samples"], max_new_tokens=settings["max_new_tokens"],
-            batch_size=settings["batch_size"], answer_extractor=settings["answer_extractor"]))
+            agreement_data, every_steps=settings["every_steps"], num_samples=settings["samples"],
+            max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
+            answer_extractor=settings["answer_extractor"]))
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         from peft import LoraConfig

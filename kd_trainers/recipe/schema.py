@@ -314,6 +314,10 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         if bad:
             raise RecipeError(f"{path}: env: values must be strings or numbers, got {bad!r}.")
     config_values.setdefault("output_dir", os.path.join("outputs", os.path.splitext(os.path.basename(path))[0]))
+    if config_values.get("eval_strategy", "no") not in ("no", None) and not options.get("dataset_test_split"):
+        raise RecipeError(f"{path}: eval_strategy: {config_values['eval_strategy']!r} evaluates during training, but "
+                          "dataset_test_split names no split to evaluate on; set dataset_test_split (e.g. test) or "
+                          "eval_strategy: no.")
     if method != "sft" and "teacher_model_name_or_path" not in config_values:
         raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher.")
     _fit_process_group(config_values)
@@ -331,9 +335,12 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
             config = config_class(**{**config_values, **{flag: False for flag in HARDWARE_FLAGS
                                                           if flag in config_values}})
     except (ValueError, TypeError) as error:
-        key = next((k for k in sorted(config_values, key=len, reverse=True) if k in str(error)), None)
-        where = f"{key}: {config_values[key]!r}: " if key else ""
-        raise RecipeError(f"{path}: {where}{error}") from None
+        message = str(error)
+        # The field the config complained about: named in its message, else the one whose value it quotes.
+        key = next((k for k in sorted(config_values, key=len, reverse=True) if k in message), None) or next(
+            (k for k, v in config_values.items() if isinstance(v, str) and len(v) > 1 and v in message), None)
+        where = f"{key}: {config_values[key]!r}: " if key and not message.startswith(f"{key}:") else ""
+        raise RecipeError(f"{path}: {where}{message}") from None
     from ..guards import check_training_args
 
     try:
