@@ -1,10 +1,13 @@
-"""`kd-train`: run, validate or list recipes.
+"""`kd-train`: run, validate, list and copy recipes.
 
-    kd-train RECIPE [key=value ...]          run a recipe (relaunched under `accelerate launch` if it has an
-                                             `accelerate` block); also `python -m kd_trainers RECIPE ...` and
+    kd-train RECIPE [key=value ...]          run a recipe: a file, or a shipped recipe by name (`kd-train vanilla_kd`);
+                                             relaunched under `accelerate launch` if it has an `accelerate` block;
+                                             also `python -m kd_trainers RECIPE ...` and
                                              `accelerate launch [flags] -m kd_trainers RECIPE ...`
     kd-train validate RECIPE [key=value ...] check a recipe without loading anything heavy
-    kd-train list                            the shipped recipes, with the first line of their header
+    kd-train list                            the shipped recipes and studies, with the first line of their header
+    kd-train cp NAME DEST                    copy a shipped recipe (or study, or accelerate config) to edit it
+    kd-train --version
 
 Bad input (a recipe, a path, the data) stops before anything heavy loads, with one line and exit status 2; a run
 whose loss stops being finite exits 1; `--debug` shows the traceback. A finished run (its output folder has
@@ -13,19 +16,13 @@ whose loss stops being finite exits 1; `--debug` shows the traceback. A finished
 
 from __future__ import annotations
 
-import glob
 import os
+import shutil
 import sys
 
-from .recipe.schema import RecipeError, load_recipe
-
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
-
-
-def shipped_recipes() -> list[str]:
-    """Every recipe under the repository's `recipes/` (recursively); accelerate configs and studies excluded."""
-    paths = glob.glob(os.path.join(RECIPES_DIR, "**", "*.yaml"), recursive=True)
-    return sorted(p for p in paths if not any(os.sep + folder + os.sep in p for folder in ("accelerate", "studies")))
+# Only light modules here: `--help`, `list`, `cp` and bad input answer without importing torch or the trainers.
+from .recipe.catalog import recipes_root, resolve, shipped, shipped_path
+from .recipe.errors import RecipeError
 
 
 def _header(path: str) -> str:
@@ -36,6 +33,41 @@ def _header(path: str) -> str:
     return ""
 
 
+def _list() -> int:
+    recipes, studies = shipped("recipe"), shipped("study")
+    if not recipes:
+        raise RecipeError(f"No shipped recipe in {recipes_root()}: this installation of kd-trainers is incomplete; "
+                          "reinstall it.")
+    width = max(len(name) for name in recipes + studies)
+    print("Recipes (kd-train NAME, kd-train cp NAME my.yaml):")
+    for name in recipes:
+        print(f"  {name:<{width}}  {_header(shipped_path(name))}")
+    print("Studies (kd-study NAME):")
+    for name in studies:
+        print(f"  {name:<{width}}  {_header(shipped_path(name))}")
+    return 0
+
+
+def _copy(argv: list[str]) -> int:
+    if len(argv) != 2:
+        raise RecipeError("kd-train cp NAME DEST: the name of a shipped recipe (kd-train list) and where to copy it.")
+    name, destination = argv
+    source = shipped_path(name)
+    if source is None:
+        from .recipe.suggest import did_you_mean
+
+        everything = shipped("recipe") + shipped("study") + shipped("accelerate")
+        raise RecipeError(f"cp: {name!r} is not a shipped recipe.{did_you_mean(name, everything)} kd-train list "
+                          "shows them.")
+    if os.path.isdir(destination):
+        destination = os.path.join(destination, os.path.basename(source))
+    if os.path.exists(destination):
+        raise RecipeError(f"cp: {destination!r} exists; remove it or choose another destination.")
+    shutil.copyfile(source, destination)
+    print(f"Copied {name} to {destination}; run it with kd-train {destination}")
+    return 0
+
+
 def one_line(error: BaseException) -> str:
     """An error's message on one line (library messages often span several)."""
     return " ".join(str(error).split()) or type(error).__name__
@@ -44,7 +76,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; the package's errors (bad input, a run stopped on a non-finite loss) print as one line and
     return 2 (or 1 for a stopped run), without a traceback unless `--debug` is given."""
-    from .guards import NonFiniteTrainingError
+    from .errors import NonFiniteTrainingError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -73,6 +105,8 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     from .recipe.data import load_recipe_datasets
     from .recipe.output import is_finished
     from .recipe.preflight import preflight
+
+    from .recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides, portable=True)
     preflight(recipe, output=False)
@@ -106,16 +140,23 @@ def _main(argv: list[str]) -> int:
         print(__doc__)
         return 0 if argv else 2
     command = argv[0]
-    if command == "list":
-        for path in shipped_recipes():
-            print(f"{os.path.relpath(path, os.path.dirname(RECIPES_DIR))}  {_header(path)}")
+    if command == "--version":
+        from . import __version__
+
+        print(f"kd-trainers {__version__}")
         return 0
+    if command == "list":
+        return _list()
+    if command == "cp":
+        return _copy(argv[1:])
     if command == "validate":
         if len(argv) < 2:
             print("kd-train validate RECIPE [key=value ...]", file=sys.stderr)
             return 2
-        return _validate(argv[1], argv[2:])
-    recipe_path, overrides = argv[0], argv[1:]
+        return _validate(resolve(argv[1]), argv[2:])
+    from .recipe.schema import load_recipe
+
+    recipe_path, overrides = resolve(argv[0]), argv[1:]
     recipe = load_recipe(recipe_path, overrides)
 
     from .recipe.launch import already_launched, launched_by_kd_train, relaunch

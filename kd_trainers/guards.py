@@ -15,9 +15,7 @@ import torch
 from accelerate import PartialState
 from transformers.trainer_utils import get_last_checkpoint
 
-
-class NonFiniteTrainingError(RuntimeError):
-    """The loss or the gradient norm stopped being finite; nothing is saved after it."""
+from .errors import NonFiniteTrainingError
 
 
 class DroppedExamplesWarning(UserWarning):

@@ -1,11 +1,13 @@
 """`kd-study STUDY.yaml [--report-only]`: run a study's unfinished cells, evaluate them, and write the report.
 
 A re-run skips finished cells and redoes interrupted ones. `--report-only` rebuilds the report from finished cells.
+STUDY is a file or a shipped study's name (`kd-study methods`; `kd-train list` shows them).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -23,8 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     from .study.report import write_report
     from .study.runner import check_study
 
+    from .recipe.catalog import resolve
+
+    path = resolve(options.study)
+    if path == options.study and not os.path.isfile(path):  # `kd-study methods` for the shipped studies/methods
+        path = resolve(f"studies/{options.study}")
     try:
-        study = load_study(options.study)
+        study = load_study(path)
         if options.report_only:
             folder = write_report(study)
         else:

@@ -15,7 +15,8 @@ from faults import StopAt
 
 from kd_trainers import cli
 from kd_trainers.recipe import RecipeError, load_recipe
-from kd_trainers.recipe.launch import ACCELERATE_CONFIGS
+from kd_trainers.recipe.catalog import shipped, shipped_path
+from kd_trainers.recipe.launch import accelerate_config_path, named_accelerate_configs
 from kd_trainers.recipe.run import run_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ report_to: none
 
 
 def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
-    paths = cli.shipped_recipes()
+    paths = [shipped_path(name) for name in shipped("recipe")]
     names = {os.path.relpath(p, RECIPES) for p in paths}
     assert {"vanilla_kd.yaml", "dskd.yaml", "sft_lora.yaml"} <= names
     assert len([n for n in names if n.startswith("telecom_qa/")]) >= 6
@@ -56,10 +57,11 @@ def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
     assert (lora["r"], lora["lora_alpha"]) == (256, 8)
 
 
-def test_shipped_accelerate_configs_equal_the_named_ones():
-    for name, config in ACCELERATE_CONFIGS.items():
-        with open(os.path.join(RECIPES, "accelerate", f"{name}.yaml")) as handle:
-            assert yaml.safe_load(handle) == config, name
+def test_named_accelerate_configs_are_the_shipped_files():
+    configs = named_accelerate_configs()
+    assert set(configs) == {"single_process", "multi_process", "multi_process_cpu", "zero2", "zero3", "zero3_offload"}
+    assert configs["zero3"]["deepspeed_config"]["zero_stage"] == 3
+    assert accelerate_config_path("zero2") == os.path.join(RECIPES, "accelerate", "zero2.yaml")
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -70,8 +72,8 @@ def test_shipped_accelerate_configs_equal_the_named_ones():
                          "'skew_forward_kl', 'skew_reverse_kl', 'tvd'], got 'kl'."),
     ("peft: {rank: 8}\n", "peft.rank: unknown LoRA setting (value 8)."),
     ("peft: {r: 8, lora_alpa: 16}\n", "peft.lora_alpa: unknown LoRA setting (value 16). Did you mean 'lora_alpha'?"),
-    ("accelerate: {config: zero4}\n", "accelerate.config: 'zero4' is neither a named config (single_process, "
-                                      "multi_process, multi_process_cpu, zero2, zero3, zero3_offload) nor an existing "
+    ("accelerate: {config: zero4}\n", "accelerate.config: 'zero4' is neither a named config (multi_process, "
+                                      "multi_process_cpu, single_process, zero2, zero3, zero3_offload) nor an existing "
                                       "file."),
     ("accelerate: {config: zero2, num_procs: 2}\n", "accelerate.num_procs: unknown key (value 2). Did you mean "
                                                     "'num_processes'?"),
@@ -136,7 +138,7 @@ def test_local_qa_file_with_template_and_column_mapping(tmp_path):
 def test_cli_list_validate_and_run(tmp_path, capsys):
     assert cli.main(["list"]) == 0
     listed = capsys.readouterr().out
-    assert "recipes/dskd.yaml" in listed and "recipes/accelerate" not in listed
+    assert "  dskd " in listed and "  studies/methods " in listed and "accelerate" not in listed
     assert cli.main(["validate", os.path.join(RECIPES, "dskd.yaml")]) == 0
     # A recipe chained after another one names its output; validate says so until that recipe has run.
     assert cli.main(["validate", os.path.join(RECIPES, "telecom_qa", "dskd_cma_mistral7b_tinyllama.yaml")]) == 2

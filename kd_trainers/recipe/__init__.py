@@ -1,8 +1,20 @@
 """YAML recipes: `schema.py` (keys, validation), `preflight.py` (what the recipe needs from this machine, checked
 before anything loads), `data.py` (datasets, column mapping, row checks), `output.py` (the output folder: finished,
 changed settings, intact checkpoints, the atomic final save), `launch.py` (accelerate configs and relaunch), `run.py`
-(building and running the trainer). A new method is one line in `schema.METHODS`."""
+(building and running the trainer), `catalog.py` (the recipes shipped in the package). A new method is one line in
+`schema.METHODS`."""
 
-from .schema import METHODS, Recipe, RecipeError, load_recipe
+import importlib
 
+from .errors import RecipeError
+
+_EXPORTS = {"METHODS": ".schema", "Recipe": ".schema", "load_recipe": ".schema"}  # loaded on first use: heavy
 __all__ = ["METHODS", "Recipe", "RecipeError", "load_recipe"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,9 @@
 """Launching a recipe under `accelerate launch`: the named accelerate configs and the relaunch command.
 
-The named configs are defined here once; `recipes/accelerate/*.yaml` are the same configs written out for users who
-call `accelerate launch --config_file ...` themselves (a test keeps the two equal). DeepSpeed configs leave gradient
-accumulation, clipping and precision to the recipe (the Trainer fills DeepSpeed's "auto" values from it).
+The named configs are the files `recipes/accelerate/NAME.yaml` (shipped in the package): a recipe's
+`accelerate: {config: zero3}` and a user's `accelerate launch --config_file recipes/accelerate/zero3.yaml` read the
+same file. DeepSpeed configs leave gradient accumulation, clipping and precision to the recipe (the Trainer fills
+DeepSpeed's "auto" values from it).
 """
 
 from __future__ import annotations
@@ -11,40 +12,29 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 
 import yaml
 
+from .errors import RecipeError
+
 LAUNCHED_ENV = "KD_TRAINERS_LAUNCHED"  # set in the relaunched processes, so that they do not relaunch again
 
-_BASE = {"compute_environment": "LOCAL_MACHINE", "machine_rank": 0, "num_machines": 1, "main_training_function":
-         "main", "mixed_precision": "no", "rdzv_backend": "static", "same_network": True, "downcast_bf16": "no"}
+def named_accelerate_configs() -> dict[str, dict]:
+    """`{name: config}` of the accelerate configs shipped as `recipes/accelerate/NAME.yaml` (their one source)."""
+    from .catalog import shipped, shipped_path
 
-
-def _deepspeed(stage: int, offload: bool = False) -> dict:
-    config = {"zero_stage": stage, "offload_optimizer_device": "cpu" if offload else "none",
-              "offload_param_device": "cpu" if offload and stage == 3 else "none"}
-    if stage == 3:
-        config.update(zero3_init_flag=False, zero3_save_16bit_model=True)
-    return {**_BASE, "distributed_type": "DEEPSPEED", "num_processes": 2, "deepspeed_config": config}
-
-
-ACCELERATE_CONFIGS: dict[str, dict] = {
-    "single_process": {**_BASE, "distributed_type": "NO", "num_processes": 1},
-    "multi_process": {**_BASE, "distributed_type": "MULTI_GPU", "num_processes": 2},
-    "multi_process_cpu": {**_BASE, "distributed_type": "MULTI_CPU", "num_processes": 2, "use_cpu": True},
-    "zero2": _deepspeed(2),
-    "zero3": _deepspeed(3),
-    "zero3_offload": _deepspeed(3, offload=True),
-}
+    configs = {}
+    for name in shipped("accelerate"):
+        with open(shipped_path(name)) as handle:
+            configs[name.split("/", 1)[1]] = yaml.safe_load(handle)
+    return configs
 
 
 def existing_config_file(name_or_path: str, recipe_path: str = "<recipe>") -> str | None:
     """None for a named config; else the existing accelerate config file it names (as given, or relative to the
     recipe). Raises `RecipeError` when it is neither. Writes nothing: recipe validation calls it."""
-    from .schema import RecipeError
-
-    if name_or_path in ACCELERATE_CONFIGS:
+    named = named_accelerate_configs()
+    if name_or_path in named:
         return None
     candidate = name_or_path if os.path.isabs(name_or_path) else os.path.join(os.path.dirname(recipe_path),
                                                                               name_or_path)
@@ -52,19 +42,16 @@ def existing_config_file(name_or_path: str, recipe_path: str = "<recipe>") -> st
         if os.path.isfile(path):
             return path
     raise RecipeError(f"{recipe_path}: accelerate.config: {name_or_path!r} is neither a named config "
-                      f"({', '.join(ACCELERATE_CONFIGS)}) nor an existing file.")
+                      f"({', '.join(named)}) nor an existing file.")
 
 
 def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> str:
-    """The file to give `accelerate launch --config_file`: a named config written to a temporary file, or the
-    existing file the recipe names."""
+    """The file to give `accelerate launch --config_file`: a shipped config's file, or the existing file the recipe
+    names."""
+    from .catalog import shipped_path
+
     existing = existing_config_file(name_or_path, recipe_path)
-    if existing is not None:
-        return existing
-    handle = tempfile.NamedTemporaryFile("w", suffix=f"-{name_or_path}.yaml", delete=False)
-    with handle:
-        yaml.safe_dump(ACCELERATE_CONFIGS[name_or_path], handle)
-    return handle.name
+    return existing if existing is not None else shipped_path(f"accelerate/{name_or_path}")
 
 
 def free_port() -> int:

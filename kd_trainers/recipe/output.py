@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpointing import STAGING_DIR
 from ..files import DONE, write_done
-from .schema import RecipeError
+from .errors import RecipeError
 
 RUN_INFO = "run_info.json"
 # Settings that do not change the trained model: a finished or interrupted run may be run again with other values.

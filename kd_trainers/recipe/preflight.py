@@ -13,7 +13,8 @@ import os
 import sys
 
 from .output import check_output_dir
-from .schema import Recipe, RecipeError
+from .errors import RecipeError
+from .schema import Recipe
 
 DEMO_PREFIX = "demo:"
 # report_to integration -> the module it imports

@@ -26,6 +26,7 @@ from ..gkd import GKDConfig, GKDTrainer
 from ..kd import KDConfig, KDTrainer
 from ..seqkd import SeqKDConfig, SeqKDTrainer
 from ..sft import SFTConfig, SFTTrainer
+from .errors import RecipeError
 from .suggest import did_you_mean
 
 # method -> (config class, trainer class). A new method is one line here and one folder beside `kd/`, `dskd/`, `seqkd/` and `gkd/`.
@@ -65,10 +66,6 @@ RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
 ACCELERATE_KEYS = ("config", "num_processes")
 AGREEMENT_KEYS = {"every_steps": 50, "samples": 32, "max_new_tokens": 64, "batch_size": 16,
                   "answer_extractor": "the_answer_is", "split": "test"}
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot run, with a message naming the file, the key, the value and the fix."""
 
 
 class RecipeLoader(yaml.SafeLoader):
@@ -251,7 +248,10 @@ def _one_line(problem: yaml.YAMLError) -> str:
 
 def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
     """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
-    values = read_yaml_mapping(path, RecipeError, " `kd-train list` shows the shipped recipes.")
+    from .catalog import shipped
+
+    hint = did_you_mean(path[:-5] if path.endswith(".yaml") else path, shipped("recipe"))
+    values = read_yaml_mapping(path, RecipeError, f"{hint or ''} `kd-train list` shows the shipped recipes.")
     for text in overrides or []:
         key, value = parse_override(text)
         _set_nested(values, key, value)
