@@ -11,25 +11,14 @@ secret-free checkpoints), `redaction.py` (secrets kept off the disk), `demo/` (t
 
 __version__ = "0.1.0.dev0"
 
-import importlib
+from .lazy import lazy_getattr
 
-# name -> the module that defines it. Loaded on first use (PEP 562), so that `kd-train --help` and the error paths of
-# the CLIs do not pay for importing torch, transformers and TRL.
+# name -> the module that defines it, loaded on first use: `kd-train --help` and the CLIs' error paths do not pay for
+# importing torch, transformers and TRL.
 _EXPORTS = {
     "DSKDConfig": ".dskd", "DSKDTrainer": ".dskd", "GKDConfig": ".gkd", "GKDTrainer": ".gkd", "KDConfig": ".kd",
     "KDTrainer": ".kd", "SeqKDConfig": ".seqkd", "SeqKDTrainer": ".seqkd", "DIVERGENCES": ".losses",
     "chunked_distillation_loss": ".losses", "distillation_loss": ".losses",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return __all__
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -4,17 +4,9 @@ changed settings, intact checkpoints, the atomic final save), `launch.py` (accel
 (building and running the trainer), `catalog.py` (the recipes shipped in the package). A new method is one line in
 `schema.METHODS`."""
 
-import importlib
-
+from ..lazy import lazy_getattr
 from .errors import RecipeError
 
 _EXPORTS = {"METHODS": ".schema", "Recipe": ".schema", "load_recipe": ".schema"}  # loaded on first use: heavy
 __all__ = ["METHODS", "Recipe", "RecipeError", "load_recipe"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
