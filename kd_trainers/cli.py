@@ -54,7 +54,7 @@ def _copy(argv: list[str]) -> int:
     name, destination = argv
     source = shipped_path(name)
     if source is None:
-        from .recipe.suggest import did_you_mean
+        from .suggest import did_you_mean
 
         everything = shipped("recipe") + shipped("study") + shipped("accelerate")
         raise RecipeError(f"cp: {name!r} is not a shipped recipe.{did_you_mean(name, everything)} kd-train list "
@@ -114,7 +114,7 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     if dataset == "demo" or os.path.exists(dataset):  # local data (not a Hub id): splits, columns and rows too
         try:
             load_recipe_datasets(recipe.options)
-            from .evaluation.trained import evaluation_split
+            from .recipe.evaluate import evaluation_split
 
             for key in ("evaluation", "agreement"):
                 if recipe.options[key]:

@@ -57,11 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_model(options) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from .evaluation.generate import generate_predictions, load_predictions, save_predictions
+    from .generation import generate_predictions, load_predictions, save_predictions
     from .evaluation.judge import judge_scores, make_judge, save_judge_record
     from .evaluation.score import resolve_metrics, score
     from .recipe.data import load_recipe_datasets
-    from .recipe.run import resolve_model
+    from .recipe.models import resolve_model
     from .teacher import load_teacher
 
     from .files import DONE

@@ -155,12 +155,12 @@ def no_heavy_work(monkeypatch):
     """Any model load fails the test: bad input must be refused before."""
     import transformers
 
-    import kd_trainers.recipe.run as run
+    import kd_trainers.recipe.models as models
 
     def heavy(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
-    monkeypatch.setattr(run, "resolve_model", heavy)
+    monkeypatch.setattr(models, "resolve_model", heavy)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", heavy)
 
 

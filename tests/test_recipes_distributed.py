@@ -15,7 +15,9 @@ from kd_trainers.recipe.launch import free_port
 
 from kd_trainers.demo import demo_model, demo_tokenizer
 
-pytest.importorskip("deepspeed", reason="the ZeRO tests need the deepspeed extra (pip install -e '.[dev]')")
+import deepspeed  # noqa: F401,E402  (the dev extra installs it: missing is a failure, never a skip)
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["max_steps=2", "save_steps=2", "logging_steps=1", "per_device_train_batch_size=4", "max_length=64",

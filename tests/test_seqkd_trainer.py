@@ -8,7 +8,7 @@ import torch
 from datasets import load_from_disk
 
 from kd_trainers import SeqKDConfig, SeqKDTrainer
-from kd_trainers.evaluation import generate as generation
+from kd_trainers import generation
 from kd_trainers.seqkd import generate as seqkd_generate
 
 

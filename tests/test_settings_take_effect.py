@@ -348,7 +348,7 @@ def test_yaml_words_keep_their_text_in_string_fields_and_are_booleans_in_boolean
 
 
 def test_teacher_answers_are_cached_by_prompt_content_and_generation_settings(tmp_path, bpe_tokenizer):
-    from kd_trainers.evaluation.trained import TrainedModels, teacher_predictions
+    from kd_trainers.recipe.evaluate import TrainedModels, teacher_predictions
     from kd_trainers.recipe.schema import load_recipe
 
     teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)

@@ -92,9 +92,11 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
         scores[scores["cell"] == "sigma=1"]["rouge_l"].mean())
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_a_cell_with_an_accelerate_block_runs_in_two_processes_and_is_evaluated_from_its_output(tmp_path,
                                                                                                monkeypatch):
-    pytest.importorskip("deepspeed", reason="needs the deepspeed extra (pip install -e '.[dev]')")
+    import deepspeed  # noqa: F401  (the dev extra installs it: missing is a failure, never a skip)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = {"name": "launched", "base_recipe": os.path.join(ROOT, "recipes", "dskd.yaml"),
             "output_dir": str(tmp_path / "study"), "overrides": FAST, "seeds": [0],

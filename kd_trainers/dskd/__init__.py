@@ -5,7 +5,9 @@
 `kd_trainers.losses.dual_space_loss`, on the shared chunked engine.
 """
 
-from .config import DSKDConfig
-from .trainer import DSKDTrainer
+from ..lazy import lazy_getattr
 
-__all__ = ["DSKDConfig", "DSKDTrainer"]
+# Loaded on first use; `method.py` registers the method for recipes.
+_EXPORTS = {"DSKDConfig": ".config", "DSKDTrainer": ".trainer"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

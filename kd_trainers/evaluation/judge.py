@@ -65,7 +65,7 @@ class LocalJudge:
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        from .generate import generate_predictions
+        from ..generation import generate_predictions
 
         if getattr(self.tokenizer, "chat_template", None):
             prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..recipe.suggest import did_you_mean
+from ..suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge")
 JUDGE_KEYS = ("model", "url", "endpoint_model", "api_key", "metrics", "context_column")

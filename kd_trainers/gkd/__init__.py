@@ -3,8 +3,9 @@
 `config.py` (GKDConfig), `trainer.py` (GKDTrainer), `data.py` (batches with the prompts to sample from).
 """
 
-from .config import GKDConfig
-from .data import PromptCompletionCollator
-from .trainer import GKDTrainer
+from ..lazy import lazy_getattr
 
-__all__ = ["GKDConfig", "GKDTrainer", "PromptCompletionCollator"]
+# Loaded on first use; `method.py` registers the method for recipes.
+_EXPORTS = {"GKDConfig": ".config", "GKDTrainer": ".trainer", "PromptCompletionCollator": ".data"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

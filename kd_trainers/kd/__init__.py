@@ -1,6 +1,8 @@
 """Vanilla logit knowledge distillation: `KDConfig` and `KDTrainer`."""
 
-from .config import KDConfig
-from .trainer import KDTrainer
+from ..lazy import lazy_getattr
 
-__all__ = ["KDConfig", "KDTrainer"]
+# Loaded on first use; `method.py` registers the method for recipes.
+_EXPORTS = {"KDConfig": ".config", "KDTrainer": ".trainer"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

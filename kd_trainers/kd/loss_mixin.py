@@ -55,10 +55,10 @@ class DistillationLossMixin:
         self._forward_redirection = _ForwardRedirection()
         self._noise_position = (None, 0)  # (mode, global step) and the micro-batch count within it
         self._metric_totals: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
-        from ..callbacks import AgreementCallback
-
+        # Callbacks that generate with the models (kd_trainers.evaluation.callbacks.AgreementCallback) get the
+        # trainer; found by their `bind` method, so that the trainers need not import the evaluation layer.
         for callback in self.callback_handler.callbacks:
-            if isinstance(callback, AgreementCallback):
+            if callable(getattr(callback, "bind", None)):
                 callback.bind(self)
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
     check_model_reference("tokenizer_name_or_path", options["tokenizer_name_or_path"], where, pending=pending)
     check_model_reference("model_adapter_name_or_path", options["model_adapter_name_or_path"], where, adapter=True,
                           pending=pending)
-    if recipe.method != "sft":
+    if recipe.needs_teacher:
         check_model_reference("teacher_model_name_or_path", config.teacher_model_name_or_path, where,
                               pending=pending)
         check_model_reference("teacher_tokenizer_name_or_path", getattr(config, "teacher_tokenizer_name_or_path",

@@ -8,31 +8,12 @@ import platform
 import sys
 
 import yaml
-from transformers import AutoTokenizer
 
 from .data import load_recipe_datasets
 from .launch import launched_by_kd_train
+from .models import resolve_student, resolve_teacher
 from .output import RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final, start_over
 from .schema import Recipe
-
-DEMO_PREFIX = "demo:"
-
-
-def resolve_model(name: str, tokenizer_name: str | None = None):
-    """`(model or name, tokenizer)`. `demo:ARCH/SIZE/TOKENIZER` (e.g. `demo:llama/student/bpe`) builds a demo model;
-    anything else is a Hub id or a local path, loaded by the trainer (with `model_init_kwargs`)."""
-    if name.startswith(DEMO_PREFIX):
-        from ..demo import demo_model, demo_tokenizer
-
-        parts = name[len(DEMO_PREFIX):].split("/")
-        if len(parts) != 3:
-            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
-        arch, size, tokenizer_kind = parts
-        tokenizer = demo_tokenizer(tokenizer_kind)
-        seed = {"student": 2, "teacher": 1}.get(size, 0)
-        return demo_model(arch, tokenizer, size, seed=seed), tokenizer
-    return name, AutoTokenizer.from_pretrained(tokenizer_name or name)
-
 
 def apply_env(options: dict) -> None:
     """The recipe's `env` block into this process's environment (and so into any process it launches)."""
@@ -70,27 +51,6 @@ def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
     write_atomically(os.path.join(output_dir, RUN_INFO), json.dumps(info, indent=2))
 
 
-def resolve_student(recipe: Recipe):
-    """`(student or its name, tokenizer)`: the model the recipe starts from, with `model_adapter_name_or_path` merged
-    into it when named (a name is otherwise left for the trainer to load with `model_init_kwargs`)."""
-    options = recipe.options
-    student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
-    if options["model_adapter_name_or_path"]:
-        from ..teacher import load_teacher
-
-        # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
-        init_kwargs = recipe.config.model_init_kwargs
-        student = load_teacher(student, init_kwargs if isinstance(student, str) else None,
-                               options["model_adapter_name_or_path"])
-    return student, tokenizer
-
-
-def resolve_teacher(recipe: Recipe):
-    """`(teacher or its name, its tokenizer)` of a recipe with a teacher; loading and its adapter are the trainer's."""
-    config = recipe.config
-    return resolve_model(config.teacher_model_name_or_path, getattr(config, "teacher_tokenizer_name_or_path", None))
-
-
 def build_trainer(recipe: Recipe, callbacks=None):
     """The trainer of a recipe, with its models, tokenizers and data (heavy: loads everything)."""
     config, options = recipe.config, recipe.options
@@ -99,7 +59,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
-    from ..evaluation.trained import evaluation_split
+    from .evaluate import evaluation_split
 
     if options["evaluation"]:  # its split exists: found now, not after training
         evaluation_split(recipe, options["evaluation"]["split"], 1, key="evaluation.split")
@@ -110,7 +70,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
     student, tokenizer = resolve_student(recipe)
     callbacks = list(callbacks or [])
     if agreement_data is not None:
-        from ..callbacks import AgreementCallback
+        from ..evaluation.callbacks import AgreementCallback
 
         settings = options["agreement"]
         callbacks.append(AgreementCallback(
@@ -122,7 +82,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(**options["peft"])
-    if recipe.method != "sft":
+    if recipe.needs_teacher:
         teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
     return recipe.trainer_class(model=student, args=config, **kwargs)
@@ -131,7 +91,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
 def evaluate_recipe(recipe: Recipe) -> None:
     """The recipe's `evaluation` block on the models its finished run saved; results in `<output_dir>/eval/`, with
     `eval/done.json` last. Always from the saved folder, so that a run resumed or re-run is scored the same."""
-    from ..evaluation.trained import TrainedModels, evaluate_trained
+    from .evaluate import TrainedModels, evaluate_trained
     from ..files import write_done
 
     folder = os.path.join(recipe.config.output_dir, "eval")

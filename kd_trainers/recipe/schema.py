@@ -21,26 +21,13 @@ from typing import Any
 
 import yaml
 
-from ..dskd import DSKDConfig, DSKDTrainer
-from ..gkd import GKDConfig, GKDTrainer
-from ..kd import KDConfig, KDTrainer
-from ..seqkd import SeqKDConfig, SeqKDTrainer
-from ..sft import SFTConfig, SFTTrainer
+from ..methods import available_methods, get_method
+from ..suggest import did_you_mean
 from .errors import RecipeError
-from .suggest import did_you_mean
-
-# method -> (config class, trainer class). A new method is one line here and one folder beside `kd/`, `dskd/`, `seqkd/` and `gkd/`.
-METHODS: dict[str, tuple[type, type]] = {
-    "sft": (SFTConfig, SFTTrainer),
-    "kd": (KDConfig, KDTrainer),
-    "dskd": (DSKDConfig, DSKDTrainer),
-    "seqkd": (SeqKDConfig, SeqKDTrainer),
-    "gkd": (GKDConfig, GKDTrainer),
-}
 
 # Keys a recipe has beyond its config's fields: name -> (type, default, help).
 RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
-    "method": (str, None, f"the training method: one of {sorted(METHODS)}"),
+    "method": (str, None, "the training method: a registered one (kd_trainers.methods), e.g. kd, dskd, sft"),
     "model_name_or_path": (str, None, "the student (or, for sft, the model): Hub id, local path, or demo:ARCH/SIZE/TOKENIZER"),
     "tokenizer_name_or_path": (str | None, None, "the student's tokenizer, when not the model's"),
     "model_adapter_name_or_path": (str | None, None, "a LoRA adapter (e.g. from an SFT recipe) merged into the "
@@ -109,11 +96,11 @@ def load_yaml(text_or_stream):
 
 
 def _agreement_settings(block: dict | None, method: str, path: str) -> dict | None:
-    """The `agreement` block with its defaults (see `kd_trainers.callbacks.AgreementCallback`)."""
+    """The `agreement` block with its defaults (see `kd_trainers.evaluation.callbacks.AgreementCallback`)."""
     if block is None:
         return None
-    if method == "sft":
-        raise RecipeError(f"{path}: agreement: method 'sft' has no teacher to agree with; remove the block.")
+    if not get_method(method).needs_teacher:
+        raise RecipeError(f"{path}: agreement: method {method!r} has no teacher to agree with; remove the block.")
     for key, value in block.items():
         if key not in AGREEMENT_KEYS:
             raise RecipeError(f"{path}: agreement.{key}: unknown key.{did_you_mean(key, AGREEMENT_KEYS)}")
@@ -136,14 +123,18 @@ class Recipe:
 
     path: str
     method: str
-    config: Any  # an instance of METHODS[method][0]
+    config: Any  # an instance of the method's config class
     options: dict[str, Any] = field(default_factory=dict)  # the RECIPE_KEYS values
     raw: dict[str, Any] = field(default_factory=dict)  # the merged file + overrides, as given
     hardware_notes: list[str] = field(default_factory=list)  # flags switched off by a portable check
 
     @property
     def trainer_class(self) -> type:
-        return METHODS[self.method][1]
+        return get_method(self.method).trainer_class
+
+    @property
+    def needs_teacher(self) -> bool:
+        return get_method(self.method).needs_teacher
 
 
 
@@ -274,9 +265,11 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     method = values.get("method")
     if method is None and ("base_recipe" in values or "grid" in values):
         raise RecipeError(f"{path}: this is a study (it has base_recipe/grid): run it with kd-study {path}.")
-    if method not in METHODS:
-        raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(METHODS)}.")
-    config_class = METHODS[method][0]
+    methods = available_methods()
+    if method not in methods:
+        hint = did_you_mean(str(method), methods) if isinstance(method, str) else ""
+        raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(methods)}.{hint}")
+    config_class = methods[method].config_class
     fields = config_fields(config_class)
     config_values, options = {}, {}
     for key, value in values.items():
@@ -318,7 +311,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: eval_strategy: {config_values['eval_strategy']!r} evaluates during training, but "
                           "dataset_test_split names no split to evaluate on; set dataset_test_split (e.g. test) or "
                           "eval_strategy: no.")
-    if method != "sft" and "teacher_model_name_or_path" not in config_values:
+    if methods[method].needs_teacher and "teacher_model_name_or_path" not in config_values:
         raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher.")
     _fit_process_group(config_values)
     notes = []

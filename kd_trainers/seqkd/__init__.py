@@ -3,8 +3,9 @@
 `config.py` (SeqKDConfig), `generate.py` (the cached generated dataset), `trainer.py` (SeqKDTrainer).
 """
 
-from .config import SeqKDConfig
-from .generate import teacher_generated_dataset
-from .trainer import SeqKDTrainer
+from ..lazy import lazy_getattr
 
-__all__ = ["SeqKDConfig", "SeqKDTrainer", "teacher_generated_dataset"]
+# Loaded on first use; `method.py` registers the method for recipes.
+_EXPORTS = {"SeqKDConfig": ".config", "SeqKDTrainer": ".trainer", "teacher_generated_dataset": ".generate"}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -20,7 +20,7 @@ import shutil
 import torch
 from datasets import Dataset, load_from_disk
 
-from ..evaluation.generate import generate_predictions
+from ..generation import generate_predictions
 from ..files import DONE, write_atomically, write_done
 from ..prompt_completion import as_prompt_completion, is_conversational
 

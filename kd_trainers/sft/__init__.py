@@ -1,15 +1,7 @@
-"""Plain SFT (the LoRA SFT stage of teacher or student before KD): TRL's `SFTTrainer` with the package's run guards."""
+"""Plain SFT (the LoRA SFT stage of teacher or student before KD): `trainer.py` (TRL's `SFTTrainer` with the package's
+run guards), `method.py` (`method: sft` for recipes)."""
 
-from trl import SFTConfig
-from trl import SFTTrainer as _TRLSFTTrainer
-
-from ..checkpointing import AtomicCheckpointMixin
-from ..guards import RunGuardsMixin
-
-
-class SFTTrainer(RunGuardsMixin, AtomicCheckpointMixin, _TRLSFTTrainer):
-    """`trl.SFTTrainer` whose checkpoints are written atomically and without secrets (see `kd_trainers.checkpointing`),
-    and whose runs stop on a non-finite loss (see `kd_trainers.guards`)."""
-
+from ..lazy import lazy_getattr
 
 __all__ = ["SFTConfig", "SFTTrainer"]
+__getattr__ = lazy_getattr(__name__, globals(), {"SFTConfig": ".trainer", "SFTTrainer": ".trainer"})

@@ -15,15 +15,13 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .. import stats
+from ..files import DONE
 from .analyses import anova_across_levels, gain_table, metric_correlation
-from .spec import Cell, Study
+from .spec import Cell, Study, cell_dir
 
 
 def collect_scores(study: Study) -> pd.DataFrame:
     """Every finished cell's per-example scores: columns cell, <factors>, seed, example_id, <metrics>."""
-    from ..files import DONE
-    from .runner import cell_dir
-
     frames = []
     for cell in study.cells:
         for seed in study.seeds:

@@ -20,14 +20,15 @@ import sys
 
 import pandas as pd
 
-from ..evaluation.trained import TrainedModels, evaluate_trained
+from ..recipe.evaluate import TrainedModels, evaluate_trained
 from ..files import DONE, write_done
 from ..recipe.output import is_finished
 from ..recipe.preflight import preflight
 from ..recipe.run import run_recipe
 from ..recipe.schema import RecipeError, load_recipe
 from ..redaction import redact
-from .spec import Cell, Study, StudyError
+from .report import write_report
+from .spec import Cell, Study, StudyError, cell_dir
 
 
 class StudyRunError(RuntimeError):
@@ -79,11 +80,6 @@ def check_study(study: Study) -> None:
             raise StudyError(f"{study.path}: {name}: {error}") from None
 
 
-def cell_dir(study: Study, cell: Cell, seed: int) -> str:
-    safe = cell.name.replace("/", "_").replace(",", "__").replace("=", "-")
-    return os.path.join(study.output_dir, "cells", safe, f"seed{seed}")
-
-
 def launch_recipe(recipe_path: str, overrides: list[str]) -> None:
     """Runs a recipe with an `accelerate` block the way `kd-train` does, in its own processes; raises
     `StudyRunError` when it fails (its output is printed as it runs)."""
@@ -115,8 +111,6 @@ def evaluate_cell(study: Study, recipe, directory: str) -> pd.DataFrame:
 
 def run_study(study: Study, log=print) -> str:
     """Runs what is not finished yet, then writes the report; returns the report folder."""
-    from .report import write_report
-
     check_study(study)
     prepared = prepare_folders(study)
     for step in study.prepare:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
 from ..recipe.schema import read_yaml_mapping
-from ..recipe.suggest import did_you_mean
+from ..suggest import did_you_mean
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "anovas", "gains", "metric_correlations", "alpha", "output_dir")
@@ -186,3 +186,9 @@ def _check_analyses(values: dict, factors: dict[str, list[str]], path: str) -> N
     for index, pair in enumerate(values.get("metric_correlations") or []):
         if not isinstance(pair, dict) or not pair.get("x") or not pair.get("y"):
             raise StudyError(f"{path}: metric_correlations[{index}]: {{x: METRIC, y: METRIC}}, got {pair!r}.")
+
+
+def cell_dir(study: Study, cell: Cell, seed: int) -> str:
+    """The folder of a cell's seed: its `train/` run, its predictions and scores, its `done.json`."""
+    safe = cell.name.replace("/", "_").replace(",", "__").replace("=", "-")
+    return os.path.join(study.output_dir, "cells", safe, f"seed{seed}")

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
 
-from .evaluation.answers import ANSWER_EXTRACTORS
-from .evaluation.generate import generate_predictions
-from .evaluation.score import score
+from ..generation import generate_predictions
+from .answers import ANSWER_EXTRACTORS
+from .score import score
 
 
 class AgreementCallback(TrainerCallback):

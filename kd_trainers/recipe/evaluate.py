@@ -15,10 +15,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from ..evaluation.judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
+from ..evaluation.score import METRICS, resolve_metrics, score
 from ..files import DONE, write_done
-from .generate import generate_predictions, save_predictions
-from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
-from .score import METRICS, resolve_metrics, score
+from ..generation import generate_predictions, save_predictions
+
 
 @dataclass
 class TrainedModels:
@@ -44,7 +45,7 @@ class TrainedModels:
         is merged onto the base the run started from) and from the teacher the recipe names."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..recipe.run import resolve_student, resolve_teacher
+        from .models import resolve_student, resolve_teacher
         from ..teacher import _dtype_from_init_kwargs, load_teacher
 
         config = recipe.config
@@ -66,13 +67,13 @@ class TrainedModels:
                                    isinstance(teacher_kwargs, dict) else None, config.teacher_adapter_name_or_path)
             return teacher, teacher_tokenizer
 
-        return cls(model, tokenizer, loader if recipe.method != "sft" else None)
+        return cls(model, tokenizer, loader if recipe.needs_teacher else None)
 
 
 def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluation.split"):
     """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples. `key` names the
     setting in errors (`evaluation.split`, `agreement.split`)."""
-    from ..recipe.data import load_recipe_datasets
+    from .data import load_recipe_datasets
 
     options = {**recipe.options, "dataset_train_split": split, "dataset_test_split": None}
     try:

@@ -1,0 +1,85 @@
+"""The one evaluation pipeline: generate a model's answers on a split, score them, and write what was measured.
+
+`kd-eval` (a model given on the command line) and a recipe's or study's evaluation (a finished run) both call
+`evaluate_model`; they differ only in where the model, the data and the teacher's answers come from. It writes, into
+`directory`:
+
+    predictions.jsonl   example_id, prompt, reference, prediction
+    generation.json     the generation settings and what was evaluated
+    scores.csv          one row per example, one column per metric (the judge's scores without its replies)
+    summary.json        n, the mean of every metric, the corpus-level BLEU/chrF
+    judge_replies.csv, judge.json   with the judge: its raw replies, identity and prompts
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import pandas as pd
+
+from ..generation import generate_predictions, save_predictions
+from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
+from .score import METRICS, resolve_metrics, score
+
+
+def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[str], answer_extractor: str,
+                   generation: dict, batch_size: int,
+                   teacher_predictions: Callable[[list[str]], list[str] | None] | None = None,
+                   judge: dict | None = None, record: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """Evaluates `model` on `dataset` (columns `prompt` and `completion`) and writes the files above.
+
+    Args:
+        metrics: names of `score.METRICS` or suites, and `judge` for the LLM judge.
+        generation: `max_new_tokens`, and `do_sample`/`temperature`/`top_p` when sampling.
+        teacher_predictions: called with the prompts when a metric compares with the teacher (`agreement`,
+            `fidelity`); returns the teacher's answers, or None when there is no teacher (those metrics are NaN).
+        judge: the judge settings (`model`, or `url` + `endpoint_model`; `api_key`, `metrics`, `context_column`).
+        record: more to write into `generation.json` (what model, which split).
+
+    Returns `(scores, summary)`: the per-example frame and the summary written to `summary.json`.
+    """
+    missing = {"prompt", "completion"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"Evaluation needs 'prompt' and 'completion' columns; the split has {dataset.column_names}. "
+                         "Map them with columns / prompt_template.")
+    use_judge = "judge" in metrics
+    names = resolve_metrics([m for m in metrics if m != "judge"])  # unknown names fail before generating
+    os.makedirs(directory, exist_ok=True)
+    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
+    predictions = generate_predictions(model, tokenizer, prompts, batch_size=batch_size, **generation)
+    save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
+                     {**generation, "batch_size": batch_size, **(record or {})})
+
+    own = [m for m in names if METRICS[m][2] == "references"]
+    frame = score(predictions, references, metrics=own, answer_extractor=answer_extractor)
+    corpus = dict(frame.attrs.get("corpus", {}))
+    versus_teacher = [m for m in names if METRICS[m][2] == "teacher_predictions"]
+    teacher = teacher_predictions(prompts) if versus_teacher and teacher_predictions else None
+    if teacher is not None and len(teacher) != len(prompts):
+        raise ValueError(f"The teacher's answers are {len(teacher)} for {len(prompts)} examples.")
+    for metric in versus_teacher:  # NaN without a teacher (an SFT run)
+        frame[metric] = float("nan")
+    if teacher is not None:
+        with_teacher = score(predictions, references, metrics=versus_teacher, teacher_predictions=teacher,
+                             answer_extractor=answer_extractor)
+        for metric in versus_teacher:
+            frame[metric] = with_teacher[metric]
+    judged_metrics = []
+    if use_judge:
+        settings = judge or {}
+        client = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
+                            settings.get("api_key") or os.environ.get("OPENAI_API_KEY"))
+        contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
+        judged = judge_scores(client, predictions, references=references, questions=prompts, contexts=contexts,
+                              metrics=settings.get("metrics") or list(DEFAULT_JUDGE_METRICS))
+        judged_metrics = [c for c in judged.columns if c.startswith("judge_") and not c.endswith("_reply")]
+        frame = frame.merge(judged[["example_id", *judged_metrics]], on="example_id")
+        judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
+        save_judge_record(judged, os.path.join(directory, "judge.json"))
+    frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
+    summary = {"n": len(predictions), **{m: float(frame[m].mean()) for m in [*names, *judged_metrics]}, **corpus}
+    with open(os.path.join(directory, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return frame, summary

@@ -1,0 +1,47 @@
+"""The models a recipe names: the student (with its SFT adapter merged when given) and the teacher, as objects for
+the demo models and as names otherwise (the trainer loads those, with `model_init_kwargs`)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer
+
+from .schema import Recipe
+
+DEMO_PREFIX = "demo:"
+
+
+def resolve_model(name: str, tokenizer_name: str | None = None):
+    """`(model or name, tokenizer)`. `demo:ARCH/SIZE/TOKENIZER` (e.g. `demo:llama/student/bpe`) builds a demo model;
+    anything else is a Hub id or a local path, loaded by the trainer (with `model_init_kwargs`)."""
+    if name.startswith(DEMO_PREFIX):
+        from ..demo import demo_model, demo_tokenizer
+
+        parts = name[len(DEMO_PREFIX):].split("/")
+        if len(parts) != 3:
+            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
+        arch, size, tokenizer_kind = parts
+        tokenizer = demo_tokenizer(tokenizer_kind)
+        seed = {"student": 2, "teacher": 1}.get(size, 0)
+        return demo_model(arch, tokenizer, size, seed=seed), tokenizer
+    return name, AutoTokenizer.from_pretrained(tokenizer_name or name)
+
+
+def resolve_student(recipe: Recipe):
+    """`(student or its name, tokenizer)`: the model the recipe starts from, with `model_adapter_name_or_path` merged
+    into it when named (a name is otherwise left for the trainer to load with `model_init_kwargs`)."""
+    options = recipe.options
+    student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
+    if options["model_adapter_name_or_path"]:
+        from ..teacher import load_teacher
+
+        # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
+        init_kwargs = recipe.config.model_init_kwargs
+        student = load_teacher(student, init_kwargs if isinstance(student, str) else None,
+                               options["model_adapter_name_or_path"])
+    return student, tokenizer
+
+
+def resolve_teacher(recipe: Recipe):
+    """`(teacher or its name, its tokenizer)` of a recipe with a teacher; loading and its adapter are the trainer's."""
+    config = recipe.config
+    return resolve_model(config.teacher_model_name_or_path, getattr(config, "teacher_tokenizer_name_or_path", None))

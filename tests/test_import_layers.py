@@ -1,0 +1,107 @@
+"""Imports run one way, bottom to top: base → losses → helpers → methods → evaluation → recipes → studies → CLIs, and
+no module imports itself back through others. Read from the source (module- and function-level imports alike), so an
+import written inside a function cannot hide a cycle."""
+
+import ast
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "kd_trainers")
+LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
+    ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|suggest|distributed|recipe\.errors))?"),
+    ("losses", r"kd_trainers\.losses(\..+)?"),
+    ("helpers", r"kd_trainers\.(generation|teacher|guards|checkpointing|prompt_completion|demo(\..+)?)"),
+    ("methods", r"kd_trainers\.(kd|dskd|gkd|seqkd|sft)(\..+)?"),
+    ("evaluation", r"kd_trainers\.(evaluation(\..+)?|stats)"),
+    ("recipes", r"kd_trainers\.(recipe(\..+)?|publish)"),
+    ("studies", r"kd_trainers\.study(\..+)?"),
+    ("clis", r"kd_trainers\.(cli|eval_cli|study_cli|quickstart|__main__)"),
+]
+
+
+def modules() -> dict[str, str]:
+    found = {}
+    for folder, _, files in os.walk(PACKAGE):
+        for file in files:
+            if file.endswith(".py"):
+                path = os.path.join(folder, file)
+                name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+                found[name[: -len(".__init__")] if name.endswith(".__init__") else name] = path
+    return found
+
+
+def import_edges() -> set[tuple[str, str]]:
+    """`(importer, imported)` for every import of a package module, wherever it is written."""
+    found, edges = modules(), set()
+    for name, path in found.items():
+        package = name if path.endswith("__init__.py") else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                targets = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in found]
+                targets = targets or [base]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                while target not in found and "." in target:
+                    target = target.rsplit(".", 1)[0]
+                if target in found and target != name:
+                    edges.add((name, target))
+    return edges
+
+
+def layer(module: str) -> int:
+    matches = [index for index, (_, pattern) in enumerate(LAYERS) if re.fullmatch(pattern, module)]
+    assert matches, f"{module} is in no layer: add it to LAYERS in {__file__}"
+    return matches[0]
+
+
+def test_every_module_has_a_layer_and_imports_run_bottom_to_top():
+    upward = [f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})" for a, b in import_edges()
+              if layer(b) > layer(a)]
+    assert upward == []
+
+
+def test_no_import_cycles():
+    graph = {}
+    for a, b in import_edges():
+        graph.setdefault(a, set()).add(b)
+    cycles, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The test above can fail: a loss module that imports a recipe is reported."""
+    fake = tmp_path / "kd_trainers"
+    (fake / "losses").mkdir(parents=True)
+    (fake / "recipe").mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "losses" / "__init__.py").write_text("")
+    (fake / "recipe" / "__init__.py").write_text("")
+    (fake / "recipe" / "run.py").write_text("from ..losses import x\n")
+    (fake / "losses" / "bad.py").write_text("def f():\n    from ..recipe.run import y\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", str(fake))
+    edges = import_edges()
+    assert ("kd_trainers.losses.bad", "kd_trainers.recipe.run") in edges
+    assert layer("kd_trainers.recipe.run") > layer("kd_trainers.losses.bad")
