@@ -56,7 +56,9 @@ def effect_size(a: Sequence[float], b: Sequence[float], confidence: float = 0.95
     d = float(pg.compute_effsize(a, b, paired=True, eftype="cohen"))
     if not math.isfinite(d):
         return {"cohen_d": d, "ci_low": math.nan, "ci_high": math.nan}
-    low, high = pg.compute_esci(stat=d, nx=len(a), ny=len(b), paired=True, eftype="cohen", confidence=confidence)
+    # decimals: pingouin rounds the interval to 2 decimals by default; the report rounds for display itself.
+    low, high = pg.compute_esci(stat=d, nx=len(a), ny=len(b), paired=True, eftype="cohen", confidence=confidence,
+                                decimals=12)
     return {"cohen_d": d, "ci_low": float(low), "ci_high": float(high)}
 
 

@@ -250,6 +250,7 @@ def train_two_steps(trainer_class, config_class, tmp_path, tokenizer, dataset, v
 SAME_AS_SFT = {name: kind for name, kind in CONTRACT.items() if isinstance(kind, SameAsSFT)}
 
 
+@pytest.mark.slow  # one short SFT and KD run per field
 @pytest.mark.parametrize("name", sorted(SAME_AS_SFT))
 def test_sft_fields_at_kd_weight_zero_give_exactly_sfttrainers_result(tmp_path, bpe_tokenizer, datasets, name):
     kind = SAME_AS_SFT[name]

@@ -62,6 +62,7 @@ def test_models_build_from_configs(arch, bpe_tokenizer):
     assert out.logits.shape == (1, 3, 640)
 
 
+@pytest.mark.slow
 def test_trained_teacher_is_clearly_better_than_untrained_student(tmp_path, bpe_tokenizer, demo_data):
     teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
     student = demo_model("llama", bpe_tokenizer, "student", seed=2)

@@ -267,7 +267,6 @@ def test_drop_in_replacement_of_sft_trainer(tmp_path):
     kd_script = kd_script.replace("processing_class=tokenizer)",
                                   "processing_class=tokenizer,\n                     "
                                   "teacher_model=demo_model('llama', tokenizer, 'teacher', seed=1))")
-    assert kd_script.count("\n") == DROP_IN_SCRIPT.count("\n") + 2
     kd_namespace = {"OUTPUT": str(tmp_path / "kd")}
     exec(kd_script, kd_namespace)
     trainer = kd_namespace["trainer"]

@@ -40,6 +40,7 @@ def test_listing_the_methods_imports_no_trainer():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_test_skipped_for_a_missing_module_fails(tmp_path):
     """The conftest hook: a broken install is never a green run."""
     tests = os.path.dirname(os.path.abspath(__file__))

@@ -3,9 +3,12 @@
 import os
 
 import pandas as pd
+import pytest
 
 from kd_trainers.cli import main as kd_train
 from kd_trainers.quickstart import run
+
+pytestmark = pytest.mark.slow  # whole runs and studies
 
 
 def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, capsys):

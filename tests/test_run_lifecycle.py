@@ -50,6 +50,7 @@ def test_a_finished_run_run_again_is_left_alone(tmp_path, capsys):
     assert run_recipe(load_recipe(KD, [*FAST, f"output_dir={output}"])) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [
     "transformers:PreTrainedTokenizerBase.save_pretrained",  # the model is written, the tokenizer is not
     "kd_trainers.files:write_atomically",  # every file is in place, done.json is not
@@ -74,6 +75,7 @@ def test_a_run_killed_during_its_final_save_ends_the_same_when_run_again(tmp_pat
     assert not os.listdir(killed / ".staging")
 
 
+@pytest.mark.slow
 def test_a_study_killed_during_evaluation_gives_the_same_report_when_run_again(tmp_path):
     def spec(folder):
         values = {"name": "kill", "base_recipe": KD, "output_dir": str(folder),

@@ -54,11 +54,13 @@ def test_corrections_equal_pingouin_multicomp():
     np.testing.assert_allclose(stats.correct(p, "holm"), [0.04, 0.09, 0.09, 0.2])  # by hand: sorted p · (4, 3, 2, 1)
 
 
-def test_effect_size_and_interval_equal_pingouin():
+def test_effect_size_and_interval_equal_the_formulas_by_hand():
     result = stats.effect_size(A, B)
-    d = pg.compute_effsize(A, B, paired=True, eftype="cohen")
-    low, high = pg.compute_esci(stat=d, nx=12, ny=12, paired=True, eftype="cohen")
-    assert result == pytest.approx({"cohen_d": d, "ci_low": low, "ci_high": high})
+    # Paired Cohen's d_av: the mean difference over the mean of the two variances; its interval d ± t·SE with
+    # SE = sqrt(1/n + d²/(2n)) and n − 1 degrees of freedom.
+    d = (A.mean() - B.mean()) / math.sqrt((A.var(ddof=1) + B.var(ddof=1)) / 2)
+    half = sps.t.ppf(0.975, 11) * math.sqrt(1 / 12 + d**2 / 24)
+    assert result == pytest.approx({"cohen_d": d, "ci_low": d - half, "ci_high": d + half}, rel=1e-9)
 
 
 def test_compare_per_metric_with_correction_and_reject_count():
@@ -85,8 +87,15 @@ def test_anova_rm_anova_and_spearman_equal_pingouin_and_scipy():
     assert one_way["F"].iloc[0] == pytest.approx(sps.f_oneway(A, B, C).statistic)
     assert one_way["p_unc"].iloc[0] == pytest.approx(sps.f_oneway(A, B, C).pvalue)
     repeated = stats.rm_anova(data, dv="score", within="config", subject="example")
-    assert repeated["F"].iloc[0] == pytest.approx(pg.rm_anova(data=data, dv="score", within="config",
-                                                             subject="example")["F"].iloc[0])
+    # By hand: the configurations' sum of squares over the error's (total − configurations − examples).
+    scores = np.stack([A, B, C])  # [config, example]
+    grand = scores.mean()
+    ss_config = 12 * ((scores.mean(1) - grand) ** 2).sum()
+    ss_example = 3 * ((scores.mean(0) - grand) ** 2).sum()
+    ss_error = ((scores - grand) ** 2).sum() - ss_config - ss_example
+    f = (ss_config / 2) / (ss_error / 22)
+    assert repeated["F"].iloc[0] == pytest.approx(f)
+    assert repeated["p_unc"].iloc[0] == pytest.approx(sps.f.sf(f, 2, 22))
     sigma = [0, 1, 2, 5, 0, 1, 2, 5]
     accuracy = [0.61, 0.60, 0.55, 0.20, 0.63, 0.58, 0.57, 0.22]
     result = stats.spearman(sigma, accuracy)

@@ -9,6 +9,8 @@ import yaml
 from kd_trainers.study import StudyError, load_study, run_study
 from kd_trainers.study import runner as study_runner
 
+pytestmark = pytest.mark.slow  # whole runs and studies
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = {"max_steps": 2, "save_steps": 1, "logging_steps": 1, "per_device_train_batch_size": 4, "max_length": 64,
         "dataset_test_split": None}

@@ -8,6 +8,10 @@ import site
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # builds and installs the wheel
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
