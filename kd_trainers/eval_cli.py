@@ -19,7 +19,7 @@ import json
 import os
 import sys
 
-from .evaluation.judge import DEFAULT_JUDGE_METRICS
+from .evaluation.settings import DEFAULT_JUDGE_METRICS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,18 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def evaluate_model(options) -> dict:
+def run_evaluation(options) -> dict:
+    """The checks, the data, the model and the teacher's answers of a `kd-eval` command, then the one evaluation
+    pipeline (`kd_trainers.evaluation.pipeline.evaluate_model`); returns the summary."""
     from transformers import AutoModelForCausalLM
 
-    from .generation import generate_predictions, load_predictions, save_predictions
-    from .evaluation.judge import judge_scores, make_judge, save_judge_record
-    from .evaluation.score import resolve_metrics, score
+    from .evaluation.pipeline import evaluate_model
+    from .evaluation.score import METRICS, resolve_metrics
+    from .generation import load_predictions
     from .recipe.data import load_recipe_datasets
     from .recipe.models import resolve_model
-    from .teacher import load_teacher
-
     from .files import DONE
     from .recipe.preflight import check_model_reference
+    from .teacher import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
     check_model_reference("--tokenizer", options.tokenizer, "kd-eval")
@@ -87,16 +88,17 @@ def evaluate_model(options) -> dict:
     if options.answer_extractor not in ANSWER_EXTRACTORS:
         raise ValueError(f"--answer-extractor: {options.answer_extractor!r} is not one of {sorted(ANSWER_EXTRACTORS)}.")
     use_judge = "judge" in options.metrics
-    metrics = resolve_metrics([m for m in options.metrics if m != "judge"])  # bad names fail before any loading
+    names = resolve_metrics([m for m in options.metrics if m != "judge"])  # bad names fail before any loading
+    versus_teacher = [m for m in names if METRICS[m][2] == "teacher_predictions"]
+    if versus_teacher and not options.teacher_predictions:
+        raise ValueError(f"--metrics: {versus_teacher} compare with the teacher's answers: give "
+                         "--teacher-predictions PATH (a teacher's predictions.jsonl from kd-eval).")
     if use_judge and not (options.judge_model or (options.judge_url and options.judge_endpoint_model)):
         raise ValueError("The judge suite needs a judge: --judge-model PATH, or --judge-url URL with "
                          "--judge-endpoint-model NAME.")
     _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
                                        "dataset_train_split": options.split, "dataset_test_split": options.split,
                                        "columns": options.columns, "prompt_template": options.prompt_template})
-    if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
-        raise ValueError(f"kd-eval needs 'prompt' and 'completion' columns; the {options.split} split has "
-                         f"{dataset.column_names}. Map them with --columns and --prompt-template.")
     if options.limit:
         dataset = dataset.select(range(min(options.limit, len(dataset))))
     teacher = None
@@ -110,31 +112,16 @@ def evaluate_model(options) -> dict:
         model = AutoModelForCausalLM.from_pretrained(model)
     if options.adapter:
         model = load_teacher(model, None, options.adapter)
-    settings = {"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
-                "temperature": options.temperature, "top_p": options.top_p}
-    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
-    predictions = generate_predictions(model, tokenizer, prompts, batch_size=options.batch_size, **settings)
-    os.makedirs(options.output, exist_ok=True)
-    save_predictions(os.path.join(options.output, "predictions.jsonl"), prompts, references, predictions,
-                     {**settings, "batch_size": options.batch_size, "model": options.model,
-                      "adapter": options.adapter, "dataset": options.dataset, "split": options.split})
-    frame = score(predictions, references, metrics=metrics, teacher_predictions=teacher,
-                  answer_extractor=options.answer_extractor) if metrics else None
-    summary = {"n": len(predictions)}
-    if frame is not None:
-        summary.update({name: float(frame[name].mean()) for name in metrics}, **frame.attrs.get("corpus", {}))
-    if use_judge:
-        judge = make_judge(options.judge_model, options.judge_url, options.judge_endpoint_model,
-                           options.judge_api_key)
-        contexts = list(dataset[options.context_column]) if options.context_column else None
-        judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
-                              metrics=options.judge_metrics)
-        summary.update({f"judge_{m}": float(judged[f"judge_{m}"].mean()) for m in options.judge_metrics})
-        save_judge_record(judged, os.path.join(options.output, "judge.json"))
-        frame = judged if frame is None else frame.merge(judged, on="example_id")
-    frame.to_csv(os.path.join(options.output, "scores.csv"), index=False)
-    with open(os.path.join(options.output, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
+    judge = {"model": options.judge_model, "url": options.judge_url, "endpoint_model": options.judge_endpoint_model,
+             "api_key": options.judge_api_key, "metrics": options.judge_metrics,
+             "context_column": options.context_column}
+    _, summary = evaluate_model(
+        model, tokenizer, dataset, options.output, metrics=options.metrics, answer_extractor=options.answer_extractor,
+        generation={"max_new_tokens": options.max_new_tokens, "do_sample": options.do_sample,
+                    "temperature": options.temperature, "top_p": options.top_p},
+        batch_size=options.batch_size, teacher_predictions=(lambda prompts: teacher) if teacher else None,
+        judge=judge, record={"model": options.model, "adapter": options.adapter, "dataset": options.dataset,
+                             "split": options.split})
     return summary
 
 
@@ -143,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import one_line
 
     try:
-        summary = evaluate_model(options)
+        summary = run_evaluation(options)
     except (ValueError, OSError) as error:
         if options.debug:
             raise

@@ -276,7 +276,18 @@ def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
 
     scores = pd.read_csv(output / "eval" / "scores.csv")
     assert len(scores) == 5 and {"rouge_l", "exact_match", "agreement", "fidelity"} <= set(scores.columns)
-    assert (output / "eval" / "predictions.jsonl").exists()
+    assert (output / "eval" / "predictions.jsonl").exists() and (output / "eval" / "summary.json").exists()
+    # kd-eval on the saved run, with the teacher answers the recipe cached, goes through the same pipeline: the same
+    # predictions and the same scores.
+    from kd_trainers import eval_cli
+
+    teacher = next((output / "eval" / "teachers").glob("*/predictions.jsonl"))
+    assert eval_cli.main(["--model", str(output), "--dataset", "demo", "--split", "test", "--limit", "5",
+                          "--metrics", "ngram", "reasoning", "--answer-extractor", "demo", "--max-new-tokens", "5",
+                          "--teacher-predictions", str(teacher), "--output", str(tmp_path / "kd-eval")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "kd-eval" / "scores.csv"), scores)
+    assert json.loads((tmp_path / "kd-eval" / "summary.json").read_text()) == json.loads(
+        (output / "eval" / "summary.json").read_text())
     path = write(tmp_path, BASE + "evaluation: {metrics: [ngram], answer_extractr: demo}\n")
     with pytest.raises(RecipeError, match="evaluation.answer_extractr: unknown key. Did you mean 'answer_extractor'"):
         load_recipe(path)

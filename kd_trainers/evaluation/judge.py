@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .settings import DEFAULT_JUDGE_METRICS
+
 _SCALE = ("Rate it from 1 (worst) to 5 (best). Think briefly if you need to, then end your reply with a last line of "
           "the form `Score: N`.")
 JUDGE_PROMPTS: dict[str, str] = {
@@ -110,7 +112,6 @@ class OpenAIJudge:
         return [self._ask(prompt) for prompt in prompts]
 
 
-DEFAULT_JUDGE_METRICS = ("answer_correctness", "answer_similarity", "answer_relevancy")
 
 
 def make_judge(model: str | None = None, url: str | None = None, endpoint_model: str | None = None,

@@ -6,6 +6,7 @@ from ..suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge")
 JUDGE_KEYS = ("model", "url", "endpoint_model", "api_key", "metrics", "context_column")
+DEFAULT_JUDGE_METRICS = ("answer_correctness", "answer_similarity", "answer_relevancy")
 DEFAULTS = {"metrics": ["ngram"], "answer_extractor": "the_answer_is", "split": "test", "limit": None,
             "max_new_tokens": 64, "batch_size": 16}
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from ..evaluation.judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
-from ..evaluation.score import METRICS, resolve_metrics, score
+from ..evaluation.pipeline import evaluate_model
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 
@@ -117,36 +116,13 @@ def teacher_predictions(evaluation: dict, cache_root: str, trained: TrainedModel
 
 def evaluate_trained(evaluation: dict, trained: TrainedModels, recipe, directory: str,
                      cache_root: str) -> pd.DataFrame:
-    """Generates on the recipe's test split with the trained model, scores it (see `evaluation_settings`), and writes
-    `predictions.jsonl`, `generation.json` and `scores.csv` (plus the judge's files) into `directory`."""
-    os.makedirs(directory, exist_ok=True)
+    """The recipe's `evaluation` settings on its trained model, through the one evaluation pipeline
+    (`kd_trainers.evaluation.pipeline.evaluate_model`): the recipe's test split, the teacher's cached answers."""
     dataset = evaluation_split(recipe, evaluation["split"], evaluation["limit"])
-    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
-    predictions = generate_predictions(trained.model, trained.tokenizer, prompts, batch_size=evaluation["batch_size"],
-                                       max_new_tokens=evaluation["max_new_tokens"])
-    save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
-                     {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False})
-    metrics = resolve_metrics([m for m in evaluation["metrics"] if m != "judge"])
-    own = [m for m in metrics if METRICS[m][2] == "references"]
-    frame = score(predictions, references, metrics=own, answer_extractor=evaluation["answer_extractor"])
-    versus_teacher = [m for m in metrics if METRICS[m][2] == "teacher_predictions"]
-    for metric in versus_teacher:  # NaN for a run without a teacher (SFT)
-        frame[metric] = float("nan")
-    teacher = teacher_predictions(evaluation, cache_root, trained, recipe, prompts) if versus_teacher else None
-    if teacher is not None:
-        with_teacher = score(predictions, references, metrics=versus_teacher, teacher_predictions=teacher,
-                             answer_extractor=evaluation["answer_extractor"])
-        for metric in versus_teacher:
-            frame[metric] = with_teacher[metric]
-    if "judge" in evaluation["metrics"]:
-        settings = evaluation["judge"]
-        judge = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
-                           settings.get("api_key") or os.environ.get("OPENAI_API_KEY"))
-        contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
-        judged = judge_scores(judge, predictions, references=references, questions=prompts, contexts=contexts,
-                              metrics=settings.get("metrics", DEFAULT_JUDGE_METRICS))
-        frame = frame.merge(judged[[c for c in judged.columns if not c.endswith("_reply")]], on="example_id")
-        judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
-        save_judge_record(judged, os.path.join(directory, "judge.json"))
-    frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
+    frame, _ = evaluate_model(
+        trained.model, trained.tokenizer, dataset, directory, metrics=evaluation["metrics"],
+        answer_extractor=evaluation["answer_extractor"], generation={"max_new_tokens": evaluation["max_new_tokens"]},
+        batch_size=evaluation["batch_size"],
+        teacher_predictions=lambda prompts: teacher_predictions(evaluation, cache_root, trained, recipe, prompts),
+        judge=evaluation.get("judge"), record={"split": evaluation["split"]})
     return frame
