@@ -41,6 +41,12 @@ class AtomicCheckpointMixin:
             for name, value in hidden.items():
                 object.__setattr__(self.args, name, value)
 
+    @contextlib.contextmanager
+    def published_model(self):
+        """The trained model as it is published (`kd_trainers.publish`): the unwrapped model; a method whose model
+        holds training-only parts (DSKD's projectors) yields it without them."""
+        yield self.accelerator.unwrap_model(self.model)
+
     def _save(self, output_dir=None, state_dict=None):
         with self._arguments_without_secrets():
             return super()._save(output_dir, state_dict)

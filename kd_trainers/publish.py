@@ -36,19 +36,12 @@ def build_publish_folder(trainer, merge_lora: bool = False, dataset_name: str | 
     output_dir = trainer.args.output_dir
     final, staging = os.path.join(output_dir, PUBLISH_DIR), os.path.join(output_dir, PUBLISH_DIR + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    projectors = getattr(model, "dskd_projectors", None)
-    if projectors is not None:  # the student is published without the DSKD projectors
-        del model._modules["dskd_projectors"]
-    try:
+    with trainer.published_model() as model:
         if merge_lora and hasattr(model, "merge_and_unload"):
             # Merges in place: publishing is the run's last step, after the adapter itself was saved.
             model.merge_and_unload().save_pretrained(staging)
         else:
             model.save_pretrained(staging)
-    finally:
-        if projectors is not None:
-            model._modules["dskd_projectors"] = projectors
     trainer.processing_class.save_pretrained(staging)
     trainer.create_model_card(model_name=trainer.hub_model_id.split("/")[-1] if getattr(trainer, "hub_model_id", None)
                               else os.path.basename(os.path.abspath(output_dir)), dataset_name=dataset_name)

@@ -153,6 +153,12 @@ def test_checkpoint_holds_projectors_saved_student_is_clean_and_resume_is_exact(
     projectors = DSKDProjectors.from_saved(str(tmp_path / "final"))
     for name, value in full.projectors.state_dict().items():
         torch.testing.assert_close(projectors.state_dict()[name], value)
+    # Published through the trainer's own view of its model: the student alone, projectors back in place after.
+    from kd_trainers.publish import build_publish_folder
+
+    published = load_file(build_publish_folder(full) + "/model.safetensors")
+    assert set(published) == set(saved) and not any("dskd" in key for key in published)
+    assert any("dskd" in key for key in full.model.state_dict())
 
     resumed = run("resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))

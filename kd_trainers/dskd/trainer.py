@@ -299,6 +299,12 @@ class DSKDTrainer(KDTrainer):
         finally:
             student._modules[PROJECTORS_ATTRIBUTE] = projectors
 
+    @contextlib.contextmanager
+    def published_model(self):
+        """The student without its projectors (they are a training device, not part of the model)."""
+        with self._projectors_detached():
+            yield self.accelerator.unwrap_model(self.model)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.is_deepspeed_enabled:  # the DeepSpeed engine checkpoint holds the projectors with the student
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
