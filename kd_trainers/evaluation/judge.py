@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import urllib.request
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -93,20 +92,18 @@ class OpenAIJudge:
                 "max_tokens": self.max_tokens, "temperature": 0.0}
 
     def _ask(self, prompt: str) -> str:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": self.max_tokens}
-        headers = {"Content-Type": "application/json", **self.headers}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.base_url.rstrip("/") + "/chat/completions",
-                                         data=json.dumps(body).encode(), headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = json.loads(response.read().decode())
+        # huggingface_hub's client speaks the OpenAI chat-completions protocol (vLLM, TGI, Ollama, OpenAI itself).
+        from huggingface_hub import InferenceClient
+
+        client = InferenceClient(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout,
+                                 headers=self.headers or None)
+        reply = client.chat_completion(messages=[{"role": "user", "content": prompt}], model=self.model,
+                                       temperature=0.0, max_tokens=self.max_tokens)
         try:
-            return payload["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
+            return reply.choices[0].message.content or ""
+        except (AttributeError, IndexError, TypeError):
             raise ValueError(f"The judge endpoint {self.base_url} answered without choices[0].message.content: "
-                             f"{str(payload)[:300]}") from None
+                             f"{str(reply)[:300]}") from None
 
     def __call__(self, prompts: list[str]) -> list[str]:
         return [self._ask(prompt) for prompt in prompts]
