@@ -14,10 +14,14 @@ teardown, with the run's own exit status.
 
 from __future__ import annotations
 
+import atexit
+import os
+import sys
+
 
 def end_process_group() -> None:
     """Destroys the default process group if one is up (no barrier: a rank that failed must not hang the others)."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # lazy: `kd-train --help` and bad input answer without importing torch
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -28,10 +32,6 @@ def exit_launched_worker(status: int) -> None:
 
     Returns (and lets the caller exit normally) in a single process, where there is nothing to tear down.
     """
-    import atexit
-    import os
-    import sys
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     end_process_group()

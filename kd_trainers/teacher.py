@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -41,8 +42,6 @@ def load_teacher(teacher: str | PreTrainedModel, init_kwargs: dict | None = None
             f"passed is already a model ({model_name(teacher)}). Drop teacher_model_init_kwargs, or pass the name."
         )
     if adapter_name_or_path is not None:
-        from peft import PeftModel
-
         # Merged: the frozen teacher then runs at the speed of a plain model, and no adapter can be trained by mistake.
         teacher = PeftModel.from_pretrained(teacher, adapter_name_or_path).merge_and_unload()
     return teacher

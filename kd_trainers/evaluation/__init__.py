@@ -3,10 +3,9 @@
 (`pipeline.py`), the agreement callback (`callbacks.py`) and the evaluation block's settings (`settings.py`). A new
 metric is a module in `modules/` and a line in `score.METRICS`."""
 
-from ..lazy import lazy_getattr
+# Eager, not lazy: `score` is both a submodule and the function exported here, and the submodule's import would
+# otherwise replace the function on the package.
+from .answers import ANSWER_EXTRACTORS, reasoning_text
+from .score import METRICS, SUITES, score
 
-# Loaded on first use: `kd-eval --help` and the settings checks do not import pandas and the metric libraries.
-_EXPORTS = {"ANSWER_EXTRACTORS": ".answers", "reasoning_text": ".answers", "METRICS": ".score", "SUITES": ".score",
-            "score": ".score"}
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
+__all__ = ["ANSWER_EXTRACTORS", "METRICS", "SUITES", "reasoning_text", "score"]

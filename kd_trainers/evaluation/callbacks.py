@@ -15,6 +15,7 @@ DeepSpeed ZeRO-3 every rank takes part in generation (TRL's `unwrap_model_for_ge
 from __future__ import annotations
 
 from transformers import Trainer, TrainerCallback
+from trl.models import unwrap_model_for_generation
 
 from ..generation import generate_predictions
 from .answers import ANSWER_EXTRACTORS
@@ -58,8 +59,6 @@ class AgreementCallback(TrainerCallback):
         self.trainer = trainer
 
     def _generate(self, model, tokenizer) -> list[str]:
-        from trl.models import unwrap_model_for_generation
-
         with unwrap_model_for_generation(model, self.trainer.accelerator) as unwrapped:
             was_training = unwrapped.training
             try:

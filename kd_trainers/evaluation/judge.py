@@ -19,8 +19,12 @@ import re
 from dataclasses import dataclass, field
 
 import pandas as pd
+from huggingface_hub import InferenceClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..generation import generate_predictions
 from .settings import DEFAULT_JUDGE_METRICS
+
 
 _SCALE = ("Rate it from 1 (worst) to 5 (best). Think briefly if you need to, then end your reply with a last line of "
           "the form `Score: N`.")
@@ -55,8 +59,6 @@ class LocalJudge:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "LocalJudge":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         return cls(AutoModelForCausalLM.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path),
                    name=name_or_path, **kwargs)
 
@@ -66,8 +68,6 @@ class LocalJudge:
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        from ..generation import generate_predictions
-
         if getattr(self.tokenizer, "chat_template", None):
             prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                           add_generation_prompt=True) for p in prompts]
@@ -93,7 +93,6 @@ class OpenAIJudge:
 
     def _ask(self, prompt: str) -> str:
         # huggingface_hub's client speaks the OpenAI chat-completions protocol (vLLM, TGI, Ollama, OpenAI itself).
-        from huggingface_hub import InferenceClient
 
         client = InferenceClient(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout,
                                  headers=self.headers or None)

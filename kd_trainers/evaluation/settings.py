@@ -37,8 +37,9 @@ def evaluation_settings(block: dict | None, where: str, error: type[ValueError])
         raise error(f"{where}: evaluation.split: {settings['split']!r} should be the name of a split, e.g. test.")
     if not isinstance(settings["metrics"], list) or not settings["metrics"]:
         raise error(f"{where}: evaluation.metrics: {settings['metrics']!r} should be a list of metric names.")
-    from .answers import ANSWER_EXTRACTORS
-    from .score import resolve_metrics
+    # lazy: kd-eval imports this module for its defaults; the metric registry imports pandas
+    from .answers import ANSWER_EXTRACTORS  # lazy (see above)
+    from .score import resolve_metrics  # lazy (see above)
 
     if settings["answer_extractor"] not in ANSWER_EXTRACTORS:
         raise error(f"{where}: evaluation.answer_extractor: {settings['answer_extractor']!r} is not one of "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 
 def backbone_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -20,8 +21,6 @@ def last_hidden_state(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 def hidden_state_and_router_loss(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """`([B, T, D] last hidden states, MoE load-balancing loss)` of a Mixture-of-Experts model, computed as the model's
     own forward (and TRL's fused head, which `SFTTrainer` uses) computes it, from the backbone's router logits."""
-    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
     outputs = backbone_of(model)(**inputs, use_cache=False, output_router_logits=True)
     config = model.config.get_text_config()
     aux_loss = load_balancing_loss_func(outputs.router_logits, config.num_experts, config.num_experts_per_tok,

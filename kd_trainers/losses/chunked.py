@@ -17,12 +17,12 @@ is `ignore_index` are dropped before projecting, so prompts and padding cost not
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .divergences import get_divergence
 from .noise import grid_positions, position_noise_
@@ -425,8 +425,4 @@ def _weight_and_bias(head) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _maybe_gather(*params):
     """Under DeepSpeed ZeRO-3 the heads are partitioned; gather them while the engine reads them directly."""
-    try:
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-    except ImportError:  # pragma: no cover - trl is a hard dependency
-        return nullcontext()
     return maybe_gather_lm_head_ctx(*[p for p in params if isinstance(p, torch.nn.Parameter)])

@@ -14,10 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..evaluation.pipeline import evaluate_model
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
+from ..teacher import _dtype_from_init_kwargs, load_teacher
+from .data import load_recipe_datasets
+from .models import resolve_student, resolve_teacher
 
 
 @dataclass
@@ -42,10 +46,6 @@ class TrainedModels:
     def from_output(cls, recipe) -> TrainedModels:
         """The models of a finished run, loaded from `recipe.config.output_dir` (a full model, or a LoRA adapter that
         is merged onto the base the run started from) and from the teacher the recipe names."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .models import resolve_student, resolve_teacher
-        from ..teacher import _dtype_from_init_kwargs, load_teacher
 
         config = recipe.config
         output = config.output_dir
@@ -72,8 +72,6 @@ class TrainedModels:
 def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluation.split"):
     """The recipe's dataset split to evaluate on, with its columns mapped, cut to `limit` examples. `key` names the
     setting in errors (`evaluation.split`, `agreement.split`)."""
-    from .data import load_recipe_datasets
-
     options = {**recipe.options, "dataset_train_split": split, "dataset_test_split": None}
     try:
         dataset, _ = load_recipe_datasets(options)

@@ -15,14 +15,14 @@ import sys
 
 import yaml
 
+from .catalog import shipped, shipped_path
 from .errors import RecipeError
+
 
 LAUNCHED_ENV = "KD_TRAINERS_LAUNCHED"  # set in the relaunched processes, so that they do not relaunch again
 
 def named_accelerate_configs() -> dict[str, dict]:
     """`{name: config}` of the accelerate configs shipped as `recipes/accelerate/NAME.yaml` (their one source)."""
-    from .catalog import shipped, shipped_path
-
     configs = {}
     for name in shipped("accelerate"):
         with open(shipped_path(name)) as handle:
@@ -48,8 +48,6 @@ def existing_config_file(name_or_path: str, recipe_path: str = "<recipe>") -> st
 def accelerate_config_path(name_or_path: str, recipe_path: str = "<recipe>") -> str:
     """The file to give `accelerate launch --config_file`: a shipped config's file, or the existing file the recipe
     names."""
-    from .catalog import shipped_path
-
     existing = existing_config_file(name_or_path, recipe_path)
     return existing if existing is not None else shipped_path(f"accelerate/{name_or_path}")
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from transformers import AutoTokenizer
 
+from ..demo import demo_model, demo_tokenizer
+from ..teacher import load_teacher
 from .schema import Recipe
+
 
 DEMO_PREFIX = "demo:"
 
@@ -14,8 +17,6 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
     """`(model or name, tokenizer)`. `demo:ARCH/SIZE/TOKENIZER` (e.g. `demo:llama/student/bpe`) builds a demo model;
     anything else is a Hub id or a local path, loaded by the trainer (with `model_init_kwargs`)."""
     if name.startswith(DEMO_PREFIX):
-        from ..demo import demo_model, demo_tokenizer
-
         parts = name[len(DEMO_PREFIX):].split("/")
         if len(parts) != 3:
             raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
@@ -32,8 +33,6 @@ def resolve_student(recipe: Recipe):
     options = recipe.options
     student, tokenizer = resolve_model(options["model_name_or_path"], options["tokenizer_name_or_path"])
     if options["model_adapter_name_or_path"]:
-        from ..teacher import load_teacher
-
         # The same load-and-merge as a teacher's adapter; the merged student then trains like any model.
         init_kwargs = recipe.config.model_init_kwargs
         student = load_teacher(student, init_kwargs if isinstance(student, str) else None,

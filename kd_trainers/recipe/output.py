@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,11 +17,13 @@ import shutil
 import warnings
 import zipfile
 
+from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpointing import STAGING_DIR
 from ..files import DONE, write_done
 from .errors import RecipeError
+
 
 RUN_INFO = "run_info.json"
 # Settings that do not change the trained model: a finished or interrupted run may be run again with other values.
@@ -34,8 +37,6 @@ NOT_MODEL_SETTINGS = re.compile(
 def run_settings(recipe) -> dict:
     """The settings a run's model is made with: the recipe keys and config fields (defaults included), as JSON
     values, without those that only change logging, saving, evaluation or publishing."""
-    import dataclasses
-
     values = {name: value for name, value in recipe.options.items()}
     with warnings.catch_warnings():  # deprecated aliases (gradient_checkpointing) warn when read
         warnings.simplefilter("ignore", FutureWarning)
@@ -106,8 +107,6 @@ def start_over(output_dir: str) -> None:
 def checkpoint_problem(folder: str) -> str | None:
     """What is wrong with a checkpoint's files, or None: every safetensors file opens with its whole data present,
     every torch file is a complete archive, every JSON file parses."""
-    from safetensors import safe_open
-
     for root, _, files in os.walk(folder):
         for name in sorted(files):
             path = os.path.join(root, name)

@@ -12,9 +12,16 @@ import importlib.util
 import os
 import sys
 
-from .output import check_output_dir
+from huggingface_hub import get_token, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from ..demo.models import ARCHITECTURES, SIZES
+from ..demo.tokenizers import TOKENIZER_KINDS
+from .data import LOCAL_FORMATS
 from .errors import RecipeError
+from .output import check_output_dir
 from .schema import Recipe
+
 
 DEMO_PREFIX = "demo:"
 # report_to integration -> the module it imports
@@ -31,9 +38,6 @@ def _path_shaped(value: str) -> bool:
 
 
 def _check_demo(field: str, value: str, where: str) -> None:
-    from ..demo.models import ARCHITECTURES, SIZES
-    from ..demo.tokenizers import TOKENIZER_KINDS
-
     parts = value[len(DEMO_PREFIX):].split("/")
     if len(parts) != 3 or parts[0] not in ARCHITECTURES or parts[1] not in SIZES or parts[2] not in TOKENIZER_KINDS:
         raise RecipeError(f"{where}: {field}: {value!r} is not a demo model: demo:ARCH/SIZE/TOKENIZER with ARCH in "
@@ -59,7 +63,6 @@ def check_model_reference(field: str, value: str | None, where: str, adapter: bo
     if _path_shaped(value):
         raise RecipeError(f"{where}: {field}: {value!r} does not exist (no such folder); check the path, or run the "
                           "recipe that produces it first.")
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(value)
@@ -67,8 +70,6 @@ def check_model_reference(field: str, value: str | None, where: str, adapter: bo
         raise RecipeError(f"{where}: {field}: {value!r} is neither an existing folder nor a Hub id "
                           "(organisation/name).") from None
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
-
         files = ("adapter_config.json",) if adapter else ("config.json", "adapter_config.json", "tokenizer_config.json")
         if not any(isinstance(try_to_load_from_cache(value, name), str) for name in files):
             raise RecipeError(f"{where}: {field}: {value!r} is not a local folder, and not in the Hub cache while "
@@ -76,8 +77,6 @@ def check_model_reference(field: str, value: str | None, where: str, adapter: bo
 
 
 def check_dataset_reference(options: dict, where: str, pending: tuple[str, ...] = ()) -> None:
-    from .data import LOCAL_FORMATS
-
     name = options["dataset_name"]
     if name == "demo":
         return
@@ -114,8 +113,6 @@ def check_publishing(recipe: Recipe) -> None:
     config = recipe.config
     if not config.push_to_hub:
         return
-    from huggingface_hub import get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     repo_id = config.hub_model_id or os.path.basename(os.path.abspath(config.output_dir))
     try:

@@ -7,13 +7,27 @@ import os
 import platform
 import sys
 
+import accelerate
+import datasets
+import peft
+import torch
+import transformers
+import trl
 import yaml
+from peft import LoraConfig
 
+from .. import __version__
+from ..evaluation.callbacks import AgreementCallback
+from ..files import write_atomically, write_done
+from ..publish import build_publish_folder, upload
+from ..redaction import redact, redact_arguments
 from .data import load_recipe_datasets
+from .evaluate import TrainedModels, evaluate_trained, evaluation_split
 from .launch import launched_by_kd_train
 from .models import resolve_student, resolve_teacher
 from .output import RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final, start_over
 from .schema import Recipe
+
 
 def apply_env(options: dict) -> None:
     """The recipe's `env` block into this process's environment (and so into any process it launches)."""
@@ -24,16 +38,6 @@ def apply_env(options: dict) -> None:
 def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
     """The resolved recipe, the settings the model is made with, package versions and seed, in the output folder
     (main process only). Secrets (`hub_token`, a judge's `api_key`) are redacted."""
-    import accelerate
-    import datasets
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    from .. import __version__
-    from ..files import write_atomically
-    from ..redaction import redact, redact_arguments
 
     output_dir = recipe.config.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -59,7 +63,6 @@ def build_trainer(recipe: Recipe, callbacks=None):
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
-    from .evaluate import evaluation_split
 
     if options["evaluation"]:  # its split exists: found now, not after training
         evaluation_split(recipe, options["evaluation"]["split"], 1, key="evaluation.split")
@@ -70,8 +73,6 @@ def build_trainer(recipe: Recipe, callbacks=None):
     student, tokenizer = resolve_student(recipe)
     callbacks = list(callbacks or [])
     if agreement_data is not None:
-        from ..evaluation.callbacks import AgreementCallback
-
         settings = options["agreement"]
         callbacks.append(AgreementCallback(
             agreement_data, every_steps=settings["every_steps"], num_samples=settings["samples"],
@@ -79,8 +80,6 @@ def build_trainer(recipe: Recipe, callbacks=None):
             answer_extractor=settings["answer_extractor"]))
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
-        from peft import LoraConfig
-
         kwargs["peft_config"] = LoraConfig(**options["peft"])
     if recipe.needs_teacher:
         teacher, teacher_tokenizer = resolve_teacher(recipe)
@@ -91,9 +90,6 @@ def build_trainer(recipe: Recipe, callbacks=None):
 def evaluate_recipe(recipe: Recipe) -> None:
     """The recipe's `evaluation` block on the models its finished run saved; results in `<output_dir>/eval/`, with
     `eval/done.json` last. Always from the saved folder, so that a run resumed or re-run is scored the same."""
-    from .evaluate import TrainedModels, evaluate_trained
-    from ..files import write_done
-
     folder = os.path.join(recipe.config.output_dir, "eval")
     evaluate_trained(recipe.options["evaluation"], TrainedModels.from_output(recipe), recipe, folder,
                      cache_root=folder)
@@ -109,8 +105,6 @@ def finished_message(output_dir: str) -> str:
 def run_recipe(recipe: Recipe, callbacks=None):
     """Train (resuming from the output folder's last intact checkpoint, if any), save, and publish if asked; returns
     the trainer, or None when the output folder already holds the finished run (it is left alone)."""
-    from ..publish import build_publish_folder, upload
-
     config = recipe.config
     if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
         start_over(config.output_dir)  # the launching process did it already for its launched ones

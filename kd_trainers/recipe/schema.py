@@ -19,11 +19,19 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
+from peft import LoraConfig
 
+from ..evaluation.answers import ANSWER_EXTRACTORS
+from ..evaluation.settings import evaluation_settings
+from ..guards import check_training_args
 from ..methods import available_methods, get_method
 from ..suggest import did_you_mean
+from .catalog import shipped
 from .errors import RecipeError
+from .launch import existing_config_file
+
 
 # Keys a recipe has beyond its config's fields: name -> (type, default, help).
 RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
@@ -108,7 +116,6 @@ def _agreement_settings(block: dict | None, method: str, path: str) -> dict | No
         if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 1)):
             raise RecipeError(f"{path}: agreement.{key}: {value!r} should be "
                               f"{'a positive integer' if expected is int else 'a string'}.")
-    from ..evaluation.answers import ANSWER_EXTRACTORS
 
     settings = {**AGREEMENT_KEYS, **block}
     if settings["answer_extractor"] not in ANSWER_EXTRACTORS:
@@ -239,8 +246,6 @@ def _one_line(problem: yaml.YAMLError) -> str:
 
 def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
     """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
-    from .catalog import shipped
-
     hint = did_you_mean(path[:-5] if path.endswith(".yaml") else path, shipped("recipe"))
     values = read_yaml_mapping(path, RecipeError, f"{hint or ''} `kd-train list` shows the shipped recipes.")
     for text in overrides or []:
@@ -296,8 +301,6 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: model_name_or_path is missing: the model to train (a Hub id, a local path, or "
                           "demo:llama/student/bpe for the built-in demo).")
     if options["evaluation"] is not None:
-        from ..evaluation.settings import evaluation_settings
-
         options["evaluation"] = evaluation_settings(options["evaluation"], path, RecipeError)
     _check_peft(options["peft"], path)
     _check_accelerate(options["accelerate"], path)
@@ -334,7 +337,6 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
             (k for k, v in config_values.items() if isinstance(v, str) and len(v) > 1 and v in message), None)
         where = f"{key}: {config_values[key]!r}: " if key and not message.startswith(f"{key}:") else ""
         raise RecipeError(f"{path}: {where}{message}") from None
-    from ..guards import check_training_args
 
     try:
         check_training_args(config)
@@ -347,8 +349,6 @@ def _fit_process_group(config_values: dict) -> None:
     """`ddp_backend` for where the recipe is being read: gloo for several processes on a machine without CUDA (NCCL
     needs GPUs), and none in a single process (the launcher's parent, or `kd-train validate`), where setting one would
     make the config try to join a process group that does not exist."""
-    import torch
-
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         config_values.pop("ddp_backend", None)
     elif config_values.get("ddp_backend") is None and not torch.cuda.is_available():
@@ -358,7 +358,6 @@ def _fit_process_group(config_values: dict) -> None:
 def _check_peft(peft: dict | None, path: str) -> None:
     if not peft:
         return
-    from peft import LoraConfig
 
     valid = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     for key, value in peft.items():
@@ -373,7 +372,6 @@ def _check_peft(peft: dict | None, path: str) -> None:
 def _check_accelerate(block: dict | None, path: str) -> None:
     if not block:
         return
-    from .launch import existing_config_file
 
     for key in block:
         if key not in ACCELERATE_KEYS:

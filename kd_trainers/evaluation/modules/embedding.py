@@ -4,6 +4,7 @@ rescaling; 0 for an empty text), both on one local embedding model. The default 
 package, which loads offline; `model_name_or_path` names any other local or Hub model. A local `evaluate` module."""
 
 import evaluate
+from transformers import AutoConfig
 
 from kd_trainers.evaluation.module_info import text_pair_info
 
@@ -22,7 +23,6 @@ class EmbeddingSimilarity(evaluate.Metric):
                  batch_size=32, device="cpu"):
         import bert_score
         from sentence_transformers import SentenceTransformer
-        from transformers import AutoConfig
 
         path = model_name_or_path or default_model_path()
         encoder = SentenceTransformer(path, device=device)
