@@ -93,12 +93,11 @@ class DSKDTrainer(KDTrainer):
             args = positional.pop(0)
         sft_args = tuple(positional)
         args = self._as_kd_config(model, args)
-        self.args_for_init = args  # read by the checks that run before the Trainer sets self.args
         super().__init__(model, args, *sft_args, teacher_model=teacher_model,
                          teacher_processing_class=teacher_processing_class, **sft_kwargs)
         self.teacher_vocab_size = len(self.teacher_processing_class)
 
-    def _prepare_teacher_side(self, teacher) -> None:
+    def _attach_trainable_modules(self, teacher) -> None:
         """Builds the projectors from both heads while the teacher is still whole, and puts them in the student."""
         args = self.args
         student_head = self.model.get_output_embeddings().weight
@@ -126,10 +125,11 @@ class DSKDTrainer(KDTrainer):
             teacher_processing_class = AutoTokenizer.from_pretrained(args.teacher_tokenizer_name_or_path)
         return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
 
-    def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,
+                          teacher_name: str) -> None:
         """Decides whether cross-model attention is needed; refuses what cannot work before any data is touched."""
         same = same_vocabulary(student_tokenizer, teacher_tokenizer)
-        requested = self.args_for_init.cross_model_attention
+        requested = args.cross_model_attention
         if requested is False and not same:
             raise ValueError(
                 f"cross_model_attention=False needs one shared vocabulary, but the student ({student_name}) and the "
@@ -137,12 +137,12 @@ class DSKDTrainer(KDTrainer):
                 "different tokenizers) or use a teacher with the student's tokenizer."
             )
         self.cross_model_attention = (not same) if requested is None else requested
-        if self.cross_model_attention and self.args_for_init.t2s_target == "teacher_argmax":
+        if self.cross_model_attention and args.t2s_target == "teacher_argmax":
             raise ValueError(
                 "t2s_target='teacher_argmax' needs the teacher's prediction at each student position, which exists "
                 "only under one shared vocabulary without cross-model attention. Use t2s_target='gold'."
             )
-        if self.cross_model_attention and self.args_for_init.packing:
+        if self.cross_model_attention and args.packing:
             raise ValueError("packing=True cannot be combined with cross-model attention, which aligns each example's "
                              "two tokenizations separately. Set packing=False.")
 

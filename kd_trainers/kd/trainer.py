@@ -76,7 +76,8 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SF
         assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class
         if assumed and not isinstance(model, str):
             check_same_head_size(model, teacher)
-        self._check_tokenizers(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
+        self._check_tokenizers(args, processing_class, self.teacher_processing_class, model_name(model),
+                               model_name(teacher))
         if sft_kwargs.get("data_collator") is None:
             sft_kwargs["data_collator"] = self._default_data_collator(processing_class, args)
 
@@ -94,7 +95,7 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SF
                     f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
                 )
         self.teacher_name = model_name(teacher_model if teacher_model is not None else teacher)
-        self._prepare_teacher_side(teacher)
+        self._attach_trainable_modules(teacher)
         if self.is_deepspeed_enabled:
             self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
         else:
@@ -119,13 +120,15 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SF
     def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
         return load_teacher_tokenizer(teacher, teacher_processing_class, student_tokenizer)
 
-    def _prepare_teacher_side(self, teacher: PreTrainedModel) -> None:
-        """Called with the loaded, frozen teacher before DeepSpeed partitions it (its weights are whole here)."""
+    def _attach_trainable_modules(self, teacher: PreTrainedModel) -> None:
+        """Adds what the method trains beside the student's weights (DSKD's projectors) to the student; called with the
+        loaded, frozen teacher before DeepSpeed partitions it (both heads are whole here). Vanilla KD adds nothing."""
 
     def _default_data_collator(self, processing_class, args):
         """None: SFTTrainer's own collator. A subclass with other batches (DSKD's two tokenizations) returns its own."""
         return None
 
-    def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name: str, teacher_name: str) -> None:
+    def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,
+                          teacher_name: str) -> None:
         """Vanilla KD compares the two distributions id by id: the vocabularies must be the same."""
         check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name, teacher_name)

@@ -57,17 +57,16 @@ class SeqKDTrainer(KDTrainer):
             state=state if state.num_processes > 1 else None,
             log=lambda message: print(message, flush=True) if state.is_main_process else None)
         sft_kwargs["train_dataset"] = generated
-        self._kd_on_top = args.kd_weight > 0  # read by _check_tokenizers, which runs before `self.args` exists
         super().__init__(model, args, teacher_model=loaded, teacher_processing_class=teacher_tokenizer, **sft_kwargs)
         self.teacher_name = model_name(teacher)
 
     def _load_teacher_model(self, teacher, args):
         return teacher  # loaded (with its adapter merged) before generating
 
-    def _check_tokenizers(self, student_tokenizer, teacher_tokenizer, student_name, teacher_name) -> None:
+    def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name, teacher_name) -> None:
         # SFT on the teacher's text needs no shared vocabulary; logit KD on top does.
-        if self._kd_on_top:
-            super()._check_tokenizers(student_tokenizer, teacher_tokenizer, student_name, teacher_name)
+        if args.kd_weight > 0:
+            super()._check_tokenizers(args, student_tokenizer, teacher_tokenizer, student_name, teacher_name)
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()
