@@ -64,25 +64,25 @@ def test_named_accelerate_configs_are_the_shipped_files():
     assert accelerate_config_path("zero2") == os.path.join(RECIPES, "accelerate", "zero2.yaml")
 
 
-@pytest.mark.parametrize("extra,message", [
-    ("learning_rat: 0.1\n", "unknown key 'learning_rat' (value 0.1) for method 'kd'. Did you mean 'learning_rate'?"),
-    ("max_steps: ten\n", "max_steps: 'ten' should be int."),
-    ("kd_temperature: 0\n", "kd_temperature: 0.0: kd_temperature must be a finite number > 0, got 0.0."),
-    ("divergence: kl\n", "divergence: 'kl': divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', "
-                         "'skew_forward_kl', 'skew_reverse_kl', 'tvd'], got 'kl'."),
-    ("peft: {rank: 8}\n", "peft.rank: unknown LoRA setting (value 8)."),
-    ("peft: {r: 8, lora_alpa: 16}\n", "peft.lora_alpa: unknown LoRA setting (value 16). Did you mean 'lora_alpha'?"),
-    ("accelerate: {config: zero4}\n", "accelerate.config: 'zero4' is neither a named config (multi_process, "
-                                      "multi_process_cpu, single_process, zero2, zero3, zero3_offload) nor an existing "
-                                      "file."),
-    ("accelerate: {config: zero2, num_procs: 2}\n", "accelerate.num_procs: unknown key (value 2). Did you mean "
-                                                    "'num_processes'?"),
+@pytest.mark.parametrize("extra,parts", [
+    # (recipe line, what the one-line error must name: the key, the value, the fix) -- not its exact wording
+    ("learning_rat: 0.1\n", ["'learning_rat'", "0.1", "Did you mean 'learning_rate'?"]),
+    ("max_steps: ten\n", ["max_steps", "'ten'", "int"]),
+    ("kd_temperature: 0\n", ["kd_temperature", "0.0", "> 0"]),
+    ("divergence: kl\n", ["divergence", "'kl'", "'forward_kl'", "'reverse_kl'"]),
+    ("peft: {rank: 8}\n", ["peft.rank", "8", "unknown LoRA setting"]),
+    ("peft: {r: 8, lora_alpa: 16}\n", ["peft.lora_alpa", "16", "Did you mean 'lora_alpha'?"]),
+    ("accelerate: {config: zero4}\n", ["accelerate.config", "'zero4'", "zero2", "zero3", "existing file"]),
+    ("accelerate: {config: zero2, num_procs: 2}\n", ["accelerate.num_procs", "2", "Did you mean 'num_processes'?"]),
 ])
-def test_bad_recipes_fail_naming_file_key_value_and_fix(tmp_path, extra, message):
+def test_bad_recipes_fail_naming_file_key_value_and_fix(tmp_path, extra, parts):
     path = write(tmp_path, BASE + extra)
     with pytest.raises(RecipeError) as error:
         load_recipe(path)
-    assert str(error.value) == f"{path}: {message}"
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
 
 
 def test_missing_method_model_or_teacher(tmp_path):
