@@ -105,7 +105,6 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     from .recipe.data import load_recipe_datasets
     from .recipe.output import is_finished
     from .recipe.preflight import preflight
-
     from .recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides, portable=True)
@@ -160,12 +159,11 @@ def _main(argv: list[str]) -> int:
     recipe = load_recipe(recipe_path, overrides)
 
     from .recipe.launch import already_launched, launched_by_kd_train, relaunch
-    from .recipe.output import evaluation_finished, is_finished, start_over
+    from .recipe.output import evaluation_finished, is_finished, start_over_if_asked
     from .recipe.preflight import preflight
     from .recipe.run import apply_env, evaluate_recipe, finished_message
 
-    if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
-        start_over(recipe.config.output_dir)  # before the checks: the old run's settings no longer matter
+    start_over_if_asked(recipe)  # before the checks: the old run's settings no longer matter
     preflight(recipe)
     evaluate_here = bool(recipe.options["evaluation"]) and not launched_by_kd_train() and \
         int(os.environ.get("WORLD_SIZE", "1")) == 1

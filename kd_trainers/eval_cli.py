@@ -65,14 +65,14 @@ def run_evaluation(options) -> dict:
     from .recipe.data import load_recipe_datasets
     from .recipe.models import resolve_model
     from .files import DONE
+    from .recipe.output import RUN_INFO, is_finished
     from .recipe.preflight import check_model_reference
     from .teacher import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
     check_model_reference("--tokenizer", options.tokenizer, "kd-eval")
     check_model_reference("--adapter", options.adapter, "kd-eval", adapter=True)
-    if os.path.isfile(os.path.join(options.model, "run_info.json")) and \
-            not os.path.isfile(os.path.join(options.model, DONE)):
+    if os.path.isfile(os.path.join(options.model, RUN_INFO)) and not is_finished(options.model):
         raise ValueError(f"--model: {options.model!r} is a run that did not finish (no {DONE}: it was stopped before "
                          "or during its final save); run its kd-train command again to finish it.")
     if options.teacher_predictions and not os.path.isfile(options.teacher_predictions):

@@ -47,6 +47,7 @@ class Method:
 
 
 _REGISTRY: dict[str, Method] = {}
+_DISCOVERED = False  # every folder's method.py imported
 
 
 def register_method(name: str, config: str, trainer: str, needs_teacher: bool = True) -> Method:
@@ -60,9 +61,12 @@ def register_method(name: str, config: str, trainer: str, needs_teacher: bool = 
 
 def available_methods() -> dict[str, Method]:
     """Every method of the package: each folder's `method.py` is imported (they are light) and registers itself."""
-    for entry in sorted(os.listdir(_PACKAGE_DIR)):
-        if os.path.isfile(os.path.join(_PACKAGE_DIR, entry, "method.py")):
-            importlib.import_module(f"kd_trainers.{entry}.method")
+    global _DISCOVERED
+    if not _DISCOVERED:  # once per process: recipes ask for their method several times
+        for entry in sorted(os.listdir(_PACKAGE_DIR)):
+            if os.path.isfile(os.path.join(_PACKAGE_DIR, entry, "method.py")):
+                importlib.import_module(f"kd_trainers.{entry}.method")
+        _DISCOVERED = True
     return dict(sorted(_REGISTRY.items()))
 
 

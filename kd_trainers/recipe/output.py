@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..checkpointing import STAGING_DIR
 from ..files import DONE, write_done
 from .errors import RecipeError
+from .launch import launched_by_kd_train
 
 
 RUN_INFO = "run_info.json"
@@ -90,6 +91,13 @@ def check_output_dir(recipe) -> None:
         shown = "; ".join(changed[:6]) + (f"; and {len(changed) - 6} more" if len(changed) > 6 else "")
         raise RecipeError(f"{recipe.path}: output_dir: {output_dir!r} holds a run made with other settings ({shown}). "
                           "Use another output_dir, or overwrite_output_dir=true to start over.")
+
+
+def start_over_if_asked(recipe) -> None:
+    """`overwrite_output_dir: true`: the earlier run's files go, once, in the process that starts the run (not again
+    in the processes `kd-train` launches, nor on other ranks of a user's `accelerate launch`)."""
+    if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
+        start_over(recipe.config.output_dir)
 
 
 def start_over(output_dir: str) -> None:

@@ -19,11 +19,11 @@ from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
+from .models import DEMO_PREFIX
 from .output import check_output_dir
 from .schema import Recipe
 
 
-DEMO_PREFIX = "demo:"
 # report_to integration -> the module it imports
 REPORTERS = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow", "comet_ml": "comet_ml",
              "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio", "swanlab": "swanlab",

@@ -23,9 +23,9 @@ from ..publish import build_publish_folder, upload
 from ..redaction import redact, redact_arguments
 from .data import load_recipe_datasets
 from .evaluate import TrainedModels, evaluate_trained, evaluation_split
-from .launch import launched_by_kd_train
 from .models import resolve_student, resolve_teacher
-from .output import RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final, start_over
+from .output import (RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final,
+                     start_over_if_asked)
 from .schema import Recipe
 
 
@@ -106,8 +106,7 @@ def run_recipe(recipe: Recipe, callbacks=None):
     """Train (resuming from the output folder's last intact checkpoint, if any), save, and publish if asked; returns
     the trainer, or None when the output folder already holds the finished run (it is left alone)."""
     config = recipe.config
-    if recipe.options["overwrite_output_dir"] and not launched_by_kd_train() and os.environ.get("RANK", "0") == "0":
-        start_over(config.output_dir)  # the launching process did it already for its launched ones
+    start_over_if_asked(recipe)  # an empty folder already when kd-train did it before its checks
     if is_finished(config.output_dir):
         print(finished_message(config.output_dir), flush=True)
         return None
