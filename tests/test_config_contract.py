@@ -399,7 +399,7 @@ def test_kd_loss_fields_change_the_loss_as_the_reference_says(tmp_path, bpe_toke
 
     original = chunked_module._FusedDistillationFunction.apply
     monkeypatch.setattr(chunked_module._FusedDistillationFunction, "apply",
-                        lambda *args: chunk_sizes.append(args[-2]) or original(*args))
+                        lambda *args: chunk_sizes.append(args[-1].chunk_size) or original(*args))
     loss, reference = loss_on_fixed_batch(tmp_path, bpe_tokenizer, dataset, kind.values)
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     default = {k: v for k, v in kind.values.items() if k != name}

@@ -259,6 +259,42 @@ def test_beta_and_alpha_are_checked_only_where_a_divergence_reads_them():
         distillation_loss(z_s, z_t, labels, divergence="skew_reverse_kl", skew_alpha=1.0)
 
 
+def test_a_new_divergence_is_one_function_and_its_own_setting():
+    """A divergence registered with a setting of its own (here a power divergence, Σ p_T·(p_T/p_S)^γ − 1 scaled) gets
+    that setting by name in both the reference and the chunked engine, is checked by its registration, and no
+    divergence is handed a setting it does not declare."""
+    from kd_trainers.losses import register_divergence
+
+    def power(p_s, p_t, gamma):  # independent: from probabilities
+        return ((p_t * (p_t / p_s) ** gamma).sum(-1) - 1.0) / (gamma * (gamma + 1.0))
+
+    @register_divergence("test_power", checks={"gamma": (lambda g: g > 0, "> 0")})
+    def test_power(student_log_probs, teacher_log_probs, *, gamma):
+        log_ratio = teacher_log_probs - student_log_probs
+        return ((teacher_log_probs + gamma * log_ratio).exp().sum(-1) - 1.0) / (gamma * (gamma + 1.0))
+
+    try:
+        hs, ws, bs, ht, wt, bt, labels = make_inputs()
+        z_s, z_t = logits_of(hs, ws, bs), logits_of(ht, wt, bt)
+        mask = labels.reshape(-1) != -100
+        p_s = torch.softmax(z_s.reshape(-1, z_s.size(-1)).float() / 2.0, -1)
+        p_t = torch.softmax(z_t.reshape(-1, z_t.size(-1)).float() / 2.0, -1)
+        expected = 4.0 * power(p_s, p_t, 0.5)[mask].sum() / mask.sum()
+        ref = distillation_loss(z_s, z_t, labels, divergence="test_power", temperature=2.0, gamma=0.5)
+        torch.testing.assert_close(ref.kd_loss, expected)
+        settings = LossSettings(divergence="test_power", temperature=2.0, other_divergence_settings=(("gamma", 0.5),))
+        out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=7)
+        torch.testing.assert_close(out.kd_loss, expected)
+        with pytest.raises(ValueError, match=r"gamma must be > 0, got -1.0"):
+            LossSettings(divergence="test_power", other_divergence_settings=(("gamma", -1.0),))
+        with pytest.raises(ValueError, match=r"'test_power' needs the setting\(s\) gamma"):
+            LossSettings(divergence="test_power")
+        assert LossSettings(divergence="forward_kl").divergence_params() == {}
+        assert LossSettings(divergence="jsd", jsd_beta=0.2).divergence_params() == {"jsd_beta": 0.2}
+    finally:
+        DIVERGENCES.pop("test_power")
+
+
 def test_vocab_size_slices_padded_heads():
     """Heads with padding rows (Qwen2.5 0.5B vs 7B) are distilled over the shared vocabulary only."""
     hs, ws, bs, ht, wt, bt, labels = make_inputs(V=100, bias=False)

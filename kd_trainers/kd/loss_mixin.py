@@ -15,7 +15,7 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
-from ..losses.reference import loss_normalizer, uses_jsd_beta, uses_skew_alpha
+from ..losses.reference import loss_normalizer
 from .heads import check_engine_logits
 from .hidden import hidden_state_and_router_loss, last_hidden_state
 
@@ -221,8 +221,8 @@ class DistillationLossMixin:
             "kd_temperature": settings.temperature,
             "kd_temperature_squared": settings.temperature_squared,
             "kd_weight": settings.kd_weight,
-            "jsd_beta": settings.jsd_beta if uses_jsd_beta(settings.divergence) else None,
-            "skew_alpha": settings.skew_alpha if uses_skew_alpha(settings.divergence) else None,
+            # Only the settings the divergence reads; the others are shown as unset.
+            **{"jsd_beta": None, "skew_alpha": None, **settings.divergence_params()},
             "teacher_logit_noise_std": settings.noise_std,
             "teacher_logit_noise_in_eval": args.teacher_logit_noise_in_eval if settings.noise_std > 0 else None,
             "loss_chunk_size": args.loss_chunk_size,

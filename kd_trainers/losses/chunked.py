@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .divergences import get_divergence
+from .divergences import divergence_params, get_divergence
 from .noise import grid_positions, position_noise_
 from .reference import DistillationLoss, check_loss_settings, loss_normalizer
 
@@ -84,12 +84,22 @@ class LossSettings:
     temperature_squared: bool = True
     # Extra temperature of the KD target only (teacher logits / (T·teacher_temperature)), DSKD's `teacher_temperature`.
     teacher_temperature: float = 1.0
+    # Settings of a registered divergence other than the two above (`{"gamma": 2.0}` for a divergence declared with
+    # `*, gamma`): passed to it by name, checked by its registration's `checks`.
+    other_divergence_settings: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        check_loss_settings(divergence=self.divergence, temperature=self.temperature, jsd_beta=self.jsd_beta,
-                            skew_alpha=self.skew_alpha, noise_std=self.noise_std, kd_weight=self.kd_weight)
+        check_loss_settings(divergence=self.divergence, temperature=self.temperature, noise_std=self.noise_std,
+                            kd_weight=self.kd_weight, **self._divergence_settings())
         if not 0 < self.teacher_temperature < float("inf"):
             raise ValueError(f"teacher_temperature must be a finite number > 0, got {self.teacher_temperature}.")
+
+    def _divergence_settings(self) -> dict[str, float]:
+        return {"jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha, **dict(self.other_divergence_settings)}
+
+    def divergence_params(self) -> dict[str, float]:
+        """The settings the divergence reads (`jsd_beta` for `jsd`, nothing for `forward_kl`), as keywords."""
+        return divergence_params(self.divergence, self._divergence_settings())
 
 
 def chunk_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -104,8 +114,7 @@ def chunk_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
         ce = -student_log_probs.gather(-1, labels[:, None]).sum()
     else:
         ce = (torch.logsumexp(student_logits, dim=-1) - student_logits.gather(-1, labels[:, None])[:, 0]).sum()
-    kd = get_divergence(settings.divergence)(student_log_probs, teacher_log_probs, jsd_beta=settings.jsd_beta,
-                                             skew_alpha=settings.skew_alpha)
+    kd = get_divergence(settings.divergence)(student_log_probs, teacher_log_probs, **settings.divergence_params())
     kd = kd.sum() if kd_token_weights is None else (kd * kd_token_weights).sum()
     if settings.temperature_squared:
         kd = kd * temperature**2
@@ -163,8 +172,7 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
         if weight < 1.0:
             start_ce_grad(student_log_probs)
     values, kd_grad = get_divergence(settings.divergence).value_and_grad(
-        student_log_probs, teacher_log_probs, jsd_beta=settings.jsd_beta, skew_alpha=settings.skew_alpha,
-        scratch=teacher_logits)
+        student_log_probs, teacher_log_probs, scratch=teacher_logits, **settings.divergence_params())
     if kd_token_weights is not None:
         values = values * kd_token_weights
         kd_grad.mul_(kd_token_weights[:, None])
@@ -235,11 +243,29 @@ class ChunkedDistillationOutput(NamedTuple):
                                        # teacher terms are on)
 
 
+class _ChunkPlan(NamedTuple):
+    """What the fused function reads besides the four inputs that may take a gradient (rows are label tokens only)."""
+
+    teacher_weight: torch.Tensor         # [V, D_T], detached
+    teacher_bias: torch.Tensor | None    # [V], detached
+    labels: torch.Tensor                 # [N]
+    teacher_labels: torch.Tensor         # [N], targets of the teacher-side terms
+    normalizer: torch.Tensor             # scalar: the N the sums are divided by
+    settings: LossSettings
+    student_transform: LogitTransform
+    teacher_transform: LogitTransform
+    teacher_terms: TeacherTerms
+    chunk_size: int
+    noise: tuple | None                  # (seed, rows [N], columns [N]) when settings.noise_std > 0
+
+
 class _FusedDistillationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, teacher_labels, normalizer, settings, transforms, teacher_terms, chunk_size, noise):
-        student_transform, teacher_transform = transforms
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, plan: _ChunkPlan):
+        """student_hidden `[N, D_S]`, student_weight `[V, D_S]`, student_bias `[V]` or None, teacher_hidden `[N, D_T]`
+        (differentiable only for the teacher-side CE); returns the terms of `ChunkedDistillationOutput`."""
+        teacher_weight, teacher_bias, labels, teacher_labels, normalizer, settings = plan[:6]
+        student_transform, teacher_transform, teacher_terms, chunk_size, noise = plan[6:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
         grad_hidden = torch.zeros_like(student_hidden)
@@ -325,8 +351,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         def scaled(grad):
             return None if grad is None else grad * grad_loss.to(grad.dtype)
 
-        return (scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), scaled(grad_teacher_hidden),
-                *([None] * 10))
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), scaled(grad_teacher_hidden), None
 
 
 def chunked_distillation_terms(
@@ -395,13 +420,12 @@ def chunked_distillation_terms(
             teacher_rows = teacher_rows.detach()
         if chunk_size is None:
             chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+        plan = _ChunkPlan(teacher_weight[:vocab].detach(), None if teacher_bias is None else teacher_bias[:vocab].detach(),
+                          labels[mask], teacher_labels[mask], normalizer, settings, student_transform,
+                          teacher_transform, teacher_terms, chunk_size, noise)
         outputs = _FusedDistillationFunction.apply(
             student_rows, student_weight[:vocab], None if student_bias is None else student_bias[:vocab],
-            teacher_rows, teacher_weight[:vocab].detach(),
-            None if teacher_bias is None else teacher_bias[:vocab].detach(),
-            labels[mask], teacher_labels[mask], normalizer, settings, (student_transform, teacher_transform),
-            teacher_terms, chunk_size, noise,
-        )
+            teacher_rows, plan)
     return ChunkedDistillationOutput(*outputs)
 
 

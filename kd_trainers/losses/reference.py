@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .divergences import get_divergence
+from .divergences import check_divergence_params, divergence_params, get_divergence
 from .noise import grid_positions, position_noise_
 
 
@@ -36,28 +36,17 @@ class DistillationLoss(NamedTuple):
     kd_loss: torch.Tensor
 
 
-def uses_jsd_beta(divergence: str) -> bool:
-    return divergence == "jsd"
-
-
-def uses_skew_alpha(divergence: str) -> bool:
-    return divergence.startswith("skew_")
-
-
-def check_loss_settings(*, divergence: str, temperature: float, jsd_beta: float, skew_alpha: float,
-                        noise_std: float, kd_weight: float) -> None:
+def check_loss_settings(*, divergence: str, temperature: float, noise_std: float, kd_weight: float,
+                        **divergence_settings: float) -> None:
     """Fail fast, naming the setting and the value, on settings that would give a meaningless loss.
 
-    `jsd_beta` and `skew_alpha` are checked only when `divergence` reads them: a β that the loss never reads cannot
-    make it meaningless.
+    `divergence_settings` (`jsd_beta`, `skew_alpha`, ...) are checked only when `divergence` reads them: a β that the
+    loss never reads cannot make it meaningless.
     """
     get_divergence(divergence)
     if not temperature > 0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
-    if uses_jsd_beta(divergence) and not 0.0 < jsd_beta < 1.0:
-        raise ValueError(f"jsd_beta must be in (0, 1) (0 and 1 make the JSD vanish), got {jsd_beta}.")
-    if uses_skew_alpha(divergence) and not 0.0 <= skew_alpha < 1.0:
-        raise ValueError(f"skew_alpha must be in [0, 1) (1 makes the skewed KL vanish), got {skew_alpha}.")
+    check_divergence_params(divergence, divergence_params(divergence, divergence_settings))
     if not 0 <= noise_std < float("inf"):
         raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}.")
     if not 0.0 <= kd_weight <= 1.0:
@@ -100,6 +89,7 @@ def distillation_loss(
     kd_weight: float = 1.0,
     temperature_squared: bool = True,
     noise_seed: int | None = None,
+    **other_divergence_settings: float,
 ) -> DistillationLoss:
     """Distillation loss from full logits (see the module docstring for the formula).
 
@@ -117,9 +107,11 @@ def distillation_loss(
         kd_weight: w in `(1 − w)·ce + w·kd`.
         temperature_squared: multiply the KD term by T².
         noise_seed: seed of the noise; the row at position (b, t) depends on `(noise_seed, b, t)` alone.
+        other_divergence_settings: the settings of a registered divergence other than `jsd_beta` and `skew_alpha`.
     """
-    check_loss_settings(divergence=divergence, temperature=temperature, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
-                        noise_std=noise_std, kd_weight=kd_weight)
+    divergence_settings = {"jsd_beta": jsd_beta, "skew_alpha": skew_alpha, **other_divergence_settings}
+    check_loss_settings(divergence=divergence, temperature=temperature, noise_std=noise_std, kd_weight=kd_weight,
+                        **divergence_settings)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student_logits {tuple(student_logits.shape)} and teacher_logits {tuple(teacher_logits.shape)} must have "
@@ -135,8 +127,8 @@ def distillation_loss(
     ce_per_token = F.cross_entropy(student_logits, labels.masked_fill(~mask, 0), reduction="none")
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)
-    kd_per_token = get_divergence(divergence)(student_log_probs, teacher_log_probs, jsd_beta=jsd_beta,
-                                              skew_alpha=skew_alpha)
+    params = divergence_params(divergence, divergence_settings)
+    kd_per_token = get_divergence(divergence)(student_log_probs, teacher_log_probs, **params)
     scale = temperature**2 if temperature_squared else 1.0
 
     normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
