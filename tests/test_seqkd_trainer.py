@@ -103,3 +103,51 @@ def test_sft_alone_needs_no_shared_vocabulary_but_kd_on_top_does(tmp_path, stude
     with pytest.raises(ValueError, match="DSKDTrainer"):
         SeqKDTrainer(student, seqkd_args(tmp_path, kd_weight=0.5), train_dataset=prompts,
                      processing_class=bpe_tokenizer, teacher_model=other, teacher_processing_class=wordpiece_tokenizer)
+
+
+def test_sft_alone_is_two_steps_generation_then_sfttrainer_without_the_teacher(tmp_path, bpe_tokenizer, teacher,
+                                                                               prompts, monkeypatch):
+    """At kd_weight=0 the teacher generates, is released, and the training is exactly `SFTTrainer` on the generated
+    dataset folder: the same weights after the same steps, and no teacher held during the run."""
+    import copy
+    import gc
+    import weakref
+
+    from trl import SFTConfig
+
+    from kd_trainers.demo import demo_model
+    from kd_trainers.kd import teacher_setup
+    from kd_trainers.sft import SFTTrainer
+
+    folder = tmp_path / "teacher"
+    teacher.save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
+    loaded = []
+    real_load = teacher_setup.load_teacher
+    monkeypatch.setattr(teacher_setup, "load_teacher", lambda *a, **k: loaded.append(real_load(*a, **k)) or loaded[-1])
+    steps = dict(max_steps=3, per_device_train_batch_size=8, learning_rate=3e-3, bf16=False, report_to=[],
+                 save_strategy="no", disable_tqdm=True, max_length=64, seed=0, logging_steps=1)
+
+    seqkd = SeqKDTrainer(demo_model("llama", bpe_tokenizer, "student", seed=2),
+                         seqkd_args(tmp_path, **steps, output_dir=str(tmp_path / "seqkd")), train_dataset=prompts,
+                         processing_class=copy.deepcopy(bpe_tokenizer), teacher_model=str(folder))
+    teacher_ref = weakref.ref(loaded.pop())
+    gc.collect()
+    assert seqkd.teacher_model is None and teacher_ref() is None  # released after generating
+    seqkd.train()
+
+    generated = load_from_disk(os.path.join(seqkd.seqkd_dataset_dir, "dataset"))
+    sft = SFTTrainer(demo_model("llama", bpe_tokenizer, "student", seed=2),
+                     SFTConfig(output_dir=str(tmp_path / "sft"), **steps), train_dataset=generated,
+                     processing_class=copy.deepcopy(bpe_tokenizer))
+    sft.train()
+    for (name, ours), theirs in zip(seqkd.model.named_parameters(), sft.model.parameters()):
+        assert torch.equal(ours, theirs), name
+    assert [log["loss"] for log in seqkd.state.log_history if "loss" in log] == \
+        [log["loss"] for log in sft.state.log_history if "loss" in log]
+
+    # With logit KD on top the teacher loaded for generation is the one kept beside the student.
+    kd = SeqKDTrainer(demo_model("llama", bpe_tokenizer, "student", seed=2),
+                      seqkd_args(tmp_path, **steps, output_dir=str(tmp_path / "kd"), kd_weight=0.5),
+                      train_dataset=prompts, processing_class=copy.deepcopy(bpe_tokenizer), teacher_model=str(folder))
+    assert kd.accelerator.unwrap_model(kd.teacher_model) is loaded[-1] and len(loaded) == 1

@@ -55,7 +55,8 @@ class AgreementCallback(TrainerCallback):
     def bind(self, trainer) -> None:
         """Called by the package's trainers at the end of their `__init__`: the models to generate with."""
         if getattr(trainer, "teacher_model", None) is None:
-            raise ValueError("AgreementCallback needs a trainer with a teacher (KD, DSKD, Seq-KD or GKD).")
+            raise ValueError("AgreementCallback needs a trainer that holds a teacher while training (KD, DSKD, GKD, or "
+                             "Seq-KD with kd_weight > 0: at kd_weight=0 the teacher is released once it has generated).")
         self.trainer = trainer
 
     def _generate(self, model, tokenizer) -> list[str]:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 import textwrap
 
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 from trl import SFTTrainer
 from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import disable_dropout_in_model
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
-from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
-                       model_name)
+from ..kd.teacher_setup import TeacherSetupMixin
+from ..teacher import model_name
 from .config import GKDConfig
 from .data import PromptCompletionCollator
 
 
-class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, TRLGKDTrainer):
+# TRL GKDTrainer's parameters after (self, model, teacher_model, args, data_collator, train_dataset, eval_dataset,
+# processing_class), in order.
+_TRL_GKD_POSITIONAL_NAMES = list(inspect.signature(TRLGKDTrainer.__init__).parameters)[8:]
+
+
+class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, DistillationLossMixin, TRLGKDTrainer):
     """Generalized knowledge distillation (Agarwal et al., 2024) on top of `trl.experimental.gkd.GKDTrainer`.
 
     TRL's training step is kept as it is: with probability `lmbda` the batch's completions are replaced by the
@@ -56,31 +63,43 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, T
             args = GKDConfig(output_dir=f"{model_name(model).split('/')[-1].strip('<>')}-GKD")
         elif not isinstance(args, GKDConfig):
             args = GKDConfig.from_sft_config(args)
-        teacher = self._required_teacher(teacher_model, args)
+        # Positional arguments after `processing_class` mean what they mean to TRL's GKDTrainer.
+        trl_kwargs.update(zip(_TRL_GKD_POSITIONAL_NAMES, trl_args))
         self._refuse_compute_loss_func(args, trl_kwargs.get("compute_loss_func"))
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(model_name(model))
         # TRL's GKD script passes the teacher as a model and no teacher tokenizer: the student's is then assumed
         # (with a warning) for a teacher that has none of its own, as TRL does, after checking what can be checked.
-        self.teacher_processing_class = load_teacher_tokenizer(teacher, teacher_processing_class, processing_class)
-        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class
-        if assumed and not isinstance(model, str):
-            check_same_head_size(model, teacher)
-        check_same_vocabulary(processing_class, self.teacher_processing_class, model_name(model), model_name(teacher))
+        plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, processing_class)
         if data_collator is None:
             data_collator = PromptCompletionCollator(processing_class, args.max_length)
-        self.teacher_name = model_name(teacher)
-        loaded = freeze(load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path))
-        # TRL refuses init kwargs with a teacher object; they have been applied above.
-        init_kwargs, args.teacher_model_init_kwargs = args.teacher_model_init_kwargs, None
-        try:
-            super().__init__(model, loaded, args, data_collator, train_dataset, eval_dataset, processing_class,
-                             *trl_args, **trl_kwargs)
-        finally:
-            args.teacher_model_init_kwargs = init_kwargs
-        if assumed and isinstance(model, str):
-            check_same_head_size(self.model, loaded)
-        self._init_distillation(args, loaded)
+        # As TRL's GKDTrainer: the collator tokenizes the raw prompt/completion or messages columns per batch.
+        args.remove_unused_columns = False
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        # TRL's GKDTrainer.__init__ is not called: it would load and prepare the teacher a second way. Its methods
+        # (`generate_on_policy_outputs`) are used as they are, with the state it sets up (`_init_on_policy`).
+        SFTTrainer.__init__(self, model, args, data_collator, train_dataset, eval_dataset, processing_class,
+                            **trl_kwargs)
+        teacher = self._set_up_teacher(plan, args)
+        if args.disable_dropout:
+            disable_dropout_in_model(self.model)
+        self._init_on_policy(args)
+        self._init_distillation(args, teacher)
+
+    def _init_on_policy(self, args: GKDConfig) -> None:
+        """What TRL's `GKDTrainer` keeps for its on-policy step: λ, β, the sampling temperature, `seq_kd`, and the
+        sampling settings of generation (pure sampling at `temperature`, at most `max_new_tokens`, ending on the
+        student's end-of-turn tokens)."""
+        self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
+        self.generation_kwargs = {
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "do_sample": True, "top_k": 0,
+            "top_p": 1.0, "use_cache": not args.gradient_checkpointing,
+            "pad_token_id": self.processing_class.pad_token_id,
+        }
+        self.generation_config = GenerationConfig(**self.generation_kwargs)
+        eos_token_id = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos_token_id is not None:  # e.g. Llama 3's <|eot_id|> and <|eom_id|>
+            self.generation_config.eos_token_id = eos_token_id
 
     # ----------------------------------------------------------------------------------------------------------------
     # On-policy batches, counted after generation

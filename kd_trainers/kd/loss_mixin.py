@@ -1,6 +1,7 @@
 """The distillation loss shared by the trainers on a shared vocabulary (KD, Seq-KD, GKD): the fused chunked loss,
 teacher-logit noise, pooled metrics and the model card's KD section. The trainer provides `self.teacher_model` (prepared
-by accelerate or DeepSpeed) and calls `_init_distillation(args, teacher)` at the end of its `__init__`."""
+by accelerate or DeepSpeed; `kd_trainers.kd.teacher_setup`) and calls `_init_distillation(args, teacher)` at the end of its
+`__init__`."""
 
 from __future__ import annotations
 
@@ -25,15 +26,6 @@ class DistillationLossMixin:
 
     _non_model_keys: tuple[str, ...] = ("labels",)  # batch keys the models must not receive
 
-    @classmethod
-    def _required_teacher(cls, teacher_model, args):
-        """The teacher given, else the config's name for it; a clear error when there is neither."""
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher is None:
-            raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "
-                             f"{type(args).__name__}.teacher_model_name_or_path.")
-        return teacher
-
     @staticmethod
     def _refuse_compute_loss_func(args, compute_loss_func) -> None:
         """A `compute_loss_func` replaces SFT's loss; beside a KD term it would be silently dropped, so it is refused."""
@@ -45,8 +37,10 @@ class DistillationLossMixin:
             )
 
     def _init_distillation(self, args, teacher) -> None:
-        """`teacher`: the unwrapped, frozen teacher (its config gives its logit scale and softcap)."""
-        self.teacher_logit_transform = LogitTransform.from_config(teacher.config)
+        """`teacher`: the unwrapped, frozen teacher (its config gives its logit scale and softcap), or None when the
+        trainer holds none (Seq-KD at `kd_weight=0`, which is SFT on the teacher's completions)."""
+        self.teacher_logit_transform = LogitTransform.from_config(teacher.config) if teacher is not None \
+            else LogitTransform()
         # Every loss field of the config, through one method per config class: a field the loss reads is in it.
         self.loss_settings: LossSettings = args.loss_settings()
         self.distilled_vocab_size = len(self.processing_class)

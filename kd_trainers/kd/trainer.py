@@ -7,21 +7,20 @@ import textwrap
 
 from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
-from trl.models import prepare_deepspeed
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
-from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
-                       model_name, output_head_shape)
+from ..teacher import model_name
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
+from .teacher_setup import TeacherPlan, TeacherSetupMixin
 
 
 # SFTTrainer's parameters after (self, model, args), in order.
 _SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
 
 
-class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SFTTrainer):
+class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, DistillationLossMixin, SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
@@ -59,48 +58,18 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SF
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
                  teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None, **sft_kwargs):
         args = self._as_kd_config(model, args)
-        teacher = self._required_teacher(teacher_model, args)
-
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
-        # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
         if sft_kwargs.get("processing_class") is None:
             sft_kwargs["processing_class"] = AutoTokenizer.from_pretrained(model_name(model))
-        processing_class = sft_kwargs["processing_class"]
-        self.teacher_processing_class = self._load_teacher_tokenizer(teacher, teacher_processing_class, args,
-                                                                     processing_class)
-        # A teacher that came without a tokenizer is assumed to use the student's (as TRL assumes): then the heads
-        # must have the same size, checked now when the student is an object, else once SFTTrainer has loaded it.
-        # (`load_teacher_tokenizer` returns the student's own object only when it assumed it.)
-        assumed = teacher_processing_class is None and self.teacher_processing_class is processing_class
-        if assumed and not isinstance(model, str):
-            check_same_head_size(model, teacher)
-        self._check_tokenizers(args, processing_class, self.teacher_processing_class, model_name(model),
-                               model_name(teacher))
+        # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
+        plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, sft_kwargs["processing_class"])
+        sft_kwargs = self._prepare_training_data(plan, args, sft_kwargs)
         if sft_kwargs.get("data_collator") is None:
-            sft_kwargs["data_collator"] = self._default_data_collator(processing_class, args)
-
+            sft_kwargs["data_collator"] = self._default_data_collator(sft_kwargs["processing_class"], args)
         super().__init__(model, args, **sft_kwargs)
-
-        teacher = freeze(self._load_teacher_model(teacher, args))
-        if assumed:
-            check_same_head_size(self.model, teacher)
-        for role, head_model, tokenizer in (("student", self.model, processing_class),
-                                            ("teacher", teacher, self.teacher_processing_class)):
-            rows = output_head_shape(head_model)[0]
-            if rows < len(tokenizer):
-                raise ValueError(
-                    f"The {role}'s output head has {rows} rows but its tokenizer has {len(tokenizer)} tokens. "
-                    f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
-                )
-        self.teacher_name = model_name(teacher_model if teacher_model is not None else teacher)
-        self._attach_trainable_modules(teacher)
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
-        self._init_distillation(args, teacher)
+        self._init_distillation(args, self._set_up_teacher(plan, args))
 
     _config_class = KDConfig
 
@@ -113,22 +82,11 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, DistillationLossMixin, SF
             return cls._config_class(output_dir=f"{name}-{cls._name}")
         return cls._config_class.from_sft_config(args)
 
-    def _load_teacher_model(self, teacher, args) -> PreTrainedModel:
-        """The teacher, loaded from its name if need be, with its adapter merged (Seq-KD has loaded it already)."""
-        return load_teacher(teacher, args.teacher_model_init_kwargs, args.teacher_adapter_name_or_path)
-
-    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
-        return load_teacher_tokenizer(teacher, teacher_processing_class, student_tokenizer)
-
-    def _attach_trainable_modules(self, teacher: PreTrainedModel) -> None:
-        """Adds what the method trains beside the student's weights (DSKD's projectors) to the student; called with the
-        loaded, frozen teacher before DeepSpeed partitions it (both heads are whole here). Vanilla KD adds nothing."""
+    def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict) -> dict:
+        """SFTTrainer's keyword arguments, with the data the student trains on: as given (Seq-KD replaces it by the
+        teacher's completions)."""
+        return sft_kwargs
 
     def _default_data_collator(self, processing_class, args):
         """None: SFTTrainer's own collator. A subclass with other batches (DSKD's two tokenizations) returns its own."""
         return None
-
-    def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,
-                          teacher_name: str) -> None:
-        """Vanilla KD compares the two distributions id by id: the vocabularies must be the same."""
-        check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name, teacher_name)

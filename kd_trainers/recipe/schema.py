@@ -338,6 +338,10 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         where = f"{key}: {config_values[key]!r}: " if key and not message.startswith(f"{key}:") else ""
         raise RecipeError(f"{path}: {where}{message}") from None
 
+    if options["agreement"] and not getattr(config, "holds_teacher_while_training", lambda: True)():
+        raise RecipeError(f"{path}: agreement: method {method!r} with kd_weight={config.kd_weight} holds no teacher "
+                          "while training (the teacher is released once it has generated); remove the block and score "
+                          "agreement after training (evaluation: metrics: [agreement]), or set kd_weight > 0.")
     try:
         check_training_args(config)
     except ValueError as error:

@@ -48,6 +48,10 @@ class SeqKDConfig(KDConfig):
                              f"and {self.seqkd_top_p}.")
         super().__post_init__()
 
+    def holds_teacher_while_training(self) -> bool:
+        """At `kd_weight=0` the teacher is released once it has generated: training is SFT on its completions."""
+        return self.kd_weight > 0
+
     def generation_settings(self) -> dict:
         settings = {"max_new_tokens": self.seqkd_max_new_tokens, "do_sample": self.seqkd_do_sample}
         if self.seqkd_do_sample:

@@ -1,0 +1,107 @@
+"""The one teacher set-up of every trainer with a teacher (KD, DSKD, Seq-KD, GKD), in two calls around the parent
+trainer's `__init__`:
+
+    plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, student_tokenizer)
+        # before: the teacher's tokenizer, the vocabulary check, the head-size check of an in-memory student;
+        # cheap, so that a mismatch fails before the dataset is tokenized or a model loaded
+    super().__init__(...)                      # SFTTrainer: the student, its data, accelerate / DeepSpeed
+    teacher = self._set_up_teacher(plan, args)
+        # after: load (adapter merged), freeze, the head checks against the loaded student, the method's trainable
+        # modules (DSKD's projectors), and accelerate / DeepSpeed preparation into `self.teacher_model`
+
+A method changes a step through the hooks below, not by writing the set-up again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from trl.models import prepare_deepspeed
+
+from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
+                       model_name, output_head_shape)
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What `_plan_teacher` decided before the parent trainer exists."""
+
+    teacher: str | PreTrainedModel  # as given: a name or path, or a model
+    tokenizer: PreTrainedTokenizerBase
+    assumes_student_tokenizer: bool  # the teacher came without a tokenizer and the student's is used for it
+
+
+class TeacherSetupMixin:
+    """`_plan_teacher` and `_set_up_teacher` (see the module docstring), and the hooks a method may override."""
+
+    @classmethod
+    def _required_teacher(cls, teacher_model, args):
+        """The teacher given, else the config's name for it; a clear error when there is neither."""
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "
+                             f"{type(args).__name__}.teacher_model_name_or_path.")
+        return teacher
+
+    def _plan_teacher(self, model, args, teacher_model, teacher_processing_class,
+                      student_tokenizer: PreTrainedTokenizerBase) -> TeacherPlan:
+        """Before the parent `__init__`: sets `teacher_processing_class` and `teacher_name`; loads no model."""
+        teacher = self._required_teacher(teacher_model, args)
+        tokenizer = self._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
+        # `load_teacher_tokenizer` returns the student's own object only when it assumed it.
+        assumed = teacher_processing_class is None and tokenizer is student_tokenizer
+        if assumed and self._compares_logits(args) and not isinstance(model, str):
+            check_same_head_size(model, teacher)  # else checked in `_set_up_teacher`, once the student is loaded
+        self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), model_name(teacher))
+        self.teacher_processing_class = tokenizer
+        self.teacher_name = model_name(teacher)
+        return TeacherPlan(teacher, tokenizer, assumed)
+
+    def _set_up_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
+        """After the parent `__init__`: `self.teacher_model` prepared for training; returns the unwrapped teacher."""
+        teacher = freeze(self._load_teacher_model(plan.teacher, args))
+        if plan.assumes_student_tokenizer and self._compares_logits(args):
+            check_same_head_size(self.model, teacher)
+        for role, head_model, tokenizer in (("student", self.model, self.processing_class),
+                                            ("teacher", teacher, plan.tokenizer)):
+            rows = output_head_shape(head_model)[0]
+            if rows < len(tokenizer):
+                raise ValueError(
+                    f"The {role}'s output head has {rows} rows but its tokenizer has {len(tokenizer)} tokens. "
+                    f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
+                )
+        self._attach_trainable_modules(teacher)  # before DeepSpeed partitions the teacher: both heads are whole
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Hooks
+
+    def _compares_logits(self, args) -> bool:
+        """Whether the loss compares the two models' distributions token id by token id (Seq-KD's SFT does not)."""
+        return True
+
+    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
+        return load_teacher_tokenizer(teacher, teacher_processing_class, student_tokenizer)
+
+    def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,
+                          teacher_name: str) -> None:
+        """Logit KD compares the two distributions id by id: the vocabularies must be the same."""
+        if self._compares_logits(args):
+            check_same_vocabulary(student_tokenizer, teacher_tokenizer, student_name, teacher_name)
+
+    def _load_teacher_model(self, teacher, args) -> PreTrainedModel:
+        """The teacher, loaded from its name if need be (with `trust_remote_code` as for the student, as TRL's GKD does),
+        with its adapter merged."""
+        init_kwargs = args.teacher_model_init_kwargs
+        if isinstance(teacher, str):
+            init_kwargs = {"trust_remote_code": args.trust_remote_code, **(init_kwargs or {})}
+        return load_teacher(teacher, init_kwargs, args.teacher_adapter_name_or_path)
+
+    def _attach_trainable_modules(self, teacher: PreTrainedModel) -> None:
+        """Adds what the method trains beside the student's weights (DSKD's projectors) to the student; called with the
+        loaded, frozen teacher. Vanilla KD adds nothing."""
