@@ -9,6 +9,7 @@ import re
 
 import torch
 from datasets import Dataset
+from trl.trainer.utils import pad
 
 
 def _prompt_and_full_ids(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
@@ -25,14 +26,11 @@ def completion_nll(model, tokenizer, dataset: Dataset, batch_size: int = 32) -> 
     rows = list(dataset)
     for start in range(0, len(rows), batch_size):
         batch = [_prompt_and_full_ids(tokenizer, r["prompt"], r["completion"]) for r in rows[start:start + batch_size]]
-        width = max(len(full) for _, full in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        labels = torch.full((len(batch), width), -100)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, (prompt, full) in enumerate(batch):
-            input_ids[i, :len(full)] = torch.tensor(full)
-            attention[i, :len(full)] = 1
-            labels[i, len(prompt):len(full)] = torch.tensor(full[len(prompt):])
+        full_ids = [torch.tensor(full) for _, full in batch]
+        input_ids = pad(full_ids, tokenizer.pad_token_id)
+        attention = pad([torch.ones_like(ids) for ids in full_ids], 0)
+        labels = pad([ids.clone().index_fill_(0, torch.arange(min(len(prompt), len(ids))), -100)
+                      for ids, (prompt, _) in zip(full_ids, batch)], -100)
         logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
         shift_labels = labels[:, 1:].to(model.device)
         nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), shift_labels, reduction="sum",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.trainer.utils import pad
 
 from ..prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
@@ -108,20 +109,11 @@ class DualTokenizationCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         batch = {}
         for (side, prefix), pad_id in zip(SIDES, (self.student_pad_token_id, self.teacher_pad_token_id)):
-            sequences = [example[f"{prefix}input_ids"] for example in examples]
-            masks = [example[f"{prefix}completion_mask"] for example in examples]
-            length = max(len(ids) for ids in sequences)
-            if self.pad_to_multiple_of:
-                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-            input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
-            labels = torch.full((len(examples), length), -100, dtype=torch.long)
-            for row, (ids, completion) in enumerate(zip(sequences, masks)):
-                ids_tensor = torch.as_tensor(ids, dtype=torch.long)
-                input_ids[row, : len(ids)] = ids_tensor
-                attention_mask[row, : len(ids)] = 1
-                labels[row, : len(ids)] = ids_tensor.masked_fill(torch.as_tensor(completion) == 0, -100)
-            batch[f"{prefix}input_ids"] = input_ids
-            batch[f"{prefix}attention_mask"] = attention_mask
-            batch[f"{prefix}labels"] = labels
+            sequences = [torch.as_tensor(example[f"{prefix}input_ids"], dtype=torch.long) for example in examples]
+            labels = [ids.masked_fill(torch.as_tensor(example[f"{prefix}completion_mask"]) == 0, -100)
+                      for ids, example in zip(sequences, examples)]
+            batch[f"{prefix}input_ids"] = pad(sequences, pad_id, pad_to_multiple_of=self.pad_to_multiple_of)
+            batch[f"{prefix}attention_mask"] = pad([torch.ones_like(ids) for ids in sequences], 0,
+                                                   pad_to_multiple_of=self.pad_to_multiple_of)
+            batch[f"{prefix}labels"] = pad(labels, -100, pad_to_multiple_of=self.pad_to_multiple_of)
         return batch

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.trainer.utils import pad
 
 from ..prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
@@ -36,20 +37,14 @@ class PromptCompletionCollator:
                                  "completion to distil: raise max_length or shorten the prompts.")
             rows.append((ids, prompt_length))
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        length = max(len(ids) for ids, _ in rows)
-        prompt_width = max(prompt_length for _, prompt_length in rows)
-        batch = {
-            "input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
-            "labels": torch.full((len(rows), length), -100, dtype=torch.long),
-            "prompts": torch.full((len(rows), prompt_width), pad_id, dtype=torch.long),
-            "prompt_attention_mask": torch.zeros((len(rows), prompt_width), dtype=torch.long),
+        sequences = [torch.as_tensor(ids, dtype=torch.long) for ids, _ in rows]
+        labels = [ids.clone().index_fill_(0, torch.arange(prompt_length), -100)
+                  for ids, (_, prompt_length) in zip(sequences, rows)]
+        prompts = [ids[:prompt_length] for ids, (_, prompt_length) in zip(sequences, rows)]
+        return {
+            "input_ids": pad(sequences, pad_id),
+            "attention_mask": pad([torch.ones_like(ids) for ids in sequences], 0),
+            "labels": pad(labels, -100),
+            "prompts": pad(prompts, pad_id, padding_side="left"),
+            "prompt_attention_mask": pad([torch.ones_like(ids) for ids in prompts], 0, padding_side="left"),
         }
-        for row, (ids, prompt_length) in enumerate(rows):
-            ids = torch.as_tensor(ids, dtype=torch.long)
-            batch["input_ids"][row, : len(ids)] = ids
-            batch["attention_mask"][row, : len(ids)] = 1
-            batch["labels"][row, prompt_length: len(ids)] = ids[prompt_length:]
-            batch["prompts"][row, prompt_width - prompt_length:] = ids[:prompt_length]
-            batch["prompt_attention_mask"][row, prompt_width - prompt_length:] = 1
-        return batch
