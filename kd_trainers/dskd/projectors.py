@@ -15,11 +15,11 @@ import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 PROJECTOR_WEIGHTS = "dskd_projectors.safetensors"
-PROJECTOR_CONFIG = "dskd_projectors.json"
 
 
 class DSKDProjectors(nn.Module):
@@ -51,34 +51,39 @@ class DSKDProjectors(nn.Module):
             if layer.bias is not None:
                 layer.bias.zero_()
 
-    def save(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """Writes `dskd_projectors.safetensors` and `dskd_projectors.json` (sizes) into `directory`.
+    def sizes(self) -> dict[str, int | bool]:
+        """What the projectors are built from (`DSKDProjectors(**sizes)`); saved in the weights file's metadata."""
+        return {"student_hidden_size": self.student_hidden_size, "teacher_hidden_size": self.teacher_hidden_size,
+                "bias": self.bias}
 
-        `state_dict` overrides `self.state_dict()`: under ZeRO-3 the parameters here are partitioned, and the caller
-        passes the consolidated ones.
+    def save(self, directory: str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes `dskd_projectors.safetensors` into `directory`, with `sizes()` in its metadata.
+
+        `state_dict` replaces this module's weights in the file: under ZeRO-3 the parameters here are partitioned, and
+        the caller passes the consolidated ones.
         """
+        projectors = self
+        if state_dict is not None:
+            projectors = DSKDProjectors(**self.sizes())
+            projectors.load_state_dict({name: tensor.detach().cpu() for name, tensor in state_dict.items()})
         os.makedirs(directory, exist_ok=True)
-        state = self.state_dict() if state_dict is None else state_dict
-        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-        save_file(state, os.path.join(directory, PROJECTOR_WEIGHTS))
-        with open(os.path.join(directory, PROJECTOR_CONFIG), "w") as handle:
-            json.dump({"student_hidden_size": self.student_hidden_size,
-                       "teacher_hidden_size": self.teacher_hidden_size, "bias": self.bias}, handle, indent=2)
+        save_model(projectors, os.path.join(directory, PROJECTOR_WEIGHTS),
+                   metadata={key: json.dumps(value) for key, value in self.sizes().items()})
+
+    @staticmethod
+    def saved_sizes(directory: str) -> dict[str, int | bool]:
+        with safe_open(os.path.join(directory, PROJECTOR_WEIGHTS), framework="pt") as handle:
+            return {key: json.loads(value) for key, value in (handle.metadata() or {}).items()}
 
     @classmethod
     def from_saved(cls, directory: str) -> "DSKDProjectors":
-        with open(os.path.join(directory, PROJECTOR_CONFIG)) as handle:
-            projectors = cls(**json.load(handle))
-        projectors.load_state_dict(load_file(os.path.join(directory, PROJECTOR_WEIGHTS)))
+        projectors = cls(**cls.saved_sizes(directory))
+        load_model(projectors, os.path.join(directory, PROJECTOR_WEIGHTS))
         return projectors
 
     def load_saved(self, directory: str) -> None:
         """Loads weights saved by `save` into these projectors, checking that the sizes agree."""
-        with open(os.path.join(directory, PROJECTOR_CONFIG)) as handle:
-            saved = json.load(handle)
-        mine = {"student_hidden_size": self.student_hidden_size, "teacher_hidden_size": self.teacher_hidden_size,
-                "bias": self.bias}
-        if saved != mine:
-            raise ValueError(f"The projectors in {directory} were built for {saved}, these are {mine}.")
-        state = load_file(os.path.join(directory, PROJECTOR_WEIGHTS))
-        self.load_state_dict({name: tensor.to(self.query.weight.device) for name, tensor in state.items()})
+        saved = self.saved_sizes(directory)
+        if saved != self.sizes():
+            raise ValueError(f"The projectors in {directory} were built for {saved}, these are {self.sizes()}.")
+        load_model(self, os.path.join(directory, PROJECTOR_WEIGHTS), device=str(self.query.weight.device))
