@@ -68,6 +68,12 @@ def test_named_accelerate_configs_are_the_shipped_files():
     # (recipe line, what the one-line error must name: the key, the value, the fix) -- not its exact wording
     ("learning_rat: 0.1\n", ["'learning_rat'", "0.1", "Did you mean 'learning_rate'?"]),
     ("max_steps: ten\n", ["max_steps", "'ten'", "int"]),
+    ("max_steps: 2.5\n", ["max_steps", "2.5", "int"]),  # not silently 2
+    # The type and the help come from the field itself (HfArgumentParser reads both from KDConfig).
+    ("kd_temperature: warm\n", ["kd_temperature", "'warm'", "float", "Temperature dividing both models' logits"]),
+    ("lr_scheduler_type: cosin\n", ["lr_scheduler_type", "'cosin'", "'cosine_with_restarts'",
+                                     "Did you mean 'cosine'?"]),
+    ("merge_lora: maybe\n", ["merge_lora", "'maybe'", "bool", "publish the model with its LoRA adapter merged"]),
     ("kd_temperature: 0\n", ["kd_temperature", "0.0", "> 0"]),
     ("divergence: kl\n", ["divergence", "'kl'", "'forward_kl'", "'reverse_kl'"]),
     ("peft: {rank: 8}\n", ["peft.rank", "8", "unknown LoRA setting"]),

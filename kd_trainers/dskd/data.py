@@ -30,6 +30,7 @@ from trl.trainer.utils import pad
 
 from ..prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
+
 SIDES = (("student", ""), ("teacher", "teacher_"))
 
 

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+
 PROJECTOR_WEIGHTS = "dskd_projectors.safetensors"
 
 

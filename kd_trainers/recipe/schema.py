@@ -9,12 +9,10 @@ file; their values are read as YAML (`max_steps=10`, `bf16=false`, `peft.r=16` f
 from __future__ import annotations
 
 import dataclasses
-import enum
+import functools
 import math
 import os
 import re
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,34 +28,58 @@ from ..methods import available_methods, get_method
 from ..suggest import did_you_mean
 from .catalog import shipped
 from .errors import RecipeError
+from .fields import FieldValueError, RecipeFields
 from .launch import existing_config_file
 
 
-# Keys a recipe has beyond its config's fields: name -> (type, default, help).
-RECIPE_KEYS: dict[str, tuple[Any, Any, str]] = {
-    "method": (str, None, "the training method: a registered one (kd_trainers.methods), e.g. kd, dskd, sft"),
-    "model_name_or_path": (str, None, "the student (or, for sft, the model): Hub id, local path, or demo:ARCH/SIZE/TOKENIZER"),
-    "tokenizer_name_or_path": (str | None, None, "the student's tokenizer, when not the model's"),
-    "model_adapter_name_or_path": (str | None, None, "a LoRA adapter (e.g. from an SFT recipe) merged into the "
-                                   "student before training: the S_SFT configurations"),
-    "dataset_name": (str, "demo", "Hub id, local file (.jsonl, .json, .csv, .parquet) or folder, or 'demo'"),
-    "dataset_config": (str | None, None, "the dataset's configuration (for 'demo': its format, e.g. prompt_completion)"),
-    "dataset_train_split": (str, "train", "split to train on"),
-    "dataset_test_split": (str | None, None, "split to evaluate on (sets eval_strategy='steps' unless set)"),
-    "columns": (dict | None, None, "renames: {new_name: existing column}, e.g. {completion: answer}"),
-    "prompt_template": (str | None, None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'"),
-    "peft": (dict | None, None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, target_modules..."),
-    "merge_lora": (bool, False, "publish the model with its LoRA adapter merged (the output folder keeps the adapter)"),
-    "env": (dict | None, None, "environment variables set before anything runs"),
-    "evaluation": (dict | None, None, "evaluate after training (one process): {metrics: [ngram, embedding, "
-                   "reasoning, judge, ...], answer_extractor, split, limit, max_new_tokens, batch_size, judge}"),
-    "agreement": (dict | None, None, "log teacher-student agreement, fidelity and exact match while training: "
-                  "{every_steps, samples, max_new_tokens, batch_size, answer_extractor, split}"),
-    "overwrite_output_dir": (bool, False, "start over in an output_dir that holds another run (its files are removed);"
-                             " without it a finished run is left alone and changed settings are refused"),
-    "accelerate": (dict | None, None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
-                   "multi_process_cpu | single_process | PATH, num_processes: N}"),
-}
+def _key(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class RecipeOptions:
+    """The keys a recipe has beyond its config's fields (their types, defaults and help, read like the config's)."""
+
+    method: str | None = _key(None, "the training method: a registered one (kd_trainers.methods), e.g. kd, dskd, sft")
+    model_name_or_path: str | None = _key(
+        None, "the student (or, for sft, the model): Hub id, local path, or demo:ARCH/SIZE/TOKENIZER")
+    tokenizer_name_or_path: str | None = _key(None, "the student's tokenizer, when not the model's")
+    model_adapter_name_or_path: str | None = _key(
+        None, "a LoRA adapter (e.g. from an SFT recipe) merged into the student before training: the S_SFT "
+        "configurations")
+    dataset_name: str = _key("demo", "Hub id, local file (.jsonl, .json, .csv, .parquet) or folder, or 'demo'")
+    dataset_config: str | None = _key(None, "the dataset's configuration (for 'demo': its format, e.g. "
+                                      "prompt_completion)")
+    dataset_train_split: str = _key("train", "split to train on")
+    dataset_test_split: str | None = _key(None, "split to evaluate on (sets eval_strategy='steps' unless set)")
+    columns: dict | None = _key(None, "renames: {new_name: existing column}, e.g. {completion: answer}")
+    prompt_template: str | None = _key(None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'")
+    peft: dict | None = _key(None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, "
+                             "target_modules...")
+    merge_lora: bool = _key(False, "publish the model with its LoRA adapter merged (the output folder keeps the "
+                            "adapter)")
+    env: dict | None = _key(None, "environment variables set before anything runs")
+    evaluation: dict | None = _key(None, "evaluate after training (one process): {metrics: [ngram, embedding, "
+                                   "reasoning, judge, ...], answer_extractor, split, limit, max_new_tokens, "
+                                   "batch_size, judge}")
+    agreement: dict | None = _key(None, "log teacher-student agreement, fidelity and exact match while training: "
+                                  "{every_steps, samples, max_new_tokens, batch_size, answer_extractor, split}")
+    overwrite_output_dir: bool = _key(False, "start over in an output_dir that holds another run (its files are "
+                                      "removed); without it a finished run is left alone and changed settings are "
+                                      "refused")
+    accelerate: dict | None = _key(None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
+                                   "multi_process_cpu | single_process | PATH, num_processes: N}")
+
+
+RECIPE_KEYS = tuple(option.name for option in dataclasses.fields(RecipeOptions))
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_fields(config_class: type) -> tuple[RecipeFields, RecipeFields]:
+    """The fields of a method's config and the recipe's own keys (parsed once per process: studies check many cells)."""
+    return RecipeFields(config_class), RecipeFields(RecipeOptions)
+
+
 ACCELERATE_KEYS = ("config", "num_processes")
 AGREEMENT_KEYS = {"every_steps": 50, "samples": 32, "max_new_tokens": 64, "batch_size": 16,
                   "answer_extractor": "the_answer_is", "split": "test"}
@@ -68,7 +90,7 @@ class RecipeLoader(yaml.SafeLoader):
 
     YAML 1.1 also reads `yes`, `no`, `on` and `off` as booleans, so `save_strategy: no` (as every transformers user
     types it) would reach the config as `False`. Here they stay the text the user wrote; a boolean field turns them into
-    booleans itself (`_coerce`), and a string or enum field keeps them.
+    booleans itself (`fields.RecipeFields`), and a string or enum field keeps them.
     """
 
 
@@ -94,8 +116,6 @@ def _mapping_without_duplicates(loader: RecipeLoader, node: yaml.MappingNode, de
 
 
 RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-BOOLEAN_WORDS = {"true": True, "yes": True, "on": True, "y": True, "false": False, "no": False, "off": False,
-                 "n": False}
 
 
 def load_yaml(text_or_stream):
@@ -131,7 +151,7 @@ class Recipe:
     path: str
     method: str
     config: Any  # an instance of the method's config class
-    options: dict[str, Any] = field(default_factory=dict)  # the RECIPE_KEYS values
+    options: dict[str, Any] = field(default_factory=dict)  # the RecipeOptions values
     raw: dict[str, Any] = field(default_factory=dict)  # the merged file + overrides, as given
     hardware_notes: list[str] = field(default_factory=list)  # flags switched off by a portable check
 
@@ -143,12 +163,6 @@ class Recipe:
     def needs_teacher(self) -> bool:
         return get_method(self.method).needs_teacher
 
-
-
-def config_fields(config_class) -> dict[str, Any]:
-    """`{field name: type annotation}` of the settable fields of a config dataclass."""
-    hints = typing.get_type_hints(config_class)
-    return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(config_class) if f.init}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -170,56 +184,6 @@ def _set_nested(values: dict, key: str, value) -> None:
         if not isinstance(target, dict):
             raise RecipeError(f"Override {key}={value!r}: {part!r} is not a mapping in the recipe.")
     target[last] = value
-
-
-def _type_name(annotation) -> str:
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _coerce(value, annotation):
-    """`(ok, value)`: whether `value` fits `annotation`, with YAML's string-shaped numbers ('1e-3') made floats."""
-    if annotation is Any:
-        return True, value
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            ok, coerced = _coerce(value, arg)
-            if ok:
-                return True, coerced
-        return False, value
-    if annotation is type(None):
-        return value is None, value
-    if origin is typing.Literal:
-        return value in typing.get_args(annotation), value
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return value in {member.value for member in annotation} or isinstance(value, annotation), value
-    if annotation is bool:
-        if isinstance(value, str) and value.lower() in BOOLEAN_WORDS:  # `no`, `off`, `yes`, `on` (YAML 1.1's words)
-            return True, BOOLEAN_WORDS[value.lower()]
-        return isinstance(value, bool), value
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if annotation is str:
-        return isinstance(value, str), value
-    base = origin or annotation
-    if base in (list, tuple):
-        return isinstance(value, (list, tuple)), value
-    if base is dict:
-        return isinstance(value, dict), value
-    return True, value  # a type this check does not know: the config's own __post_init__ decides
 
 
 def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dict:
@@ -275,28 +239,19 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         hint = did_you_mean(str(method), methods) if isinstance(method, str) else ""
         raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(methods)}.{hint}")
     config_class = methods[method].config_class
-    fields = config_fields(config_class)
-    config_values, options = {}, {}
+    fields, option_fields = recipe_fields(config_class)
+    config_values, options = {}, dataclasses.asdict(RecipeOptions())
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RecipeError(f"{path}: {key}: {value!r} is not a finite number; give a finite value.")
-        if key in RECIPE_KEYS:
-            annotation, _, _ = RECIPE_KEYS[key]
-            ok, value = _coerce(value, annotation)
-            if not ok:
-                raise RecipeError(f"{path}: {key}: {value!r} should be {_type_name(annotation)} "
-                                  f"({RECIPE_KEYS[key][2]}).")
-            options[key] = value
-        elif key in fields:
-            ok, value = _coerce(value, fields[key])
-            if not ok:
-                raise RecipeError(f"{path}: {key}: {value!r} should be {_type_name(fields[key])}.")
-            config_values[key] = value
-        else:
+        if key not in option_fields and key not in fields:
             hint = did_you_mean(key, set(fields) | set(RECIPE_KEYS))
             raise RecipeError(f"{path}: unknown key {key!r} (value {value!r}) for method {method!r}.{hint}")
-    for key, (_, default, _) in RECIPE_KEYS.items():
-        options.setdefault(key, default)
+        target, known = (options, option_fields) if key in option_fields else (config_values, fields)
+        try:
+            target[key] = known.coerce(key, value)
+        except FieldValueError as error:
+            raise RecipeError(f"{path}: {key}: {error}") from None
     if not options.get("model_name_or_path"):
         raise RecipeError(f"{path}: model_name_or_path is missing: the model to train (a Hub id, a local path, or "
                           "demo:llama/student/bpe for the built-in demo).")
