@@ -13,6 +13,7 @@ import warnings
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import NonFiniteTrainingError
@@ -58,6 +59,21 @@ def check_training_args(args) -> None:
                          "tokens together), or null for no truncation.")
 
 
+def check_processes_train_together(accelerator) -> None:
+    """Refuses several processes that accelerate did not join into one training: on a machine without CUDA it sets
+    up no distributed training unless `use_cpu` is set, and each process then trains (and saves) a copy of its own
+    on its shard of the data, quietly. A config asking for FSDP that accelerate runs another way is refused too."""
+    kind = accelerator.distributed_type
+    if accelerator.num_processes > 1 and kind == DistributedType.NO:
+        raise ValueError(
+            f"{accelerator.num_processes} processes were started but accelerate set up no distributed training "
+            "(distributed_type NO): each would train its own copy of the model. On a machine without CUDA set "
+            "use_cpu=True in the training arguments (kd-train does), or launch with a DeepSpeed config.")
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and kind != DistributedType.FSDP:
+        raise ValueError(f"The accelerate config asks for FSDP, but accelerate runs this as {kind.value}: FSDP needs "
+                         "CUDA devices. Use a DeepSpeed ZeRO config to shard on CPU, or a multi-process (DDP) one.")
+
+
 def last_good_checkpoint(output_dir: str) -> str:
     """Where a stopped run can be resumed from, for the error message."""
     last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
@@ -69,6 +85,12 @@ class RunGuardsMixin:
     """Mix into a `transformers.Trainer` subclass, before it: `class T(RunGuardsMixin, ..., SFTTrainer)`."""
 
     _nonfinite_loss: float | None = None  # the first non-finite micro-batch loss of the current optimizer step
+
+    # ---- processes -----------------------------------------------------------------------------------------------
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        check_processes_train_together(self.accelerator)
 
     # ---- data --------------------------------------------------------------------------------------------------
 

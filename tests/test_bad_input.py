@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 import yaml
 
 from kd_trainers import cli, eval_cli, study_cli
@@ -112,6 +113,16 @@ CASES = [
     ("changed settings", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(), "out/run_info.json": json.dumps({"settings": {"kd_temperature": 4.0}})},
      "holds a run made with other settings (kd_temperature: 4.0 -> 1.0"),
+    ("a MULTI_CPU accelerate config", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(accelerate={"config": "cpu.yaml", "num_processes": 2}),
+      "cpu.yaml": yaml.safe_dump({"distributed_type": "MULTI_CPU", "use_cpu": True})},
+     "accelerate.config: 'cpu.yaml' is a MULTI_CPU config, which `accelerate launch` starts as one process"),
+    pytest.param(
+        "an FSDP accelerate config without CUDA", "train", ["recipe.yaml"],
+        {"recipe.yaml": recipe(accelerate={"config": "fsdp.yaml", "num_processes": 2}),
+         "fsdp.yaml": yaml.safe_dump({"distributed_type": "FSDP", "fsdp_config": {"fsdp_version": 2}})},
+        "accelerate.config: 'fsdp.yaml' is an FSDP config, and FSDP needs CUDA devices",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA an FSDP config is a valid launch")),
     ("agreement without a teacher", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(method="sft", teacher_model_name_or_path=DROP, agreement={"every_steps": 1})},
      "agreement: method 'sft' has no teacher"),
@@ -167,7 +178,8 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", heavy)
 
 
-@pytest.mark.parametrize("name,command,argv,files,expected", CASES, ids=[case[0] for case in CASES])
+@pytest.mark.parametrize("name,command,argv,files,expected", CASES,
+                         ids=[getattr(case, "values", case)[0] for case in CASES])
 def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files, expected, tmp_path, monkeypatch,
                                                       capsys, no_heavy_work):
     import importlib.util
@@ -198,7 +210,7 @@ def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files
 
 def test_there_are_at_least_thirty_cases_over_every_cli():
     assert len(CASES) >= 30
-    assert {case[1] for case in CASES} == set(COMMANDS)
+    assert {getattr(case, "values", case)[1] for case in CASES} == set(COMMANDS)
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):

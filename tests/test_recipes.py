@@ -59,7 +59,7 @@ def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
 
 def test_named_accelerate_configs_are_the_shipped_files():
     configs = named_accelerate_configs()
-    assert set(configs) == {"single_process", "multi_process", "multi_process_cpu", "zero2", "zero3", "zero3_offload"}
+    assert set(configs) == {"single_process", "multi_process", "zero2", "zero3", "zero3_offload"}
     assert configs["zero3"]["deepspeed_config"]["zero_stage"] == 3
     assert accelerate_config_path("zero2") == os.path.join(RECIPES, "accelerate", "zero2.yaml")
 

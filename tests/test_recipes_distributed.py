@@ -95,3 +95,50 @@ def test_analytical_methods_under_zero_with_two_processes(tmp_path, recipe, stag
         parts = os.listdir(tmp_path / "cache" / folder / "parts")
         assert len(parts) >= 2  # 4 x 8 prompts per part over the demo's training set, shared by both ranks
         assert os.path.exists(tmp_path / "cache" / folder / "done.json")
+
+
+def test_two_cpu_processes_train_as_one_process_with_the_whole_batch(tmp_path):
+    """DDP over gloo on CPU (`multi_process`, two processes of 4 examples) logs the same losses and gradient norms and
+    ends with the same weights as one process of 8. Without `use_cpu` (which kd-train now sets), accelerate joined
+    no process group on a machine without CUDA: each process trained a copy of its own, logging 2x the loss."""
+    import json
+
+    runs = {}
+    for name, config, processes, batch in (("one", "single_process", 1, 8), ("two", "multi_process", 2, 4)):
+        output = tmp_path / name
+        launch([sys.executable, "-m", "kd_trainers", "recipes/vanilla_kd.yaml", "max_steps=3", "logging_steps=1",
+                "save_steps=3", "eval_steps=100", "max_length=64", "warmup_steps=0", "learning_rate=1e-2",
+                f"per_device_train_batch_size={batch}", f"output_dir={output}", f"accelerate.config={config}",
+                f"accelerate.num_processes={processes}"])
+        logs = json.load(open(output / "checkpoint-3" / "trainer_state.json"))["log_history"]
+        runs[name] = ([(log["loss"], log["grad_norm"], log["ce_loss"]) for log in logs if "loss" in log],
+                      load_file(os.path.join(output, "model.safetensors")))
+    (one_logs, one_weights), (two_logs, two_weights) = runs["one"], runs["two"]
+    assert len(one_logs) == 3
+    torch.testing.assert_close(torch.tensor(two_logs), torch.tensor(one_logs), rtol=1e-4, atol=1e-5)
+    for key, value in one_weights.items():
+        torch.testing.assert_close(two_weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_processes_that_accelerate_did_not_join_are_refused(tmp_path):
+    """Launched with a multi-GPU config on a machine without CUDA and without use_cpu, accelerate sets up no
+    distributed training; the trainer refuses to start instead of training one copy per process."""
+    if torch.cuda.is_available():
+        pytest.skip("with CUDA the multi-GPU config joins the processes")  # the refusal is for machines without it
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from kd_trainers import KDConfig, KDTrainer\n"
+        "from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset\n"
+        "tokenizer = demo_tokenizer('bpe')\n"
+        f"args = KDConfig(output_dir={str(tmp_path / 'out')!r}, max_steps=1, bf16=False, report_to=[], "
+        "ddp_backend='gloo')\n"
+        "KDTrainer(demo_model('llama', tokenizer, 'student', seed=2), args, "
+        "train_dataset=load_demo_dataset('prompt_completion')['train'].select(range(8)), processing_class=tokenizer, "
+        "teacher_model=demo_model('llama', tokenizer, 'teacher', seed=1), teacher_processing_class=tokenizer)\n")
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "recipes/accelerate/multi_process.yaml", "--num_processes", "2", "--main_process_port",
+                           str(free_port()), str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0
+    assert "2 processes were started but accelerate set up no distributed training" in done.stderr
+    assert "set use_cpu=True" in done.stderr

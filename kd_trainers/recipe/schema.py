@@ -29,7 +29,7 @@ from ..suggest import did_you_mean
 from .catalog import shipped
 from .errors import RecipeError
 from .fields import FieldValueError, RecipeFields
-from .launch import existing_config_file
+from .launch import accelerate_config_path
 
 
 def _key(default, help_text: str):
@@ -68,7 +68,7 @@ class RecipeOptions:
                                       "removed); without it a finished run is left alone and changed settings are "
                                       "refused")
     accelerate: dict | None = _key(None, "launch block: {config: zero2 | zero3 | zero3_offload | multi_process | "
-                                   "multi_process_cpu | single_process | PATH, num_processes: N}")
+                                   "single_process | PATH, num_processes: N}")
 
 
 RECIPE_KEYS = tuple(option.name for option in dataclasses.fields(RecipeOptions))
@@ -271,7 +271,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
                           "eval_strategy: no.")
     if methods[method].needs_teacher and "teacher_model_name_or_path" not in config_values:
         raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher.")
-    _fit_process_group(config_values)
+    _fit_process_group(config_values, path)
     notes = []
     try:
         try:
@@ -304,14 +304,25 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     return Recipe(path=path, method=method, config=config, options=options, raw=values, hardware_notes=notes)
 
 
-def _fit_process_group(config_values: dict) -> None:
-    """`ddp_backend` for where the recipe is being read: gloo for several processes on a machine without CUDA (NCCL
-    needs GPUs), and none in a single process (the launcher's parent, or `kd-train validate`), where setting one would
-    make the config try to join a process group that does not exist."""
+def _fit_process_group(config_values: dict, path: str) -> None:
+    """The process-group settings for where the recipe is being read. In a single process (the launcher's parent, or
+    `kd-train validate`) no `ddp_backend`: setting one would make the config try to join a group that does not exist.
+    Several processes on a machine without CUDA need gloo (NCCL needs GPUs) and, outside DeepSpeed, `use_cpu`:
+    without it accelerate sets up no distributed training there, and every process trains a copy of its own. FSDP
+    does not shard over CPU processes at all (accelerate falls back to DDP), so it is refused."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         config_values.pop("ddp_backend", None)
-    elif config_values.get("ddp_backend") is None and not torch.cuda.is_available():
+        return
+    if torch.cuda.is_available():
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise RecipeError(f"{path}: accelerate: FSDP needs CUDA devices: on this machine accelerate would not shard "
+                          "the model (it runs DDP with use_cpu, else every process alone). Use accelerate.config "
+                          "zero2 or zero3 to shard, or multi_process for DDP.")
+    if config_values.get("ddp_backend") is None:
         config_values["ddp_backend"] = "gloo"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        config_values["use_cpu"] = True
 
 
 def _check_peft(peft: dict | None, path: str) -> None:
@@ -336,7 +347,17 @@ def _check_accelerate(block: dict | None, path: str) -> None:
         if key not in ACCELERATE_KEYS:
             raise RecipeError(f"{path}: accelerate.{key}: unknown key (value {block[key]!r})."
                               f"{did_you_mean(key, ACCELERATE_KEYS)}")
-    existing_config_file(block.get("config", "single_process"), path)
+    config_path = accelerate_config_path(block.get("config", "single_process"), path)
     processes = block.get("num_processes", 1)
     if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
         raise RecipeError(f"{path}: accelerate.num_processes: {processes!r} should be a positive integer.")
+    settings = read_yaml_mapping(config_path, RecipeError)
+    if settings.get("distributed_type") == "MULTI_CPU" and max(processes, settings.get("num_processes", 1)) > 1:
+        raise RecipeError(f"{path}: accelerate.config: {block.get('config')!r} is a MULTI_CPU config, which "
+                          "`accelerate launch` starts as one process (several need mpirun): the run would not be "
+                          "distributed. Use accelerate.config multi_process, which runs several processes over gloo "
+                          "on CPU.")
+    if settings.get("distributed_type") == "FSDP" and not torch.cuda.is_available():
+        raise RecipeError(f"{path}: accelerate.config: {block.get('config')!r} is an FSDP config, and FSDP needs "
+                          "CUDA devices: on this machine accelerate would not shard the model. Use accelerate.config "
+                          "zero2 or zero3 to shard on CPU, or multi_process for DDP.")
