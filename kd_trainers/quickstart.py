@@ -101,11 +101,12 @@ def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 400, stud
     summary = pd.read_csv(os.path.join(report, "summary.csv"))
     columns = [c for c in ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match")
                if c in summary]
-    print("\nTest split, mean per student (higher is better):")
-    print(summary[["cell", *columns]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    with open(os.path.join(report, "report.md")) as handle:
-        headline = handle.read().split("## Headline\n\n", 1)[-1].split("\n## ", 1)[0].strip()
-    print("\n" + headline.replace("**", ""))
+    summary["cell"] = [f"{cell} (reference)" if reference else cell
+                       for cell, reference in zip(summary["cell"], summary["reference"])]
+    print("\nTest split, mean per model (higher is better; the references are the teachers):")
+    print(summary[["cell", *columns]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    with open(os.path.join(report, "headline.txt")) as handle:
+        print("\n" + handle.read().strip())
     print(f"\nReport: {os.path.abspath(report)}/report.md and report.html (total {time.time() - start:.0f} s)")
     return report
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pingouin as pg
+from scipy import stats as scipy_stats
+
 
 PAIRED_METHODS = ("wilcoxon", "ttest")
 CORRECTIONS = {"holm": "holm", "bh": "fdr_bh", "fdr_bh": "fdr_bh", "bonferroni": "bonf", "none": None}
@@ -87,12 +89,26 @@ def _paired_frames(a: pd.DataFrame, b: pd.DataFrame) -> tuple[pd.DataFrame, pd.D
     return a.reset_index(drop=True), b.reset_index(drop=True)
 
 
+def mean_difference(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
+    """`b − a` paired: the mean difference with its Student-t confidence interval (mean ± t_{n−1}·s/√n of the
+    per-example differences)."""
+    differences = _as_array(b) - _as_array(a)
+    n = len(differences)
+    delta = float(differences.mean())
+    if n < 2:
+        return {"delta": delta, "delta_ci_low": math.nan, "delta_ci_high": math.nan}
+    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * differences.std(ddof=1) / math.sqrt(n))
+    return {"delta": delta, "delta_ci_low": delta - half, "delta_ci_high": delta + half}
+
+
 def compare(scores_a: pd.DataFrame, scores_b: pd.DataFrame, metrics: Sequence[str] | None = None,
             method: str = "wilcoxon", correction: str = "holm", alpha: float = 0.05) -> pd.DataFrame:
-    """Configuration A against B on every metric: one row per metric (and per test when `method="both"`).
+    """Configuration B (the treatment) against A (the baseline) on every metric: one row per metric (and per test
+    when `method="both"`). Differences and effect sizes are B − A: positive when B scores higher.
 
-    Columns: `metric`, `method`, `n`, `mean_a`, `mean_b`, `statistic`, `p_val`, `p_corr` (corrected across the
-    metrics of one test), `reject` (p_corr < alpha), `cohen_d`, `ci_low`, `ci_high`.
+    Columns: `metric`, `method`, `n`, `mean_a`, `mean_b`, `delta` (mean of B − A) with `delta_ci_low` and
+    `delta_ci_high` (95% Student-t interval), `statistic`, `p_val`, `p_corr` (corrected across the metrics of one
+    test), `reject` (p_corr < alpha), `cohen_d` (paired, of B over A), `ci_low`, `ci_high` (its interval).
     """
     a, b = _paired_frames(scores_a, scores_b)
     if metrics is None:
@@ -108,14 +124,14 @@ def compare(scores_a: pd.DataFrame, scores_b: pd.DataFrame, metrics: Sequence[st
             result = paired_test(a[metric], b[metric], method=test)
             statistic = result.get("T", result.get("W_val"))
             block.append({"metric": metric, "method": test, "n": result["n"], "mean_a": result["mean_a"],
-                          "mean_b": result["mean_b"], "statistic": statistic, "p_val": result["p_val"],
-                          **effect_size(a[metric], b[metric])})
+                          "mean_b": result["mean_b"], **mean_difference(a[metric], b[metric]),
+                          "statistic": statistic, "p_val": result["p_val"], **effect_size(b[metric], a[metric])})
         for row, corrected in zip(block, correct([row["p_val"] for row in block], correction)):
             row["p_corr"] = float(corrected)
             row["reject"] = bool(corrected < alpha)
         rows.extend(block)
-    columns = ["metric", "method", "n", "mean_a", "mean_b", "statistic", "p_val", "p_corr", "reject", "cohen_d",
-               "ci_low", "ci_high"]
+    columns = ["metric", "method", "n", "mean_a", "mean_b", "delta", "delta_ci_low", "delta_ci_high", "statistic",
+               "p_val", "p_corr", "reject", "cohen_d", "ci_low", "ci_high"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -14,10 +14,13 @@ pytestmark = pytest.mark.slow  # whole runs and studies
 def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, capsys):
     report = run(str(tmp_path), teacher_steps=3, student_steps=2, eval_limit=6)
     printed = capsys.readouterr().out
-    assert "KD student vs SFT student" in printed and "DSKD-CMA student vs SFT student" in printed
+    assert "KD student vs SFT student: student=kd better than student=sft on" in printed
+    assert "DSKD-CMA student vs SFT student: student=dskd_cma better than student=sft on" in printed
+    assert "Reference (the ceiling): teacher rouge_l" in printed and "**" not in printed
     assert f"Report: {os.path.abspath(report)}/report.md" in printed
     summary = pd.read_csv(os.path.join(report, "summary.csv"))
-    assert sorted(summary["cell"]) == ["student=dskd_cma", "student=kd", "student=sft"]
+    assert sorted(summary.loc[~summary["reference"], "cell"]) == ["student=dskd_cma", "student=kd", "student=sft"]
+    assert sorted(summary.loc[summary["reference"], "cell"]) == ["teacher", "teacher_wordpiece"]  # the ceilings
     assert {"rouge_l", "bleu_4", "embedding_cosine", "bertscore_f1", "exact_match"} <= set(summary.columns)
     assert (summary["n"] == 6).all()
     for name in ("teacher", "teacher_wordpiece"):

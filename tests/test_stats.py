@@ -73,6 +73,15 @@ def test_compare_per_metric_with_correction_and_reject_count():
     np.testing.assert_allclose(wilcoxon["p_val"], raw)
     np.testing.assert_allclose(wilcoxon["p_corr"], pg.multicomp(raw, method="holm")[1])
     assert wilcoxon.loc["m1", "reject"] and not wilcoxon.loc["m3", "reject"]
+    # B − A, by hand: the mean paired difference, its t interval, and Cohen's d positive when B is higher.
+    differences = B - A
+    half = sps.t.ppf(0.975, 11) * differences.std(ddof=1) / math.sqrt(12)
+    assert wilcoxon.loc["m1", "delta"] == pytest.approx(differences.mean())
+    assert (wilcoxon.loc["m1", "delta_ci_low"], wilcoxon.loc["m1", "delta_ci_high"]) == pytest.approx(
+        (differences.mean() - half, differences.mean() + half))
+    d = (B.mean() - A.mean()) / math.sqrt((A.var(ddof=1) + B.var(ddof=1)) / 2)
+    assert wilcoxon.loc["m1", "cohen_d"] == pytest.approx(d) and d > 0
+    assert wilcoxon.loc["m2", "delta"] == pytest.approx((A - C).mean()) and (A - C).mean() < 0
     assert stats.reject_count(table, "wilcoxon") == (int(wilcoxon["reject"].sum()), 3)
     with pytest.raises(ValueError, match="name one"):
         stats.reject_count(table)

@@ -1,5 +1,6 @@
 """The study runner end to end on a tiny grid, interrupted and resumed, and its report."""
 
+import json
 import os
 
 import pandas as pd
@@ -83,8 +84,27 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
     assert '"model": "judge-7b"' in judge and "You grade answers" in judge
     assert "## Repeated-measures ANOVA across configurations" in open(os.path.join(report, "report.md")).read()
     markdown = open(os.path.join(report, "report.md")).read()
-    assert "## Headline" in markdown and "metrics reject the null at α = 0.05" in markdown
-    assert "## noise: sigma=5 vs sigma=0" in markdown and "## Spearman correlation with sigma" in markdown
+    assert "## Headline" in markdown and "## Spearman correlation with sigma" in markdown
+    # Direction first, treatment − baseline everywhere: the headline, the section title, the columns, Δ and d.
+    table = json.load(open(os.path.join(report, "hypotheses.json")))[0]["table"]
+    row = next(r for r in table if r["metric"] == "rouge_l")
+    better = sum(r["reject"] and r["delta"] > 0 for r in table)
+    worse = sum(r["reject"] and r["delta"] < 0 for r in table)
+    headline = open(os.path.join(report, "headline.txt")).read()
+    assert (f"sigma=5 better than sigma=0 on {better} of {len(table)} metrics (holm-corrected wilcoxon, α = 0.05), "
+            f"worse on {worse}; rouge_l {row['mean_b']:.3g} vs {row['mean_a']:.3g} (Δ {row['delta']:+.3g}, 95% CI "
+            f"[{row['delta_ci_low']:+.3g}, {row['delta_ci_high']:+.3g}]).") in headline
+    assert row["delta"] == pytest.approx(row["mean_b"] - row["mean_a"])
+    assert "**" not in headline and headline in markdown.replace("- ", "")
+    assert "## noise: sigma=5 − sigma=0" in markdown
+    assert "| metric | sigma=5 | sigma=0 | Δ | Δ 95% CI | p (corrected) | significant | Cohen's d |" in markdown
+    # The teacher (the prepare step) is a reference row and a line in the plots, scored like the students.
+    summary_rows = pd.read_csv(os.path.join(report, "summary.csv")).set_index("cell")
+    references = pd.read_csv(os.path.join(study.output_dir, "references", "teacher", "scores.csv"))
+    assert bool(summary_rows.loc["teacher", "reference"]) and not summary_rows.loc["sigma=0", "reference"]
+    assert summary_rows.loc["teacher", "rouge_l"] == pytest.approx(references["rouge_l"].mean())
+    assert "| teacher (reference) |" in markdown and "Reference (the ceiling): teacher rouge_l" in headline
+    assert os.path.exists(os.path.join(report, "plots", "paired_differences.png"))
     html = open(os.path.join(report, "report.html")).read()
     assert html.count("data:image/png;base64,") >= 2 and "<table" in html
     assert os.path.exists(os.path.join(report, "plots", "rouge_l.png"))
@@ -176,7 +196,7 @@ def test_the_methods_study_runs_on_the_demo_task_and_reports_its_analyses(tmp_pa
     assert scores.loc[scores["method"] == "sft", "agreement"].isna().all()  # no teacher
     assert scores.loc[scores["method"] != "sft", "agreement"].notna().all()
     markdown = open(os.path.join(report, "report.md")).read()
-    for title in ("## GKD vs SFT: method=gkd vs method=sft", "## One-way ANOVA across method ∈ {kd, rev_kd, seqkd, gkd}",
+    for title in ("## GKD vs SFT: method=gkd − method=sft", "## One-way ANOVA across method ∈ {kd, rev_kd, seqkd, gkd}",
                   "## Correlation between metrics"):
         assert title in markdown, title
     assert os.path.exists(os.path.join(report, "plots", "scatter_agreement_exact_match.png"))

@@ -4,4 +4,5 @@
 from .runner import run_study
 from .spec import Study, StudyError, load_study
 
+
 __all__ = ["Study", "StudyError", "load_study", "run_study"]

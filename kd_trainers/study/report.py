@@ -6,6 +6,7 @@ Per-example scores of a cell are averaged over its seeds before any test, so tha
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from scipy import stats as scipy_stats
 from .. import stats
 from ..files import DONE
 from .analyses import anova_across_levels, gain_table, metric_correlation
-from .spec import Cell, Study, cell_dir
+from .spec import Cell, Study, cell_dir, reference_dir
 
 
 def collect_scores(study: Study) -> pd.DataFrame:
@@ -182,11 +183,18 @@ def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(summary) + 1.5), 3.2))
-    positions = np.arange(len(summary))
-    axis.bar(positions, summary[metric], yerr=summary[f"{metric}_ci"].fillna(0), capsize=4, color="#4C72B0",
-             alpha=0.85)
-    axis.set_xticks(positions, summary["cell"], rotation=20, ha="right", fontsize=8)
+    references = summary[summary["reference"]] if "reference" in summary else summary.iloc[:0]
+    configurations = summary[~summary["reference"]] if "reference" in summary else summary
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.1 * len(configurations) + 1.5), 3.2))
+    positions = np.arange(len(configurations))
+    axis.bar(positions, configurations[metric], yerr=configurations[f"{metric}_ci"].fillna(0), capsize=4,
+             color="#4C72B0", alpha=0.85)
+    for (_, row), style in zip(references.iterrows(), ("--", ":", "-.", (0, (5, 5)))):
+        if metric in row and not pd.isna(row[metric]):  # the teacher: the ceiling the bars are read against
+            axis.axhline(row[metric], linestyle=style, color="#C44E52", linewidth=1.2, label=row["cell"])
+    if len(references):
+        axis.legend(fontsize=7, frameon=False)
+    axis.set_xticks(positions, configurations["cell"], rotation=20, ha="right", fontsize=8)
     _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% Student-t CI)", path)
 
 
@@ -209,7 +217,8 @@ def _finish(figure, axis, xlabel, ylabel, title, path) -> None:
 
     if xlabel:
         axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
+    if ylabel:
+        axis.set_ylabel(ylabel)
     axis.set_title(title, fontsize=10)
     axis.spines[["top", "right"]].set_visible(False)
     figure.tight_layout()
@@ -217,15 +226,108 @@ def _finish(figure, axis, xlabel, ylabel, title, path) -> None:
     plt.close(figure)
 
 
-def _markdown(frame: pd.DataFrame, digits: int = 4) -> str:
+def _markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(map(str, frame.columns)) + " |\n|" + "---|" * len(frame.columns) + "\n"
+    return header + "".join("| " + " | ".join(format_value(value, str(column)) for column, value in zip(frame.columns, row))
+                            + " |\n" for row in frame.itertuples(index=False))
 
-    def cell(value):
-        if isinstance(value, float):
-            return "" if math.isnan(value) else f"{value:.{digits}g}"
+
+HEADLINE_METRICS = ("rouge_l", "exact_match", "bleu_4")  # the first one scored leads the headline, unless the study names one
+
+
+def format_value(value, column: str = "") -> str:
+    """A number for reading: 3 significant digits, p-values below 0.001 as `< 0.001`, blanks for missing values."""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else ""
+    if isinstance(value, (int, np.integer)):
         return str(value)
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        if column.startswith("p") and value < 0.001:
+            return "< 0.001"
+        return f"{value:.3g}"
+    return str(value)
 
-    return header + "".join("| " + " | ".join(cell(v) for v in row) + " |\n" for row in frame.itertuples(index=False))
+
+def collect_references(study: Study) -> pd.DataFrame:
+    """The prepare steps' models (the teachers) as scored by the study's evaluation: columns cell (the step's name),
+    example_id, <metrics>; empty when there is none."""
+    frames = []
+    for step in study.prepare:
+        directory = reference_dir(study, step["name"])
+        if os.path.exists(os.path.join(directory, DONE)):
+            frame = pd.read_csv(os.path.join(directory, "scores.csv"))
+            frame.insert(0, "cell", step["name"])
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "example_id"])
+
+
+def headline_metric(study: Study, metrics: list[str]) -> str:
+    named = getattr(study, "headline_metric", None)
+    if named is not None:
+        if named not in metrics:
+            raise ValueError(f"{study.path}: headline_metric: {named!r} was not scored; scored: {metrics}.")
+        return named
+    return next((metric for metric in HEADLINE_METRICS if metric in metrics), metrics[0])
+
+
+def headline_line(hypothesis: dict, table: pd.DataFrame, metric: str, alpha: float) -> str:
+    """Direction first, treatment against baseline: how many metrics are significantly better and worse, then the
+    headline metric's two means and their difference with its interval."""
+    method = hypothesis.get("method", "wilcoxon")
+    rows = table[table["method"] == ("wilcoxon" if method == "both" else method)]
+    better = int((rows["reject"] & (rows["delta"] > 0)).sum())
+    worse = int((rows["reject"] & (rows["delta"] < 0)).sum())
+    treatment, baseline = hypothesis["b_cell"], hypothesis["a_cell"]
+    name = f"{hypothesis['name']}: " if hypothesis.get("name") else ""
+    line = (f"{name}{treatment} better than {baseline} on {better} of {len(rows)} metrics "
+            f"({hypothesis.get('correction', 'holm')}-corrected {rows['method'].iloc[0]}, α = {alpha}), worse on "
+            f"{worse}")
+    if metric in set(rows["metric"]):
+        row = rows.set_index("metric").loc[metric]
+        line += (f"; {metric} {format_value(row['mean_b'])} vs {format_value(row['mean_a'])} (Δ {row['delta']:+.3g}, "
+                 f"95% CI [{row['delta_ci_low']:+.3g}, {row['delta_ci_high']:+.3g}])")
+    return line + "."
+
+
+def hypothesis_display(hypothesis: dict, table: pd.DataFrame) -> pd.DataFrame:
+    """The comparison as read: treatment, baseline, Δ = treatment − baseline with its interval, corrected p, and
+    Cohen's d of treatment over baseline."""
+    treatment, baseline = hypothesis["b_cell"], hypothesis["a_cell"]
+    shown = pd.DataFrame({
+        "metric": table["metric"], "test": table["method"], treatment: table["mean_b"], baseline: table["mean_a"],
+        "Δ": table["delta"].map(lambda v: f"{v:+.3g}"),
+        "Δ 95% CI": [f"[{low:+.3g}, {high:+.3g}]" for low, high in zip(table["delta_ci_low"], table["delta_ci_high"])],
+        "p (corrected)": table["p_corr"], "significant": table["reject"],
+        "Cohen's d": [f"{d:+.3g} [{low:+.3g}, {high:+.3g}]" if math.isfinite(d) else ""
+                      for d, low, high in zip(table["cohen_d"], table["ci_low"], table["ci_high"])],
+    })
+    return shown if table["method"].nunique() > 1 else shown.drop(columns="test")
+
+
+def _plot_forest(hypotheses, path: str) -> None:
+    """One row per metric and comparison: Δ (treatment − baseline) with its 95% interval; filled where significant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for hypothesis, table in hypotheses:
+        method = hypothesis.get("method", "wilcoxon")
+        for _, row in table[table["method"] == ("wilcoxon" if method == "both" else method)].iterrows():
+            rows.append((f"{row['metric']}  ({hypothesis['b_cell']} − {hypothesis['a_cell']})", row))
+    figure, axis = plt.subplots(figsize=(10, max(2.5, 0.32 * len(rows) + 1.2)))
+    for position, (label, row) in enumerate(reversed(rows)):
+        color = ("#2a9d5b" if row["delta"] > 0 else "#c0392b") if row["reject"] else "#7f7f7f"
+        axis.errorbar(row["delta"], position, xerr=[[row["delta"] - row["delta_ci_low"]],
+                                                    [row["delta_ci_high"] - row["delta"]]],
+                      fmt="o", color=color, mfc=color if row["reject"] else "white", capsize=3)
+    axis.axvline(0, color="#444", linewidth=0.8)
+    axis.set_yticks(range(len(rows)), [label for label, _ in reversed(rows)], fontsize=8)
+    _finish(figure, axis, "Δ = treatment − baseline (95% CI); filled: significant after correction", None,
+            "Paired differences against the baseline", path)
 
 
 def write_report(study: Study) -> str:
@@ -237,44 +339,63 @@ def write_report(study: Study) -> str:
     metrics = _metric_columns(scores, study)
     per_example = seed_averaged(scores, metrics)
     summary = summary_table(per_example, metrics)
+    summary.insert(1, "reference", False)
+    references = collect_references(study)
+    if len(references):
+        reference_summary = summary_table(references, [m for m in metrics if m in references])
+        reference_summary.insert(1, "reference", True)
+        summary = pd.concat([summary, reference_summary], ignore_index=True)
     summary.to_csv(os.path.join(folder, "summary.csv"), index=False)
     hypotheses = hypothesis_tables(study, scores, per_example, metrics)
     correlations = correlation_tables(study, scores, metrics)
     analyses = _analyses(study, scores, metrics, plots)
 
     images = []
+    if hypotheses:
+        path = os.path.join(plots, "paired_differences.png")
+        _plot_forest(hypotheses, path)
+        images.append(("Paired differences against the baseline (Δ and 95% CI, one row per metric and comparison)",
+                       path))
     for metric in metrics:
         path = os.path.join(plots, f"{metric}.png")
         _plot_metric(summary, metric, path)
-        images.append((f"{metric} by configuration", path))
+        images.append((f"{metric} by configuration (dashed: the reference models)", path))
     for factor, _ in correlations:
         for metric in metrics:
             path = os.path.join(plots, f"{factor}_{metric}.png")
             _plot_factor(scores, factor, metric, path)
             images.append((f"{metric} against {factor}", path))
 
+    lead = headline_metric(study, metrics)
+    headline = [headline_line(hypothesis, table, lead, study.alpha) for hypothesis, table in hypotheses]
+    reference_rows = summary[summary["reference"]]
+    if len(reference_rows):
+        headline.append("Reference (the ceiling): " + "; ".join(
+            f"{row['cell']} {lead} {format_value(row[lead])}" for _, row in reference_rows.iterrows()
+            if lead in row) + ".")
+    with open(os.path.join(folder, "headline.txt"), "w") as handle:
+        handle.write("\n".join(headline) + "\n")
+
     finished = scores.groupby("cell")["seed"].nunique()
-    headline = []
+    blank_note = ("Blank cells: not computed for that model (agreement and fidelity need a teacher; a reference is a "
+                  "teacher) or not scored in every configuration.")
     sections = [f"# Study report: {study.name}\n",
                 f"{len(finished)} of {len(study.cells)} cells finished, seeds {study.seeds}; "
                 f"{scores['example_id'].nunique()} test examples; α = {study.alpha}. Per-example scores are averaged "
-                "over seeds before testing. Tests are paired over examples.\n"]
-    for hypothesis, table in hypotheses:
-        method = hypothesis.get("method", "wilcoxon")
-        rejected, total = stats.reject_count(table, method if method != "both" else "wilcoxon")
-        better = int((table["mean_b"] > table["mean_a"]).sum()) if method != "both" else None
-        headline.append(f"- **{hypothesis.get('name', 'hypothesis')}** ({hypothesis['b_cell']} vs "
-                        f"{hypothesis['a_cell']}): {rejected} of {total} metrics reject the null at α = {study.alpha}"
-                        f" ({hypothesis.get('correction', 'holm')}-corrected {method})"
-                        + (f"; B higher on {better} of {total}." if better is not None else "."))
-    sections.append("## Headline\n\n" + ("\n".join(headline) if headline else "No hypotheses were declared.") + "\n")
-    means = summary[["cell", "n", *metrics]]
-    sections.append("## Mean score per configuration\n\n" + _markdown(means) + "\nHalf-widths of 95% Student-t "
-                    "confidence intervals (t quantile with n − 1 degrees of freedom, n examples) are in `summary.csv` "
-                    "and drawn as error bars.\n")
-    for hypothesis, table in hypotheses:
-        sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs "
-                        f"{hypothesis['a_cell']}\n\n" + _markdown(table) + "\n")
+                "over seeds before testing. Tests are paired over examples; Δ is always treatment − baseline.\n"]
+    sections.append("## Headline\n\n" + ("\n".join(f"- {line}" for line in headline) if headline
+                                        else "No hypotheses were declared.") + "\n")
+    means = summary[["cell", "reference", "n", *metrics]].copy()
+    means["cell"] = [f"{cell} (reference)" if reference else cell
+                     for cell, reference in zip(means["cell"], means["reference"])]
+    means = means.drop(columns="reference")
+    sections.append("## Mean score per configuration\n\n" + _markdown(means) + f"\n{blank_note} Reference rows are "
+                    "the study's prepared models (the teachers), scored the same way. Half-widths of 95% Student-t "
+                    "confidence intervals are in `summary.csv` and drawn as error bars.\n")
+    displays = [(hypothesis, table, hypothesis_display(hypothesis, table)) for hypothesis, table in hypotheses]
+    for hypothesis, _, shown in displays:
+        sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} − {hypothesis['a_cell']}"
+                        f"\n\n" + _markdown(shown) + "\n")
     anova = anova_table(per_example, metrics)
     if len(anova):
         sections.append("## Repeated-measures ANOVA across configurations\n\nDo the configurations differ at all? "
@@ -292,40 +413,65 @@ def write_report(study: Study) -> str:
     with open(os.path.join(folder, "report.md"), "w") as handle:
         handle.write(markdown)
     with open(os.path.join(folder, "report.html"), "w") as handle:
-        handle.write(_html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova,
-                           analyses))
+        handle.write(_html(study, means, displays, correlations, images, headline, anova, analyses, blank_note))
     with open(os.path.join(folder, "hypotheses.json"), "w") as handle:
         json.dump([{**h, "table": t.to_dict("records")} for h, t in hypotheses], handle, indent=2, default=str)
     return folder
 
 
-def _html(study, markdown, summary, means, hypotheses, correlations, images, headline, anova, analyses) -> str:
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;"
-             "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
-             "h1{border-bottom:2px solid #4C72B0}.reject{background:#e8f4e8}img{max-width:100%;margin:0.5em 0}")
+def _html_table(frame: pd.DataFrame, row_classes: list[str] | None = None) -> str:
+    """A table that scrolls sideways when wide; `row_classes` marks rows (`better`, `worse`, `reference`)."""
+    head = "".join(f"<th>{html.escape(str(column))}</th>" for column in frame.columns)
+    rows = []
+    for index, (_, row) in enumerate(frame.iterrows()):
+        kind = row_classes[index] if row_classes else ""
+        cells = "".join(f"<td>{html.escape(format_value(value, str(column)))}</td>"
+                        for column, value in row.items())
+        rows.append((f"<tr class='{kind}'>" if kind else "<tr>") + cells + "</tr>")
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
 
-    def table(frame):
-        return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0)
 
-    body = [f"<h1>Study report: {study.name}</h1>", "<h2>Headline</h2><ul>"]
-    body += [f"<li>{line[2:].replace('**', '')}</li>" for line in headline] or ["<li>No hypotheses.</li>"]
-    body += ["</ul><h2>Mean score per configuration</h2>", table(means)]
-    for hypothesis, frame in hypotheses:
-        body += [f"<h2>{hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} vs {hypothesis['a_cell']}</h2>",
-                 table(frame)]
+def _html(study, means, displays, correlations, images, headline, anova, analyses, blank_note) -> str:
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+             ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;white-space:nowrap}th{background:#f3f3f3}"
+             "td:first-child{text-align:left}h1{border-bottom:2px solid #4C72B0}tr.better{background:#e3f2e3}"
+             "tr.worse{background:#f8e1e0}tr.reference{background:#fdf6dc;font-style:italic}"
+             ".headline{font-size:1.05em;background:#f6f8fb;border-left:4px solid #4C72B0;padding:0.6em 1em}"
+             "img{max-width:100%;margin:0.5em 0}figure.wide img{width:100%}.note{color:#555;font-size:0.9em}")
+    body = [f"<h1>Study report: {html.escape(study.name)}</h1>", "<h2>Headline</h2><div class='headline'><ul>"]
+    body += [f"<li>{html.escape(line)}</li>" for line in headline] or ["<li>No hypotheses were declared.</li>"]
+    body += ["</ul></div>"]
+    wide = [image for image in images if os.path.basename(image[1]) == "paired_differences.png"]
+    for title, path in wide:
+        body.append(_figure(title, path, "wide"))
+    body += ["<h2>Mean score per configuration</h2>",
+             _html_table(means, ["reference" if cell.endswith("(reference)") else "" for cell in means["cell"]]),
+             f"<p class='note'>{html.escape(blank_note)} Reference rows (in italics) are the study's prepared models "
+             "(the teachers), scored the same way.</p>"]
+    for hypothesis, table, shown in displays:
+        body += [f"<h2>{html.escape(str(hypothesis.get('name', 'hypothesis')))}: "
+                 f"{html.escape(hypothesis['b_cell'])} − {html.escape(hypothesis['a_cell'])}</h2>",
+                 _html_table(shown, [("better" if delta > 0 else "worse") if significant else ""
+                                     for delta, significant in zip(table["delta"], table["reject"])]),
+                 "<p class='note'>Δ and Cohen's d are treatment − baseline; green rows are significantly better after "
+                 "correction, red rows significantly worse.</p>"]
     if len(anova):
-        body += ["<h2>Repeated-measures ANOVA across configurations</h2>", table(anova)]
+        body += ["<h2>Repeated-measures ANOVA across configurations</h2>", _html_table(anova)]
     for factor, frame in correlations:
-        body += [f"<h2>Spearman correlation with {factor}</h2>", table(frame) if len(frame) else "<p>Too few points.</p>"]
+        body += [f"<h2>Spearman correlation with {html.escape(factor)}</h2>",
+                 _html_table(frame) if len(frame) else "<p>Too few points.</p>"]
     for title, _, _, frames in analyses:
-        body.append(f"<h2>{title}</h2>")
-        body += [table(frame) for frame in frames if len(frame)] or ["<p>Too few points.</p>"]
+        body.append(f"<h2>{html.escape(title)}</h2>")
+        body += [_html_table(frame) for frame in frames if len(frame)] or ["<p>Too few points.</p>"]
     body.append("<h2>Plots</h2>")
-    for title, path in images:
-        with open(path, "rb") as handle:
-            encoded = base64.b64encode(handle.read()).decode()
-        body.append(f'<figure><img alt="{title}" src="data:image/png;base64,{encoded}"><figcaption>{title}'
-                    "</figcaption></figure>")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{study.name}</title><style>{style}</style>" \
-           f"</head><body>{''.join(body)}</body></html>"
+    body += [_figure(title, path) for title, path in images if (title, path) not in wide]
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(study.name)}</title>" \
+           f"<style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def _figure(title: str, path: str, kind: str = "") -> str:
+    with open(path, "rb") as handle:
+        encoded = base64.b64encode(handle.read()).decode()
+    return (f"<figure class='{kind}'><img alt=\"{html.escape(title)}\" src=\"data:image/png;base64,{encoded}\">"
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")

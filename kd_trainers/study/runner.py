@@ -1,4 +1,5 @@
-"""Running a study: the prepare steps, every cell × seed as an ordinary recipe run, its evaluation, then the report.
+"""Running a study: the prepare steps (each scored as a reference: the teacher), every cell × seed as an ordinary
+recipe run, its evaluation, then the report.
 
 Checked whole first (`check_study`): every cell's merged recipe, before the first cell trains.
 
@@ -20,15 +21,15 @@ import sys
 
 import pandas as pd
 
-from ..recipe.evaluate import TrainedModels, evaluate_trained
 from ..files import DONE, write_done
+from ..recipe.evaluate import TrainedModels, evaluate_trained
 from ..recipe.output import is_finished
 from ..recipe.preflight import preflight
 from ..recipe.run import run_recipe
 from ..recipe.schema import RecipeError, load_recipe
 from ..redaction import redact
 from .report import write_report
-from .spec import Cell, Study, StudyError, cell_dir
+from .spec import Cell, Study, StudyError, cell_dir, reference_dir
 
 
 class StudyRunError(RuntimeError):
@@ -109,6 +110,16 @@ def evaluate_cell(study: Study, recipe, directory: str) -> pd.DataFrame:
                             cache_root=study.output_dir)
 
 
+def evaluate_reference(study: Study, step: dict, prepared: dict[str, str], directory: str) -> pd.DataFrame:
+    """A prepare step's trained model (a teacher), scored by the study's evaluation as the students are; metrics
+    against a teacher (agreement, fidelity) are blank for it."""
+    recipe = load_recipe(step_recipe(study, step),
+                         _as_overrides({**step.get("overrides", {}), "output_dir": prepared[step["name"]]}, prepared))
+    trained = TrainedModels.from_output(recipe)
+    return evaluate_trained(study.evaluation, TrainedModels(trained.model, trained.tokenizer, None), recipe,
+                            directory, cache_root=study.output_dir)
+
+
 def run_study(study: Study, log=print) -> str:
     """Runs what is not finished yet, then writes the report; returns the report folder."""
     check_study(study)
@@ -122,6 +133,14 @@ def run_study(study: Study, log=print) -> str:
         log(f"[study] prepare {step['name']}: {recipe_path}")
         train(recipe_path, _as_overrides({**step.get("overrides", {}), "output_dir": folder}, prepared))
         write_done(folder, {"recipe": recipe_path})
+    for step in study.prepare:
+        directory = reference_dir(study, step["name"])
+        if os.path.exists(os.path.join(directory, DONE)):
+            continue
+        log(f"[study] reference {step['name']}: evaluating")
+        os.makedirs(directory, exist_ok=True)
+        evaluate_reference(study, step, prepared, directory)
+        write_done(directory, {"reference": step["name"]})
 
     for cell in study.cells:
         for seed in study.seeds:

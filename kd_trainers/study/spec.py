@@ -3,7 +3,8 @@
     name: noise_sweep
     base_recipe: ../vanilla_kd.yaml            # relative to this file
     overrides: {max_steps: 200}                # for every cell
-    prepare:                                   # runs before the grid; cells refer to its output as {prepare.NAME}
+    prepare:                                   # runs before the grid; cells refer to its output as {prepare.NAME};
+                                               # each step's model is evaluated too, as a reference row (the teacher)
       - {name: teacher, recipe: ../sft_lora.yaml, overrides: {max_steps: 300}}
     grid:                                      # factor -> level -> overrides; the cells are the product
       sigma: {"0": {teacher_logit_noise_std: 0}, "2": {teacher_logit_noise_std: 2}}
@@ -22,6 +23,7 @@ instead of `base_recipe` (an SFT-only student beside KD students, for example).
     gains: [{factor: method, baseline: sft, treatment: kd, against: width}]   # gain vs a numeric factor
     metric_correlations: [{x: agreement, y: exact_match}]        # Spearman between two metrics
     alpha: 0.05
+    headline_metric: rouge_l                   # the metric the headline quotes (default: rouge_l, exact_match, bleu_4)
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ..evaluation.settings import evaluation_settings
 from ..recipe.schema import read_yaml_mapping
 from ..suggest import did_you_mean
 
+
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
-              "correlations", "anovas", "gains", "metric_correlations", "alpha", "output_dir")
+              "correlations", "anovas", "gains", "metric_correlations", "alpha", "output_dir", "headline_metric")
 
 
 class StudyError(ValueError):
@@ -72,6 +75,7 @@ class Study:
     factors: dict[str, list[str]] = field(default_factory=dict)
     anovas: list[dict] = field(default_factory=list)
     gains: list[dict] = field(default_factory=list)
+    headline_metric: str | None = None  # the metric the headline quotes (default: rouge_l, exact_match or bleu_4)
     metric_correlations: list[dict] = field(default_factory=list)
 
 
@@ -153,7 +157,14 @@ def load_study(path: str) -> Study:
                  alpha=float(alpha),
                  output_dir=values.get("output_dir") or os.path.join("outputs", "studies", name), factors=factors,
                  anovas=values.get("anovas") or [], gains=values.get("gains") or [],
-                 metric_correlations=values.get("metric_correlations") or [])
+                 metric_correlations=values.get("metric_correlations") or [],
+                 headline_metric=_headline_metric(values.get("headline_metric"), path))
+
+
+def _headline_metric(value, path: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise StudyError(f"{path}: headline_metric: {value!r} should be a metric name, e.g. rouge_l.")
+    return value
 
 
 def _require_numeric_levels(factors: dict[str, list[str]], factor: str, where: str) -> None:
@@ -186,6 +197,12 @@ def _check_analyses(values: dict, factors: dict[str, list[str]], path: str) -> N
     for index, pair in enumerate(values.get("metric_correlations") or []):
         if not isinstance(pair, dict) or not pair.get("x") or not pair.get("y"):
             raise StudyError(f"{path}: metric_correlations[{index}]: {{x: METRIC, y: METRIC}}, got {pair!r}.")
+
+
+def reference_dir(study: Study, step_name: str) -> str:
+    """The folder of a prepare step's model scored as a reference (a teacher: the ceiling the students are read
+    against): its predictions and scores, its `done.json`."""
+    return os.path.join(study.output_dir, "references", step_name)
 
 
 def cell_dir(study: Study, cell: Cell, seed: int) -> str:
