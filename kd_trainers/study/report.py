@@ -189,10 +189,12 @@ def _plot_metric(summary: pd.DataFrame, metric: str, path: str) -> None:
     positions = np.arange(len(configurations))
     axis.bar(positions, configurations[metric], yerr=configurations[f"{metric}_ci"].fillna(0), capsize=4,
              color="#4C72B0", alpha=0.85)
+    drawn = False
     for (_, row), style in zip(references.iterrows(), ("--", ":", "-.", (0, (5, 5)))):
         if metric in row and not pd.isna(row[metric]):  # the teacher: the ceiling the bars are read against
             axis.axhline(row[metric], linestyle=style, color="#C44E52", linewidth=1.2, label=row["cell"])
-    if len(references):
+            drawn = True
+    if drawn:
         axis.legend(fontsize=7, frameon=False)
     axis.set_xticks(positions, configurations["cell"], rotation=20, ha="right", fontsize=8)
     _finish(figure, axis, None, metric, f"{metric} by configuration (mean ± 95% Student-t CI)", path)
