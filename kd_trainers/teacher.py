@@ -9,7 +9,9 @@ import warnings
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from .tokenizer import load_tokenizer
 
 
 def model_name(model) -> str:
@@ -68,7 +70,7 @@ def load_teacher_tokenizer(teacher: str | PreTrainedModel, teacher_processing_cl
     problem = "it was built in memory, with no name or path to load one from"
     if name:
         try:
-            return AutoTokenizer.from_pretrained(name)
+            return load_tokenizer(name)
         except (OSError, ValueError) as error:
             if isinstance(teacher, str) or student_tokenizer is None:
                 raise ValueError(

@@ -7,7 +7,7 @@ import os
 import textwrap
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments
+from transformers import TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..kd.hidden import last_hidden_state
@@ -16,10 +16,12 @@ from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
 from ..losses.reference import loss_normalizer
 from ..teacher import model_name, output_head_shape
+from ..tokenizer import load_tokenizer
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
 from .data import DualTokenizationCollator, DualTokenizer
 from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
+
 
 PROJECTORS_ATTRIBUTE = "dskd_projectors"  # where the projectors live inside the student while training
 TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
@@ -122,7 +124,7 @@ class DSKDTrainer(KDTrainer):
 
     def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
         if teacher_processing_class is None and args.teacher_tokenizer_name_or_path is not None:
-            teacher_processing_class = AutoTokenizer.from_pretrained(args.teacher_tokenizer_name_or_path)
+            teacher_processing_class = load_tokenizer(args.teacher_tokenizer_name_or_path)
         return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
 
     def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,

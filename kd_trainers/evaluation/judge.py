@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 from huggingface_hub import InferenceClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ..generation import generate_predictions
+from ..tokenizer import load_tokenizer
 from .settings import DEFAULT_JUDGE_METRICS
 
 
@@ -59,7 +60,7 @@ class LocalJudge:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, **kwargs) -> "LocalJudge":
-        return cls(AutoModelForCausalLM.from_pretrained(name_or_path), AutoTokenizer.from_pretrained(name_or_path),
+        return cls(AutoModelForCausalLM.from_pretrained(name_or_path), load_tokenizer(name_or_path),
                    name=name_or_path, **kwargs)
 
     @property

@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import textwrap
 
-from transformers import AutoTokenizer, PreTrainedModel, TrainingArguments
+from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
 from ..teacher import model_name
+from ..tokenizer import load_tokenizer
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
 from .teacher_setup import TeacherPlan, TeacherSetupMixin
@@ -62,7 +63,7 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
         if sft_kwargs.get("processing_class") is None:
-            sft_kwargs["processing_class"] = AutoTokenizer.from_pretrained(model_name(model))
+            sft_kwargs["processing_class"] = load_tokenizer(model_name(model))
         # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
         plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, sft_kwargs["processing_class"])
         sft_kwargs = self._prepare_training_data(plan, args, sft_kwargs)

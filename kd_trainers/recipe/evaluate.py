@@ -14,12 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pandas as pd
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ..evaluation.pipeline import evaluate_model
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 from ..teacher import _dtype_from_init_kwargs, load_teacher
+from ..tokenizer import load_tokenizer
 from .data import load_recipe_datasets
 from .models import resolve_student, resolve_teacher
 
@@ -57,7 +58,7 @@ class TrainedModels:
         else:
             model = AutoModelForCausalLM.from_pretrained(output, **_dtype_from_init_kwargs(init_kwargs))
         if os.path.exists(os.path.join(output, "tokenizer_config.json")):
-            tokenizer = AutoTokenizer.from_pretrained(output)
+            tokenizer = load_tokenizer(output)
 
         def loader():
             teacher, teacher_tokenizer = resolve_teacher(recipe)

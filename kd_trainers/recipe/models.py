@@ -3,10 +3,9 @@ the demo models and as names otherwise (the trainer loads those, with `model_ini
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from ..demo import demo_model, demo_tokenizer
 from ..teacher import load_teacher
+from ..tokenizer import load_tokenizer
 from .schema import Recipe
 
 
@@ -24,7 +23,7 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
         tokenizer = demo_tokenizer(tokenizer_kind)
         seed = {"student": 2, "teacher": 1}.get(size, 0)
         return demo_model(arch, tokenizer, size, seed=seed), tokenizer
-    return name, AutoTokenizer.from_pretrained(tokenizer_name or name)
+    return name, load_tokenizer(tokenizer_name or name)
 
 
 def resolve_student(recipe: Recipe):
