@@ -83,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = [argument for argument in argv if argument != "--debug"]
     try:
         return _main(argv)
+    except BrokenPipeError:  # `kd-train list | head`: the reader has what it wanted
+        try:  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 0
     except RecipeError as error:
         if debug:
             raise

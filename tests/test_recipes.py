@@ -300,3 +300,16 @@ def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
     path = write(tmp_path, BASE + "evaluation: {metrics: [bleurt]}\n")
     with pytest.raises(RecipeError, match="evaluation.metrics: Unknown metric or suite 'bleurt'"):
         load_recipe(path)
+
+
+def test_a_listing_cut_short_by_its_reader_ends_quietly(monkeypatch, capsys):
+    """`kd-train list | head -1`: the reader closes the pipe; that is not an error."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["list"]) == 0
+    assert "Broken pipe" not in capsys.readouterr().err
