@@ -313,3 +313,13 @@ def test_a_listing_cut_short_by_its_reader_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert cli.main(["list"]) == 0
     assert "Broken pipe" not in capsys.readouterr().err
+
+
+def test_pinned_memory_is_off_by_default_without_cuda(tmp_path):
+    """Pinning needs an accelerator: on a CPU machine a recipe does not ask for it (torch would warn at every data
+    loader); an explicit value is kept."""
+    import torch
+
+    path = write(tmp_path, BASE)
+    assert load_recipe(path).config.dataloader_pin_memory == torch.cuda.is_available()
+    assert load_recipe(path, ["dataloader_pin_memory=true"]).config.dataloader_pin_memory is True

@@ -31,7 +31,8 @@ RUN_INFO = "run_info.json"
 NOT_MODEL_SETTINGS = re.compile(
     r"^(output_dir|overwrite_output_dir|resume_from_checkpoint|evaluation|agreement|env|report_to|run_name|project|"
     r"trackio_.*|logging_.*|log_.*|disable_tqdm|push_to_hub|hub_.*|save_.*|eval_.*|per_device_eval_batch_size|"
-    r"eval_strategy|dataloader_num_workers|dataloader_prefetch_factor|dataloader_persistent_workers|merge_lora|"
+    r"eval_strategy|dataloader_num_workers|dataloader_prefetch_factor|dataloader_persistent_workers|dataloader_pin_memory|"
+    r"merge_lora|"
     r"include_.*|ddp_backend|ddp_timeout|use_cpu|skip_memory_metrics)$")
 
 

@@ -309,7 +309,11 @@ def _fit_process_group(config_values: dict, path: str) -> None:
     `kd-train validate`) no `ddp_backend`: setting one would make the config try to join a group that does not exist.
     Several processes on a machine without CUDA need gloo (NCCL needs GPUs) and, outside DeepSpeed, `use_cpu`:
     without it accelerate sets up no distributed training there, and every process trains a copy of its own. FSDP
-    does not shard over CPU processes at all (accelerate falls back to DDP), so it is refused."""
+    does not shard over CPU processes at all (accelerate falls back to DDP), so it is refused. Without CUDA,
+    `dataloader_pin_memory` defaults to off: pinning needs an accelerator, and torch would only warn."""
+    if not torch.cuda.is_available():
+        # Pinning needs an accelerator; without one torch only warns at every data loader.
+        config_values.setdefault("dataloader_pin_memory", False)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         config_values.pop("ddp_backend", None)
         return
