@@ -43,6 +43,7 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
 
     _tag_names = ["trl", "gkd", "kd_trainers", "knowledge-distillation"]
     _name = "GKD"
+    _config_class = GKDConfig
     _paper = {
         "title": "On-Policy Distillation of Language Models: Learning from Self-Generated Mistakes",
         "id": "2306.13649",
@@ -60,10 +61,7 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
     def __init__(self, model=None, teacher_model=None, args: GKDConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, *trl_args,
                  teacher_processing_class=None, **trl_kwargs):
-        if args is None:
-            args = GKDConfig(output_dir=f"{model_name(model).split('/')[-1].strip('<>')}-GKD")
-        elif not isinstance(args, GKDConfig):
-            args = GKDConfig.from_sft_config(args)
+        args = self._as_kd_config(model, args)
         # Positional arguments after `processing_class` mean what they mean to TRL's GKDTrainer.
         trl_kwargs.update(zip(_TRL_GKD_POSITIONAL_NAMES, trl_args))
         self._refuse_compute_loss_func(args, trl_kwargs.get("compute_loss_func"))

@@ -17,6 +17,7 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
 from ..losses.reference import loss_normalizer
+from ..teacher import model_name
 from .heads import check_engine_logits
 from .hidden import hidden_state_and_router_loss, last_hidden_state
 
@@ -25,6 +26,17 @@ class DistillationLossMixin:
     """`compute_loss` as `(1 − kd_weight)·CE + kd_weight·KD` through the chunked engine, for a trainer with a teacher."""
 
     _non_model_keys: tuple[str, ...] = ("labels",)  # batch keys the models must not receive
+
+    @classmethod
+    def _as_kd_config(cls, model, args):
+        """`args` as the trainer's config class (`cls._config_class`): as given, converted from an `SFTConfig` with the
+        KD defaults, or a default one named after the model when None."""
+        if isinstance(args, cls._config_class):
+            return args
+        if args is None:
+            name = model_name(model).split("/")[-1].lstrip("<").rstrip(">")
+            return cls._config_class(output_dir=f"{name}-{cls._name}")
+        return cls._config_class.from_sft_config(args)
 
     @staticmethod
     def _refuse_compute_loss_func(args, compute_loss_func) -> None:

@@ -74,15 +74,6 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
 
     _config_class = KDConfig
 
-    @classmethod
-    def _as_kd_config(cls, model, args) -> KDConfig:
-        if isinstance(args, cls._config_class):
-            return args
-        if args is None:
-            name = model_name(model).split("/")[-1].lstrip("<").rstrip(">")
-            return cls._config_class(output_dir=f"{name}-{cls._name}")
-        return cls._config_class.from_sft_config(args)
-
     def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict) -> dict:
         """SFTTrainer's keyword arguments, with the data the student trains on: as given (Seq-KD replaces it by the
         teacher's completions)."""

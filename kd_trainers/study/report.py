@@ -274,11 +274,16 @@ def headline_metric(study: Study, metrics: list[str]) -> str:
     return next((metric for metric in HEADLINE_METRICS if metric in metrics), metrics[0])
 
 
+def headline_rows(hypothesis: dict, table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the hypothesis's test (Wilcoxon's when it ran both tests): what the headline and the figure read."""
+    method = hypothesis.get("method", "wilcoxon")
+    return table[table["method"] == ("wilcoxon" if method == "both" else method)]
+
+
 def headline_line(hypothesis: dict, table: pd.DataFrame, metric: str, alpha: float) -> str:
     """Direction first, treatment against baseline: how many metrics are significantly better and worse, then the
     headline metric's two means and their difference with its interval."""
-    method = hypothesis.get("method", "wilcoxon")
-    rows = table[table["method"] == ("wilcoxon" if method == "both" else method)]
+    rows = headline_rows(hypothesis, table)
     better = int((rows["reject"] & (rows["delta"] > 0)).sum())
     worse = int((rows["reject"] & (rows["delta"] < 0)).sum())
     treatment, baseline = hypothesis["b_cell"], hypothesis["a_cell"]
@@ -317,8 +322,7 @@ def _plot_forest(hypotheses, path: str) -> None:
 
     rows = []
     for hypothesis, table in hypotheses:
-        method = hypothesis.get("method", "wilcoxon")
-        for _, row in table[table["method"] == ("wilcoxon" if method == "both" else method)].iterrows():
+        for _, row in headline_rows(hypothesis, table).iterrows():
             rows.append((f"{row['metric']}  ({hypothesis['b_cell']} − {hypothesis['a_cell']})", row))
     figure, axis = plt.subplots(figsize=(10, max(2.5, 0.32 * len(rows) + 1.2)))
     for position, (label, row) in enumerate(reversed(rows)):
