@@ -92,6 +92,19 @@ class RunGuardsMixin:
         super().create_accelerator_and_postprocess()
         check_processes_train_together(self.accelerator)
 
+    # ---- parameters ----------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, *args, **kwargs):
+        """Refuses a model with no parameter to train, which would otherwise run every step and change nothing."""
+        model = self.model_wrapped if self.model_wrapped is not None else self.model
+        if not any(parameter.requires_grad for parameter in model.parameters()):
+            raise ValueError(
+                f"The model ({type(self.model).__name__}) has no trainable parameter: every one has "
+                "requires_grad=False, so training would change nothing. A model merged from a PEFT adapter loaded "
+                "for inference comes frozen: call model.requires_grad_(True) before passing it (or pass a "
+                "peft_config to train an adapter).")
+        return super().create_optimizer(*args, **kwargs)
+
     # ---- data --------------------------------------------------------------------------------------------------
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):

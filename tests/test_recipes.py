@@ -3,21 +3,24 @@ the LoRA SFT -> KD chain and publishing. The multi-process runs are in `test_rec
 
 import json
 import os
+import re
 import sys
 
 import pytest
 import torch
 import yaml
+from faults import StopAt
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
-
-from faults import StopAt
+from trl import SFTConfig
 
 from kd_trainers import cli
+from kd_trainers.demo import demo_model
 from kd_trainers.recipe import RecipeError, load_recipe
 from kd_trainers.recipe.catalog import shipped, shipped_path
 from kd_trainers.recipe.launch import accelerate_config_path, named_accelerate_configs
 from kd_trainers.recipe.run import run_recipe
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -270,6 +273,22 @@ def test_student_sft_adapter_is_merged_before_kd_and_env_is_applied(tmp_path, mo
     assert os.environ["KD_TRAINERS_TEST_MARK"] == "marked"
     name = "model.layers.1.mlp.down_proj.weight"
     torch.testing.assert_close(kd.model.state_dict()[name], sft_student.state_dict()[name])
+    # ... and then trains: PEFT loads an adapter frozen, and a merged student that stayed frozen trained nothing.
+    assert all(parameter.requires_grad for parameter in kd.model.parameters())
+    kd.train()
+    assert not torch.equal(kd.model.state_dict()[name], sft_student.state_dict()[name])
+
+
+def test_a_model_with_nothing_to_train_is_refused_before_the_first_step(tmp_path, bpe_tokenizer, demo_data):
+    from kd_trainers.sft.trainer import SFTTrainer
+
+    frozen = demo_model("llama", bpe_tokenizer, "student").requires_grad_(False)
+    trainer = SFTTrainer(model=frozen, args=SFTConfig(output_dir=str(tmp_path), max_steps=2, bf16=False,
+                                                      report_to=[], per_device_train_batch_size=2),
+                         train_dataset=demo_data["train"].select(range(8)), processing_class=bpe_tokenizer)
+    with pytest.raises(ValueError, match="has no trainable parameter: every one has requires_grad=False"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
@@ -323,3 +342,19 @@ def test_pinned_memory_is_off_by_default_without_cuda(tmp_path):
     path = write(tmp_path, BASE)
     assert load_recipe(path).config.dataloader_pin_memory == torch.cuda.is_available()
     assert load_recipe(path, ["dataloader_pin_memory=true"]).config.dataloader_pin_memory is True
+
+
+def test_split_slices_read_as_datasets_reads_them(demo_data):
+    from kd_trainers.recipe.data import load_recipe_datasets
+
+    options = {"dataset_name": "demo", "dataset_config": None, "columns": None, "prompt_template": None,
+               "dataset_test_split": "test[10:20]+train[:5]"}
+    train, test = load_recipe_datasets({**options, "dataset_train_split": "train[:25%]"})
+    assert train["prompt"] == demo_data["train"]["prompt"][:240]  # a quarter of 960, the first rows in order
+    assert test["prompt"] == demo_data["test"]["prompt"][10:20] + demo_data["train"]["prompt"][:5]
+    assert load_recipe_datasets({**options, "dataset_train_split": "train"})[0]["prompt"] == demo_data["train"]["prompt"]
+    for spec, message in (("trian[:5]", "dataset_train_split: 'trian' is not a split of 'demo'; it has ['train', "
+                                        "'test']"),
+                          ("train[:x]", "dataset_train_split: 'train[:x]' is neither a split name nor a slice")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_recipe_datasets({**options, "dataset_train_split": spec})

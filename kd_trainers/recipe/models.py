@@ -36,6 +36,8 @@ def resolve_student(recipe: Recipe):
         init_kwargs = recipe.config.model_init_kwargs
         student = load_teacher(student, init_kwargs if isinstance(student, str) else None,
                                options["model_adapter_name_or_path"])
+        # PEFT loads an adapter for inference, which freezes the base; merged, the student must train again.
+        student.requires_grad_(True)
     return student, tokenizer
 
 
