@@ -14,9 +14,10 @@ import csv
 import os
 import string
 
-from datasets import Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import Dataset, DatasetDict, Features, ReadInstruction, Value, concatenate_datasets, load_dataset
 
 from ..demo import load_demo_dataset
+
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -89,6 +90,25 @@ def check_rows(dataset: Dataset, where: str) -> None:
                   f"{empty[0]}); they teach only the end of the sequence.", flush=True)
 
 
+def select_split(splits: DatasetDict, spec: str, key: str, dataset_name: str) -> Dataset:
+    """The rows a split spec names: a split (`train`), or a slice in `datasets`' split syntax (`train[:25%]`,
+    `train[100:400]`, `train[:200]+test`), read by `datasets.ReadInstruction` so it means what it means in
+    `load_dataset(..., split=...)`."""
+    try:
+        instruction = ReadInstruction.from_spec(spec)
+    except (ValueError, AssertionError):
+        raise ValueError(f"{key}: {spec!r} is neither a split name nor a slice like 'train[:25%]' or "
+                         "'train[100:400]'.") from None
+    try:
+        parts = instruction.to_absolute({name: len(data) for name, data in splits.items()})
+    except ValueError:
+        unknown = spec.split("[")[0] if "+" not in spec else spec
+        raise ValueError(f"{key}: {unknown!r} is not a split of {dataset_name!r}; it has {list(splits)}.") from None
+    if len(parts) == 1 and (parts[0].from_, parts[0].to) == (0, len(splits[parts[0].splitname])):
+        return splits[parts[0].splitname]
+    return concatenate_datasets([splits[part.splitname].select(range(part.from_, part.to)) for part in parts])
+
+
 def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
     """`(train, eval or None)` for a recipe's dataset options, with its columns mapped. Clear errors on bad input."""
     loaded = _load(options["dataset_name"], options["dataset_config"])
@@ -99,10 +119,8 @@ def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
         if split is None:
             result.append(None)
             continue
-        if split not in splits:
-            raise ValueError(f"{key}: {split!r} is not a split of {options['dataset_name']!r}; it has "
-                             f"{list(splits)}.")
-        dataset = _map_columns(splits[split], options["columns"], options["prompt_template"], split)
+        dataset = _map_columns(select_split(splits, split, key, options["dataset_name"]), options["columns"],
+                               options["prompt_template"], split)
         if len(dataset) == 0:
             raise ValueError(f"{key}: the {split!r} split of {options['dataset_name']!r} is empty.")
         check_rows(dataset, f"the {split!r} split of {options['dataset_name']!r}")
