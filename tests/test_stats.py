@@ -9,6 +9,8 @@ import pytest
 from scipy import stats as sps
 
 from kd_trainers import stats
+from kd_trainers.study.report import anova_table
+
 
 # Fixed per-example scores of two configurations (B is better on metric "m1", equal on "m3").
 A = np.array([0.12, 0.40, 0.33, 0.58, 0.21, 0.47, 0.39, 0.05, 0.66, 0.30, 0.28, 0.51])
@@ -110,3 +112,15 @@ def test_anova_rm_anova_and_spearman_equal_pingouin_and_scipy():
     result = stats.spearman(sigma, accuracy)
     reference = sps.spearmanr(sigma, accuracy)
     assert result["r"] == pytest.approx(reference.statistic) and result["p_val"] == pytest.approx(reference.pvalue)
+
+
+def test_the_report_anova_leaves_out_metrics_with_no_more_examples_than_configurations():
+    """pingouin's sphericity test divides by zero when the examples are not more than the configurations (a tiny
+    study: 2 examples, 3 cells); the report's table leaves such a metric out rather than crash, and keeps the rest."""
+    rng = np.random.default_rng(0)
+    tiny = pd.DataFrame({"cell": ["a", "b", "c"] * 2, "example_id": [0, 0, 0, 1, 1, 1], "m": rng.random(6)})
+    assert anova_table(tiny, ["m"]).empty
+    enough = pd.DataFrame({"cell": ["a", "b", "c"] * 6, "example_id": np.repeat(range(6), 3), "m": rng.random(18)})
+    table = anova_table(enough, ["m"])
+    expected = pg.rm_anova(data=enough, dv="m", within="cell", subject="example_id").iloc[0]
+    assert table.loc[0, "F"] == pytest.approx(expected["F"]) and table.loc[0, "ddof2"] == 10

@@ -108,7 +108,8 @@ def anova_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
         data = per_example[["cell", "example_id", metric]].dropna()
         complete = data.groupby("example_id")["cell"].nunique() == data["cell"].nunique()
         data = data[data["example_id"].isin(complete[complete].index)]
-        if data["example_id"].nunique() < 2 or data[metric].std() == 0:
+        # The sphericity correction needs more examples than configurations (pingouin divides by zero otherwise).
+        if data["example_id"].nunique() <= data["cell"].nunique() or data[metric].std() == 0:
             continue
         result = stats.rm_anova(data, dv=metric, within="cell", subject="example_id").iloc[0]
         if "F" not in result:  # pingouin gives no F when a configuration's scores do not vary at all
