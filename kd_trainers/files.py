@@ -19,3 +19,10 @@ def write_atomically(path: str, text: str) -> None:
 def write_done(directory: str, info: dict) -> None:
     """`directory/done.json`, written last: the marker that what the folder holds is complete."""
     write_atomically(os.path.join(directory, DONE), json.dumps(info, indent=2))
+
+
+def user_cache_dir(kind: str) -> str:
+    """`$KD_TRAINERS_CACHE/<kind>` (default `~/.cache/kd_trainers/<kind>`): where work keyed by its content is kept
+    between runs (Seq-KD's generated sets, a study's cached prepare steps)."""
+    root = os.environ.get("KD_TRAINERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd_trainers")
+    return os.path.join(root, kind)

@@ -7,6 +7,9 @@ import os
 
 import torch
 
+from .progress import progress_line
+
+
 DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
 
 
@@ -23,12 +26,14 @@ def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int =
     tokenizer.padding_side = "left"  # generation continues each prompt right after its last token
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outputs = []
+    line = progress_line("generating", len(prompts), "prompts")
     try:
         for start in range(0, len(prompts), batch_size):
             encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
             generated = model.generate(**encoded, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
                                        **settings)
             outputs += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+            line.update(len(outputs))
     finally:
         tokenizer.padding_side = padding_side
     return [text.strip() for text in outputs] if strip else outputs

@@ -17,15 +17,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kd-study", description=__doc__)
     parser.add_argument("study")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="run stages side by side in N processes (the CPU threads split between them; tiny "
+                             "models train faster so); default 1")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     options = parser.parse_args(argv)
+    if options.workers < 1:
+        print(f"Study error: --workers: {options.workers} should be 1 or more.", file=sys.stderr)
+        return 2
     from .cli import one_line
+    from .progress import quiet_libraries
+    from .recipe.catalog import resolve
     from .recipe.schema import RecipeError
     from .study import StudyError, load_study, run_study
     from .study.report import write_report
-    from .study.runner import check_study
-
-    from .recipe.catalog import resolve
 
     path = resolve(options.study)
     if path == options.study and not os.path.isfile(path):  # `kd-study methods` for the shipped studies/methods
@@ -35,18 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         if options.report_only:
             folder = write_report(study)
         else:
-            check_study(study)  # every cell, before the first one starts
-            folder = run_study(study)
+            quiet_libraries()
+            folder = run_study(study, workers=options.workers)  # checks every cell before the first one starts
     except (StudyError, RecipeError, ValueError, OSError) as error:
         if debug:
             raise
         print(f"Study error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(f"Report: {folder}/report.md and {folder}/report.html")
-    with open(f"{folder}/report.md") as handle:
-        text = handle.read()
-    headline = text.split("## Headline\n\n", 1)[-1].split("\n## ", 1)[0].strip()
-    print(headline)
+    with open(os.path.join(folder, "headline.txt")) as handle:
+        print("\n" + handle.read().strip())
+    print(f"\nReport: {folder}/report.md and {folder}/report.html")
     return 0
 
 

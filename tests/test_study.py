@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -263,3 +264,31 @@ def test_analyses_equal_scipy_on_fixed_data():
     result = metric_correlation(scores, "agreement", "exact_match")
     rho, p = scipy_stats.spearmanr(means["agreement"], means["exact_match"])
     assert result["n"] == 8 and result["r"] == pytest.approx(rho) and result["p_val"] == pytest.approx(p)
+
+
+def test_a_study_runs_its_stages_in_two_worker_processes(tmp_path, capfd, package_cache):
+    path = tiny_study(tmp_path)
+    spec = yaml.safe_load(open(path))
+    spec["prepare"][0]["cache"] = True
+    spec["seeds"] = [0, 1]
+    with open(path, "w") as handle:
+        yaml.safe_dump(spec, handle)
+    study = load_study(path)
+    report = run_study(study, log=print, workers=2)
+    printed = capfd.readouterr().out
+    # Every stage ran in a worker, printing its own heading; the teacher went to the package cache.
+    for cell in ("sigma=0", "sigma=1", "sigma=5"):
+        for seed in (0, 1):
+            assert f"{cell} seed {seed}: training, then evaluating" in printed
+            assert os.path.exists(os.path.join(study_runner.cell_dir(study, study.cells[0], seed), "done.json"))
+    teacher = study_runner.prepare_folders(study)["teacher"]
+    assert teacher.startswith(os.path.join(package_cache, "prepare")) and os.path.exists(
+        os.path.join(teacher, "done.json"))
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    assert (scores.groupby(["cell", "seed"]).size() == 8).all() and len(scores) == 3 * 2 * 8
+    # A re-run finds everything done, in the parent, and trains nothing.
+    run_study(study, log=print, workers=2)
+    again = capfd.readouterr().out
+    headings = [line for line in again.splitlines() if re.match(r"\[\d+ s\] \(\d/8\) ", line)]
+    assert len(headings) == 8 and all(line.endswith(": done, skipped") for line in headings)
+    assert "training" not in again and "(cached: found, skipped)" in again

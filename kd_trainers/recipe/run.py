@@ -15,6 +15,8 @@ import transformers
 import trl
 import yaml
 from peft import LoraConfig
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .. import __version__
 from ..evaluation.callbacks import AgreementCallback
@@ -102,9 +104,12 @@ def finished_message(output_dir: str) -> str:
             "overwrite_output_dir=true.")
 
 
-def run_recipe(recipe: Recipe, callbacks=None):
+def run_recipe(recipe: Recipe, callbacks=None, progress: TrainerCallback | None = None):
     """Train (resuming from the output folder's last intact checkpoint, if any), save, and publish if asked; returns
-    the trainer, or None when the output folder already holds the finished run (it is left alone)."""
+    the trainer, or None when the output folder already holds the finished run (it is left alone).
+
+    `progress`: a callback that reports the steps in place of the trainer's own printing (its per-log dictionaries or
+    its tqdm bar); what is logged still reaches `trainer_state.json` and `report_to`."""
     config = recipe.config
     start_over_if_asked(recipe)  # an empty folder already when kd-train did it before its checks
     if is_finished(config.output_dir):
@@ -114,7 +119,10 @@ def run_recipe(recipe: Recipe, callbacks=None):
     publish = config.push_to_hub
     config.push_to_hub = False  # publishing happens once, at the end, from a complete local folder
     resume = config.resume_from_checkpoint or intact_checkpoint(config.output_dir)
-    trainer = build_trainer(recipe, callbacks)
+    trainer = build_trainer(recipe, [*(callbacks or []), *([progress] if progress else [])])
+    if progress is not None:
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     if trainer.is_world_process_zero():
         write_run_info(recipe, resume)
         if resume:

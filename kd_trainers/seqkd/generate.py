@@ -20,16 +20,12 @@ import shutil
 import torch
 from datasets import Dataset, load_from_disk
 
+from ..files import DONE, user_cache_dir, write_atomically, write_done
 from ..generation import generate_predictions
-from ..files import DONE, write_atomically, write_done
 from ..prompt_completion import as_prompt_completion, is_conversational
 
+
 BLOCK_BATCHES = 8  # generation batches per part file: the unit of resumption
-
-
-def default_cache_dir() -> str:
-    root = os.environ.get("KD_TRAINERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "kd_trainers")
-    return os.path.join(root, "seqkd")
 
 
 def _prompt_text(tokenizer, prompt) -> str:
@@ -64,7 +60,7 @@ def teacher_generated_dataset(teacher, tokenizer, dataset: Dataset, settings: di
     prompts = [_prompt_text(tokenizer, prompt) for prompt, _ in pairs]
     material = json.dumps({"teacher": teacher_id, "settings": settings, "prompts": prompts}, sort_keys=True)
     key = hashlib.sha256(material.encode()).hexdigest()[:16]
-    folder = os.path.join(cache_dir or default_cache_dir(), key)
+    folder = os.path.join(cache_dir or user_cache_dir("seqkd"), key)
     if not os.path.exists(os.path.join(folder, DONE)):
         _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, folder, state, log)
         if state is None or state.is_main_process:

@@ -3,6 +3,10 @@ recipe run, its evaluation, then the report.
 
 Checked whole first (`check_study`): every cell's merged recipe, before the first cell trains.
 
+A prepare step with `cache: true` trains into the user cache (`$KD_TRAINERS_CACHE/prepare/<key>`), keyed by the
+settings its model is made with (`run_settings`: the merged recipe, without logging or output keys) and the package
+version, so another study, or the same one in another folder, that trains the same teacher finds it trained.
+
 Resumable: a finished step or cell has a `done.json`, written last (atomically), and is skipped on a re-run. A cell
 without it is taken up where it stopped: a finished training run (its own `done.json`) is not trained again, an
 interrupted one resumes from its last intact checkpoint, and the evaluation is redone from scratch on the saved
@@ -14,16 +18,25 @@ its own processes, exactly as `kd-train` would run it, and is then evaluated her
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
+import torch
 
-from ..files import DONE, write_done
+from .. import __version__
+from ..files import DONE, user_cache_dir, write_done
+from ..progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
 from ..recipe.evaluate import TrainedModels, evaluate_trained
-from ..recipe.output import is_finished
+from ..recipe.output import is_finished, run_settings
 from ..recipe.preflight import preflight
 from ..recipe.run import run_recipe
 from ..recipe.schema import RecipeError, load_recipe
@@ -47,15 +60,29 @@ def _as_overrides(values: dict, prepared: dict[str, str]) -> list[str]:
     return result
 
 
-def prepare_folders(study: Study) -> dict[str, str]:
-    """`{prepare step name: its output folder}`."""
-    return {step["name"]: os.path.abspath(os.path.join(study.output_dir, "prepare", step["name"]))
-            for step in study.prepare}
-
-
 def step_recipe(study: Study, step: dict) -> str:
     return step["recipe"] if os.path.isabs(step["recipe"]) else os.path.join(
         os.path.dirname(os.path.abspath(study.path)), step["recipe"])
+
+
+def cached_step_folder(recipe) -> str:
+    """The user-cache folder of a prepare step's run, named by a hash of the settings its model is made with."""
+    key = json.dumps({"settings": run_settings(recipe), "kd_trainers": __version__}, sort_keys=True)
+    return os.path.join(user_cache_dir("prepare"), hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def prepare_folders(study: Study) -> dict[str, str]:
+    """`{prepare step name: its output folder}`: under the study's folder, or in the user cache for a step with
+    `cache: true` (resolved in order: a step may use an earlier one's folder)."""
+    folders = {}
+    for step in study.prepare:
+        folder = os.path.abspath(os.path.join(study.output_dir, "prepare", step["name"]))
+        if step.get("cache"):
+            recipe = load_recipe(step_recipe(study, step),
+                                 _as_overrides({**step.get("overrides", {}), "output_dir": folder}, folders))
+            folder = cached_step_folder(recipe)
+        folders[step["name"]] = folder
+    return folders
 
 
 def cell_values(study: Study, cell: Cell, seed: int) -> dict:
@@ -64,21 +91,57 @@ def cell_values(study: Study, cell: Cell, seed: int) -> dict:
             "output_dir": os.path.join(cell_dir(study, cell, seed), "train")}
 
 
-def check_study(study: Study) -> None:
+def check_study(study: Study) -> list[tuple[str, object]]:
     """Every prepare step's and every cell's merged recipe, checked as `kd-train` checks one, before the first cell
-    starts: a typo in the last cell is found before the first one trains. Raises `StudyError` naming the cell."""
-    prepared = prepare_folders(study)
+    starts: a typo in the last cell is found before the first one trains. Raises `StudyError` naming the cell.
+    Returns `[(run name, loaded recipe)]`, prepare steps first."""
+    try:
+        prepared = prepare_folders(study)
+    except RecipeError as error:
+        raise StudyError(f"{study.path}: prepare: {error}") from None
     pending = tuple(folder for folder in prepared.values() if not os.path.exists(os.path.join(folder, DONE)))
     runs = [(f"prepare {step['name']}", step_recipe(study, step),
              {**step.get("overrides", {}), "output_dir": prepared[step["name"]]}) for step in study.prepare]
     runs += [(f"cell {cell.name} seed {seed}", cell.recipe or study.base_recipe, cell_values(study, cell, seed))
              for cell in study.cells for seed in study.seeds]
+    checked = []
     for name, recipe_path, values in runs:
         try:
             recipe = load_recipe(recipe_path, _as_overrides(values, prepared))
             preflight(recipe, pending=pending)
         except RecipeError as error:
             raise StudyError(f"{study.path}: {name}: {error}") from None
+        checked.append((name, recipe))
+    return checked
+
+
+def _steps(recipe) -> str:
+    config = recipe.config
+    return f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.num_train_epochs:g} epochs"
+
+
+def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[str, str]) -> list[str]:
+    """The stages a run of the study will go through, as lines to print before it starts."""
+    evaluation = study.evaluation
+    rows = f"the first {evaluation['limit']}" if evaluation.get("limit") else "all"
+    scored = f"{rows} rows of {evaluation['split']!r}, metrics {', '.join(evaluation['metrics'])}"
+    lines = [f"Plan of study {study.name!r} (output: {os.path.abspath(study.output_dir)}):"]
+    for step, (_, recipe) in zip(study.prepare, checked):
+        folder = prepared[step["name"]]
+        state = (" (cached: found, skipped)" if step.get("cache") else " (done, skipped)") if os.path.exists(
+            os.path.join(folder, DONE)) else (" (cached in " + folder + ")" if step.get("cache") else "")
+        lines.append(f"  prepare {step['name']}: train {recipe.method} for {_steps(recipe)}{state}")
+    if study.prepare:
+        lines.append(f"  references {', '.join(step['name'] for step in study.prepare)}: evaluate on {scored}")
+    cells = checked[len(study.prepare):]
+    for cell in study.cells:
+        recipe = next(recipe for name, recipe in cells if name.startswith(f"cell {cell.name} seed "))
+        done = sum(os.path.exists(os.path.join(cell_dir(study, cell, seed), DONE)) for seed in study.seeds)
+        state = f" ({done} done, skipped)" if done else ""
+        lines.append(f"  {cell.name}: {len(study.seeds)} seed(s), train {recipe.method} for {_steps(recipe)} each, "
+                     f"then evaluate{state}")
+    lines.append(f"  report: {len(study.hypotheses)} paired comparison(s) over {len(study.seeds)} seed(s)")
+    return lines
 
 
 def launch_recipe(recipe_path: str, overrides: list[str]) -> None:
@@ -91,15 +154,15 @@ def launch_recipe(recipe_path: str, overrides: list[str]) -> None:
 
 
 def train(recipe_path: str, overrides: list[str]):
-    """The recipe, trained here on one process or launched when it asks for `accelerate`; a run whose output folder
-    is finished (`done.json`) is not trained again."""
+    """The recipe, trained here on one process (its steps as a progress line) or launched when it asks for
+    `accelerate`; a run whose output folder is finished (`done.json`) is not trained again."""
     recipe = load_recipe(recipe_path, overrides)
     if is_finished(recipe.config.output_dir):
         return recipe
     if recipe.options["accelerate"]:
         launch_recipe(recipe_path, overrides)
     else:
-        run_recipe(recipe)  # the trainer is dropped: the cell is evaluated from what the run saved
+        run_recipe(recipe, progress=TrainingProgress())  # dropped: the cell is evaluated from what the run saved
     return recipe
 
 
@@ -120,39 +183,111 @@ def evaluate_reference(study: Study, step: dict, prepared: dict[str, str], direc
                             directory, cache_root=study.output_dir)
 
 
-def run_study(study: Study, log=print) -> str:
-    """Runs what is not finished yet, then writes the report; returns the report folder."""
-    check_study(study)
-    prepared = prepare_folders(study)
-    for step in study.prepare:
-        folder = prepared[step["name"]]
-        if os.path.exists(os.path.join(folder, DONE)):
-            log(f"[study] prepare {step['name']}: done, skipped")
-            continue
-        recipe_path = step_recipe(study, step)
-        log(f"[study] prepare {step['name']}: {recipe_path}")
-        train(recipe_path, _as_overrides({**step.get("overrides", {}), "output_dir": folder}, prepared))
-        write_done(folder, {"recipe": recipe_path})
-    for step in study.prepare:
-        directory = reference_dir(study, step["name"])
-        if os.path.exists(os.path.join(directory, DONE)):
-            continue
-        log(f"[study] reference {step['name']}: evaluating")
-        os.makedirs(directory, exist_ok=True)
-        evaluate_reference(study, step, prepared, directory)
-        write_done(directory, {"reference": step["name"]})
+def _prepare_step(study: Study, step: dict, prepared: dict[str, str]) -> None:
+    recipe_path = step_recipe(study, step)
+    train(recipe_path, _as_overrides({**step.get("overrides", {}), "output_dir": prepared[step["name"]]}, prepared))
+    write_done(prepared[step["name"]], {"recipe": recipe_path})
 
-    for cell in study.cells:
-        for seed in study.seeds:
-            directory = cell_dir(study, cell, seed)
-            if os.path.exists(os.path.join(directory, DONE)):
-                log(f"[study] {cell.name} seed {seed}: done, skipped")
-                continue
-            os.makedirs(directory, exist_ok=True)
-            log(f"[study] {cell.name} seed {seed}: training and evaluating")
-            values = cell_values(study, cell, seed)
-            recipe = train(cell.recipe or study.base_recipe, _as_overrides(values, prepared))
-            evaluate_cell(study, recipe, directory)
-            write_done(directory, {"cell": cell.name, "levels": cell.levels, "seed": seed,
-                                   "overrides": redact(values)})
+
+def _reference(study: Study, step: dict, prepared: dict[str, str]) -> None:
+    directory = reference_dir(study, step["name"])
+    os.makedirs(directory, exist_ok=True)
+    evaluate_reference(study, step, prepared, directory)
+    write_done(directory, {"reference": step["name"]})
+
+
+def _cell(study: Study, cell: Cell, seed: int, prepared: dict[str, str]) -> None:
+    directory = cell_dir(study, cell, seed)
+    os.makedirs(directory, exist_ok=True)
+    values = cell_values(study, cell, seed)
+    recipe = train(cell.recipe or study.base_recipe, _as_overrides(values, prepared))
+    evaluate_cell(study, recipe, directory)
+    write_done(directory, {"cell": cell.name, "levels": cell.levels, "seed": seed, "overrides": redact(values)})
+
+
+@dataclass
+class _Stage:
+    """One unit of a study's work: `run(*args)` in this process or a worker's; `done` when its folder says so."""
+    label: str
+    doing: str
+    run: Callable
+    args: tuple
+    done: bool
+
+
+def _stages(study: Study, prepared: dict[str, str]) -> list[list[_Stage]]:
+    """The study's stages in groups that may run side by side: the prepare steps (one after another when a step uses
+    an earlier one's folder), the references, the cells."""
+    finished = lambda folder: os.path.exists(os.path.join(folder, DONE))  # noqa: E731
+    steps = [_Stage(f"prepare {step['name']}", "training", _prepare_step, (study, step, prepared),
+                    finished(prepared[step["name"]])) for step in study.prepare]
+    chained = any("{prepare." in json.dumps(step.get("overrides", {})) for step in study.prepare)
+    groups = [[stage] for stage in steps] if chained else [steps]
+    groups.append([_Stage(f"reference {step['name']}", "evaluating", _reference, (study, step, prepared),
+                          finished(reference_dir(study, step["name"]))) for step in study.prepare])
+    groups.append([_Stage(f"{cell.name} seed {seed}", "training, then evaluating", _cell, (study, cell, seed, prepared),
+                          finished(cell_dir(study, cell, seed))) for cell in study.cells for seed in study.seeds])
+    return [group for group in groups if group]
+
+
+def _start_worker(threads: int, quiet: bool) -> None:
+    torch.set_num_threads(threads)
+    if quiet:
+        quiet_libraries()
+
+
+def _heading(stage: _Stage, number: int, total: int, start: float) -> str:
+    state = "done, skipped" if stage.done else stage.doing
+    return f"[{format_seconds(time.monotonic() - start)}] ({number}/{total}) {stage.label}: {state}"
+
+
+def _run_in_worker(stage: _Stage, number: int, total: int, start: float) -> None:
+    """A stage in a worker process: its lines carry the stage's name, as several stages print at once (the heading
+    when it starts: the monotonic clock is the machine's, shared by the processes)."""
+    print(_heading(stage, number, total, start), flush=True)
+    with reporting_to(lambda message: print(f"{message}  [{stage.label}]", flush=True)):
+        stage.run(*stage.args)
+
+
+def run_study(study: Study, log=print, workers: int = 1) -> str:
+    """Runs what is not finished yet, then writes the report; returns the report folder. `log` gets the plan first,
+    then a line per stage and progress lines (with an ETA) for training and generation.
+
+    `workers`: stages run side by side in that many processes (spawned; the CPU threads split between them), the
+    prepare steps together, then the references, then the cells; a group with one stage left runs here, on every
+    thread. Tiny models (the demo) train faster side by side than with every thread on one. A worker prints its own
+    lines (to standard output, each ending with its stage's name)."""
+    start = time.monotonic()
+    checked = check_study(study)
+    prepared = prepare_folders(study)
+    for line in study_plan(study, checked, prepared):
+        log(line)
+    groups = _stages(study, prepared)
+    total = sum(len(group) for group in groups)
+    numbered = iter(range(1, total + 1))
+    if workers <= 1:
+        with reporting_to(log):
+            for stage in (stage for group in groups for stage in group):
+                log(_heading(stage, next(numbered), total, start))
+                if not stage.done:
+                    stage.run(*stage.args)
+    else:
+        context = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pools and locks
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                 initargs=(threads, libraries_quieted())) as pool:
+            for group in groups:
+                alone = sum(not stage.done for stage in group) == 1  # here, on every thread
+                pending = []
+                for stage in group:
+                    if stage.done or alone:
+                        log(_heading(stage, next(numbered), total, start))
+                    if alone and not stage.done:
+                        with reporting_to(log):
+                            stage.run(*stage.args)
+                    elif not stage.done:
+                        pending.append(pool.submit(_run_in_worker, stage, next(numbered), total, start))
+                for future in pending:
+                    future.result()  # a failed stage raises here, after the others of its group end
+    log(f"[{format_seconds(time.monotonic() - start)}] report")
     return write_report(study)

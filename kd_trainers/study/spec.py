@@ -5,7 +5,9 @@
     overrides: {max_steps: 200}                # for every cell
     prepare:                                   # runs before the grid; cells refer to its output as {prepare.NAME};
                                                # each step's model is evaluated too, as a reference row (the teacher)
-      - {name: teacher, recipe: ../sft_lora.yaml, overrides: {max_steps: 300}}
+      - {name: teacher, recipe: ../sft_lora.yaml, overrides: {max_steps: 300}, cache: true}
+                                               # cache: true trains it into the user cache, keyed by its settings,
+                                               # where every study that trains the same teacher finds it
     grid:                                      # factor -> level -> overrides; the cells are the product
       sigma: {"0": {teacher_logit_noise_std: 0}, "2": {teacher_logit_noise_std: 2}}
     exclude: [{sigma: "2", ...}]               # cells to leave out (every listed level must match)
@@ -144,6 +146,12 @@ def load_study(path: str) -> Study:
     for index, step in enumerate(values.get("prepare") or []):
         if not isinstance(step, dict) or not step.get("name") or not step.get("recipe"):
             raise StudyError(f"{path}: prepare[{index}]: {{name: NAME, recipe: PATH, overrides: {{...}}}}, got {step!r}.")
+        unknown = sorted(set(step) - {"name", "recipe", "overrides", "cache"})
+        if unknown:
+            raise StudyError(f"{path}: prepare[{index}]: unknown key(s) {unknown}; a step has name, recipe, "
+                             "overrides and cache.")
+        if not isinstance(step.get("cache", False), bool):
+            raise StudyError(f"{path}: prepare[{index}].cache: {step['cache']!r} should be true or false.")
         recipe = step["recipe"] if os.path.isabs(step["recipe"]) else os.path.join(here, step["recipe"])
         if not os.path.isfile(recipe):
             raise StudyError(f"{path}: prepare[{index}].recipe: {step['recipe']!r} does not exist (relative to the "
