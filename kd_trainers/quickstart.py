@@ -1,31 +1,31 @@
-"""`kd-quickstart`: the whole pipeline on the built-in demo task, on a laptop CPU, in a few minutes.
+"""`kd-quickstart`: the whole pipeline on the built-in demo task, on a laptop CPU, in about five minutes.
 
 It writes its recipes and its study into `<output>/recipes/` (so that every step can be read and re-run with
-`kd-train` or `kd-study`), then runs the study:
+`kd-train` or `kd-study`), prints the plan, then runs the study:
 
-1. SFT of two tiny teachers on the demo task's train split: a Llama (4 layers, width 128) with the demo's BPE
-   tokenizer, and a Qwen2 of the same size with its WordPiece tokenizer (lowercase, no BOS, another EOS);
-2. the same tiny student (Llama, 2 layers, width 64, BPE) trained three times from one initialisation and on one data
-   order: by SFT alone, by vanilla KD from the BPE teacher, and by DSKD with cross-model attention from the WordPiece
-   teacher (forward KL, T = 2, kd_weight 0.5);
-3. every student evaluated on the test split (n-gram, embedding and exact-match metrics), paired tests of each KD
-   student against the SFT student on every metric (Wilcoxon, Holm-corrected), and the report
-   (`<output>/study/report/report.md` and `report.html`).
+1. SFT of two tiny teachers on the demo task's whole train split (960 rows, 800 steps): a Llama (4 layers, width 128)
+   with the demo's BPE tokenizer, and a Qwen2 of the same size with its WordPiece tokenizer (lowercase, no BOS,
+   another EOS). Both are cached by their settings (`$KD_TRAINERS_CACHE/prepare/`): a later quickstart reuses them;
+2. a smaller student (Llama, 2 layers, width 64, BPE) with a label budget: a quarter of the train split
+   (`train[:25%]`, 240 rows, 300 steps), trained three ways from one initialisation per seed and on one data order:
+   by SFT alone, by vanilla KD from the BPE teacher, and by DSKD with cross-model attention from the WordPiece teacher
+   (forward KL, T = 2, kd_weight 0.5); three seeds each;
+3. the teachers (the ceiling) and every student evaluated on the test split (n-gram, embedding and final-answer exact
+   match), paired tests of each KD student against the SFT student on every metric (Wilcoxon, Holm-corrected), and the
+   report (`<output>/study/report/report.md` and `report.html`).
 
-A re-run skips what is finished. The numbers are whatever they are; the run is reproducible from `--seed`.
+A re-run in the same folder skips what is finished. The numbers are whatever they are (README: what they are and
+why); the run is reproducible from `--seed`.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 
-import datasets
 import pandas as pd
 import yaml
-from transformers.utils import logging as hf_logging
 
 
 def _recipe(path: str, values: dict, header: str) -> str:
@@ -35,9 +35,15 @@ def _recipe(path: str, values: dict, header: str) -> str:
     return path
 
 
-def write_quickstart_study(output_dir: str, teacher_steps: int = 400, student_steps: int = 300, seed: int = 0,
-                           eval_limit: int | None = None) -> str:
+STUDENT_SPLIT = "train[:25%]"
+
+
+def write_quickstart_study(output_dir: str, teacher_steps: int = 800, student_steps: int = 300, seed: int = 0,
+                           eval_limit: int | None = None, seeds: int = 3) -> str:
     """Writes the quickstart's recipes and study into `<output_dir>/recipes/` and returns the study file."""
+    from .recipe.schema import load_recipe
+    from .study.runner import cached_step_folder
+
     folder = os.path.abspath(os.path.join(output_dir, "recipes"))
     os.makedirs(folder, exist_ok=True)
     study_dir = os.path.abspath(os.path.join(output_dir, "study"))
@@ -48,33 +54,40 @@ def write_quickstart_study(output_dir: str, teacher_steps: int = 400, student_st
     def steps(count):
         return dict(max_steps=count, warmup_steps=max(1, count // 20), logging_steps=max(1, count // 5))
 
-    _recipe(os.path.join(folder, "teacher_sft.yaml"),
+    teachers = {"teacher": os.path.join(folder, "teacher_sft.yaml"),
+                "teacher_wordpiece": os.path.join(folder, "teacher_wordpiece_sft.yaml")}
+    _recipe(teachers["teacher"],
             {"method": "sft", "model_name_or_path": "demo:llama/teacher/bpe", **common, **steps(teacher_steps),
              "learning_rate": 2.0e-3}, "Teacher SFT: a tiny Llama with the demo's BPE tokenizer.")
-    _recipe(os.path.join(folder, "teacher_wordpiece_sft.yaml"),
+    _recipe(teachers["teacher_wordpiece"],
             {"method": "sft", "model_name_or_path": "demo:qwen2/teacher/wordpiece", **common,
              **steps(teacher_steps), "learning_rate": 2.0e-3},
             "Teacher SFT: a tiny Qwen2 with the demo's WordPiece tokenizer (another vocabulary).")
-    student = {"model_name_or_path": "demo:llama/student/bpe", **common, **steps(student_steps),
-               "learning_rate": 3.0e-3}
+    # The students' recipes name the teachers' folders in the cache, so that each runs alone with kd-train too.
+    cached = {name: cached_step_folder(load_recipe(path, [f"output_dir={os.path.join(study_dir, name)}"]))
+              for name, path in teachers.items()}
+    # The label budget: the students see a quarter of the labelled rows the teachers learned from.
+    student = {"model_name_or_path": "demo:llama/student/bpe", **common, "dataset_train_split": STUDENT_SPLIT,
+               **steps(student_steps), "learning_rate": 3.0e-3}
     kd = {"kd_temperature": 2.0, "kd_weight": 0.5, "divergence": "forward_kl"}
     _recipe(os.path.join(folder, "student_sft.yaml"), {"method": "sft", **student},
             "Student by SFT alone (the baseline).")
     _recipe(os.path.join(folder, "student_kd.yaml"),
             {"method": "kd", **student, **kd,
-             "teacher_model_name_or_path": os.path.join(study_dir, "prepare", "teacher")},
+             "teacher_model_name_or_path": cached["teacher"]},
             "Student by vanilla KD from the BPE teacher.")
     _recipe(os.path.join(folder, "student_dskd_cma.yaml"),
             {"method": "dskd", **student, **kd, "projector_lr": 3.0e-3,
-             "teacher_model_name_or_path": os.path.join(study_dir, "prepare", "teacher_wordpiece")},
+             "teacher_model_name_or_path": cached["teacher_wordpiece"]},
             "Student by DSKD with cross-model attention from the WordPiece teacher.")
     study = {
         "name": "quickstart", "base_recipe": "student_kd.yaml", "output_dir": study_dir,
-        "prepare": [{"name": "teacher", "recipe": "teacher_sft.yaml"},
-                    {"name": "teacher_wordpiece", "recipe": "teacher_wordpiece_sft.yaml"}],
+        # Cached by their settings: a quickstart in another folder, or a study training the same teacher, reuses them.
+        "prepare": [{"name": "teacher", "recipe": "teacher_sft.yaml", "cache": True},
+                    {"name": "teacher_wordpiece", "recipe": "teacher_wordpiece_sft.yaml", "cache": True}],
         "grid": {"student": {"sft": {"recipe": "student_sft.yaml"}, "kd": {},
                              "dskd_cma": {"recipe": "student_dskd_cma.yaml"}}},
-        "seeds": [seed],
+        "seeds": [seed + offset for offset in range(seeds)], "headline_metric": "exact_match",
         "evaluation": {"metrics": ["ngram", "embedding", "exact_match"], "answer_extractor": "demo",
                        "split": "test", "limit": eval_limit, "max_new_tokens": 40, "batch_size": 32},
         "hypotheses": [{"name": "KD student vs SFT student", "a": {"student": "sft"}, "b": {"student": "kd"}},
@@ -88,16 +101,15 @@ def write_quickstart_study(output_dir: str, teacher_steps: int = 400, student_st
     return path
 
 
-def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 400, student_steps: int = 300,
-        seed: int = 0, eval_limit: int | None = None) -> str:
-    """Runs the quickstart study and returns its report folder."""
+def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, student_steps: int = 300,
+        seed: int = 0, eval_limit: int | None = None, seeds: int = 3, workers: int = 1) -> str:
+    """Runs the quickstart study (its stages in `workers` processes) and returns its report folder."""
     from .study import load_study, run_study
 
     start = time.time()
-    study_file = write_quickstart_study(output_dir, teacher_steps, student_steps, seed, eval_limit)
+    study_file = write_quickstart_study(output_dir, teacher_steps, student_steps, seed, eval_limit, seeds)
     print(f"Recipes and study written to {os.path.dirname(study_file)}")
-    report = run_study(load_study(study_file),
-                       log=lambda message: print(f"[{time.time() - start:4.0f} s] {message}", flush=True))
+    report = run_study(load_study(study_file), log=lambda message: print(message, flush=True), workers=workers)
     summary = pd.read_csv(os.path.join(report, "summary.csv"))
     columns = [c for c in ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match")
                if c in summary]
@@ -115,16 +127,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd-quickstart", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="kd-quickstart-output")
-    parser.add_argument("--teacher-steps", type=int, default=400)
+    parser.add_argument("--teacher-steps", type=int, default=800)
     parser.add_argument("--student-steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed")
+    parser.add_argument("--seeds", type=int, default=3, help="students trained per method, seeds SEED, SEED+1, ...")
     parser.add_argument("--eval-limit", type=int, help="evaluate on the first N test examples only")
+    parser.add_argument("--workers", type=int, help="stages side by side in N processes (default: 2 on a machine "
+                        "without CUDA and with 2 or more cores, where the tiny models train faster so; else 1)")
     options = parser.parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("datasets").setLevel(logging.ERROR)
-    datasets.disable_progress_bars()
-    run(options.output_dir, options.teacher_steps, options.student_steps, options.seed, options.eval_limit)
+    from .progress import quiet_libraries
+
+    quiet_libraries()
+    import torch
+
+    workers = options.workers or (2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1)
+    run(options.output_dir, options.teacher_steps, options.student_steps, options.seed, options.eval_limit,
+        options.seeds, workers)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_kd_eval_generates_saves_and_scores_with_teacher_predictions(tmp_path):
     import pandas as pd
     from peft import LoraConfig, get_peft_model
 
-    from kd_trainers.demo import demo_model, demo_tokenizer
+    from kd_trainers.demo import demo_model, demo_pairs, demo_tokenizer
     from kd_trainers.eval_cli import main
 
     common = ["--dataset", "demo", "--split", "test", "--limit", "6", "--max-new-tokens", "8", "--batch-size", "4",
@@ -90,7 +90,9 @@ def test_kd_eval_generates_saves_and_scores_with_teacher_predictions(tmp_path):
     assert code == 0
     rows = [json.loads(line) for line in (tmp_path / "student" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 6 and set(rows[0]) == {"example_id", "prompt", "reference", "prediction"}
-    assert rows[0]["prompt"] == "What is SMF short for?"
+    test_split = demo_pairs()["test"]  # the demo generator's own rows, in order
+    assert [row["prompt"] for row in rows] == [row["prompt"] for row in test_split[:6]]
+    assert [row["reference"] for row in rows] == [" " + row["completion"] for row in test_split[:6]]
     settings = json.loads((tmp_path / "student" / "generation.json").read_text())
     assert settings["max_new_tokens"] == 8 and settings["do_sample"] is False
     assert settings["adapter"] == str(tmp_path / "adapter")

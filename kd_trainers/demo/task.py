@@ -3,12 +3,13 @@
 Two kinds of question-answer pairs, both deterministic given a seed:
 
 - glossary: "What does RAN stand for?" -> "RAN stands for Radio Access Network.", and "What is a RAN in telecom?" ->
-  a one-line definition the project wrote itself (`GLOSSARY` below);
-- arithmetic: short telecom-flavoured word problems whose answers carry a reasoning chain and end with
-  "The answer is N." (so that exact match of the final answer can be scored).
-
-Train and test share the glossary facts (they are what a model must memorise) but never share a question text, and the
-arithmetic problems of the test split have numbers of their own.
+  a one-line definition the project wrote itself (`GLOSSARY` below). Each fact is asked in four phrasings; the test
+  split asks every fact in the one phrasing its training rows lack, and which phrasing is held out rotates over the
+  facts, so every phrasing is seen in training (with other facts) and the test asks known facts in known words
+  recombined, not words never seen;
+- arithmetic: short telecom-flavoured word problems on small numbers (operands up to 30, divisors and quotients up to
+  9) whose answers carry a reasoning chain and end with "The answer is N." (so that exact match of the final answer
+  can be scored). The test split's problems are never in train, but their sums and products are learnable from it.
 """
 
 from __future__ import annotations
@@ -111,17 +112,18 @@ _ARITHMETIC = [
 ]
 
 
-def _glossary_pairs(rng: random.Random, question_indices: list[int]) -> list[dict]:
-    pairs = []
-    for acronym, expansion, definition in GLOSSARY:
-        for index in question_indices:
-            pairs.append({"prompt": _ACRONYM_QUESTIONS[index].format(a=acronym),
-                          "completion": f"{acronym} stands for {expansion}.", "kind": "glossary",
-                          "answer": expansion})
-            pairs.append({"prompt": _DEFINITION_QUESTIONS[index].format(a=acronym),
-                          "completion": f"{acronym} is {definition}.", "kind": "glossary", "answer": definition})
-    rng.shuffle(pairs)
-    return pairs
+def _glossary_pairs() -> tuple[list[dict], list[dict]]:
+    """`(train, test)`: fact i is tested in acronym phrasing `i % 4` (and the definition phrasing paired with it) and
+    trained in the other three."""
+    train, test = [], []
+    for i, (acronym, expansion, definition) in enumerate(GLOSSARY):
+        for index in range(len(_ACRONYM_QUESTIONS)):
+            rows = [{"prompt": _ACRONYM_QUESTIONS[index].format(a=acronym),
+                     "completion": f"{acronym} stands for {expansion}.", "kind": "glossary", "answer": expansion},
+                    {"prompt": _DEFINITION_QUESTIONS[(index + 1) % len(_DEFINITION_QUESTIONS)].format(a=acronym),
+                     "completion": f"{acronym} is {definition}.", "kind": "glossary", "answer": definition}]
+            (test if index == i % len(_ACRONYM_QUESTIONS) else train).extend(rows)
+    return train, test
 
 
 def _arithmetic_pairs(rng: random.Random, count: int, seen: set[str]) -> list[dict]:
@@ -129,9 +131,9 @@ def _arithmetic_pairs(rng: random.Random, count: int, seen: set[str]) -> list[di
     while len(pairs) < count:
         template, build = rng.choice(_ARITHMETIC)
         y = rng.randint(2, 9)
-        x = rng.randint(y + 1, 60)
+        x = rng.randint(y + 1, 30)
         # The division template draws an exact multiple, so the answer is a whole number.
-        values = {"x": x, "y": y, "p": y * rng.randint(2, 30)}
+        values = {"x": x, "y": y, "p": y * rng.randint(2, 9)}
         first = values["p"] if "{p}" in template else x
         prompt = template.format(**values)
         if prompt in seen:
@@ -145,14 +147,16 @@ def _arithmetic_pairs(rng: random.Random, count: int, seen: set[str]) -> list[di
 
 def demo_pairs(seed: int = 0, num_arithmetic_train: int = 600, num_arithmetic_test: int = 60
                ) -> dict[str, list[dict]]:
-    """The demo task as plain rows `{prompt, completion, kind, answer}`, split into train and test.
+    """The demo task as plain rows `{prompt, completion, kind, answer}`, split into train and test, shuffled.
 
-    Glossary questions use phrasings 0-2 in train and phrasing 3 in test, so the test asks known facts in new words.
+    Glossary: 6 training rows and 2 test rows per fact (see the module docstring). Arithmetic: distinct problems, none
+    shared between the splits.
     """
     rng = random.Random(seed)
     seen: set[str] = set()
-    train = _glossary_pairs(rng, [0, 1, 2]) + _arithmetic_pairs(rng, num_arithmetic_train, seen)
-    test = _glossary_pairs(rng, [3]) + _arithmetic_pairs(rng, num_arithmetic_test, seen)
+    glossary_train, glossary_test = _glossary_pairs()
+    train = glossary_train + _arithmetic_pairs(rng, num_arithmetic_train, seen)
+    test = glossary_test + _arithmetic_pairs(rng, num_arithmetic_test, seen)
     rng.shuffle(train)
     rng.shuffle(test)
     return {"train": train, "test": test}
