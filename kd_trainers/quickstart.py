@@ -120,6 +120,7 @@ def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, stud
     with open(os.path.join(report, "headline.txt")) as handle:
         print("\n" + handle.read().strip())
     print(f"\nReport: {os.path.abspath(report)}/report.md and report.html (total {time.time() - start:.0f} s)")
+    print("What these numbers mean on the demo, and why: README, section 'What the demo shows'.")
     return report
 
 
