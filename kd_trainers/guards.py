@@ -96,8 +96,7 @@ class RunGuardsMixin:
 
     def create_optimizer(self, *args, **kwargs):
         """Refuses a model with no parameter to train, which would otherwise run every step and change nothing."""
-        model = self.model_wrapped if self.model_wrapped is not None else self.model
-        if not any(parameter.requires_grad for parameter in model.parameters()):
+        if not any(parameter.requires_grad for parameter in self.model.parameters()):
             raise ValueError(
                 f"The model ({type(self.model).__name__}) has no trainable parameter: every one has "
                 "requires_grad=False, so training would change nothing. A model merged from a PEFT adapter loaded "

@@ -101,8 +101,9 @@ def select_split(splits: DatasetDict, spec: str, key: str, dataset_name: str) ->
                          "'train[100:400]'.") from None
     try:
         parts = instruction.to_absolute({name: len(data) for name, data in splits.items()})
-    except ValueError:
-        unknown = spec.split("[")[0] if "+" not in spec else spec
+    except ValueError:  # a split the dataset does not have
+        names = [part.split("[")[0].strip() for part in spec.split("+")]
+        unknown = next(name for name in names if name not in splits)
         raise ValueError(f"{key}: {unknown!r} is not a split of {dataset_name!r}; it has {list(splits)}.") from None
     if len(parts) == 1 and (parts[0].from_, parts[0].to) == (0, len(splits[parts[0].splitname])):
         return splits[parts[0].splitname]

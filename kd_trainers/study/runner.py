@@ -18,6 +18,7 @@ its own processes, exactly as `kd-train` would run it, and is then evaluated her
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -121,21 +122,24 @@ def _steps(recipe) -> str:
 
 
 def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[str, str]) -> list[str]:
-    """The stages a run of the study will go through, as lines to print before it starts."""
+    """The stages a run of the study will go through, as lines to print before it starts (`checked`: what
+    `check_study` returns, prepare steps first, then every cell's seeds in order)."""
     evaluation = study.evaluation
     rows = f"the first {evaluation['limit']}" if evaluation.get("limit") else "all"
     scored = f"{rows} rows of {evaluation['split']!r}, metrics {', '.join(evaluation['metrics'])}"
     lines = [f"Plan of study {study.name!r} (output: {os.path.abspath(study.output_dir)}):"]
     for step, (_, recipe) in zip(study.prepare, checked):
         folder = prepared[step["name"]]
-        state = (" (cached: found, skipped)" if step.get("cache") else " (done, skipped)") if os.path.exists(
-            os.path.join(folder, DONE)) else (" (cached in " + folder + ")" if step.get("cache") else "")
+        done = os.path.exists(os.path.join(folder, DONE))
+        if step.get("cache"):
+            state = " (cached: found, skipped)" if done else f" (cached in {folder})"
+        else:
+            state = " (done, skipped)" if done else ""
         lines.append(f"  prepare {step['name']}: train {recipe.method} for {_steps(recipe)}{state}")
     if study.prepare:
         lines.append(f"  references {', '.join(step['name'] for step in study.prepare)}: evaluate on {scored}")
-    cells = checked[len(study.prepare):]
-    for cell in study.cells:
-        recipe = next(recipe for name, recipe in cells if name.startswith(f"cell {cell.name} seed "))
+    first_seeds = checked[len(study.prepare)::len(study.seeds)]  # each cell's recipe at its first seed
+    for cell, (_, recipe) in zip(study.cells, first_seeds):
         done = sum(os.path.exists(os.path.join(cell_dir(study, cell, seed), DONE)) for seed in study.seeds)
         state = f" ({done} done, skipped)" if done else ""
         lines.append(f"  {cell.name}: {len(study.seeds)} seed(s), train {recipe.method} for {_steps(recipe)} each, "
@@ -259,35 +263,38 @@ def run_study(study: Study, log=print, workers: int = 1) -> str:
     lines (to standard output, each ending with its stage's name)."""
     start = time.monotonic()
     checked = check_study(study)
-    prepared = prepare_folders(study)
+    # The prepare steps' folders, as checked (a cached step's folder is named by its settings: found once).
+    prepared = {step["name"]: recipe.config.output_dir for step, (_, recipe) in zip(study.prepare, checked)}
     for line in study_plan(study, checked, prepared):
         log(line)
     groups = _stages(study, prepared)
     total = sum(len(group) for group in groups)
     numbered = iter(range(1, total + 1))
-    if workers <= 1:
-        with reporting_to(log):
-            for stage in (stage for group in groups for stage in group):
-                log(_heading(stage, next(numbered), total, start))
-                if not stage.done:
-                    stage.run(*stage.args)
-    else:
-        context = multiprocessing.get_context("spawn")  # a fork would copy torch's thread pools and locks
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                 initargs=(threads, libraries_quieted())) as pool:
-            for group in groups:
-                alone = sum(not stage.done for stage in group) == 1  # here, on every thread
-                pending = []
-                for stage in group:
-                    if stage.done or alone:
-                        log(_heading(stage, next(numbered), total, start))
-                    if alone and not stage.done:
-                        with reporting_to(log):
-                            stage.run(*stage.args)
-                    elif not stage.done:
-                        pending.append(pool.submit(_run_in_worker, stage, next(numbered), total, start))
-                for future in pending:
-                    future.result()  # a failed stage raises here, after the others of its group end
+
+    def run_here(stage: _Stage) -> None:
+        log(_heading(stage, next(numbered), total, start))
+        if not stage.done:
+            with reporting_to(log):
+                stage.run(*stage.args)
+
+    parallel = workers > 1
+    # Spawned, not forked: a fork would copy torch's thread pools and locks.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(max(1, (os.cpu_count() or 1) // workers), libraries_quieted())
+                               ) if parallel else contextlib.nullcontext()
+    with pool:
+        for group in groups:
+            if not parallel or sum(not stage.done for stage in group) <= 1:
+                for stage in group:  # nothing to run side by side: here, on every thread
+                    run_here(stage)
+                continue
+            pending = []
+            for stage in group:
+                if stage.done:
+                    log(_heading(stage, next(numbered), total, start))
+                else:
+                    pending.append(pool.submit(_run_in_worker, stage, next(numbered), total, start))
+            for future in pending:
+                future.result()  # a failed stage raises here, after the others of its group end
     log(f"[{format_seconds(time.monotonic() - start)}] report")
     return write_report(study)
