@@ -30,7 +30,8 @@ from trl import SFTConfig, SFTTrainer
 
 from kd_trainers import DSKDConfig, DSKDTrainer, GKDConfig, KDConfig, KDTrainer, SeqKDConfig
 from kd_trainers.demo import demo_model, load_demo_dataset
-from kd_trainers.losses import distillation_loss
+from kd_trainers.losses import LossSettings, distillation_loss
+from kd_trainers.losses.chunked import chunk_rows, working_buffers
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -123,6 +124,8 @@ CONTRACT: dict[str, object] = {
     "kd_temperature_squared": KDLoss({"kd_temperature": 3.0, "kd_temperature_squared": False}),
     "kd_weight": KDLoss({"kd_weight": 0.8}),
     "loss_chunk_size": KDLoss({"loss_chunk_size": 3}, invariant=True),
+    # about 3 tokens a chunk at the demo's ~640-token vocabulary (4 buffers: T = 2, w = 0.5)
+    "loss_memory_budget_mb": KDLoss({"loss_memory_budget_mb": 0.03}, invariant=True),
     "teacher_logit_noise_std": TestedIn(
         "test_settings_take_effect.py::test_trainer_noise_does_not_depend_on_the_chunk_size_and_eval_is_noise_free"),
     "teacher_logit_noise_in_eval": TestedIn(
@@ -406,7 +409,11 @@ def test_kd_loss_fields_change_the_loss_as_the_reference_says(tmp_path, bpe_toke
     default_loss, _ = loss_on_fixed_batch(tmp_path, bpe_tokenizer, dataset, default)
     if kind.invariant:
         torch.testing.assert_close(loss, default_loss, rtol=1e-5, atol=1e-6)
-        assert chunk_sizes[0] == kind.values[name] != chunk_sizes[-1]
+        # the chunks this field asked for: its token count, or the longest whose working buffers fit its budget
+        settings = LossSettings(divergence="forward_kl", temperature=2.0, kd_weight=0.5)
+        expected = kind.values.get("loss_chunk_size") or chunk_rows(
+            len(bpe_tokenizer), working_buffers(settings), kind.values.get("loss_memory_budget_mb"))
+        assert 1 < chunk_sizes[0] == expected != chunk_sizes[-1]
     else:
         assert loss.item() != default_loss.item(), f"{name}={kind.values[name]!r} changed nothing"
 

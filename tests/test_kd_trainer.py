@@ -214,6 +214,8 @@ def test_missing_teacher_is_a_clear_error(tmp_path, student, bpe_tokenizer, demo
     ("jsd_beta", 0.0, None),  # forward KL never reads beta: accepted
     ("skew_alpha", 1.0, None),
     ("loss_chunk_size", 0, "loss_chunk_size must be a positive integer or None, got 0."),
+    ("loss_memory_budget_mb", 0, "loss_memory_budget_mb must be a finite number of MiB > 0 or None, got 0."),
+    ("loss_memory_budget_mb", "64MB", "loss_memory_budget_mb must be a finite number of MiB > 0 or None, got '64MB'."),
 ])
 def test_config_rejects_bad_values_with_exact_messages(tmp_path, field, value, message):
     if message is None:
@@ -222,6 +224,13 @@ def test_config_rejects_bad_values_with_exact_messages(tmp_path, field, value, m
     with pytest.raises(ValueError) as error:
         kd_args(tmp_path, **{field: value})
     assert str(error.value) == message
+
+
+def test_chunk_size_and_memory_budget_are_one_choice(tmp_path):
+    with pytest.raises(ValueError) as error:
+        kd_args(tmp_path, loss_chunk_size=32, loss_memory_budget_mb=64)
+    assert str(error.value) == ("loss_chunk_size=32 and loss_memory_budget_mb=64 both size the loss's chunks: set one "
+                                "of them.")
 
 
 def test_teacher_loaded_by_path_with_adapter(tmp_path, student, teacher, bpe_tokenizer, demo_data):

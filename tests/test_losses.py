@@ -5,6 +5,7 @@ divergence code, so a shared mistake cannot hide.
 """
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -354,15 +355,167 @@ def test_mismatched_logit_shapes_fail_clearly():
         distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))
 
 
-def test_closed_form_gradients_equal_autograd():
-    """forward_kl and reverse_kl skip autograd; an identity-but-not-default transform forces the autograd path."""
+CLOSED_FORM_CASES = [
+    # (temperature, kd_weight, teacher_temperature, student transform, gate)
+    (1.0, 1.0, 1.0, LogitTransform(), False),
+    (2.0, 0.4, 1.0, LogitTransform(), False),
+    (1.0, 0.7, 2.0, LogitTransform(scale=0.5), True),
+    (3.0, 1.0, 1.0, LogitTransform(scale=1.3, softcap=4.0), False),
+    (0.5, 0.2, 1.0, LogitTransform(softcap=2.5), True),
+]
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+@pytest.mark.parametrize("case", range(len(CLOSED_FORM_CASES)))
+@pytest.mark.parametrize("sharpness", [1.0, 25.0])  # 25: near one-hot rows, log-probabilities far below -100
+def test_every_divergence_has_a_closed_form_equal_to_autograd(divergence, case, sharpness):
+    """Each divergence's in-place closed-form chunk gradient (with CE mixing, T, the teacher temperature, the KD gate
+    and the student's logit scale or softcap) equals autograd's on the same chunk, computed in float64."""
+    from kd_trainers.losses.chunked import autograd_value_and_grad, closed_form_value_and_grad, working_buffers
+
+    temperature, weight, teacher_temperature, transform, gated = CLOSED_FORM_CASES[case]
+    settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=weight, jsd_beta=0.3,
+                            skew_alpha=0.2, teacher_temperature=teacher_temperature)
+    g = torch.Generator().manual_seed(case)
+    n, vocab = 9, 301
+    raw = torch.randn(n, vocab, generator=g) * sharpness
+    teacher = transform(torch.randn(n, vocab, generator=g) * sharpness)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    gate = (torch.rand(n, generator=g) > 0.4).float() if gated else None
+    buffers = working_buffers(settings, transform)
+    work = [torch.empty(n, vocab) for _ in range(buffers - 2)]
+    ce, kd, grad = closed_form_value_and_grad(raw.clone(), teacher.clone(), labels, settings, transform, work, gate)
+    want_ce, want_kd, want_grad = autograd_value_and_grad(raw.double(), teacher.double(), labels, settings, transform,
+                                                          None if gate is None else gate.double())
+    # fp32 against float64: log-probabilities of size ~sharpness carry rounding of ~1e-7 of that size
+    torch.testing.assert_close(ce.double(), want_ce, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kd.double(), want_kd, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6 * sharpness)
+    assert torch.isfinite(grad).all()
+
+
+def test_autograd_path_still_serves_a_divergence_without_a_closed_form():
+    """A registered divergence without `closed_form` goes through autograd, chunk by chunk, and matches the naive loss
+    (a copy of forward KL under another name)."""
+    from kd_trainers.losses import register_divergence
+    from kd_trainers.losses.chunked import working_buffers
+    from kd_trainers.losses.divergences import AUTOGRAD_BUFFERS
+
+    @register_divergence("test_plain_kl")
+    def test_plain_kl(student_log_probs, teacher_log_probs):
+        return (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1)
+
+    try:
+        hs, ws, bs, ht, wt, bt, labels = make_inputs()
+        settings = LossSettings(divergence="test_plain_kl", temperature=2.0, kd_weight=0.4)
+        assert working_buffers(settings) == 3 + AUTOGRAD_BUFFERS
+        out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=6)
+        expected, ce, kd = naive_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence="forward_kl",
+                                      temperature=2.0, kd_weight=0.4)
+        assert_matches_naive(out, expected, ce, kd, [hs, ws, bs])
+    finally:
+        DIVERGENCES.pop("test_plain_kl")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Chunks sized by a memory budget, and the memory a chunk really uses
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_values_and_gradients_do_not_depend_on_chunk_size_or_budget(divergence):
+    """Every divergence's loss and gradients equal the naive reference whether the chunks are set by a token count
+    (1, 7, all) or by a memory budget (one token, a few, all of them)."""
+    from kd_trainers.losses.chunked import chunk_rows, working_buffers
+
     hs, ws, bs, ht, wt, bt, labels = make_inputs()
-    for divergence in ("forward_kl", "reverse_kl"):
-        for temperature in (1.0, 3.0):
-            settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=0.3)
-            fast, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings)
-            slow, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings,
-                                                student_transform=LogitTransform(scale=1.0 + 1e-12))
-            torch.testing.assert_close(fast.loss, slow.loss)
-            torch.testing.assert_close(torch.autograd.grad(fast.loss, ws)[0], torch.autograd.grad(slow.loss, ws)[0])
-    assert math.isfinite(fast.loss.item())
+    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.6, jsd_beta=0.3, skew_alpha=0.2)
+    expected, ce, kd = naive_loss(logits_of(hs, ws, bs), logits_of(ht, wt, bt), labels, divergence=divergence,
+                                  temperature=2.0, beta=0.3, alpha=0.2, kd_weight=0.6)
+    row_bytes = working_buffers(settings) * ws.size(0) * 4
+    budgets_mb = [row_bytes / 2**20, 5 * row_bytes / 2**20, 1000.0]  # 1 token, 5 tokens, every token
+    assert [chunk_rows(ws.size(0), working_buffers(settings), b) for b in budgets_mb[:2]] == [1, 5]
+    for sizing in [{"chunk_size": 1}, {"chunk_size": 7}, {"chunk_size": 10**6},
+                   *({"memory_budget_mb": budget} for budget in budgets_mb)]:
+        out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, **sizing)
+        torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(out.loss, [hs, ws, bs])
+        for got, want in zip(grads, torch.autograd.grad(expected, [hs, ws, bs], retain_graph=True)):
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+
+
+class _LargeAllocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Watches the tensors of at least `threshold` elements that operations create: `count` of fresh ones (outputs
+    whose storage is none of the operation's inputs': an `out=` or in-place result is not fresh, a view shares its
+    base's storage) and `peak`, the most of them alive at once (storages are tracked by weak reference, so one saved
+    for the backward counts as alive)."""
+
+    def __init__(self, threshold):
+        super().__init__()
+        self.threshold, self.count, self.peak, self.alive = threshold, 0, 0, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        known = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        for out in torch.utils._pytree.tree_leaves(result):
+            if isinstance(out, torch.Tensor) and out.numel() >= self.threshold \
+                    and out.untyped_storage().data_ptr() not in known:
+                self.count += 1
+                self.alive[out.untyped_storage().data_ptr()] = weakref.ref(out.untyped_storage())
+        self.alive = {key: ref for key, ref in self.alive.items() if ref() is not None}
+        self.peak = max(self.peak, len(self.alive))
+        return result
+
+
+MEMORY_CASES = [(d, t, w, transform) for d in sorted(DIVERGENCES)
+                for t, w, transform in ((1.0, 1.0, LogitTransform()), (2.0, 0.5, LogitTransform(softcap=5.0)))]
+
+
+@pytest.mark.parametrize("divergence,temperature,kd_weight,transform", MEMORY_CASES)
+def test_a_chunk_works_in_its_budgeted_buffers_whatever_the_divergence(divergence, temperature, kd_weight, transform):
+    """The engine creates exactly `working_buffers` vocabulary-sized tensors for the whole loss, forward and backward
+    (every chunk reuses them), and they fit the memory budget: the loss's working memory is the budget whatever the
+    divergence, the vocabulary or the number of tokens."""
+    from kd_trainers.losses.chunked import working_buffers
+
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(T=80, Ds=8, Dt=9, V=1000)  # [V, D] below the threshold
+    settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=kd_weight, jsd_beta=0.3,
+                            skew_alpha=0.2)
+    buffers = working_buffers(settings, transform)
+    assert 3 <= buffers <= 7
+    budget_mb = 10 * buffers * 1000 * 4 / 2**20  # room for 10 tokens a chunk; the batch has 114 label tokens
+    with _LargeAllocations(threshold=10 * 1000) as allocations:
+        out, _ = chunked_distillation_loss(hs, (ws, bs), ht, (wt, bt), labels, settings, memory_budget_mb=budget_mb,
+                                           student_transform=transform, teacher_transform=transform)
+        out.loss.backward()
+    assert allocations.count == buffers
+    assert torch.isfinite(ws.grad).all() and ws.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("divergence", sorted(DIVERGENCES))
+def test_builtin_autograd_forms_stay_within_the_autograd_buffer_allowance(divergence):
+    """`AUTOGRAD_BUFFERS` sizes the chunks of a divergence that has no closed form; the built-in divergences' autograd
+    forms (the same functions, through autograd) never hold more vocabulary-sized tensors at once than it allows, so
+    it is a true bound for a divergence of their kind."""
+    from kd_trainers.losses.chunked import autograd_value_and_grad
+    from kd_trainers.losses.divergences import AUTOGRAD_BUFFERS
+
+    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.5, jsd_beta=0.3, skew_alpha=0.2)
+    g = torch.Generator().manual_seed(0)
+    raw, teacher = torch.randn(6, 500, generator=g), torch.randn(6, 500, generator=g)
+    with _LargeAllocations(threshold=6 * 500) as allocations:
+        autograd_value_and_grad(raw, teacher, torch.randint(0, 500, (6,), generator=g), settings, LogitTransform())
+    assert 4 <= allocations.peak <= AUTOGRAD_BUFFERS
+
+
+def test_a_second_backward_is_refused_clearly_and_the_head_gradient_is_handed_over():
+    """The gradients built in the forward go to autograd once, as the parameter's .grad itself (no [V, D] copy); a
+    replay with retain_graph gets an error saying so, not a silent zero or a stale gradient."""
+    hs, ws, bs, ht, wt, bt, labels = make_inputs(bias=False)
+    head = torch.nn.Parameter(ws.detach().clone())
+    out, _ = chunked_distillation_loss(hs, (head, None), ht, (wt, None), labels, LossSettings())
+    handed = out.loss.grad_fn.gradients[1].data_ptr()
+    out.loss.backward(retain_graph=True)
+    assert head.grad.data_ptr() == handed
+    with pytest.raises(RuntimeError, match="already backpropagated.*Compute the loss again"):
+        out.loss.backward()

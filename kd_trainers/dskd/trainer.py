@@ -13,7 +13,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from ..kd.hidden import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
-from ..losses.chunked import DEFAULT_CHUNK_ELEMENTS
+from ..losses.chunked import chunk_rows, default_memory_budget_mb
 from ..losses.reference import loss_normalizer
 from ..teacher import model_name, output_head_shape
 from ..tokenizer import load_tokenizer
@@ -238,6 +238,7 @@ class DSKDTrainer(KDTrainer):
             s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self.cross_model_attention, t2s_labels=t2s_labels,
             num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
             teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
+            memory_budget_mb=self.args.loss_memory_budget_mb,
             student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
             noise_seed=self._noise_seed(mode),
         )
@@ -270,7 +271,8 @@ class DSKDTrainer(KDTrainer):
         targets = torch.full_like(labels, -100)
         mask = labels != -100
         rows = teacher_hidden[mask]
-        chunk = self.args.loss_chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // head.weight.shape[0])
+        budget = self.args.loss_memory_budget_mb or default_memory_budget_mb(rows.device)
+        chunk = self.args.loss_chunk_size or chunk_rows(head.weight.shape[0], 1, budget)  # one [chunk, V] of logits
         predictions = [head(rows[start:start + chunk])[:, : self.distilled_vocab_size].argmax(-1)
                        for start in range(0, rows.size(0), chunk)]
         targets[mask] = torch.cat(predictions) if predictions else targets[mask]

@@ -54,9 +54,14 @@ class KDConfig(SFTConfig):
         the token's position in the batch, so a run resumed from a checkpoint, with any `loss_chunk_size`, sees the
         same noise. Evaluation losses are noise-free unless `teacher_logit_noise_in_eval`.
     loss_chunk_size (`int`, *optional*, defaults to `None`):
-        Number of label tokens per chunk of the fused loss. `None` picks the largest chunk whose fp32 logits
-        `[chunk, vocab]` fit in 128 MiB (256 tokens at a 128k vocabulary). Smaller saves memory, larger may be faster;
-        the loss and its gradients do not depend on it.
+        Number of label tokens per chunk of the fused loss, when set. `None` sizes the chunks from
+        `loss_memory_budget_mb` instead. The loss and its gradients do not depend on it.
+    loss_memory_budget_mb (`float`, *optional*, defaults to `None`):
+        Memory (MiB) for the fused loss's working buffers: the chunk is the longest whose `[chunk, vocab]` fp32
+        buffers (3 to 7 of them, by divergence and settings) fit in it, so the loss's memory stays flat as the
+        vocabulary and the batch grow. `None` is 64 MiB on CPU (32 tokens at a 131k vocabulary with forward KL,
+        T = 2, w = 0.5) and 512 MiB on a GPU, where longer chunks amortise re-reading both output heads. Set only
+        one of `loss_chunk_size` and `loss_memory_budget_mb`.
     teacher_logit_noise_in_eval (`bool`, *optional*, defaults to `False`):
         Also add the teacher-logit noise to evaluation losses. Off, evaluation measures the clean objective.
 
@@ -101,7 +106,11 @@ class KDConfig(SFTConfig):
     )
     loss_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Label tokens per chunk of the fused loss; None picks one that keeps a chunk within 128 MiB."},
+        metadata={"help": "Label tokens per chunk of the fused loss; None sizes chunks from loss_memory_budget_mb."},
+    )
+    loss_memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "MiB for the fused loss's [chunk, vocab] working buffers; None: 64 on CPU, 512 on a GPU."},
     )
     teacher_logit_noise_in_eval: bool = field(
         default=False,
@@ -122,6 +131,13 @@ class KDConfig(SFTConfig):
             raise ValueError(message) from None
         if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
+        budget = self.loss_memory_budget_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < float("inf")):
+            raise ValueError(f"loss_memory_budget_mb must be a finite number of MiB > 0 or None, got {budget!r}.")
+        if budget is not None and self.loss_chunk_size is not None:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
+                             "the loss's chunks: set one of them.")
         self._refuse_sft_only_losses()
         super().__post_init__()
         check_training_args(self)  # settings that would train nothing are refused here, before any model loads

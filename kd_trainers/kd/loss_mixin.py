@@ -151,6 +151,7 @@ class DistillationLossMixin:
             student_hidden, student.get_output_embeddings(), teacher_hidden, unwrapped_teacher.get_output_embeddings(),
             labels, self._settings_for(mode), num_items_in_batch=num_items_in_batch,
             vocab_size=self.distilled_vocab_size, chunk_size=self.args.loss_chunk_size,
+            memory_budget_mb=self.args.loss_memory_budget_mb,
             student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
             noise_seed=self._noise_seed(mode),
         )
@@ -232,6 +233,7 @@ class DistillationLossMixin:
             "teacher_logit_noise_std": settings.noise_std,
             "teacher_logit_noise_in_eval": args.teacher_logit_noise_in_eval if settings.noise_std > 0 else None,
             "loss_chunk_size": args.loss_chunk_size,
+            "loss_memory_budget_mb": args.loss_memory_budget_mb,
         }
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):

@@ -1,14 +1,14 @@
 """Distillation losses: divergences, the readable reference, and the chunked engine the trainers use.
 
-Where things go: a new divergence is one function registered in `divergences.py`; both `distillation_loss` and
-`chunked_distillation_loss` pick it up by name. DSKD's dual-space loss (`dual_space.py`) is two calls of the same
-chunked engine, one per vocabulary space.
+Where things go: a new divergence is one function registered in `divergences.py`, and its closed-form gradient a
+second one under `@closed_form`; both `distillation_loss` and `chunked_distillation_loss` pick it up by name. DSKD's
+dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space.
 """
 
 from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms,
                       chunked_distillation_loss, chunked_distillation_terms)
+from .divergences import DIVERGENCES, closed_form, get_divergence, register_divergence
 from .dual_space import DualSpaceLoss, dual_space_loss
-from .divergences import DIVERGENCES, get_divergence, register_divergence
 from .reference import DistillationLoss, distillation_loss
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "LossSettings",
     "TeacherTerms",
     "chunked_distillation_loss",
+    "closed_form",
     "chunked_distillation_terms",
     "dual_space_loss",
     "distillation_loss",

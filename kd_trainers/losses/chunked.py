@@ -11,8 +11,13 @@ tokens at a time, and never holds either model's full `[N, V]` logits:
         grad_W_S       += dz_S^T @ h_S   [V, D_S]
 
 The gradients are built during the forward (as Liger-Kernel's fused-linear losses do) and only scaled by the
-incoming gradient in the backward, so peak memory grows with the chunk, not with the sequence. Positions whose label
-is `ignore_index` are dropped before projecting, so prompts and padding cost nothing.
+incoming gradient in the backward, so no vocabulary-sized autograd graph outlives its chunk. Positions whose label is
+`ignore_index` are dropped before projecting, so prompts and padding cost nothing.
+
+Memory: a chunk works in a fixed set of `[n, V]` fp32 buffers, reused by every chunk. How many depends on the settings
+(`working_buffers`: three to seven for the closed-form divergences, more for one that goes through autograd); the chunk
+length n is then the largest whose buffers fit a byte budget (`chunk_rows`). So the loss's working memory is the budget,
+whatever the vocabulary, the batch or the divergence: 262k-token vocabularies get short chunks, 32k ones long chunks.
 """
 
 from __future__ import annotations
@@ -28,8 +33,21 @@ from .divergences import divergence_params, get_divergence
 from .noise import grid_positions, position_noise_
 from .reference import DistillationLoss, check_loss_settings, loss_normalizer
 
-# Default chunk: the largest number of tokens whose fp32 logits [chunk, V] fit in this many elements (128 MiB).
-DEFAULT_CHUNK_ELEMENTS = 2**25
+
+# Default byte budget of a chunk's `[n, V]` working buffers. On a CPU 64 MiB already gives matrix products of 16-128
+# rows, which run at full speed, and small buffers stay warm in cache. A GPU re-reads both output heads for every chunk,
+# so it gets a budget of 512 MiB (about 200 rows at a 150k vocabulary) to keep those reads amortised.
+DEFAULT_MEMORY_BUDGET_MB = {"cpu": 64, "accelerator": 512}
+
+
+def default_memory_budget_mb(device: torch.device) -> int:
+    """The default budget (MiB) of the loss's working buffers on `device` (see `DEFAULT_MEMORY_BUDGET_MB`)."""
+    return DEFAULT_MEMORY_BUDGET_MB["cpu" if torch.device(device).type == "cpu" else "accelerator"]
+
+
+def chunk_rows(vocab: int, buffers: int, memory_budget_mb: float) -> int:
+    """Tokens per chunk: the most whose `buffers` fp32 `[n, vocab]` buffers fit in `memory_budget_mb` MiB (at least 1)."""
+    return max(1, int(memory_budget_mb * 2**20) // (buffers * vocab * 4))
 
 
 @dataclass(frozen=True)
@@ -62,12 +80,17 @@ class LogitTransform:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits
 
-    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
-        """`self(logits)` in place (for the teacher's logits, which need no gradient)."""
+    def apply_(self, logits: torch.Tensor, derivative: torch.Tensor | None = None) -> torch.Tensor:
+        """`self(logits)` in place. With a softcap and a `derivative` buffer (same shape), also writes d out / d logits
+        = scale·(1 − tanh²) into it, for the student's closed-form gradient; without a softcap the derivative is the
+        constant `scale` and nothing is written."""
         if self.scale != 1.0:
             logits.mul_(self.scale)
         if self.softcap is not None:
-            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+            logits.div_(self.softcap).tanh_()
+            if derivative is not None:
+                torch.mul(logits, logits, out=derivative).neg_().add_(1.0).mul_(self.scale)
+            logits.mul_(self.softcap)
         return logits
 
 
@@ -137,20 +160,23 @@ def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tens
 
 
 def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                               settings: LossSettings, scratch: tuple[torch.Tensor, torch.Tensor],
-                               kd_token_weights: torch.Tensor | None = None
+                               settings: LossSettings, student_transform: LogitTransform,
+                               scratch: list[torch.Tensor], kd_token_weights: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same as `autograd_value_and_grad`, for a divergence with a closed-form gradient and untransformed student
-    logits, in place: `student_logits`, `teacher_logits` and the two `scratch` buffers (all `[n, V]` fp32) are
-    overwritten, and the returned gradient is one of them.
+    """The same as `autograd_value_and_grad`, for a divergence with a closed-form gradient, in place:
+    `student_logits` (raw, before the student's transform), `teacher_logits` (transformed) and the `scratch` buffers
+    (all `[n, V]` fp32; `working_buffers` says how many) are overwritten, and the returned gradient is one of them.
 
-    total = (1 − w)·CE(z) + w·s·D(softmax(z/T), softmax(z_T/T)), s = T² or 1, so
-    d total / dz = (1 − w)·(softmax(z) − onehot(y)) + (w·s/T)·dD/du.
+    total = (1 − w)·CE(z) + w·s·D(softmax(z/T), softmax(z_T/T)), s = T² or 1, z = transform(raw), so
+    d total / dz = (1 − w)·(softmax(z) − onehot(y)) + (w·s/T)·dD/du, times dz/d raw (the transform's derivative).
     """
     temperature, weight = settings.temperature, settings.kd_weight
     scale = temperature**2 if settings.temperature_squared else 1.0
-    ce_grad, work = scratch
+    free = list(scratch)
     rows = torch.arange(labels.numel(), device=labels.device)
+    derivative = free.pop() if student_transform.softcap is not None else None
+    student_transform.apply_(student_logits, derivative)
+    ce_grad = free.pop() if weight < 1.0 or temperature != 1.0 else None
 
     def start_ce_grad(log_probs):  # (1 − w)·(softmax(z) − onehot(y)) into ce_grad
         torch.exp(log_probs, out=ce_grad).mul_(1.0 - weight)
@@ -165,25 +191,43 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
         student_logits.div_(temperature)
     if temperature * settings.teacher_temperature != 1.0:
         teacher_logits.div_(temperature * settings.teacher_temperature)
-    student_log_probs = torch.log_softmax(student_logits, -1, out=work)
+    student_log_probs = torch.log_softmax(student_logits, -1, out=free.pop())
     teacher_log_probs = torch.log_softmax(teacher_logits, -1, out=student_logits)
     if temperature == 1.0:
         ce = -student_log_probs[rows, labels].sum()
         if weight < 1.0:
             start_ce_grad(student_log_probs)
     values, kd_grad = get_divergence(settings.divergence).value_and_grad(
-        student_log_probs, teacher_log_probs, scratch=teacher_logits, **settings.divergence_params())
+        student_log_probs, teacher_log_probs, scratch=[teacher_logits, *free], **settings.divergence_params())
     if kd_token_weights is not None:
         values = values * kd_token_weights
         kd_grad.mul_(kd_token_weights[:, None])
     kd_factor = weight * scale / temperature  # chain rule through u = z / T
     grad = ce_grad.add_(kd_grad, alpha=kd_factor) if weight < 1.0 else kd_grad.mul_(kd_factor)
+    if derivative is not None:
+        grad.mul_(derivative)
+    elif student_transform.scale != 1.0:
+        grad.mul_(student_transform.scale)
     return ce, values.sum() * scale, grad
 
 
-def _uses_closed_form(settings: LossSettings, student_transform: LogitTransform) -> bool:
+def _uses_closed_form(settings: LossSettings) -> bool:
+    return hasattr(get_divergence(settings.divergence), "value_and_grad")
+
+
+def working_buffers(settings: LossSettings, student_transform: LogitTransform = LogitTransform()) -> int:
+    """How many fp32 `[n, V]` buffers one chunk works in: the two models' logits, then either the closed form's
+    scratch (the student's log-probabilities, a CE gradient when w < 1 or T ≠ 1, the divergence's own, the softcap's
+    derivative) or, for a divergence without one, a scratch buffer plus what autograd holds (`autograd_buffers`).
+    The noise and the teacher-side CE use one of these buffers before the student's logits are made."""
     divergence = get_divergence(settings.divergence)
-    return hasattr(divergence, "value_and_grad") and student_transform == LogitTransform()
+    if not _uses_closed_form(settings):
+        return 3 + divergence.autograd_buffers
+    ce_gradient = settings.kd_weight < 1.0 or settings.temperature != 1.0
+    softcap = student_transform.softcap is not None
+    # both models' logits + the student's log-probabilities; the teacher's logits buffer is the divergence's first
+    # scratch once the teacher's log-probabilities are made (into the student's logits buffer)
+    return 3 + ce_gradient + (divergence.scratch_buffers - 1) + softcap
 
 
 def _project_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -268,23 +312,26 @@ class _FusedDistillationFunction(torch.autograd.Function):
         student_transform, teacher_transform, teacher_terms, chunk_size, noise = plan[6:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
-        grad_hidden = torch.zeros_like(student_hidden)
+        # Under no_grad (evaluation) nothing needs a gradient, and none is built.
+        hidden_needs_grad, weight_needs_grad, bias_needs_grad, teacher_needs_grad = ctx.needs_input_grad[:4]
+        grad_hidden = torch.zeros_like(student_hidden) if hidden_needs_grad else None
         # Accumulated in fp32 across chunks whatever the model dtype, then cast once.
         grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) \
-            if student_weight.requires_grad else None
-        grad_bias = torch.zeros(student_bias.shape, dtype=torch.float32, device=device) \
-            if student_bias is not None and student_bias.requires_grad else None
+            if weight_needs_grad else None
+        grad_bias = torch.zeros(student_bias.shape, dtype=torch.float32, device=device) if bias_needs_grad else None
+        builds_gradient = hidden_needs_grad or weight_needs_grad or bias_needs_grad
         teacher_ce_on = teacher_terms.ce_weight > 0
-        grad_teacher_hidden = torch.zeros_like(teacher_hidden) if teacher_ce_on else None
+        grad_teacher_hidden = torch.zeros_like(teacher_hidden) if teacher_ce_on and teacher_needs_grad else None
         sums = torch.zeros(3, dtype=torch.float32, device=device)  # ce, kd, teacher ce
         counts = torch.zeros(2, dtype=torch.long, device=device)   # student correct, teacher correct
 
-        # Four fp32 [chunk, V] buffers reused by every chunk: a fresh tensor per operation would cost more in page
-        # faults (CPU) or allocator traffic than the arithmetic itself.
+        # fp32 [chunk, V] buffers reused by every chunk (`working_buffers` of them): a fresh tensor per operation
+        # would cost more in page faults (CPU) or allocator traffic than the arithmetic itself, and would escape the
+        # memory budget the chunk was sized by.
         vocab = student_weight.size(0)
+        closed_form = _uses_closed_form(settings)
         buffers = [torch.empty(min(chunk_size, num_tokens), vocab, dtype=torch.float32, device=device)
-                   for _ in range(4)]
-        closed_form = _uses_closed_form(settings, student_transform)
+                   for _ in range(working_buffers(settings, student_transform) if closed_form else 3)]
 
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, min(start + chunk_size, num_tokens))
@@ -300,8 +347,9 @@ class _FusedDistillationFunction(torch.autograd.Function):
                 teacher_ce, teacher_grad = teacher_ce_value_and_grad(teacher_logits, chunk_teacher_labels,
                                                                      teacher_transform, scratch[0])
                 sums[2] += teacher_ce
-                teacher_grad = teacher_grad.to(teacher_hidden.dtype)
-                torch.mm(teacher_grad, teacher_weight, out=grad_teacher_hidden[chunk])
+                if grad_teacher_hidden is not None:
+                    teacher_grad = teacher_grad.to(teacher_hidden.dtype)
+                    torch.mm(teacher_grad, teacher_weight, out=grad_teacher_hidden[chunk])
             teacher_transform.apply_(teacher_logits)
             if settings.noise_std > 0:
                 seed, rows, columns = noise
@@ -312,15 +360,17 @@ class _FusedDistillationFunction(torch.autograd.Function):
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
             if closed_form:
                 ce, kd, grad_logits = closed_form_value_and_grad(student_logits, teacher_logits, chunk_labels,
-                                                                 settings, scratch, gate)
+                                                                 settings, student_transform, scratch, gate)
             else:
                 ce, kd, grad_logits = autograd_value_and_grad(student_logits, teacher_logits, chunk_labels, settings,
                                                               student_transform, gate)
             sums[0] += ce
             sums[1] += kd
-
+            if not builds_gradient:
+                continue
             grad_logits = grad_logits.to(hidden.dtype)
-            torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
+            if grad_hidden is not None:
+                torch.mm(grad_logits, student_weight, out=grad_hidden[chunk])
             if grad_weight is not None:
                 if grad_weight.dtype == grad_logits.dtype:
                     grad_weight.addmm_(grad_logits.T, hidden)
@@ -329,14 +379,16 @@ class _FusedDistillationFunction(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias.add_(grad_logits.sum(0))
 
+        # Scaled in place and kept on ctx rather than saved: the backward hands each one to autograd as the only
+        # reference, which then takes it as the parameter's .grad instead of copying a [V, D] tensor.
         inverse = 1.0 / normalizer
-        ctx.save_for_backward(
-            grad_hidden * inverse.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * inverse).to(student_weight.dtype),
-            None if grad_bias is None else (grad_bias * inverse).to(student_bias.dtype),
+        ctx.gradients = [
+            None if grad_hidden is None else grad_hidden.mul_(inverse.to(grad_hidden.dtype)),
+            None if grad_weight is None else grad_weight.mul_(inverse).to(student_weight.dtype),
+            None if grad_bias is None else grad_bias.mul_(inverse).to(student_bias.dtype),
             None if grad_teacher_hidden is None
-            else grad_teacher_hidden * (inverse * teacher_terms.ce_weight).to(grad_teacher_hidden.dtype),
-        )
+            else grad_teacher_hidden.mul_((inverse * teacher_terms.ce_weight).to(grad_teacher_hidden.dtype)),
+        ]
         ce_mean, kd_mean, teacher_ce_mean = sums * inverse
         loss = (1.0 - settings.kd_weight) * ce_mean + settings.kd_weight * kd_mean \
             + teacher_terms.ce_weight * teacher_ce_mean
@@ -346,12 +398,14 @@ class _FusedDistillationFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        grad_hidden, grad_weight, grad_bias, grad_teacher_hidden = ctx.saved_tensors
-
-        def scaled(grad):
-            return None if grad is None else grad * grad_loss.to(grad.dtype)
-
-        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), scaled(grad_teacher_hidden), None
+        gradients, ctx.gradients = ctx.gradients, None
+        if gradients is None:
+            raise RuntimeError("This distillation loss was already backpropagated: its gradients are built in the "
+                               "forward and handed to autograd once, so retain_graph cannot replay them. Compute the "
+                               "loss again for another backward.")
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # 1 unless scaled (DeepSpeed, a weighted sum)
+            gradients = [None if grad is None else grad.mul_(grad_loss.to(grad.dtype)) for grad in gradients]
+        return (*gradients, None)
 
 
 def chunked_distillation_terms(
@@ -366,6 +420,7 @@ def chunked_distillation_terms(
     num_items_in_batch: int | torch.Tensor | None = None,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
     student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
     noise_seed: int | None = None,
@@ -385,7 +440,9 @@ def chunked_distillation_terms(
         num_items_in_batch: global label-token count of the accumulated batch, as in the reference.
         vocab_size: use only the first `vocab_size` rows of both heads (the shared vocabulary when one head is padded,
             e.g. Qwen2.5-0.5B's 151,936 rows against Qwen2.5-7B's 152,064). Defaults to the smaller head.
-        chunk_size: tokens per chunk; default: as many as keep one `[chunk, V]` fp32 tensor within 128 MiB.
+        chunk_size: tokens per chunk, when set; otherwise sized from `memory_budget_mb` (`chunk_rows`).
+        memory_budget_mb: MiB for the chunk's `[n, V]` fp32 working buffers (`working_buffers` of them); default
+            `default_memory_budget_mb(device)`. Only one of `chunk_size` and `memory_budget_mb` may be given.
         student_transform / teacher_transform: logit scale and soft-capping of each model.
         noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`). The noise at position
             (b, t) of `labels` depends on `(noise_seed, b, t)` alone, as in the reference: not on the chunk size nor on
@@ -419,12 +476,18 @@ def chunked_distillation_terms(
         if teacher_terms.ce_weight == 0:
             teacher_rows = teacher_rows.detach()
         if chunk_size is None:
-            chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+            if memory_budget_mb is None:
+                memory_budget_mb = default_memory_budget_mb(student_hidden.device)
+            chunk_size = chunk_rows(vocab, working_buffers(settings, student_transform),
+                                    memory_budget_mb)
+        elif memory_budget_mb is not None:
+            raise ValueError(f"chunk_size={chunk_size} and memory_budget_mb={memory_budget_mb} both size the chunks: "
+                             "give one.")
         plan = _ChunkPlan(teacher_weight[:vocab].detach(), None if teacher_bias is None else teacher_bias[:vocab].detach(),
                           labels[mask], teacher_labels[mask], normalizer, settings, student_transform,
                           teacher_transform, teacher_terms, chunk_size, noise)
         outputs = _FusedDistillationFunction.apply(
-            student_rows, student_weight[:vocab], None if student_bias is None else student_bias[:vocab],
+            student_rows, _rows(student_weight, vocab), _rows(student_bias, vocab),
             teacher_rows, plan)
     return ChunkedDistillationOutput(*outputs)
 
@@ -438,6 +501,14 @@ def chunked_distillation_loss(student_hidden, student_lm_head, teacher_hidden, t
     out = chunked_distillation_terms(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels,
                                      settings, **kwargs)
     return DistillationLoss(out.loss, out.ce_loss, out.kd_loss), out.num_correct
+
+
+def _rows(tensor: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    """The first `count` rows of a head's weight or bias; the tensor itself when that is all of it, so that its
+    gradient reaches the parameter directly (a slice's backward would build a second `[V, D]` tensor)."""
+    if tensor is None or tensor.size(0) == count:
+        return tensor
+    return tensor[:count]
 
 
 def _weight_and_bias(head) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -12,12 +12,19 @@ summed over the vocabulary; masking, reduction and temperature scaling are the e
 `chunked.py`). Functions must be differentiable with respect to `student_log_probs` through plain torch ops: the
 chunked engine takes their gradient with autograd, one chunk at a time.
 
-A divergence may also carry a closed-form `value_and_grad(student_log_probs, teacher_log_probs, *, scratch, **params)
--> (values [N], dD/du [N, V])`, where u = z_S / T are the student's tempered logits. The engine then skips autograd,
-which saves several passes over `[n, V]`; the result must equal autograd's (the tests check it). It may overwrite both
-inputs and `scratch` (an fp32 buffer of the same shape), and its gradient may be any of the three: the engine does not
-reuse them. Working in place matters on CPU, where every fresh `[n, V]` tensor costs page faults that take longer than
-the arithmetic.
+Every built-in divergence also carries a closed-form gradient, attached with `@closed_form(divergence, buffers=k)`:
+`value_and_grad(student_log_probs, teacher_log_probs, *, scratch, **params) -> (values [N], dD/du [N, V])`, where
+u = z_S / T are the student's tempered logits. The engine then skips autograd, so the memory of a chunk is a known
+number of `[n, V]` fp32 buffers whatever the divergence, and it sizes its chunks from that number and a byte budget. The
+result must equal autograd's (the tests check every divergence). The function may overwrite both inputs and the `k`
+fp32 `scratch` buffers (same shape), and its gradient may be any of them: the engine does not reuse them. Working in
+place matters: on CPU every fresh `[n, V]` tensor costs page faults that take longer than the arithmetic, and on any
+device it is memory the budget did not plan for.
+
+Most closed forms follow from one identity: if g = ∂D/∂p_S (the partial derivative in the student's probabilities),
+then dD/du = p_S ⊙ (g − ⟨p_S, g⟩) (the softmax's Jacobian). A divergence registered without one still works, through
+autograd one chunk at a time; its chunk is then sized for `autograd_buffers` live `[n, V]` tensors (a registration
+setting), since autograd's intermediates are not the engine's to place.
 """
 
 from __future__ import annotations
@@ -40,11 +47,18 @@ DIVERGENCES: dict[str, Divergence] = {}
 Check = tuple[Callable[[float], bool], str]
 
 
-def register_divergence(name: str, checks: Mapping[str, Check] | None = None) -> Callable[[Divergence], Divergence]:
+# How many `[n, V]` fp32 tensors autograd is assumed to hold at once for a divergence without a closed form (the
+# built-in ones' autograd forms hold at most 10 at once; a test counts them).
+AUTOGRAD_BUFFERS = 12
+
+
+def register_divergence(name: str, checks: Mapping[str, Check] | None = None, autograd_buffers: int = AUTOGRAD_BUFFERS
+                        ) -> Callable[[Divergence], Divergence]:
     """Register a divergence under `name` (the value of `KDConfig.divergence`). Duplicate names are refused.
 
     Its settings are its keyword-only parameters (recorded as `fn.params`); `checks` maps any of them to the valid
-    values, which `check_divergence_params` enforces before a loss is computed.
+    values, which `check_divergence_params` enforces before a loss is computed. `autograd_buffers`: the `[n, V]`
+    tensors its autograd form holds at once, which sizes the engine's chunks until it gets a `closed_form`.
     """
 
     def decorator(fn: Divergence) -> Divergence:
@@ -56,6 +70,7 @@ def register_divergence(name: str, checks: Mapping[str, Check] | None = None) ->
         if unknown:
             raise ValueError(f"Divergence {name!r} has checks for {sorted(unknown)}, which it does not take.")
         fn.checks = dict(checks or {})
+        fn.autograd_buffers = autograd_buffers
         DIVERGENCES[name] = fn
         return fn
 
@@ -69,6 +84,17 @@ def get_divergence(name: str) -> Divergence:
         raise ValueError(
             f"Unknown divergence {name!r}. Choose one of: {', '.join(sorted(DIVERGENCES))}."
         ) from None
+
+
+def closed_form(divergence: Divergence, buffers: int = 1) -> Callable[[Callable], Callable]:
+    """Attach a closed-form `value_and_grad` to a registered divergence; it needs `buffers` scratch `[n, V]` buffers."""
+
+    def decorator(value_and_grad: Callable) -> Callable:
+        divergence.value_and_grad = value_and_grad
+        divergence.scratch_buffers = buffers
+        return value_and_grad
+
+    return decorator
 
 
 def divergence_params(name: str, settings: Mapping[str, float]) -> dict[str, float]:
@@ -98,26 +124,37 @@ def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, weight_p: float) -> t
     return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
 
 
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v]·b[n, v] -> [N], without materialising the product."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
+
+
+def _mixture_gap_(out: torch.Tensor, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor,
+                  teacher_weight: float) -> torch.Tensor:
+    """log m − log p_S for m = w·p_T + (1 − w)·p_S, written into `out` [N, V] (0 < w < 1), stably:
+    log(1 − w) + softplus(log p_T − log p_S + log(w / (1 − w))), with softplus as logaddexp(·, 0)."""
+    torch.sub(teacher_log_probs, student_log_probs, out=out)
+    out.add_(math.log(teacher_weight) - math.log1p(-teacher_weight))
+    torch.logaddexp(out, out.new_zeros(()), out=out)
+    return out.add_(math.log1p(-teacher_weight))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The divergences, each with its closed-form gradient. In the comments, s = log m − log p_S (`_mixture_gap_`).
+
 @register_divergence("forward_kl")
 def forward_kl(student_log_probs, teacher_log_probs):
     """KL(p_T ‖ p_S): mode-covering, the classic Hinton KD objective."""
     return _kl(teacher_log_probs, student_log_probs)
 
 
-def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a[n, v]·b[n, v] -> [N], without materialising the product."""
-    return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
-
-
+@closed_form(forward_kl)
 def _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch):
     # D = Σ p_T (log p_T − log p_S);  dD/du = p_S − p_T
-    teacher_probs = torch.exp(teacher_log_probs, out=scratch)
+    teacher_probs = torch.exp(teacher_log_probs, out=scratch[0])
     log_ratio = teacher_log_probs.sub_(student_log_probs)
     values = _row_dot(teacher_probs, log_ratio)
     return values, student_log_probs.exp_().sub_(teacher_probs)
-
-
-forward_kl.value_and_grad = _forward_kl_value_and_grad
 
 
 @register_divergence("reverse_kl")
@@ -126,15 +163,14 @@ def reverse_kl(student_log_probs, teacher_log_probs):
     return _kl(student_log_probs, teacher_log_probs)
 
 
+@closed_form(reverse_kl)
 def _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch):
     # D = Σ p_S (log p_S − log p_T);  dD/du_k = p_S,k · (log p_S,k − log p_T,k − D)
-    student_probs = torch.exp(student_log_probs, out=scratch)
+    student_probs = torch.exp(student_log_probs, out=scratch[0])
     log_ratio = student_log_probs.sub_(teacher_log_probs)
     values = _row_dot(student_probs, log_ratio)
     return values, log_ratio.sub_(values[:, None]).mul_(student_probs)
 
-
-reverse_kl.value_and_grad = _reverse_kl_value_and_grad
 
 _JSD_BETA: Check = (lambda beta: 0.0 < beta < 1.0, "in (0, 1) (0 and 1 make the JSD vanish)")
 _SKEW_ALPHA: Check = (lambda alpha: 0.0 <= alpha < 1.0, "in [0, 1) (1 makes the skewed KL vanish)")
@@ -150,12 +186,41 @@ def jsd(student_log_probs, teacher_log_probs, *, jsd_beta):
     return jsd_beta * _kl(teacher_log_probs, log_m) + (1.0 - jsd_beta) * _kl(student_log_probs, log_m)
 
 
+@closed_form(jsd, buffers=2)
+def _jsd_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, jsd_beta):
+    # g = ∂D/∂p_S = (1−β)·(log p_S − log m) = −(1−β)·s, so dD/du = (1−β)·p_S·(−s − KL(p_S ‖ m))
+    gap, student_probs = scratch[0], scratch[1]
+    _mixture_gap_(gap, student_log_probs, teacher_log_probs, jsd_beta)
+    torch.exp(student_log_probs, out=student_probs)
+    student_kl = -_row_dot(student_probs, gap)                                  # KL(p_S ‖ m)
+    teacher_log_ratio = student_log_probs.neg_().add_(teacher_log_probs).sub_(gap)  # log p_T − log m
+    teacher_kl = _row_dot(teacher_log_probs.exp_(), teacher_log_ratio)         # KL(p_T ‖ m)
+    values = jsd_beta * teacher_kl + (1.0 - jsd_beta) * student_kl
+    return values, gap.neg_().sub_(student_kl[:, None]).mul_(student_probs).mul_(1.0 - jsd_beta)
+
+
 @register_divergence("skew_forward_kl", checks={"skew_alpha": _SKEW_ALPHA})
 def skew_forward_kl(student_log_probs, teacher_log_probs, *, skew_alpha):
     """KL(p_T ‖ α·p_T + (1−α)·p_S) (DistiLLM's skew KL)."""
     if skew_alpha == 0.0:
         return forward_kl(student_log_probs, teacher_log_probs)
     return _kl(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew_alpha))
+
+
+@closed_form(skew_forward_kl, buffers=2)
+def _skew_forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, skew_alpha):
+    # m = α·p_T + (1−α)·p_S; g = −(1−α)·p_T / m, so p_S·g = −(1−α)·q with q = p_T·exp(−s) = p_T·p_S / m and
+    # dD/du = −(1−α)·(q − p_S·Σq)
+    if skew_alpha == 0.0:
+        return _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, scratch=scratch)
+    gap, teacher_log_ratio = scratch[0], scratch[1]
+    _mixture_gap_(gap, student_log_probs, teacher_log_probs, skew_alpha)
+    torch.sub(teacher_log_probs, student_log_probs, out=teacher_log_ratio).sub_(gap)  # log p_T − log m
+    teacher_probs = teacher_log_probs.exp_()
+    values = _row_dot(teacher_probs, teacher_log_ratio)
+    q = gap.neg_().exp_().mul_(teacher_probs)
+    q_sum = q.sum(-1, keepdim=True)
+    return values, q.sub_(student_log_probs.exp_().mul_(q_sum)).mul_(-(1.0 - skew_alpha))
 
 
 @register_divergence("skew_reverse_kl", checks={"skew_alpha": _SKEW_ALPHA})
@@ -166,7 +231,30 @@ def skew_reverse_kl(student_log_probs, teacher_log_probs, *, skew_alpha):
     return _kl(student_log_probs, _log_mixture(student_log_probs, teacher_log_probs, skew_alpha))
 
 
+@closed_form(skew_reverse_kl, buffers=2)
+def _skew_reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, skew_alpha):
+    # m = α·p_S + (1−α)·p_T; D = −Σ p_S·s; g = −s + 1 − α·p_S / m = −s + 1 − α·exp(−s)
+    if skew_alpha == 0.0:
+        return _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, scratch=scratch)
+    gap, student_probs = scratch[0], scratch[1]
+    _mixture_gap_(gap, student_log_probs, teacher_log_probs, 1.0 - skew_alpha)
+    torch.exp(student_log_probs, out=student_probs)
+    values = -_row_dot(student_probs, gap)
+    g = torch.neg(gap, out=student_log_probs).exp_().mul_(-skew_alpha).add_(1.0).sub_(gap)
+    return values, g.sub_(_row_dot(student_probs, g)[:, None]).mul_(student_probs)
+
+
 @register_divergence("tvd")
 def total_variation(student_log_probs, teacher_log_probs):
     """Total variation distance ½·Σ|p_T − p_S|."""
     return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+
+
+@closed_form(total_variation)
+def _total_variation_value_and_grad(student_log_probs, teacher_log_probs, *, scratch):
+    # g = ½·sign(p_S − p_T) (0 where they are equal, as autograd's abs)
+    student_probs = student_log_probs.exp_()
+    difference = torch.sub(student_probs, teacher_log_probs.exp_(), out=scratch[0])
+    values = 0.5 * torch.linalg.vector_norm(difference, ord=1, dim=-1)
+    g = difference.sign_().mul_(0.5)
+    return values, g.sub_(_row_dot(student_probs, g)[:, None]).mul_(student_probs)

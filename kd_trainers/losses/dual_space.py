@@ -62,6 +62,7 @@ def dual_space_loss(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
     student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
     noise_seed: int | None = None,
@@ -86,7 +87,8 @@ def dual_space_loss(
     weight = settings.kd_weight
     if num_items_in_batch is None:
         num_items_in_batch = (student_labels != ignore_index).sum()
-    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size)
+    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+                  memory_budget_mb=memory_budget_mb)
     # Under ZeRO-3 both heads are gathered here, once: the detached copies below must see the full weights.
     with _maybe_gather(*_weight_and_bias(student_lm_head), *_weight_and_bias(teacher_lm_head)):
         return _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden,
