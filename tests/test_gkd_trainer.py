@@ -98,6 +98,29 @@ def test_on_policy_training_samples_from_the_student_and_learns(tmp_path, studen
     assert (tmp_path / "out" / "checkpoint-16" / "model.safetensors").exists()
 
 
+def test_on_policy_generation_keeps_the_kv_cache_under_gradient_checkpointing(tmp_path, student, teacher,
+                                                                             bpe_tokenizer, demo_data):
+    """With gradient checkpointing on, the student still generates with its KV cache (each decoding step feeds one
+    new token), and trains with checkpointing on again afterwards."""
+    trainer = make_trainer(tmp_path, student, teacher, bpe_tokenizer, demo_data, lmbda=1.0, max_steps=1,
+                           gradient_checkpointing=True, max_new_tokens=6)
+    fed, checkpointing = [], []
+
+    def record(module, args, kwargs):
+        fed.append(kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else None)
+        checkpointing.append(trainer.accelerator.unwrap_model(trainer.model).is_gradient_checkpointing)
+
+    handle = trainer.accelerator.unwrap_model(trainer.model).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        trainer.train()
+    finally:
+        handle.remove()
+    # the prompt, then five steps of one token each (later forwards without checkpointing: the first-batch head check)
+    generation = [length for length, on in zip(fed, checkpointing) if not on]
+    assert generation[0] > 1 and generation[1:6] == [1] * 5, generation
+    assert checkpointing[-1] and trainer.accelerator.unwrap_model(trainer.model).is_gradient_checkpointing
+
+
 def test_gkd_config_keeps_one_beta(tmp_path):
     with pytest.raises(ValueError, match=r"jsd_beta \(0.3\) and beta \(0.5\) are the same setting in GKDConfig: "
                                          "set beta only."):

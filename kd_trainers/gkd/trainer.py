@@ -92,7 +92,9 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
         self.lmbda, self.beta, self.temperature, self.seq_kd = args.lmbda, args.beta, args.temperature, args.seq_kd
         self.generation_kwargs = {
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "do_sample": True, "top_k": 0,
-            "top_p": 1.0, "use_cache": not args.gradient_checkpointing,
+            # The KV cache even under gradient checkpointing, as TRL's DistillationTrainer: the student generates
+            # unwrapped for generation (`_replace_completions`), which turns checkpointing off until it is done.
+            "top_p": 1.0, "use_cache": True,
             "pad_token_id": self.processing_class.pad_token_id,
         }
         self.generation_config = GenerationConfig(**self.generation_kwargs)
