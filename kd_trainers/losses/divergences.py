@@ -10,7 +10,7 @@ function only the settings it declares (as Liger-Kernel's `distillation_loss_fn`
 and its parameters. Both inputs are log-softmaxed at the distillation temperature already. The value of each row is
 summed over the vocabulary; masking, reduction and temperature scaling are the engine's job (`reference.py`,
 `chunked.py`). Functions must be differentiable with respect to `student_log_probs` through plain torch ops: the
-chunked engine takes their gradient with autograd, one chunk at a time.
+readable reference, and the chunked engine for a divergence without a closed form, take their gradient by autograd.
 
 Every built-in divergence also carries a closed-form gradient, attached with `@closed_form(divergence, buffers=k)`:
 `value_and_grad(student_log_probs, teacher_log_probs, *, scratch, **params) -> (values [N], dD/du [N, V])`, where
@@ -129,18 +129,16 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a[:, None, :], b[:, :, None]).view(-1)
 
 
-def _mixture_gap_(out: torch.Tensor, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor,
-                  teacher_weight: float) -> torch.Tensor:
-    """log m − log p_S for m = w·p_T + (1 − w)·p_S, written into `out` [N, V] (0 < w < 1), stably:
-    log(1 − w) + softplus(log p_T − log p_S + log(w / (1 − w))), with softplus as logaddexp(·, 0)."""
-    torch.sub(teacher_log_probs, student_log_probs, out=out)
-    out.add_(math.log(teacher_weight) - math.log1p(-teacher_weight))
-    torch.logaddexp(out, out.new_zeros(()), out=out)
-    return out.add_(math.log1p(-teacher_weight))
+def _softplus_shifted_(out: torch.Tensor, values: torch.Tensor, shift: float) -> torch.Tensor:
+    """softplus(values + shift) into `out` [N, V], stably (logaddexp(·, 0)). With values = log p_T − log p_S and
+    shift = log(w / (1 − w)), it is log m − log p_S − log(1 − w) for the mixture m = w·p_T + (1 − w)·p_S."""
+    torch.add(values, shift, out=out)  # `out` may be `values`
+    return torch.logaddexp(out, out.new_zeros(()), out=out)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The divergences, each with its closed-form gradient. In the comments, s = log m − log p_S (`_mixture_gap_`).
+# The divergences, each with its closed-form gradient. In the comments, d = log p_T − log p_S and, for a mixture m,
+# s' = softplus(d + log(w_T / (1 − w_T))) with w_T the teacher's weight in m, so log m − log p_S = log(1 − w_T) + s'.
 
 @register_divergence("forward_kl")
 def forward_kl(student_log_probs, teacher_log_probs):
@@ -186,17 +184,21 @@ def jsd(student_log_probs, teacher_log_probs, *, jsd_beta):
     return jsd_beta * _kl(teacher_log_probs, log_m) + (1.0 - jsd_beta) * _kl(student_log_probs, log_m)
 
 
-@closed_form(jsd, buffers=2)
+@closed_form(jsd)
 def _jsd_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, jsd_beta):
-    # g = ∂D/∂p_S = (1−β)·(log p_S − log m) = −(1−β)·s, so dD/du = (1−β)·p_S·(−s − KL(p_S ‖ m))
-    gap, student_probs = scratch[0], scratch[1]
-    _mixture_gap_(gap, student_log_probs, teacher_log_probs, jsd_beta)
-    torch.exp(student_log_probs, out=student_probs)
-    student_kl = -_row_dot(student_probs, gap)                                  # KL(p_S ‖ m)
-    teacher_log_ratio = student_log_probs.neg_().add_(teacher_log_probs).sub_(gap)  # log p_T − log m
-    teacher_kl = _row_dot(teacher_log_probs.exp_(), teacher_log_ratio)         # KL(p_T ‖ m)
+    # KL(p_T ‖ m) = Σ p_T·d − Σ p_T·s' − log(1−β) and KL(p_S ‖ m) = −Σ p_S·s' − log(1−β) (each p sums to 1);
+    # g = ∂D/∂p_S = −(1−β)·(s' + log(1−β)), so dD/du = −(1−β)·p_S·(s' + log(1−β) + KL(p_S ‖ m)).
+    # One scratch buffer: d, then s' in place; each input becomes its probabilities once its log is used.
+    log_rest = math.log1p(-jsd_beta)
+    log_ratio = torch.sub(teacher_log_probs, student_log_probs, out=scratch[0])
+    teacher_probs = teacher_log_probs.exp_()
+    teacher_cross = _row_dot(teacher_probs, log_ratio)
+    gap = _softplus_shifted_(log_ratio, log_ratio, math.log(jsd_beta) - log_rest)
+    teacher_kl = teacher_cross - _row_dot(teacher_probs, gap) - log_rest
+    student_probs = student_log_probs.exp_()
+    student_kl = -_row_dot(student_probs, gap) - log_rest
     values = jsd_beta * teacher_kl + (1.0 - jsd_beta) * student_kl
-    return values, gap.neg_().sub_(student_kl[:, None]).mul_(student_probs).mul_(1.0 - jsd_beta)
+    return values, gap.add_((student_kl + log_rest)[:, None]).mul_(student_probs).mul_(-(1.0 - jsd_beta))
 
 
 @register_divergence("skew_forward_kl", checks={"skew_alpha": _SKEW_ALPHA})
@@ -207,20 +209,19 @@ def skew_forward_kl(student_log_probs, teacher_log_probs, *, skew_alpha):
     return _kl(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew_alpha))
 
 
-@closed_form(skew_forward_kl, buffers=2)
+@closed_form(skew_forward_kl)
 def _skew_forward_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, skew_alpha):
-    # m = α·p_T + (1−α)·p_S; g = −(1−α)·p_T / m, so p_S·g = −(1−α)·q with q = p_T·exp(−s) = p_T·p_S / m and
-    # dD/du = −(1−α)·(q − p_S·Σq)
+    # m = α·p_T + (1−α)·p_S: D = Σ p_T·d − Σ p_T·s' − log(1−α); g = −(1−α)·p_T / m, and p_S / m = exp(−s') / (1−α),
+    # so with r = p_T·exp(−s'): dD/du = p_S·g − p_S·⟨p_S, g⟩ = p_S·Σr − r.
     if skew_alpha == 0.0:
         return _forward_kl_value_and_grad(student_log_probs, teacher_log_probs, scratch=scratch)
-    gap, teacher_log_ratio = scratch[0], scratch[1]
-    _mixture_gap_(gap, student_log_probs, teacher_log_probs, skew_alpha)
-    torch.sub(teacher_log_probs, student_log_probs, out=teacher_log_ratio).sub_(gap)  # log p_T − log m
+    log_ratio = torch.sub(teacher_log_probs, student_log_probs, out=scratch[0])
     teacher_probs = teacher_log_probs.exp_()
-    values = _row_dot(teacher_probs, teacher_log_ratio)
-    q = gap.neg_().exp_().mul_(teacher_probs)
-    q_sum = q.sum(-1, keepdim=True)
-    return values, q.sub_(student_log_probs.exp_().mul_(q_sum)).mul_(-(1.0 - skew_alpha))
+    teacher_cross = _row_dot(teacher_probs, log_ratio)
+    gap = _softplus_shifted_(log_ratio, log_ratio, math.log(skew_alpha) - math.log1p(-skew_alpha))
+    values = teacher_cross - _row_dot(teacher_probs, gap) - math.log1p(-skew_alpha)
+    r = gap.neg_().exp_().mul_(teacher_probs)
+    return values, student_log_probs.exp_().mul_(r.sum(-1, keepdim=True)).sub_(r)
 
 
 @register_divergence("skew_reverse_kl", checks={"skew_alpha": _SKEW_ALPHA})
@@ -231,17 +232,19 @@ def skew_reverse_kl(student_log_probs, teacher_log_probs, *, skew_alpha):
     return _kl(student_log_probs, _log_mixture(student_log_probs, teacher_log_probs, skew_alpha))
 
 
-@closed_form(skew_reverse_kl, buffers=2)
+@closed_form(skew_reverse_kl)
 def _skew_reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, *, scratch, skew_alpha):
-    # m = α·p_S + (1−α)·p_T; D = −Σ p_S·s; g = −s + 1 − α·p_S / m = −s + 1 − α·exp(−s)
+    # m = α·p_S + (1−α)·p_T (teacher weight 1−α): log m − log p_S = log α + s'; D = −Σ p_S·s' − log α;
+    # g = log p_S − log m + 1 − α·p_S / m = −s' − exp(−s') + (1 − log α), and the constant cancels in
+    # dD/du = p_S·(g − ⟨p_S, g⟩): with h = s' + exp(−s'), dD/du = −p_S·(h − ⟨p_S, h⟩).
     if skew_alpha == 0.0:
         return _reverse_kl_value_and_grad(student_log_probs, teacher_log_probs, scratch=scratch)
-    gap, student_probs = scratch[0], scratch[1]
-    _mixture_gap_(gap, student_log_probs, teacher_log_probs, 1.0 - skew_alpha)
-    torch.exp(student_log_probs, out=student_probs)
-    values = -_row_dot(student_probs, gap)
-    g = torch.neg(gap, out=student_log_probs).exp_().mul_(-skew_alpha).add_(1.0).sub_(gap)
-    return values, g.sub_(_row_dot(student_probs, g)[:, None]).mul_(student_probs)
+    log_ratio = torch.sub(teacher_log_probs, student_log_probs, out=scratch[0])
+    gap = _softplus_shifted_(log_ratio, log_ratio, math.log1p(-skew_alpha) - math.log(skew_alpha))
+    student_probs = student_log_probs.exp_()
+    values = -_row_dot(student_probs, gap) - math.log(skew_alpha)
+    h = torch.neg(gap, out=teacher_log_probs).exp_().add_(gap)
+    return values, h.sub_(_row_dot(student_probs, h)[:, None]).mul_(student_probs).neg_()
 
 
 @register_divergence("tvd")
