@@ -546,3 +546,20 @@ def test_no_gradient_is_built_under_no_grad():
     assert (training.count, evaluation.count) == (4 * chunks, 2 * chunks)
     torch.testing.assert_close(evaluated.loss, out.loss)
     assert evaluated.loss.grad_fn is None
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_an_unreported_ce_is_skipped_and_changes_nothing_else(divergence):
+    """At kd_weight = 1 the CE only feeds the log; report_ce=False (DSKD's teacher space) skips it, and one buffer at
+    T != 1, and leaves the loss and its gradients as they were."""
+    from kd_trainers.losses.chunked import chunked_distillation_terms, working_buffers
+
+    hs, ws, bs, ht, wt, bt, labels = make_inputs()
+    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=1.0)
+    assert working_buffers(settings, report_ce=False) == working_buffers(settings) - 1
+    full = chunked_distillation_terms(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=9)
+    lean = chunked_distillation_terms(hs, (ws, bs), ht, (wt, bt), labels, settings, chunk_size=9, report_ce=False)
+    assert full.ce_loss > 0 and lean.ce_loss == 0
+    torch.testing.assert_close(lean.loss, full.loss)
+    for got, want in zip(torch.autograd.grad(lean.loss, [hs, ws, bs]), torch.autograd.grad(full.loss, [hs, ws, bs])):
+        torch.testing.assert_close(got, want)

@@ -164,13 +164,14 @@ def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tens
 
 def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                                settings: LossSettings, student_transform: LogitTransform,
-                               scratch: list[torch.Tensor], kd_token_weights: torch.Tensor | None = None
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                               scratch: list[torch.Tensor], kd_token_weights: torch.Tensor | None = None,
+                               report_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """`autograd_value_and_grad` for a divergence with a closed-form gradient, in place: `student_logits` (raw, before
     the student's transform), `teacher_logits` (transformed) and the `scratch` buffers (all `[n, V]` fp32;
     `working_buffers` says how many) are overwritten, and the returned gradient is one of them. Returns
     `(ce_sum, kd_sum, G, c)` with d total / d raw_logits = c·G: the constant factor c is left to the matrix products
-    that consume the gradient, which saves a pass over `[n, V]`.
+    that consume the gradient, which saves a pass over `[n, V]`. With `report_ce=False` and w = 1 the CE, which then
+    only feeds a log, is not computed (returned as 0): at T ≠ 1 it would cost a softmax and a buffer.
 
     total = (1 − w)·CE(z) + w·s·D(softmax(z/T), softmax(z_T/T)), s = T² or 1, z = transform(raw), so
     d total / dz = (1 − w)·(softmax(z) − onehot(y)) + (w·s/T)·dD/du, times dz/d raw (the transform's derivative).
@@ -181,18 +182,20 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
     rows = torch.arange(labels.numel(), device=labels.device)
     derivative = free.pop() if student_transform.softcap is not None else None
     student_transform.apply_(student_logits, derivative)
-    ce_grad = free.pop() if weight < 1.0 or temperature != 1.0 else None
+    ce_wanted = weight < 1.0 or report_ce
+    ce_grad = free.pop() if weight < 1.0 or (temperature != 1.0 and ce_wanted) else None
+    ce = torch.zeros((), device=labels.device)
 
     def start_ce_grad(log_probs):  # softmax(z) − onehot(y) into ce_grad; its weight (1 − w) goes into c
         torch.exp(log_probs, out=ce_grad)
         ce_grad[rows, labels] -= 1.0
 
     if temperature != 1.0:
-        # CE is taken at temperature 1: its own log-softmax before the logits are divided by T.
-        torch.log_softmax(student_logits, -1, out=ce_grad)
-        ce = -ce_grad[rows, labels].sum()
-        if weight < 1.0:
-            start_ce_grad(ce_grad)
+        if ce_wanted:  # CE is taken at temperature 1: its own log-softmax before the logits are divided by T
+            torch.log_softmax(student_logits, -1, out=ce_grad)
+            ce = -ce_grad[rows, labels].sum()
+            if weight < 1.0:
+                start_ce_grad(ce_grad)
         student_logits.div_(temperature)
     if temperature * settings.teacher_temperature != 1.0:
         teacher_logits.div_(temperature * settings.teacher_temperature)
@@ -223,7 +226,8 @@ def _uses_closed_form(settings: LossSettings) -> bool:
     return hasattr(get_divergence(settings.divergence), "value_and_grad")
 
 
-def working_buffers(settings: LossSettings, student_transform: LogitTransform = LogitTransform()) -> int:
+def working_buffers(settings: LossSettings, student_transform: LogitTransform = LogitTransform(),
+                    report_ce: bool = True) -> int:
     """How many fp32 `[n, V]` buffers one chunk works in: the two models' logits, then either the closed form's
     scratch (the student's log-probabilities, a CE gradient when w < 1 or T ≠ 1, the divergence's own, the softcap's
     derivative) or, for a divergence without one, a scratch buffer plus what autograd holds (`autograd_buffers`).
@@ -231,7 +235,7 @@ def working_buffers(settings: LossSettings, student_transform: LogitTransform = 
     divergence = get_divergence(settings.divergence)
     if not _uses_closed_form(settings):
         return 3 + divergence.autograd_buffers
-    ce_gradient = settings.kd_weight < 1.0 or settings.temperature != 1.0
+    ce_gradient = settings.kd_weight < 1.0 or (settings.temperature != 1.0 and report_ce)
     softcap = student_transform.softcap is not None
     # both models' logits + the student's log-probabilities; the teacher's logits buffer is the divergence's first
     # scratch once the teacher's log-probabilities are made (into the student's logits buffer)
@@ -309,6 +313,7 @@ class _ChunkPlan(NamedTuple):
     teacher_terms: TeacherTerms
     chunk_size: int
     noise: tuple | None                  # (seed, rows [N], columns [N]) when settings.noise_std > 0
+    report_ce: bool                      # False: the CE at w = 1 feeds nothing, so skip it
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -317,7 +322,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         """student_hidden `[N, D_S]`, student_weight `[V, D_S]`, student_bias `[V]` or None, teacher_hidden `[N, D_T]`
         (differentiable only for the teacher-side CE); returns the terms of `ChunkedDistillationOutput`."""
         teacher_weight, teacher_bias, labels, teacher_labels, normalizer, settings = plan[:6]
-        student_transform, teacher_transform, teacher_terms, chunk_size, noise = plan[6:]
+        student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce = plan[6:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
         # Under no_grad (evaluation) nothing needs a gradient, and none is built.
@@ -339,7 +344,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         vocab = student_weight.size(0)
         closed_form = _uses_closed_form(settings)
         buffers = [torch.empty(min(chunk_size, num_tokens), vocab, dtype=torch.float32, device=device)
-                   for _ in range(working_buffers(settings, student_transform) if closed_form else 3)]
+                   for _ in range(working_buffers(settings, student_transform, report_ce) if closed_form else 3)]
 
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, min(start + chunk_size, num_tokens))
@@ -368,7 +373,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
             if closed_form:
                 ce, kd, grad_logits, factor = closed_form_value_and_grad(
-                    student_logits, teacher_logits, chunk_labels, settings, student_transform, scratch, gate)
+                    student_logits, teacher_logits, chunk_labels, settings, student_transform, scratch, gate, report_ce)
             else:
                 ce, kd, grad_logits = autograd_value_and_grad(student_logits, teacher_logits, chunk_labels, settings,
                                                               student_transform, gate)
@@ -438,6 +443,7 @@ def chunked_distillation_terms(
     noise_seed: int | None = None,
     teacher_terms: TeacherTerms = TeacherTerms(),
     teacher_labels: torch.Tensor | None = None,
+    report_ce: bool = True,
 ) -> ChunkedDistillationOutput:
     """The loss of `reference.distillation_loss`, from hidden states and output heads, in token chunks.
 
@@ -462,6 +468,8 @@ def chunked_distillation_terms(
         teacher_terms: the teacher-side cross-entropy and KD gate of DSKD (off by default).
         teacher_labels: `[B, T]` or `[N]` targets of those teacher-side terms; defaults to `labels`. Only positions
             where `labels != ignore_index` count.
+        report_ce: at `kd_weight=1` the CE is only reported (`ce_loss`); False skips it (`ce_loss` is then 0), as
+            DSKD's teacher-space term does, whose CE nobody reads.
     """
     student_weight, student_bias = _weight_and_bias(student_lm_head)
     teacher_weight, teacher_bias = _weight_and_bias(teacher_lm_head)
@@ -490,14 +498,14 @@ def chunked_distillation_terms(
         if chunk_size is None:
             if memory_budget_mb is None:
                 memory_budget_mb = default_memory_budget_mb(student_hidden.device)
-            chunk_size = chunk_rows(vocab, working_buffers(settings, student_transform),
+            chunk_size = chunk_rows(vocab, working_buffers(settings, student_transform, report_ce),
                                     memory_budget_mb)
         elif memory_budget_mb is not None:
             raise ValueError(f"chunk_size={chunk_size} and memory_budget_mb={memory_budget_mb} both size the chunks: "
                              "give one.")
         plan = _ChunkPlan(teacher_weight[:vocab].detach(), None if teacher_bias is None else teacher_bias[:vocab].detach(),
                           labels[mask], teacher_labels[mask], normalizer, settings, student_transform,
-                          teacher_transform, teacher_terms, chunk_size, noise)
+                          teacher_transform, teacher_terms, chunk_size, noise, report_ce)
         inputs = [student_rows, _rows(student_weight, vocab), _rows(student_bias, vocab), teacher_rows]
         if not torch.is_grad_enabled():
             # Evaluation: an autograd.Function's inputs still say they need gradients under no_grad, so detach them,

@@ -113,7 +113,7 @@ def _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels
     teacher_space = chunked_distillation_terms(
         s2t_hidden, _detached(teacher_lm_head), teacher_hidden, teacher_lm_head, teacher_labels, teacher_settings,
         vocab_size=teacher_vocab_size, student_transform=teacher_transform, teacher_transform=teacher_transform,
-        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 2), **common,
+        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 2), report_ce=False, **common,
     )
     return DualSpaceLoss(
         loss=student_space.loss + weight * teacher_space.loss,  # .loss carries the gradient; it equals kd_loss here
