@@ -14,9 +14,11 @@ the floor of the same shape, because these machines are noisy.
 
 Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
 is a label (the worst case for the chunked engine, which skips unlabelled positions). Memory: peak RSS minus RSS
-before the first step (CPU), or peak allocated CUDA memory minus the allocated memory before it (GPU).
+before the first timed step, in a second run of the cell with glibc's mmap threshold fixed (`run_cell` says why) (CPU),
+or peak allocated CUDA memory minus the allocated memory before it (GPU).
 
 Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024] [--steps 3]
+       python benchmarks/bench_kd_step.py --methods floor kd --divergences forward_kl jsd tvd   (one KD cell each)
        python benchmarks/bench_kd_step.py --methods kd dskd dskd_cma --seq 512   (DSKD against vanilla KD)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
 """
@@ -36,7 +38,8 @@ import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("floor", "kd", "gkd", "dskd", "dskd_cma")
-BASELINES = ("floor", "gkd", "kd")  # ratios are taken against each of these that the run measured
+BASELINES = ("floor", "gkd", "kd")
+DIVERGENCE_METHODS = ("kd", "dskd", "dskd_cma")  # cells that run once per --divergences entry  # ratios are taken against each of these that the run measured
 
 
 def _rss_bytes() -> int:
@@ -96,8 +99,10 @@ class _Collator:
         return batch
 
 
-def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool) -> dict:
-    """Run `steps + 1` steps of one method (the first is warm-up) and return its time and memory."""
+def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool,
+            divergence: str = "forward_kl") -> dict:
+    """Run `steps + 1` steps of one method (the first is warm-up) and return its time and memory. `divergence` is
+    the KD and DSKD cells' (the floor has none; GKD's is forward KL, β = 0)."""
     import torch
     from datasets import Dataset
 
@@ -158,14 +163,14 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             from kd_trainers import KDConfig, KDTrainer
 
             trainer = KDTrainer(model=student, teacher_model=teacher, teacher_processing_class=tokenizer,
-                                args=KDConfig(**common, divergence="forward_kl", kd_temperature=2.0, kd_weight=0.5),
+                                args=KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5),
                                 train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
                                 callbacks=[timer])
         elif method in ("dskd", "dskd_cma"):
             from kd_trainers import DSKDConfig, DSKDTrainer
 
             teacher_tokenizer = _vocab_tokenizer(vocab, prefix="u") if method == "dskd_cma" else tokenizer
-            trainer = DSKDTrainer(student, DSKDConfig(**common, divergence="forward_kl", kd_temperature=2.0,
+            trainer = DSKDTrainer(student, DSKDConfig(**common, divergence=divergence, kd_temperature=2.0,
                                                       kd_weight=0.5),
                                   train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
                                   teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
@@ -205,10 +210,25 @@ def _peak_memory(device) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
 
 
-def run_cell(method, vocab, seq, batch, steps, realistic) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps([method, vocab, seq, batch, steps,
-                                                                                  realistic])]
-    done = subprocess.run(command, capture_output=True, text=True)
+def run_cell(script: str, cell: list) -> dict:
+    """Run one cell (`script --cell JSON`) in fresh processes, so that its peak resident memory is its own.
+
+    On CPU it runs twice: once as it is, for the time, and once with glibc's mmap threshold fixed at 128 KiB, for the
+    memory. By default glibc raises that threshold as large blocks are freed and then keeps them in its heap, so how
+    much of a step's memory shows in the resident set depends on the allocation history of the process (the same cell
+    measured 48 and 288 MiB). With the threshold fixed, every large tensor is mapped when allocated and returned when
+    freed, so peak resident memory follows live tensors. The time is not taken from that run, because fresh mappings
+    slow down code that allocates a new tensor per operation."""
+    timed = _run_cell_process(script, cell, {})
+    if any(value is True for value in cell):  # the `realistic` flag, a cell's only boolean: CUDA counts exactly
+        return timed
+    measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+    return {**timed, "memory_growth_mb": measured["memory_growth_mb"], "note": timed["note"] or measured["note"]}
+
+
+def _run_cell_process(script: str, cell: list, env: dict) -> dict:
+    command = [sys.executable, os.path.abspath(script), "--cell", json.dumps(cell)]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         reason = "out of memory (killed)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
@@ -217,19 +237,56 @@ def run_cell(method, vocab, seq, batch, steps, realistic) -> dict:
     return {**json.loads(lines[-1][len("RESULT "):]), "note": ""}
 
 
+def result_row(fixed: dict, cell: dict, baselines: dict[str, dict]) -> dict:
+    """A results row: `fixed` columns, the cell's time and memory, its ratios to each baseline cell, its note."""
+    row = {**fixed, "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1)}
+    for name, base in baselines.items():
+        row[f"time_vs_{name}"] = round(cell["step_s"] / base["step_s"], 3)
+        row[f"memory_vs_{name}"] = round(cell["memory_growth_mb"] / base["memory_growth_mb"], 3)
+    row["note"] = cell["note"]
+    print(row, flush=True)
+    return row
+
+
+def write_results(rows: list[dict], path: str) -> None:
+    """`path`.csv (every column) and `path`.md (a table without the device column)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    columns = list(rows[0])[1:]
+    with open(path + ".md", "w") as handle:
+        handle.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
+        for row in rows:
+            handle.write("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |\n")
+    print(f"wrote {path}.csv and {path}.md")
+
+
+def parse_options(parser: argparse.ArgumentParser, measure_cell, steps: int):
+    """The options every benchmark shares (`--batch`, `--steps`, `--name`, `--gpu-realistic`), parsed. In a cell's own
+    process (`--cell JSON`) it measures that cell with `measure_cell`, prints the result and returns None."""
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--name", help="results file stem")
+    parser.add_argument("--gpu-realistic", action="store_true", help="bf16 on CUDA, Qwen2.5-0.5B/1.5B configs")
+    parser.add_argument("--cell", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.cell:
+        print("RESULT " + json.dumps(measure_cell(*json.loads(options.cell))), flush=True)
+        return None
+    return options
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["floor", "kd", "gkd"], choices=METHODS)
-    parser.add_argument("--name", help="results file stem (default: kd_step_<device>)")
-    parser.add_argument("--gpu-realistic", action="store_true")
-    parser.add_argument("--cell", help=argparse.SUPPRESS)
-    options = parser.parse_args()
-    if options.cell:
-        print("RESULT " + json.dumps(measure(*json.loads(options.cell))), flush=True)
+    parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
+                        help="run the kd/dskd cells once per divergence (jsd β and skew α at their defaults)")
+    options = parse_options(parser, measure, steps=3)
+    if options is None:
         return
     realistic = options.gpu_realistic
     if realistic:
@@ -238,30 +295,17 @@ def main():
     rows = []
     for vocab in options.vocab:
         for seq in options.seq:
-            cells = {m: run_cell(m, vocab, seq, options.batch, options.steps, realistic) for m in options.methods}
+            cells = {}
+            for method in options.methods:
+                for divergence in (options.divergences if method in DIVERGENCE_METHODS else [None]):
+                    name = method if divergence is None or options.divergences == ["forward_kl"] \
+                        else f"{method}:{divergence}"
+                    cells[name] = run_cell(__file__, [method, vocab, seq, options.batch, options.steps, realistic,
+                                                      divergence or "forward_kl"])
             for method, cell in cells.items():
-                row = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method,
-                       "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1)}
-                for base in BASELINES:
-                    if base in cells:
-                        row[f"time_vs_{base}"] = round(cell["step_s"] / cells[base]["step_s"], 3)
-                        row[f"memory_vs_{base}"] = round(cell["memory_growth_mb"] / cells[base]["memory_growth_mb"], 3)
-                row["note"] = cell["note"]
-                rows.append(row)
-                print(row, flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, options.name or f"kd_step_{device}")
-    with open(path + ".csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    columns = list(rows[0])[1:]  # the CSV's columns without the device
-    with open(path + ".md", "w") as handle:
-        handle.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
-        for row in rows:
-            handle.write("| " + " | ".join(str(row[column]) for column in columns) + " |\n")
-    print(f"wrote {path}.csv and {path}.md")
-
+                fixed = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method}
+                rows.append(result_row(fixed, cell, {base: cells[base] for base in BASELINES if base in cells}))
+    write_results(rows, os.path.join(RESULTS, options.name or f"kd_step_{device}"))
 
 if __name__ == "__main__":
     main()
