@@ -210,7 +210,7 @@ def _peak_memory(device) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
 
 
-def run_cell(script: str, cell: list) -> dict:
+def run_cell(script: str, cell: list, gpu: bool) -> dict:
     """Run one cell (`script --cell JSON`) in fresh processes, so that its peak resident memory is its own.
 
     On CPU it runs twice: once as it is, for the time, and once with glibc's mmap threshold fixed at 128 KiB, for the
@@ -220,7 +220,7 @@ def run_cell(script: str, cell: list) -> dict:
     freed, so peak resident memory follows live tensors. The time is not taken from that run, because fresh mappings
     slow down code that allocates a new tensor per operation."""
     timed = _run_cell_process(script, cell, {})
-    if any(value is True for value in cell):  # the `realistic` flag, a cell's only boolean: CUDA counts exactly
+    if gpu:  # CUDA counts allocated memory exactly
         return timed
     measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
     return {**timed, "memory_growth_mb": measured["memory_growth_mb"], "note": timed["note"] or measured["note"]}
@@ -301,7 +301,7 @@ def main():
                     name = method if divergence is None or options.divergences == ["forward_kl"] \
                         else f"{method}:{divergence}"
                     cells[name] = run_cell(__file__, [method, vocab, seq, options.batch, options.steps, realistic,
-                                                      divergence or "forward_kl"])
+                                                      divergence or "forward_kl"], gpu=realistic)
             for method, cell in cells.items():
                 fixed = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method}
                 rows.append(result_row(fixed, cell, {base: cells[base] for base in BASELINES if base in cells}))

@@ -183,7 +183,8 @@ def main():
         for repeat in range(options.repeats):
             # Alternate which trainer runs first, so that neither always meets the machine in the same state.
             methods = options.methods if repeat % 2 == 0 else list(reversed(options.methods))
-            cells = {m: run_cell(__file__, [m, vocab, options.batch, options.steps, realistic]) for m in methods}
+            cells = {m: run_cell(__file__, [m, vocab, options.batch, options.steps, realistic], gpu=realistic)
+                     for m in methods}
             for method in options.methods:
                 base = "loss_trl" if method.startswith("loss_") else "trl"  # each against TRL's of its kind
                 fixed = {"device": device, "vocab": vocab, "batch": options.batch, "repeat": repeat + 1,

@@ -13,7 +13,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from ..kd.hidden import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
-from ..losses.chunked import chunk_rows, default_memory_budget_mb
+from ..losses.chunked import chunk_length
 from ..losses.reference import loss_normalizer
 from ..teacher import model_name, output_head_shape
 from ..tokenizer import load_tokenizer
@@ -271,8 +271,8 @@ class DSKDTrainer(KDTrainer):
         targets = torch.full_like(labels, -100)
         mask = labels != -100
         rows = teacher_hidden[mask]
-        budget = self.args.loss_memory_budget_mb or default_memory_budget_mb(rows.device)
-        chunk = self.args.loss_chunk_size or chunk_rows(head.weight.shape[0], 1, budget)  # one [chunk, V] of logits
+        chunk = chunk_length(head.weight.shape[0], 1, rows.device, self.args.loss_chunk_size,  # one [chunk, V]
+                             self.args.loss_memory_budget_mb)
         predictions = [head(rows[start:start + chunk])[:, : self.distilled_vocab_size].argmax(-1)
                        for start in range(0, rows.size(0), chunk)]
         targets[mask] = torch.cat(predictions) if predictions else targets[mask]

@@ -53,6 +53,20 @@ def chunk_rows(vocab: int, buffers: int, memory_budget_mb: float) -> int:
     return max(1, int(memory_budget_mb * 2**20) // (buffers * vocab * 4))
 
 
+def chunk_length(vocab: int, buffers: int, device: torch.device, chunk_size: int | None = None,
+                 memory_budget_mb: float | None = None) -> int:
+    """Tokens per chunk as a caller asked: `chunk_size` when given, else the most that fit `memory_budget_mb` (default
+    `default_memory_budget_mb(device)`) in `buffers` `[n, vocab]` fp32 buffers. Giving both is an error."""
+    if chunk_size is not None:
+        if memory_budget_mb is not None:
+            raise ValueError(f"chunk_size={chunk_size} and memory_budget_mb={memory_budget_mb} both size the chunks: "
+                             "give one.")
+        return chunk_size
+    if memory_budget_mb is None:
+        memory_budget_mb = default_memory_budget_mb(device)
+    return chunk_rows(vocab, buffers, memory_budget_mb)
+
+
 @dataclass(frozen=True)
 class LogitTransform:
     """What a model does to `h @ W^T + b` before its softmax: `softcap·tanh(scale·z / softcap)` (Gemma, Cohere)."""
@@ -165,7 +179,8 @@ def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tens
 def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                                settings: LossSettings, student_transform: LogitTransform,
                                scratch: list[torch.Tensor], kd_token_weights: torch.Tensor | None = None,
-                               report_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                               report_ce: bool = True
+                               ) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor, float]:
     """`autograd_value_and_grad` for a divergence with a closed-form gradient, in place: `student_logits` (raw, before
     the student's transform), `teacher_logits` (transformed) and the `scratch` buffers (all `[n, V]` fp32;
     `working_buffers` says how many) are overwritten, and the returned gradient is one of them. Returns
@@ -184,7 +199,7 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
     student_transform.apply_(student_logits, derivative)
     ce_wanted = weight < 1.0 or report_ce
     ce_grad = free.pop() if weight < 1.0 or (temperature != 1.0 and ce_wanted) else None
-    ce = torch.zeros((), device=labels.device)
+    ce = 0.0  # unless computed below
 
     def start_ce_grad(log_probs):  # softmax(z) − onehot(y) into ce_grad; its weight (1 − w) goes into c
         torch.exp(log_probs, out=ce_grad)
@@ -495,14 +510,8 @@ def chunked_distillation_terms(
         teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask]
         if teacher_terms.ce_weight == 0:
             teacher_rows = teacher_rows.detach()
-        if chunk_size is None:
-            if memory_budget_mb is None:
-                memory_budget_mb = default_memory_budget_mb(student_hidden.device)
-            chunk_size = chunk_rows(vocab, working_buffers(settings, student_transform, report_ce),
-                                    memory_budget_mb)
-        elif memory_budget_mb is not None:
-            raise ValueError(f"chunk_size={chunk_size} and memory_budget_mb={memory_budget_mb} both size the chunks: "
-                             "give one.")
+        chunk_size = chunk_length(vocab, working_buffers(settings, student_transform, report_ce),
+                                  student_hidden.device, chunk_size, memory_budget_mb)
         plan = _ChunkPlan(teacher_weight[:vocab].detach(), None if teacher_bias is None else teacher_bias[:vocab].detach(),
                           labels[mask], teacher_labels[mask], normalizer, settings, student_transform,
                           teacher_transform, teacher_terms, chunk_size, noise, report_ce)
