@@ -16,9 +16,13 @@ import numpy as np
 import pandas as pd
 import pingouin as pg
 from scipy import stats as scipy_stats
+from statsmodels.stats.contingency_tables import mcnemar
 
 
-PAIRED_METHODS = ("wilcoxon", "ttest")
+PAIRED_METHODS = ("wilcoxon", "ttest", "mcnemar")
+# What `compare` accepts: a test, `auto` (McNemar's exact test for 0/1 scores, Wilcoxon otherwise) or `both`
+# (Wilcoxon and the t-test, each its own family of corrections).
+COMPARE_METHODS = (*PAIRED_METHODS, "auto", "both")
 CORRECTIONS = {"holm": "holm", "bh": "fdr_bh", "fdr_bh": "fdr_bh", "bonferroni": "bonf", "none": None}
 
 
@@ -30,7 +34,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "wilcoxon"
     """Paired test of `a` against `b` (same examples, same order).
 
     Returns pingouin's row as a dict: for `ttest` `T`, `dof`, `p_val`, `CI95`, `cohen_d`, `power`, `BF10`; for
-    `wilcoxon` `W_val`, `p_val`, `RBC` (rank-biserial correlation), `CLES`. Plus `method`, `n`, `mean_a`, `mean_b`.
+    `wilcoxon` `W_val`, `p_val`, `RBC` (rank-biserial correlation), `CLES`. For `mcnemar` (0/1 scores only: right or
+    wrong on each item) statsmodels' exact test, binomial on the discordant pairs: `n01` (items only `b` gets right),
+    `n10` (only `a`), `statistic` (the smaller of the two), `p_val`. Plus `method`, `n`, `mean_a`, `mean_b`.
     When every difference is zero there is nothing to test: `p_val` is 1.0 and the statistic NaN (scipy's Wilcoxon
     would fail there).
     """
@@ -42,14 +48,29 @@ def paired_test(a: Sequence[float], b: Sequence[float], method: str = "wilcoxon"
     if len(a) < 2:
         raise ValueError(f"paired_test needs at least 2 pairs, got {len(a)}.")
     base = {"method": method, "n": len(a), "mean_a": float(a.mean()), "mean_b": float(b.mean())}
+    if method == "mcnemar" and not (is_binary(a) and is_binary(b)):
+        raise ValueError("McNemar's test needs 0/1 scores on both sides (right or wrong per item); use wilcoxon for "
+                         "graded scores.")
     if np.allclose(a, b):
-        statistic = "T" if method == "ttest" else "W_val"
+        statistic = {"ttest": "T", "wilcoxon": "W_val", "mcnemar": "statistic"}[method]
         return {**base, statistic: math.nan, "p_val": 1.0}
+    if method == "mcnemar":
+        only_b, only_a = int(((b == 1) & (a == 0)).sum()), int(((a == 1) & (b == 0)).sum())
+        both, neither = int(((a == 1) & (b == 1)).sum()), int(((a == 0) & (b == 0)).sum())
+        result = mcnemar([[neither, only_b], [only_a, both]], exact=True)
+        return {**base, "n01": only_b, "n10": only_a, "statistic": float(result.statistic),
+                "p_val": float(result.pvalue)}
     if method == "ttest":
         row = pg.ttest(a, b, paired=True).iloc[0].to_dict()
     else:
         row = pg.wilcoxon(a, b).iloc[0].to_dict()
     return {**base, **row}
+
+
+def is_binary(values: Sequence[float]) -> bool:
+    """Every value is 0 or 1 (an item right or wrong)."""
+    values = _as_array(values)
+    return bool(np.isin(values, (0.0, 1.0)).all())
 
 
 def effect_size(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
@@ -102,9 +123,14 @@ def mean_difference(a: Sequence[float], b: Sequence[float], confidence: float = 
 
 
 def compare(scores_a: pd.DataFrame, scores_b: pd.DataFrame, metrics: Sequence[str] | None = None,
-            method: str = "wilcoxon", correction: str = "holm", alpha: float = 0.05) -> pd.DataFrame:
+            method: str = "auto", correction: str = "holm", alpha: float = 0.05) -> pd.DataFrame:
     """Configuration B (the treatment) against A (the baseline) on every metric: one row per metric (and per test
     when `method="both"`). Differences and effect sizes are B − A: positive when B scores higher.
+
+    `method`: one of `PAIRED_METHODS`, `auto` (per metric: McNemar's exact test when both sides score every item 0 or
+    1, Wilcoxon otherwise; one family of corrections) or `both` (Wilcoxon and the t-test). Each metric is paired on
+    the items both sides scored (a NaN on either side leaves the item out of that metric): lm-eval tasks and
+    generated answers are different items in one table. A metric with fewer than two such items is left out.
 
     Columns: `metric`, `method`, `n`, `mean_a`, `mean_b`, `delta` (mean of B − A) with `delta_ci_low` and
     `delta_ci_high` (95% Student-t interval), `statistic`, `p_val`, `p_corr` (corrected across the metrics of one
@@ -116,16 +142,25 @@ def compare(scores_a: pd.DataFrame, scores_b: pd.DataFrame, metrics: Sequence[st
     missing = [m for m in metrics if m not in a or m not in b]
     if missing:
         raise ValueError(f"Metric(s) {missing} are not in both score tables (they have {sorted(set(a) & set(b))}).")
-    methods = PAIRED_METHODS if method == "both" else (method,)
+    if method not in COMPARE_METHODS:
+        raise ValueError(f"method must be one of {COMPARE_METHODS}, got {method!r}.")
+    families = ("wilcoxon", "ttest") if method == "both" else (method,)
     rows = []
-    for test in methods:
+    for family in families:
         block = []
         for metric in metrics:
-            result = paired_test(a[metric], b[metric], method=test)
-            statistic = result.get("T", result.get("W_val"))
+            both = a[metric].notna() & b[metric].notna()
+            if both.sum() < 2:
+                continue
+            x, y = a.loc[both, metric], b.loc[both, metric]
+            test = family
+            if family == "auto":
+                test = "mcnemar" if is_binary(x) and is_binary(y) else "wilcoxon"
+            result = paired_test(x, y, method=test)
+            statistic = result.get("T", result.get("W_val", result.get("statistic")))
             block.append({"metric": metric, "method": test, "n": result["n"], "mean_a": result["mean_a"],
-                          "mean_b": result["mean_b"], **mean_difference(a[metric], b[metric]),
-                          "statistic": statistic, "p_val": result["p_val"], **effect_size(b[metric], a[metric])})
+                          "mean_b": result["mean_b"], **mean_difference(x, y),
+                          "statistic": statistic, "p_val": result["p_val"], **effect_size(y, x)})
         for row, corrected in zip(block, correct([row["p_val"] for row in block], correction)):
             row["p_corr"] = float(corrected)
             row["reject"] = bool(corrected < alpha)

@@ -43,7 +43,7 @@ def test_identical_scores_do_not_crash_and_do_not_reject():
 def test_bad_input_is_refused_clearly():
     with pytest.raises(ValueError, match=r"same length, got \(12,\) and \(3,\)"):
         stats.paired_test(A, B[:3])
-    with pytest.raises(ValueError, match="method must be one of \\('wilcoxon', 'ttest'\\), got 'sign'"):
+    with pytest.raises(ValueError, match="method must be one of \\('wilcoxon', 'ttest', 'mcnemar'\\), got 'sign'"):
         stats.paired_test(A, B, method="sign")
     with pytest.raises(ValueError, match="correction must be one of"):
         stats.correct([0.1], "sidak")
@@ -124,3 +124,41 @@ def test_the_report_anova_leaves_out_metrics_with_no_more_examples_than_configur
     table = anova_table(enough, ["m"])
     expected = pg.rm_anova(data=enough, dv="m", within="cell", subject="example_id").iloc[0]
     assert table.loc[0, "F"] == pytest.approx(expected["F"]) and table.loc[0, "ddof2"] == 10
+
+
+# Right (1) or wrong (0) per item, as lm-eval's accuracy is: B gets 9 items A misses, A gets 2 that B misses.
+RIGHT_A = np.array([1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1, 1, 0, 0, 1, 0, 1, 0], dtype=float)
+RIGHT_B = np.array([1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 0, 1, 1], dtype=float)
+
+
+def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_pairs():
+    only_b = int(((RIGHT_B == 1) & (RIGHT_A == 0)).sum())
+    only_a = int(((RIGHT_A == 1) & (RIGHT_B == 0)).sum())
+    assert (only_b, only_a) == (9, 2)
+    result = stats.paired_test(RIGHT_A, RIGHT_B, method="mcnemar")
+    assert (result["n01"], result["n10"]) == (only_b, only_a)
+    assert result["p_val"] == pytest.approx(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    with pytest.raises(ValueError, match="0/1 scores"):
+        stats.paired_test(A, B, method="mcnemar")
+
+
+def test_auto_picks_mcnemar_for_right_or_wrong_items_and_wilcoxon_otherwise_and_pairs_what_both_scored():
+    # Two kinds of rows in one table, as a study's scores.csv holds them: 12 generated answers (graded m1) and
+    # 20 lm-eval items (0/1 acc), each NaN in the other's columns.
+    a = pd.DataFrame({"example_id": [*range(12), *[f"task/{i}" for i in range(20)]],
+                      "m1": [*A, *[np.nan] * 20], "task/acc": [*[np.nan] * 12, *RIGHT_A]})
+    b = pd.DataFrame({"example_id": a["example_id"], "m1": [*B, *[np.nan] * 20],
+                      "task/acc": [*[np.nan] * 12, *RIGHT_B]})
+    b.loc[31, "task/acc"] = np.nan  # an item B has no score for: left out of that metric's pairs only
+    table = stats.compare(a, b, correction="holm").set_index("metric")
+    assert table.loc["m1", "method"] == "wilcoxon" and table.loc["m1", "n"] == 12
+    assert table.loc["m1", "p_val"] == pytest.approx(sps.wilcoxon(A, B).pvalue)
+    assert table.loc["task/acc", "method"] == "mcnemar" and table.loc["task/acc", "n"] == 19
+    only_b = int(((RIGHT_B[:19] == 1) & (RIGHT_A[:19] == 0)).sum())
+    only_a = int(((RIGHT_A[:19] == 1) & (RIGHT_B[:19] == 0)).sum())
+    assert table.loc["task/acc", "p_val"] == pytest.approx(sps.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+    assert table.loc["task/acc", "mean_b"] == pytest.approx(RIGHT_B[:19].mean())
+    # One family: Holm across both metrics, whatever test each took.
+    np.testing.assert_allclose(table["p_corr"], pg.multicomp(list(table["p_val"]), method="holm")[1])
+    with pytest.raises(ValueError, match="method must be one of"):
+        stats.compare(a, b, method="mcnemr")
