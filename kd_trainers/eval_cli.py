@@ -8,6 +8,12 @@ Writes `predictions.jsonl` (inputs, references, predictions), `generation.json` 
 model), `scores.csv` (one row per example, one column per metric) and `summary.json` (means and corpus scores).
 `--metrics judge` adds LLM-judge scores (`--judge-model` or `--judge-url` + `--judge-endpoint-model`), and
 `judge.json` with the judge's identity and the prompts.
+`--metrics lm_eval` scores lm-evaluation-harness tasks (`--lm-eval-tasks`; tasks of your own from
+`--lm-eval-include-path DIR`); its items are rows of `scores.csv` (`example_id` `<task>/<doc_id>`, a column
+`<task>/<metric>` each), lm-eval's own figures are in `summary.json`, and `lm_eval_results.json` and
+`lm_eval_samples.jsonl` keep its results and per-item log. With only `lm_eval`, no dataset is read.
+
+    kd-eval --model outputs/vanilla_kd --metrics lm_eval --lm-eval-tasks kd_demo --output outputs/vanilla_kd/lm_eval
 The model is a folder (a full model, or a LoRA adapter, which transformers loads onto its base), a Hub id, or a demo
 spec; `--adapter` merges a LoRA adapter into it first.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from .evaluation.settings import DEFAULT_JUDGE_METRICS
@@ -49,9 +56,44 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the endpoint's key (default: $OPENAI_API_KEY); never written to disk")
     parser.add_argument("--judge-metrics", nargs="+", default=list(DEFAULT_JUDGE_METRICS))
     parser.add_argument("--context-column", help="a column with the context, for the faithfulness judge metric")
+    parser.add_argument("--lm-eval-tasks", nargs="+", help="lm-eval task, tag or group names (with --metrics lm_eval)")
+    parser.add_argument("--lm-eval-include-path", nargs="+", help="folders of lm-eval task YAMLs of your own")
+    parser.add_argument("--lm-eval-num-fewshot", type=int, help="few-shot examples per item (default: the task's)")
+    parser.add_argument("--lm-eval-limit", type=int, help="score only the first N items of each task")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=16)
     parser.add_argument("--output", required=True)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
+
+
+def harness_options(options) -> dict | None:
+    """The `--lm-eval-*` options as the `lm_eval` settings, checked (the task names too, by lm-eval itself); None
+    without `--metrics lm_eval`. Errors name the flag."""
+    from .evaluation.harness import check_harness, harness_settings
+    from .evaluation.settings import HARNESS_SUITE
+
+    given = {key: getattr(options, f"lm_eval_{key}") for key in ("tasks", "include_path", "num_fewshot", "limit")}
+    if HARNESS_SUITE not in options.metrics:
+        named = [f"--lm-eval-{key.replace('_', '-')}" for key, value in given.items() if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)} apply to the lm_eval suite, which --metrics does not name: add "
+                             "lm_eval to --metrics.")
+        return None
+    if not given["tasks"]:
+        raise ValueError("--metrics lm_eval needs --lm-eval-tasks TASK [TASK ...] (e.g. arc_easy; the demo's: kd_demo).")
+    block = {**{key: value for key, value in given.items() if value is not None},
+             "batch_size": options.lm_eval_batch_size}
+
+    def flag(error: Exception) -> ValueError:
+        return ValueError(re.sub(r"evaluation\.lm_eval\.(\w+)", lambda m: "--lm-eval-" + m.group(1).replace("_", "-"),
+                                 str(error).replace("kd-eval: ", "", 1)))
+
+    try:
+        settings = harness_settings(block, "kd-eval", ValueError)
+        check_harness(settings, "kd-eval", ValueError)
+    except ValueError as error:
+        raise flag(error) from None
+    return settings
 
 
 def run_evaluation(options) -> dict:
@@ -61,6 +103,7 @@ def run_evaluation(options) -> dict:
 
     from .evaluation.pipeline import evaluate_model
     from .evaluation.score import METRICS, resolve_metrics
+    from .evaluation.settings import generation_metrics
     from .generation import load_predictions
     from .recipe.data import load_recipe_datasets
     from .recipe.models import resolve_model
@@ -88,7 +131,8 @@ def run_evaluation(options) -> dict:
     if options.answer_extractor not in ANSWER_EXTRACTORS:
         raise ValueError(f"--answer-extractor: {options.answer_extractor!r} is not one of {sorted(ANSWER_EXTRACTORS)}.")
     use_judge = "judge" in options.metrics
-    names = resolve_metrics([m for m in options.metrics if m != "judge"])  # bad names fail before any loading
+    names = resolve_metrics(generation_metrics(options.metrics))  # bad names fail before any loading
+    harness = harness_options(options)
     versus_teacher = [m for m in names if METRICS[m][2] == "teacher_predictions"]
     if versus_teacher and not options.teacher_predictions:
         raise ValueError(f"--metrics: {versus_teacher} compare with the teacher's answers: give "
@@ -96,13 +140,15 @@ def run_evaluation(options) -> dict:
     if use_judge and not (options.judge_model or (options.judge_url and options.judge_endpoint_model)):
         raise ValueError("The judge suite needs a judge: --judge-model PATH, or --judge-url URL with "
                          "--judge-endpoint-model NAME.")
-    _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
-                                       "dataset_train_split": options.split, "dataset_test_split": options.split,
-                                       "columns": options.columns, "prompt_template": options.prompt_template})
-    if options.limit:
+    dataset = None
+    if names or use_judge:  # lm-eval brings its own items: the dataset is read only for metrics on generated answers
+        _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
+                                           "dataset_train_split": options.split, "dataset_test_split": options.split,
+                                           "columns": options.columns, "prompt_template": options.prompt_template})
+    if options.limit and dataset is not None:
         dataset = dataset.select(range(min(options.limit, len(dataset))))
     teacher = None
-    if options.teacher_predictions:
+    if options.teacher_predictions and dataset is not None:
         teacher = [row["prediction"] for row in load_predictions(options.teacher_predictions)]
         if len(teacher) != len(dataset):
             raise ValueError(f"{options.teacher_predictions} has {len(teacher)} predictions but the split has "
@@ -121,7 +167,7 @@ def run_evaluation(options) -> dict:
                     "temperature": options.temperature, "top_p": options.top_p},
         batch_size=options.batch_size, teacher_predictions=(lambda prompts: teacher) if teacher else None,
         judge=judge, record={"model": options.model, "adapter": options.adapter, "dataset": options.dataset,
-                             "split": options.split})
+                             "split": options.split}, harness=harness)
     return summary
 
 

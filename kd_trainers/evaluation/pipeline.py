@@ -9,6 +9,9 @@
     scores.csv          one row per example, one column per metric (the judge's scores without its replies)
     summary.json        n, the mean of every metric, the corpus-level BLEU/chrF
     judge_replies.csv, judge.json   with the judge: its raw replies, identity and prompts
+    lm_eval_results.json, lm_eval_samples.jsonl   with the `lm_eval` suite (`harness.py`): lm-eval's results and its
+                        per-item log; its items are rows of scores.csv too (`example_id` `<task>/<doc_id>`, columns
+                        `<task>/<metric>`), and its own figures are in summary.json
 """
 
 from __future__ import annotations
@@ -20,33 +23,58 @@ from collections.abc import Callable
 import pandas as pd
 
 from ..generation import generate_predictions, save_predictions
+from .harness import run_harness
 from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from .score import METRICS, resolve_metrics, score
+from .settings import HARNESS_SUITE, generation_metrics
 
 
 def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[str], answer_extractor: str,
                    generation: dict, batch_size: int,
                    teacher_predictions: Callable[[list[str]], list[str] | None] | None = None,
-                   judge: dict | None = None, record: dict | None = None) -> tuple[pd.DataFrame, dict]:
+                   judge: dict | None = None, record: dict | None = None,
+                   harness: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Evaluates `model` on `dataset` (columns `prompt` and `completion`) and writes the files above.
 
     Args:
-        metrics: names of `score.METRICS` or suites, and `judge` for the LLM judge.
+        metrics: names of `score.METRICS` or suites, `judge` for the LLM judge, `lm_eval` for lm-evaluation-harness
+            tasks (only `lm_eval`: nothing is generated and `dataset` may be None).
         generation: `max_new_tokens`, and `do_sample`/`temperature`/`top_p` when sampling.
         teacher_predictions: called with the prompts when a metric compares with the teacher (`agreement`,
             `fidelity`); returns the teacher's answers, or None when there is no teacher (those metrics are NaN).
         judge: the judge settings (`model`, or `url` + `endpoint_model`; `api_key`, `metrics`, `context_column`).
         record: more to write into `generation.json` (what model, which split).
+        harness: the `lm_eval` settings (`harness.harness_settings`), with `lm_eval` among the metrics.
 
     Returns `(scores, summary)`: the per-example frame and the summary written to `summary.json`.
     """
+    use_judge = "judge" in metrics
+    names = resolve_metrics(generation_metrics(metrics))  # unknown names fail before generating
+    if HARNESS_SUITE in metrics and not harness:
+        raise ValueError("The lm_eval suite needs its settings (harness={'tasks': [...]}).")
+    os.makedirs(directory, exist_ok=True)
+    frame, summary = (_generated_scores(model, tokenizer, dataset, directory, names, answer_extractor, generation,
+                                        batch_size, teacher_predictions, (judge or {}) if use_judge else None,
+                                        record)
+                      if names or use_judge else (pd.DataFrame(columns=["example_id"]), {}))
+    if HARNESS_SUITE in metrics:
+        items, figures = run_harness(model, tokenizer, harness, directory)
+        frame = pd.concat([frame, items], ignore_index=True) if len(frame) else items
+        summary = {**summary, "lm_eval_items": len(items), **figures}
+    frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
+    with open(os.path.join(directory, "summary.json"), "w") as handle:
+        json.dump(summary, handle, indent=2)
+    return frame, summary
+
+
+def _generated_scores(model, tokenizer, dataset, directory, names, answer_extractor, generation, batch_size,
+                      teacher_predictions, judge, record) -> tuple[pd.DataFrame, dict]:
+    """The generated answers, scored by the metrics `names` (and the judge when `judge` is given): the frame and the
+    summary (n, means, corpus scores)."""
     missing = {"prompt", "completion"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"Evaluation needs 'prompt' and 'completion' columns; the split has {dataset.column_names}. "
                          "Map them with columns / prompt_template.")
-    use_judge = "judge" in metrics
-    names = resolve_metrics([m for m in metrics if m != "judge"])  # unknown names fail before generating
-    os.makedirs(directory, exist_ok=True)
     prompts, references = list(dataset["prompt"]), list(dataset["completion"])
     predictions = generate_predictions(model, tokenizer, prompts, batch_size=batch_size, **generation)
     save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
@@ -67,8 +95,8 @@ def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[s
         for metric in versus_teacher:
             frame[metric] = with_teacher[metric]
     judged_metrics = []
-    if use_judge:
-        settings = judge or {}
+    if judge is not None:
+        settings = judge
         client = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
                             settings.get("api_key") or os.environ.get("OPENAI_API_KEY"))
         contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
@@ -78,8 +106,5 @@ def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[s
         frame = frame.merge(judged[["example_id", *judged_metrics]], on="example_id")
         judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
         save_judge_record(judged, os.path.join(directory, "judge.json"))
-    frame.to_csv(os.path.join(directory, "scores.csv"), index=False)
     summary = {"n": len(predictions), **{m: float(frame[m].mean()) for m in [*names, *judged_metrics]}, **corpus}
-    with open(os.path.join(directory, "summary.json"), "w") as handle:
-        json.dump(summary, handle, indent=2)
     return frame, summary

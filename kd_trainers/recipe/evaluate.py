@@ -17,6 +17,7 @@ import pandas as pd
 from transformers import AutoModelForCausalLM
 
 from ..evaluation.pipeline import evaluate_model
+from ..evaluation.settings import generation_metrics
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 from ..teacher import _dtype_from_init_kwargs, load_teacher
@@ -60,14 +61,25 @@ class TrainedModels:
         if os.path.exists(os.path.join(output, "tokenizer_config.json")):
             tokenizer = load_tokenizer(output)
 
-        def loader():
-            teacher, teacher_tokenizer = resolve_teacher(recipe)
-            teacher_kwargs = getattr(config, "teacher_model_init_kwargs", None)
-            teacher = load_teacher(teacher, teacher_kwargs if isinstance(teacher, str) and
-                                   isinstance(teacher_kwargs, dict) else None, config.teacher_adapter_name_or_path)
-            return teacher, teacher_tokenizer
+        return cls(model, tokenizer, (lambda: load_recipe_teacher(recipe)) if recipe.needs_teacher else None)
 
-        return cls(model, tokenizer, loader if recipe.needs_teacher else None)
+
+def load_recipe_teacher(recipe) -> tuple[object, object]:
+    """`(teacher, its tokenizer)` as the recipe names them: loaded with its init kwargs, its adapter merged."""
+    config = recipe.config
+    teacher, teacher_tokenizer = resolve_teacher(recipe)
+    teacher_kwargs = getattr(config, "teacher_model_init_kwargs", None)
+    teacher = load_teacher(teacher, teacher_kwargs if isinstance(teacher, str) and isinstance(teacher_kwargs, dict)
+                           else None, config.teacher_adapter_name_or_path)
+    return teacher, teacher_tokenizer
+
+
+def teacher_identity(recipe) -> dict:
+    """What a recipe's teacher (and so its answers) is made of: the model, its adapter, load settings, tokenizer."""
+    config = recipe.config
+    return {"teacher": config.teacher_model_name_or_path, "adapter": config.teacher_adapter_name_or_path,
+            "init_kwargs": getattr(config, "teacher_model_init_kwargs", None),
+            "tokenizer": getattr(config, "teacher_tokenizer_name_or_path", None)}
 
 
 def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluation.split"):
@@ -81,35 +93,44 @@ def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluati
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
+def _teacher_cache(evaluation: dict, cache_root: str, recipe, prompts: list[str]) -> tuple[str, str]:
+    """`(folder, key)` of a teacher's cached answers: keyed by everything they depend on, the teacher (name, adapter,
+    load settings, tokenizer), the prompts' content (not their number: two test sets of the same size are different
+    sets) and every generation setting (the batch size too: left padding can change a greedy continuation)."""
+    key = json.dumps({
+        **teacher_identity(recipe),
+        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+        "generation": {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False,
+                       "batch_size": evaluation["batch_size"]},
+    }, sort_keys=True, default=str)
+    return os.path.join(cache_root, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12]), key
+
+
+def store_teacher_predictions(evaluation: dict, cache_root: str, recipe, prompts: list[str],
+                              predictions: list[str]) -> None:
+    """The recipe's teacher's answers, generated elsewhere with the evaluation's settings (a study's teacher reference),
+    put where `teacher_predictions` finds them: the cells then compare with them without generating them again."""
+    folder, key = _teacher_cache(evaluation, cache_root, recipe, prompts)
+    os.makedirs(folder, exist_ok=True)
+    save_predictions(os.path.join(folder, "predictions.jsonl"), prompts, [""] * len(prompts), predictions,
+                     {"teacher": key})
+    write_done(folder, {"teacher": key})
+
+
 def teacher_predictions(evaluation: dict, cache_root: str, trained: TrainedModels, recipe,
                         prompts: list[str]) -> list[str] | None:
     """The teacher's answers on the test prompts, generated once per distinct teacher and cached under `cache_root`
     (the teacher is only loaded when its answers are not cached yet)."""
     if trained.load_teacher is None:
         return None
-    # Keyed by everything the answers depend on: the teacher (name, adapter, load settings, tokenizer), the prompts'
-    # content (not their number: two test sets of the same size are different sets) and every generation setting
-    # (the batch size too: left padding can change a greedy continuation).
-    config = recipe.config
-    key = json.dumps({
-        "teacher": config.teacher_model_name_or_path, "adapter": config.teacher_adapter_name_or_path,
-        "init_kwargs": getattr(config, "teacher_model_init_kwargs", None),
-        "tokenizer": getattr(config, "teacher_tokenizer_name_or_path", None),
-        "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
-        "generation": {"max_new_tokens": evaluation["max_new_tokens"], "do_sample": False,
-                       "batch_size": evaluation["batch_size"]},
-    }, sort_keys=True, default=str)
-    folder = os.path.join(cache_root, "teachers", hashlib.sha256(key.encode()).hexdigest()[:12])
-    path = os.path.join(folder, "predictions.jsonl")
+    folder, _ = _teacher_cache(evaluation, cache_root, recipe, prompts)
     if os.path.exists(os.path.join(folder, DONE)):
-        with open(path) as handle:
+        with open(os.path.join(folder, "predictions.jsonl")) as handle:
             return [json.loads(line)["prediction"] for line in handle]
-    os.makedirs(folder, exist_ok=True)
     teacher, teacher_tokenizer = trained.load_teacher()
     predictions = generate_predictions(teacher, teacher_tokenizer, prompts, batch_size=evaluation["batch_size"],
                                        max_new_tokens=evaluation["max_new_tokens"])
-    save_predictions(path, prompts, [""] * len(prompts), predictions, {"teacher": key})
-    write_done(folder, {"teacher": key})
+    store_teacher_predictions(evaluation, cache_root, recipe, prompts, predictions)
     return predictions
 
 
@@ -117,11 +138,13 @@ def evaluate_trained(evaluation: dict, trained: TrainedModels, recipe, directory
                      cache_root: str) -> pd.DataFrame:
     """The recipe's `evaluation` settings on its trained model, through the one evaluation pipeline
     (`kd_trainers.evaluation.pipeline.evaluate_model`): the recipe's test split, the teacher's cached answers."""
-    dataset = evaluation_split(recipe, evaluation["split"], evaluation["limit"])
+    # lm-eval brings its own test items: without metrics on generated answers, the recipe's split is not read.
+    generates = bool(generation_metrics(evaluation["metrics"])) or "judge" in evaluation["metrics"]
+    dataset = evaluation_split(recipe, evaluation["split"], evaluation["limit"]) if generates else None
     frame, _ = evaluate_model(
         trained.model, trained.tokenizer, dataset, directory, metrics=evaluation["metrics"],
         answer_extractor=evaluation["answer_extractor"], generation={"max_new_tokens": evaluation["max_new_tokens"]},
         batch_size=evaluation["batch_size"],
         teacher_predictions=lambda prompts: teacher_predictions(evaluation, cache_root, trained, recipe, prompts),
-        judge=evaluation.get("judge"), record={"split": evaluation["split"]})
+        judge=evaluation.get("judge"), record={"split": evaluation["split"]}, harness=evaluation.get("lm_eval"))
     return frame

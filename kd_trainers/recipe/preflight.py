@@ -17,6 +17,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
+from ..evaluation.harness import check_harness
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
 from .models import DEMO_PREFIX
@@ -155,6 +156,8 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
         check_model_reference("evaluation.judge.model", judge["model"], where, pending=pending)
     check_dataset_reference(options, where, pending)
     check_dependencies(recipe)
+    if (options["evaluation"] or {}).get("lm_eval"):  # the task names, by lm-eval itself, before training
+        check_harness(options["evaluation"]["lm_eval"], where, RecipeError)
     check_publishing(recipe)
     if output:
         check_output_dir(recipe)

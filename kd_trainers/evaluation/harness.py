@@ -1,0 +1,197 @@
+"""The `lm_eval` suite: a model in memory scored on lm-evaluation-harness tasks, one score per task item.
+
+    evaluation:
+      metrics: [ngram, reasoning, lm_eval]
+      lm_eval: {tasks: [arc_easy, gsm8k], num_fewshot: 0, limit: 200, batch_size: 16, include_path: my_tasks/}
+
+The harness runs through its Python API (`lm_eval.simple_evaluate` on an `HFLM` wrapping the model already loaded:
+no second load), with per-sample logging on. Each logged sample becomes a row of the evaluation's `scores.csv` with
+`example_id` `<task>/<doc_id>` and one column per metric, `<task>/<metric>` (`<task>/<metric>,<filter>` for a
+task's named filters, as lm-eval writes its own keys: `gsm8k/exact_match,strict-match`). A metric that lm-eval
+aggregates other than by the mean of its items (corpus BLEU, perplexity) has no column: its per-item values would not
+average to the task's figure; it stays in the summary and `lm_eval_results.json`.
+
+The demo task's lm-eval tasks (`kd_trainers.demo.harness_tasks`: `kd_demo_glossary_mc`, `kd_demo_arithmetic`, tag
+`kd_demo`) are always on the include path; `include_path` adds folders of task YAMLs of your own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import numbers
+import os
+
+import pandas as pd
+
+from ..demo.harness_tasks import demo_task_folder
+from ..files import user_cache_dir
+from ..suggest import did_you_mean
+
+
+HARNESS_KEYS = ("tasks", "num_fewshot", "limit", "batch_size", "include_path")
+HARNESS_DEFAULTS = {"num_fewshot": None, "limit": None, "batch_size": 16, "include_path": None}
+INSTALL = "pip install 'kd-trainers[eval]' (it brings lm-eval)"
+
+
+def harness_settings(block, where: str, error: type[ValueError], base_dir: str | None = None) -> dict:
+    """The `lm_eval` block with its defaults, checked for shape (task names are checked by `check_harness`, which
+    imports lm-eval). A relative `include_path` is taken from `base_dir` (the recipe's or study's folder)."""
+    if not isinstance(block, dict):
+        raise error(f"{where}: evaluation.lm_eval: {block!r} should be a mapping, e.g. "
+                    "{tasks: [arc_easy], num_fewshot: 0}.")
+    for key in block:
+        if key not in HARNESS_KEYS:
+            raise error(f"{where}: evaluation.lm_eval.{key}: unknown key.{did_you_mean(key, HARNESS_KEYS)}")
+    settings = {**HARNESS_DEFAULTS, **block}
+    tasks = settings.get("tasks")
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(task, str) and task for task in tasks):
+        raise error(f"{where}: evaluation.lm_eval.tasks: {settings.get('tasks')!r} should be a list of lm-eval task "
+                    "names, e.g. [arc_easy, gsm8k] (the demo's: [kd_demo]).")
+    settings["tasks"] = tasks
+    for key, low, unset in (("num_fewshot", 0, " (or null: each task's own)"), ("limit", 1, " (or null: every item)"),
+                            ("batch_size", 1, "")):
+        value = settings[key]
+        if value is None and unset:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise error(f"{where}: evaluation.lm_eval.{key}: {value!r} should be an integer ≥ {low}{unset}.")
+    paths = settings["include_path"]
+    if paths is not None:
+        paths = [paths] if isinstance(paths, str) else paths
+        if not isinstance(paths, list) or not all(isinstance(path, str) and path for path in paths):
+            raise error(f"{where}: evaluation.lm_eval.include_path: {settings['include_path']!r} should be a folder "
+                        "of task YAMLs, or a list of them.")
+        paths = [path if os.path.isabs(path) or base_dir is None else os.path.join(base_dir, path) for path in paths]
+        for path in paths:
+            if not os.path.isdir(path):
+                raise error(f"{where}: evaluation.lm_eval.include_path: {path!r} is not a folder (a relative path is "
+                            f"taken from {base_dir or 'the current folder'}).")
+        settings["include_path"] = [os.path.abspath(path) for path in paths]
+    return settings
+
+
+_MANAGERS: dict[tuple[str, ...], object] = {}
+
+
+def _task_manager(settings: dict):
+    """lm-eval's task index over its own tasks, the demo's and the include path's; built once per include path in a
+    process (indexing every task YAML takes seconds)."""
+    from lm_eval.tasks import TaskManager  # lazy: lm-eval is optional (the eval extra) and takes seconds to import
+
+    paths = (demo_task_folder(user_cache_dir("lm_eval_tasks")), *(settings.get("include_path") or []))
+    if paths not in _MANAGERS:
+        _MANAGERS[paths] = TaskManager(include_path=list(paths))
+    return _MANAGERS[paths]
+
+
+def check_harness(settings: dict, where: str, error: type[ValueError]) -> None:
+    """lm-eval is installed and knows every task named (the harness's own, the demo's, the include path's): one line
+    naming the unknown task and the closest known one, before any model is loaded."""
+    try:
+        manager = _task_manager(settings)
+    except ImportError:
+        raise error(f"{where}: evaluation.metrics has lm_eval, which needs the lm-eval package: {INSTALL}.") from None
+    known = set(manager.all_tasks)
+    for task in settings["tasks"]:
+        if task not in known:
+            raise error(f"{where}: evaluation.lm_eval.tasks: {task!r} is not an lm-eval task, tag or group."
+                        f"{did_you_mean(task, sorted(known))} A task of your own: put its YAML in a folder named by "
+                        "evaluation.lm_eval.include_path.")
+
+
+@contextlib.contextmanager
+def _merged(model):
+    """The model as lm-eval should see it: a PEFT model with its adapter merged into the base weights (undone after,
+    so a trainer's model is left as it was), in eval mode (restored after)."""
+    training = model.training
+    merge = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    if merge:
+        model.merge_adapter()
+    model.eval()
+    try:
+        yield model.get_base_model() if merge else model
+    finally:
+        if merge:
+            model.unmerge_adapter()
+        model.train(training)
+
+
+def _column(task: str, metric: str, filter_name: str) -> str:
+    return f"{task}/{metric}" if filter_name == "none" else f"{task}/{metric},{filter_name}"
+
+
+def _figure_key(key: str) -> str | None:
+    """lm-eval's result key (`acc,none`, `exact_match,strict-match`) -> our name (`acc`, `exact_match,strict-match`);
+    None for what is not a figure (`alias`, `name`, `sample_len`)."""
+    if "," not in key:
+        return None
+    metric, filter_name = key.split(",", 1)
+    return metric if filter_name == "none" else key
+
+
+def harness_frame(output: dict) -> tuple[pd.DataFrame, dict, list[str]]:
+    """`(frame, figures, dropped)` from `simple_evaluate`'s output (with samples): a row per task item, a column per
+    mean-aggregated metric; lm-eval's own figure per task and metric (`<task>/<metric>`, `<task>/<metric>_stderr`);
+    the columns left out because their items do not average to lm-eval's figure."""
+    figures = {}
+    for task, values in output["results"].items():
+        for key, value in values.items():
+            name = _figure_key(key)
+            if name is not None and isinstance(value, numbers.Real):
+                figures[f"{task}/{name}"] = float(value)
+    rows: dict[str, dict] = {}
+    for task, samples in output["samples"].items():
+        for sample in samples:
+            row = rows.setdefault(f"{task}/{sample['doc_id']}", {"example_id": f"{task}/{sample['doc_id']}"})
+            for metric in sample["metrics"]:
+                value = sample[metric]
+                if isinstance(value, numbers.Real):  # numpy scalars and bools too
+                    row[_column(task, metric, sample["filter"])] = float(value)
+    frame = pd.DataFrame(list(rows.values()))
+    dropped = []
+    for column in [c for c in frame.columns if c != "example_id"]:
+        reported = figures.get(column)
+        mean = frame[column].mean()
+        if reported is None or not math.isclose(mean, reported, rel_tol=1e-9, abs_tol=1e-12):
+            dropped.append(column)
+    return frame.drop(columns=dropped), figures, dropped
+
+
+def run_harness(model, tokenizer, settings: dict, directory: str | None = None) -> tuple[pd.DataFrame, dict]:
+    """lm-eval on `model` (in memory) with the `lm_eval` settings; returns `(frame, figures)` (see `harness_frame`).
+    With `directory`, writes `lm_eval_results.json` (lm-eval's results, task configs, versions, n-shot, sample
+    counts) and `lm_eval_samples.jsonl` (per item: task, doc_id, filter, the prompt, the target, the filtered response
+    and the metrics)."""
+    from lm_eval import simple_evaluate  # lazy: see _task_manager
+    from lm_eval.models.huggingface import HFLM  # lazy: see _task_manager
+
+    manager = _task_manager(settings)
+    # lm-eval warns that a model passed in memory skips its own loading options: that is the point here.
+    logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
+    with _merged(model) as plain:
+        lm = HFLM(pretrained=plain, tokenizer=tokenizer, batch_size=settings["batch_size"])
+        output = simple_evaluate(model=lm, tasks=list(settings["tasks"]), num_fewshot=settings["num_fewshot"],
+                                 limit=settings["limit"], log_samples=True, task_manager=manager)
+    frame, figures, dropped = harness_frame(output)
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        record = {key: output.get(key) for key in ("results", "groups", "group_subtasks", "configs", "versions",
+                                                   "n-shot", "higher_is_better", "n-samples", "lm_eval_version")}
+        record["settings"] = settings
+        record["not_per_item"] = dropped
+        with open(os.path.join(directory, "lm_eval_results.json"), "w") as handle:
+            json.dump(record, handle, indent=2, default=str)
+        with open(os.path.join(directory, "lm_eval_samples.jsonl"), "w") as handle:
+            for task, samples in output["samples"].items():
+                for sample in samples:
+                    handle.write(json.dumps({
+                        "task": task, "doc_id": sample["doc_id"], "filter": sample["filter"],
+                        "prompt": sample["arguments"][0][0] if sample["arguments"] else None,
+                        "target": sample["target"], "response": sample["filtered_resps"],
+                        **{metric: sample[metric] for metric in sample["metrics"]}}, default=str) + "\n")
+    return frame, figures
