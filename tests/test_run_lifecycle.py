@@ -91,8 +91,9 @@ def test_a_study_killed_during_evaluation_gives_the_same_report_when_run_again(t
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert study_cli.main([spec(straight)]) == 0
-    # Killed while generating the third cell's answers: two cells are done, the third has trained.
-    assert killed_during("kd_trainers.evaluation.pipeline:generate_predictions", 3, [spec(killed)],
+    # Killed while generating the third cell's answers (the fourth generation: the cells' teacher, a demo model, is
+    # scored first as the study's reference): two cells are done, the third has trained.
+    assert killed_during("kd_trainers.evaluation.pipeline:generate_predictions", 4, [spec(killed)],
                          module="kd_trainers.study_cli") == -9
     cells = killed / "cells"
     markers = [os.path.relpath(root, cells) for root, _, names in os.walk(cells) if "done.json" in names]

@@ -186,6 +186,8 @@ def shrunk(study, tmp_path):
         if method == "gkd":
             cell.overrides = {**cell.overrides, "max_new_tokens": 6}
     study.evaluation = {**study.evaluation, "limit": 6, "max_new_tokens": 6}
+    if study.evaluation.get("lm_eval"):
+        study.evaluation["lm_eval"] = {**study.evaluation["lm_eval"], "limit": 6}
     return study
 
 
@@ -194,8 +196,9 @@ def test_the_methods_study_runs_on_the_demo_task_and_reports_its_analyses(tmp_pa
     report = run_study(study, log=lambda message: None)
     scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
     assert sorted(scores["method"].unique()) == ["gkd", "kd", "rev_kd", "seqkd", "sft"]
-    assert scores.loc[scores["method"] == "sft", "agreement"].isna().all()  # no teacher
-    assert scores.loc[scores["method"] != "sft", "agreement"].notna().all()
+    answers = ~scores["example_id"].astype(str).str.contains("/")  # generated answers, not lm-eval items
+    assert scores.loc[answers & (scores["method"] == "sft"), "agreement"].isna().all()  # no teacher
+    assert scores.loc[answers & (scores["method"] != "sft"), "agreement"].notna().all()
     markdown = open(os.path.join(report, "report.md")).read()
     for title in ("## GKD vs SFT: method=gkd − method=sft", "## One-way ANOVA across method ∈ {kd, rev_kd, seqkd, gkd}",
                   "## Correlation between metrics"):
@@ -223,6 +226,9 @@ def test_the_student_size_study_reports_the_kd_gain_against_size(tmp_path):
     markdown = open(os.path.join(report, "report.md")).read()
     assert "## Gain of method=kd over method=sft against width" in markdown
     assert os.path.exists(os.path.join(report, "plots", "gain_kd_width_rouge_l.png"))
+    # The demo's lm-eval tasks, per cell, and the gain's correlation with width task by task.
+    assert "## Per-task Spearman of the kd − sft gain with width" in markdown
+    assert scores["kd_demo_glossary_mc/acc"].notna().groupby(scores["cell"]).sum().eq(6 * len(study.seeds)).all()
 
 
 def test_bad_studies_fail_clearly(tmp_path):
@@ -292,3 +298,176 @@ def test_a_study_runs_its_stages_in_two_worker_processes(tmp_path, capfd, packag
     headings = [line for line in again.splitlines() if re.match(r"\[\d+ s\] \(\d/8\) ", line)]
     assert len(headings) == 8 and all(line.endswith(": done, skipped") for line in headings)
     assert "training" not in again and "(cached: found, skipped)" in again
+
+
+def test_a_study_scores_lm_eval_tasks_per_cell_with_paired_tests_and_per_task_correlations(tmp_path, monkeypatch):
+    import numpy as np
+    from scipy import stats as sps
+    from statsmodels.stats.multitest import multipletests
+
+    from kd_trainers.evaluation import pipeline
+    from kd_trainers.recipe import evaluate as recipe_evaluate
+
+    spec = {
+        "name": "tasks", "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),  # its teacher: a demo model
+        "output_dir": str(tmp_path / "study"), "overrides": {**FAST, "max_steps": 3, "learning_rate": 5.0e-3},
+        "grid": {"width": {"32": {"model_name_or_path": "demo:llama/student_xs/bpe"},
+                           "64": {"model_name_or_path": "demo:llama/student/bpe"},
+                           "96": {"model_name_or_path": "demo:llama/student_l/bpe"}},
+                 "method": {"sft": {"recipe": os.path.join(ROOT, "recipes", "sft.yaml")}, "kd": {}}},
+        "seeds": [0],
+        "evaluation": {"metrics": ["exact_match", "agreement", "lm_eval"], "answer_extractor": "demo", "limit": 4,
+                       "max_new_tokens": 4, "batch_size": 8, "lm_eval": {"tasks": ["kd_demo"], "limit": 16}},
+        "hypotheses": [{"name": "KD vs SFT", "a": {"width": "64", "method": "sft"},
+                        "b": {"width": "64", "method": "kd"}}],
+        "gains": [{"factor": "method", "baseline": "sft", "treatment": "kd", "against": "width"}],
+        "correlations": [{"factor": "width"}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    study = load_study(str(path))
+    scored = []
+    real_harness = pipeline.run_harness
+
+    def counting_harness(model, tokenizer, settings, directory=None):
+        scored.append(directory)
+        return real_harness(model, tokenizer, settings, directory)
+
+    monkeypatch.setattr(pipeline, "run_harness", counting_harness)
+    teacher_generations = []
+    real_generate = recipe_evaluate.generate_predictions
+    monkeypatch.setattr(recipe_evaluate, "generate_predictions",
+                        lambda *args, **kwargs: teacher_generations.append(1) or real_generate(*args, **kwargs))
+    report = run_study(study, log=lambda message: None)
+    # Six cells and the cells' one teacher, scored once for the whole study (a reference row), not once per cell.
+    teacher = os.path.join(study.output_dir, "references", "teacher_demo_llama_teacher_bpe")
+    assert len(scored) == 7 and sum(directory == teacher for directory in scored) == 1
+    # Its answers, generated for its reference row, are the ones the KD cells' agreement compares with: no second pass.
+    assert teacher_generations == []
+    answers = [row["prediction"] for row in map(json.loads, open(os.path.join(teacher, "predictions.jsonl")))]
+    assert pd.read_csv(os.path.join(study_runner.cell_dir(study, study.cells[1], 0), "scores.csv"))[
+        "agreement"].notna().sum() == 4 and len(answers) == 4
+    scored.clear()
+    run_study(study, log=lambda message: None)
+    assert scored == []  # finished: nothing scored again
+
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    tasks = ["kd_demo_arithmetic/exact_match,strict-match", "kd_demo_glossary_mc/acc", "kd_demo_glossary_mc/acc_norm"]
+    for cell, rows in scores.groupby("cell"):
+        assert rows["example_id"].astype(str).str.startswith("kd_demo_").sum() == 32  # 16 items of each task
+        assert rows["exact_match"].notna().sum() == 4 and all(rows[task].notna().sum() == 16 for task in tasks)
+    summary = pd.read_csv(os.path.join(report, "summary.csv")).set_index("cell")
+    assert bool(summary.loc["teacher_demo_llama_teacher_bpe", "reference"])
+    assert summary.loc["teacher_demo_llama_teacher_bpe", tasks[1]] == pytest.approx(
+        pd.read_csv(os.path.join(teacher, "scores.csv"))[tasks[1]].mean())
+
+    # The paired test on the tasks' items: one seed, so every item is right or wrong and McNemar's exact test applies;
+    # Holm-corrected across every metric of the hypothesis, the tasks included.
+    table = pd.DataFrame(json.load(open(os.path.join(report, "hypotheses.json")))[0]["table"]).set_index("metric")
+    a = scores[scores["cell"] == "width=64,method=sft"].set_index("example_id")
+    b = scores[scores["cell"] == "width=64,method=kd"].set_index("example_id")
+    for task in tasks:
+        assert table.loc[task, "method"] == "mcnemar" and table.loc[task, "n"] == 16
+        x, y = a[task].dropna(), b[task].dropna().loc[a[task].dropna().index]
+        only_a, only_b = int(((x == 1) & (y == 0)).sum()), int(((y == 1) & (x == 0)).sum())
+        expected = sps.binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+        assert table.loc[task, "p_val"] == pytest.approx(expected)
+    np.testing.assert_allclose(table["p_corr"], multipletests(table["p_val"], method="holm")[1])
+
+    # Per task: the KD gain over SFT at each width, and its Spearman correlation with width (Table 3), computed here.
+    correlations = pd.read_csv(os.path.join(report, "lm_eval_correlations.csv"))
+    gains = correlations[correlations["analysis"] == "Per-task Spearman of the kd − sft gain with width"]
+    means = scores.groupby(["width", "method"])[tasks].mean()
+    assert len(gains) == len(tasks)
+    for _, row in gains.iterrows():
+        column = f"{row['task']}/{row['metric']}"
+        gain = [means.loc[(width, "kd"), column] - means.loc[(width, "sft"), column] for width in (32, 64, 96)]
+        if len(set(gain)) > 1:
+            assert row["r"] == pytest.approx(sps.spearmanr([32, 64, 96], gain).statistic)
+        else:
+            assert np.isnan(row["r"])
+    markdown = open(os.path.join(report, "report.md")).read()
+    assert "## Benchmark tasks (lm-evaluation-harness)" in markdown
+    assert "## Per-task Spearman of the kd − sft gain with width" in markdown
+    assert "## Per-task Spearman correlation with width" in markdown
+    task_table = pd.read_csv(os.path.join(report, "lm_eval_tasks.csv"))
+    assert list(task_table["task"] + "/" + task_table["metric"]) == tasks
+    assert task_table.set_index("metric").loc["acc", "width=96,method=kd"] == pytest.approx(
+        scores[scores["cell"] == "width=96,method=kd"]["kd_demo_glossary_mc/acc"].mean())
+    assert "teacher_demo_llama_teacher_bpe (reference)" in task_table.columns
+
+
+def test_the_report_tests_and_correlates_lm_eval_tasks_as_computed_here(tmp_path):
+    """The report's numbers on lm-eval items, from scores written here (no training): the seed-averaged paired test,
+    the per-task gain correlation with width and its correction across tasks, each against scipy/statsmodels."""
+    import numpy as np
+    import pingouin as pg
+    from scipy import stats as sps
+    from statsmodels.stats.multitest import multipletests
+
+    from kd_trainers.files import write_done
+    from kd_trainers.study.report import write_report
+
+    spec = {"name": "synthetic", "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),
+            "output_dir": str(tmp_path / "study"),
+            "grid": {"width": {"32": {}, "64": {}, "96": {}}, "method": {"sft": {}, "kd": {}}}, "seeds": [0, 1],
+            "evaluation": {"metrics": ["rouge_l", "lm_eval"], "lm_eval": {"tasks": ["a", "b"]}},
+            "hypotheses": [{"name": "KD vs SFT", "a": {"width": "96", "method": "sft"},
+                            "b": {"width": "96", "method": "kd"}, "correction": "bh"}],
+            "gains": [{"factor": "method", "baseline": "sft", "treatment": "kd", "against": "width"}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    study = load_study(str(path))
+    rng = np.random.default_rng(0)
+    items = 40
+    for cell in study.cells:
+        width, kd = int(cell.levels["width"]), cell.levels["method"] == "kd"
+        for seed in study.seeds:
+            # Task a: KD helps more the wider the student; task b: no effect. Item difficulty is shared.
+            p_a = 0.35 + (0.004 * (width - 32) if kd else 0.0)
+            rows = [{"example_id": i, "rouge_l": rng.uniform(0.2, 0.6) + (0.1 if kd else 0.0)} for i in range(10)]
+            rows += [{"example_id": f"a/{i}", "a/acc": float(rng.random() < p_a)} for i in range(items)]
+            rows += [{"example_id": f"b/{i}", "b/exact_match,strict-match": float(rng.random() < 0.5)}
+                     for i in range(items)]
+            directory = study_runner.cell_dir(study, cell, seed)
+            os.makedirs(directory)
+            pd.DataFrame(rows).to_csv(os.path.join(directory, "scores.csv"), index=False)
+            write_done(directory, {"cell": cell.name})
+    report = write_report(study)
+
+    scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
+    tasks = ["a/acc", "b/exact_match,strict-match"]
+    # The paired test: seed-averaged items (0, 0.5 or 1: not right-or-wrong) by Wilcoxon, BH across all metrics.
+    table = pd.DataFrame(json.load(open(os.path.join(report, "hypotheses.json")))[0]["table"]).set_index("metric")
+    averaged = scores.groupby(["cell", "example_id"])[["rouge_l", *tasks]].mean()
+    for metric in ["rouge_l", *tasks]:
+        x = averaged.loc["width=96,method=sft", metric].dropna()
+        y = averaged.loc["width=96,method=kd", metric].dropna().loc[x.index]
+        assert table.loc[metric, "method"] == "wilcoxon" and table.loc[metric, "n"] == len(x)
+        # pingouin's Wilcoxon (scipy's, with pingouin's settings for tied and zero differences)
+        assert table.loc[metric, "p_val"] == pytest.approx(pg.wilcoxon(x, y)["p_val"].iloc[0])
+    assert table.loc["rouge_l", "p_val"] == pytest.approx(sps.wilcoxon(
+        averaged.loc["width=96,method=sft", "rouge_l"].dropna(), averaged.loc["width=96,method=kd", "rouge_l"].dropna()
+    ).pvalue)  # no ties there: scipy's exact test, the same number
+    np.testing.assert_allclose(table["p_corr"], multipletests(table["p_val"], method="fdr_bh")[1])
+
+    # Per task: KD − SFT at each width and seed, Spearman with width, Holm across the two tasks.
+    correlations = pd.read_csv(os.path.join(report, "lm_eval_correlations.csv"))
+    per_task = correlations[correlations["analysis"] == "Per-task Spearman of the kd − sft gain with width"]
+    means = scores.groupby(["width", "seed", "method"])[tasks].mean()
+    expected_p = []
+    for task in tasks:
+        widths, gains = zip(*[(width, means.loc[(width, seed, "kd"), task] - means.loc[(width, seed, "sft"), task])
+                              for width in (32, 64, 96) for seed in (0, 1)])
+        expected = sps.spearmanr(widths, gains)
+        row = per_task[per_task["task"] + "/" + per_task["metric"] == task].iloc[0]
+        assert row["r"] == pytest.approx(expected.statistic) and row["n"] == 6
+        # pingouin's p-value, which the report quotes (scipy's differs in the fourth digit at n = 6)
+        assert row["p_val"] == pytest.approx(pg.corr(list(widths), list(gains), method="spearman")["p_val"].iloc[0])
+        expected_p.append(row["p_val"])
+    np.testing.assert_allclose(per_task["p_corr"], multipletests(expected_p, method="holm")[1])
+    assert per_task.set_index("task").loc["a", "r"] > 0.5  # the designed effect is found
+    markdown = open(os.path.join(report, "report.md")).read()
+    assert "80 lm-eval items" in markdown and "| a | acc |" in markdown
+    assert os.path.exists(os.path.join(report, "plots", "a_acc.png"))
+    assert os.path.exists(os.path.join(report, "plots", "gain_kd_width_b_exact_match_strict-match.png"))

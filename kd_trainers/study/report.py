@@ -10,6 +10,7 @@ import html
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,23 @@ from scipy import stats as scipy_stats
 from .. import stats
 from ..files import DONE
 from .analyses import anova_across_levels, gain_table, metric_correlation
-from .spec import Cell, Study, cell_dir, reference_dir
+from .spec import DEFAULT_TEST, Cell, Study, cell_dir, reference_dir, references_file
+from .tasks import task_sections
+
+
+def _items(scores: pd.DataFrame) -> str:
+    """"90 test examples", "90 test examples and 180 lm-eval items" (`example_id` `<task>/<doc_id>`)."""
+    ids = scores["example_id"].drop_duplicates()
+    tasks = int(ids.str.contains("/").sum())
+    return f"{len(ids) - tasks} test examples" + (f" and {tasks} lm-eval items" if tasks else "")
+
+
+def _read_scores(directory: str) -> pd.DataFrame:
+    """A `scores.csv`, its `example_id` as text: generated answers are numbered, lm-eval items are `<task>/<doc_id>`,
+    and a file with only the former must pair with one holding both."""
+    frame = pd.read_csv(os.path.join(directory, "scores.csv"))
+    frame["example_id"] = frame["example_id"].astype(str)
+    return frame
 
 
 def collect_scores(study: Study) -> pd.DataFrame:
@@ -29,7 +46,7 @@ def collect_scores(study: Study) -> pd.DataFrame:
             directory = cell_dir(study, cell, seed)
             if not os.path.exists(os.path.join(directory, DONE)):
                 continue
-            frame = pd.read_csv(os.path.join(directory, "scores.csv"))
+            frame = _read_scores(directory)
             frame.insert(0, "seed", seed)
             for factor, level in reversed(list(cell.levels.items())):
                 frame.insert(0, factor, level)
@@ -51,11 +68,13 @@ def seed_averaged(scores: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
 
 
 def summary_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """Mean and 95% Student-t confidence-interval half-width per cell and metric, over the seed-averaged examples:
+    """Mean and 95% Student-t confidence-interval half-width per cell and metric, over the seed-averaged examples (and
+    lm-eval items, each metric over the rows that have it):
     t_{0.975, n−1} · s / √n (not 1.96, which understates the interval for the few examples of a small study)."""
     rows = []
     for cell, group in per_example.groupby("cell", sort=False):
-        row = {"cell": cell, "n": len(group)}
+        # n: the generated answers scored; lm-eval items (`<task>/<doc_id>`) are counted per task in its own table.
+        row = {"cell": cell, "n": int((~group["example_id"].astype(str).str.contains("/")).sum())}
         for metric in metrics:
             values = group[metric].dropna()
             n = len(values)
@@ -66,15 +85,14 @@ def summary_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def hypothesis_tables(study: Study, scores: pd.DataFrame, per_example: pd.DataFrame, metrics: list[str]
-                      ) -> list[tuple[dict, pd.DataFrame]]:
+def hypothesis_tables(study: Study, per_example: pd.DataFrame, metrics: list[str]) -> list[tuple[dict, pd.DataFrame]]:
+    """Each hypothesis's paired comparison on every metric, over the items both cells scored (a metric one cell lacks,
+    agreement for an SFT student, is left out); corrected across the metrics, lm-eval tasks included."""
     results = []
     for hypothesis in study.hypotheses:
         names = [Cell({f: str(hypothesis[side][f]) for f in study.factors}, {}).name for side in ("a", "b")]
-        usable = [m for m in metrics if scores.loc[scores["cell"].isin(names), m].notna().all()]
-        a, b = (per_example.loc[per_example["cell"] == name, ["example_id", *usable]] for name in names)
-        table = stats.compare(a, b,
-                              metrics=usable, method=hypothesis.get("method", "wilcoxon"),
+        a, b = (per_example.loc[per_example["cell"] == name, ["example_id", *metrics]] for name in names)
+        table = stats.compare(a, b, metrics=metrics, method=hypothesis.get("method", DEFAULT_TEST),
                               correction=hypothesis.get("correction", "holm"), alpha=study.alpha)
         results.append(({**hypothesis, "a_cell": names[0], "b_cell": names[1]}, table))
     return results
@@ -142,7 +160,7 @@ def _analyses(study: Study, scores: pd.DataFrame, metrics: list[str], plots: str
         images = []
         if len(gains):
             for metric in metrics:
-                path = os.path.join(plots, f"gain_{treatment}_{against}_{metric}.png")
+                path = plot_path(plots, "gain", treatment, against, metric)
                 _plot_factor(gains, against, metric, path, title=f"{metric} gain of {treatment} against {against}")
                 images.append((f"{metric} gain of {treatment} over {baseline} against {against}", path))
         sections.append((title, text, images, [gains, correlations]))
@@ -154,13 +172,19 @@ def _analyses(study: Study, scores: pd.DataFrame, metrics: list[str], plots: str
         images = []
         for pair in study.metric_correlations:
             if pair["x"] in scores and pair["y"] in scores:
-                path = os.path.join(plots, f"scatter_{pair['x']}_{pair['y']}.png")
+                path = plot_path(plots, "scatter", pair["x"], pair["y"])
                 _plot_scatter(scores, pair["x"], pair["y"], path)
                 images.append((f"{pair['y']} against {pair['x']}", path))
         text = ("Spearman over cell × seed means: do the students that imitate the teacher more also score better?\n\n"
                 + (_markdown(table) if len(table) else "Too few points for a correlation.\n"))
         sections.append((title, text, images, [table]))
     return sections
+
+
+def plot_path(plots: str, *parts: str) -> str:
+    """A plot's file: its parts joined by `_`, every character a file name should not hold (the `/` and `,` of lm-eval
+    metrics, `arc_easy/acc`) as `_`."""
+    return os.path.join(plots, re.sub(r"[^A-Za-z0-9_.=-]+", "_", "_".join(map(str, parts))) + ".png")
 
 
 def _plot_scatter(scores: pd.DataFrame, x: str, y: str, path: str) -> None:
@@ -253,15 +277,25 @@ def format_value(value, column: str = "") -> str:
     return str(value)
 
 
+def reference_names(study: Study) -> list[str]:
+    """The study's reference rows as its last run listed them (`references.json`: prepare steps, then the cells'
+    other teachers), else its prepare steps."""
+    path = references_file(study)
+    if os.path.exists(path):
+        with open(path) as handle:
+            return json.load(handle)
+    return [step["name"] for step in study.prepare]
+
+
 def collect_references(study: Study) -> pd.DataFrame:
-    """The prepare steps' models (the teachers) as scored by the study's evaluation: columns cell (the step's name),
-    example_id, <metrics>; empty when there is none."""
+    """The reference models (prepare steps' models, the cells' other teachers) as scored by the study's evaluation:
+    columns cell (the reference's name), example_id, <metrics>; empty when there is none."""
     frames = []
-    for step in study.prepare:
-        directory = reference_dir(study, step["name"])
+    for name in reference_names(study):
+        directory = reference_dir(study, name)
         if os.path.exists(os.path.join(directory, DONE)):
-            frame = pd.read_csv(os.path.join(directory, "scores.csv"))
-            frame.insert(0, "cell", step["name"])
+            frame = _read_scores(directory)
+            frame.insert(0, "cell", name)
             frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["cell", "example_id"])
 
@@ -277,8 +311,18 @@ def headline_metric(study: Study, metrics: list[str]) -> str:
 
 def headline_rows(hypothesis: dict, table: pd.DataFrame) -> pd.DataFrame:
     """The rows of the hypothesis's test (Wilcoxon's when it ran both tests): what the headline and the figure read."""
-    method = hypothesis.get("method", "wilcoxon")
+    method = hypothesis.get("method", DEFAULT_TEST)
+    if method == "auto":
+        return table
     return table[table["method"] == ("wilcoxon" if method == "both" else method)]
+
+
+def _test_name(hypothesis: dict, rows: pd.DataFrame) -> str:
+    """The test(s) behind a headline: `wilcoxon`, or for `auto` with both kinds of metric, both named with why."""
+    tests = sorted(set(rows["method"]))
+    if len(tests) > 1 and hypothesis.get("method", DEFAULT_TEST) == "auto":
+        return "McNemar's exact test on 0/1 item scores, Wilcoxon otherwise"
+    return " and ".join(tests)
 
 
 def headline_line(hypothesis: dict, table: pd.DataFrame, metric: str, alpha: float) -> str:
@@ -290,7 +334,7 @@ def headline_line(hypothesis: dict, table: pd.DataFrame, metric: str, alpha: flo
     treatment, baseline = hypothesis["b_cell"], hypothesis["a_cell"]
     name = f"{hypothesis['name']}: " if hypothesis.get("name") else ""
     line = (f"{name}{treatment} better than {baseline} on {better} of {len(rows)} metrics "
-            f"({hypothesis.get('correction', 'holm')}-corrected {rows['method'].iloc[0]}, α = {alpha}), worse on "
+            f"({hypothesis.get('correction', 'holm')}-corrected {_test_name(hypothesis, rows)}, α = {alpha}), worse on "
             f"{worse}")
     if metric in set(rows["metric"]):
         row = rows.set_index("metric").loc[metric]
@@ -353,9 +397,10 @@ def write_report(study: Study) -> str:
         reference_summary.insert(1, "reference", True)
         summary = pd.concat([summary, reference_summary], ignore_index=True)
     summary.to_csv(os.path.join(folder, "summary.csv"), index=False)
-    hypotheses = hypothesis_tables(study, scores, per_example, metrics)
+    hypotheses = hypothesis_tables(study, per_example, metrics)
     correlations = correlation_tables(study, scores, metrics)
     analyses = _analyses(study, scores, metrics, plots)
+    analyses += task_sections(study, scores, per_example, summary, correlations, _markdown, folder)
 
     images = []
     if hypotheses:
@@ -364,12 +409,12 @@ def write_report(study: Study) -> str:
         images.append(("Paired differences against the baseline (Δ and 95% CI, one row per metric and comparison)",
                        path))
     for metric in metrics:
-        path = os.path.join(plots, f"{metric}.png")
+        path = plot_path(plots, metric)
         _plot_metric(summary, metric, path)
         images.append((f"{metric} by configuration (dashed: the reference models)", path))
     for factor, _ in correlations:
         for metric in metrics:
-            path = os.path.join(plots, f"{factor}_{metric}.png")
+            path = plot_path(plots, factor, metric)
             _plot_factor(scores, factor, metric, path)
             images.append((f"{metric} against {factor}", path))
 
@@ -388,7 +433,7 @@ def write_report(study: Study) -> str:
                   "teacher) or not scored in every configuration.")
     sections = [f"# Study report: {study.name}\n",
                 f"{len(finished)} of {len(study.cells)} cells finished, seeds {study.seeds}; "
-                f"{scores['example_id'].nunique()} test examples; α = {study.alpha}. Per-example scores are averaged "
+                f"{_items(scores)}; α = {study.alpha}. Per-example scores are averaged "
                 "over seeds before testing. Tests are paired over examples; Δ is always treatment − baseline.\n"]
     sections.append("## Headline\n\n" + ("\n".join(f"- {line}" for line in headline) if headline
                                         else "No hypotheses were declared.") + "\n")

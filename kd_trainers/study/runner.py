@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,16 +35,19 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..files import DONE, user_cache_dir, write_done
+from ..files import DONE, user_cache_dir, write_atomically, write_done
 from ..progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
-from ..recipe.evaluate import TrainedModels, evaluate_trained
+from ..evaluation.harness import check_harness
+from ..generation import load_predictions
+from ..recipe.evaluate import (TrainedModels, evaluate_trained, load_recipe_teacher, store_teacher_predictions,
+                               teacher_identity)
 from ..recipe.output import is_finished, run_settings
 from ..recipe.preflight import preflight
 from ..recipe.run import run_recipe
 from ..recipe.schema import RecipeError, load_recipe
 from ..redaction import redact
 from .report import write_report
-from .spec import Cell, Study, StudyError, cell_dir, reference_dir
+from .spec import Cell, Study, StudyError, cell_dir, reference_dir, references_file
 
 
 class StudyRunError(RuntimeError):
@@ -113,7 +117,44 @@ def check_study(study: Study) -> list[tuple[str, object]]:
         except RecipeError as error:
             raise StudyError(f"{study.path}: {name}: {error}") from None
         checked.append((name, recipe))
+    if study.evaluation.get("lm_eval"):  # the task names, by lm-eval itself, before the first cell trains
+        check_harness(study.evaluation["lm_eval"], study.path, StudyError)
     return checked
+
+
+def teacher_references(study: Study, checked: list[tuple[str, object]],
+                       prepared: dict[str, str]) -> list[tuple[str, str, dict]]:
+    """`[(name, recipe path, cell overrides)]`: every distinct teacher of the cells that is not a prepare step's model
+    (a Hub model, a demo one), scored once for the whole study as a reference row, as the prepare steps are; named
+    `teacher_<model>`. `checked`: what `check_study` returns."""
+    covered = {os.path.abspath(folder) for folder in prepared.values()}
+    found: dict[str, tuple[Cell, int]] = {}
+    runs = [(cell, seed) for cell in study.cells for seed in study.seeds]
+    for (cell, seed), (_, recipe) in zip(runs, checked[len(study.prepare):]):
+        if not recipe.needs_teacher:
+            continue
+        identity = teacher_identity(recipe)
+        if any(path and os.path.abspath(str(path)) in covered for path in (identity["teacher"], identity["adapter"])):
+            continue  # a prepare step's model: already a reference
+        found.setdefault(json.dumps(identity, sort_keys=True, default=str), (cell, seed))
+    references, taken = [], {step["name"] for step in study.prepare}
+    for key, (cell, seed) in found.items():
+        model = str(json.loads(key)["teacher"]).rstrip("/")
+        model = os.path.basename(model) if os.path.isdir(model) else model  # a folder by its name, a Hub id whole
+        name = base = "teacher_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+        number = 1
+        while name in taken:
+            number += 1
+            name = f"{base}_{number}"
+        taken.add(name)
+        references.append((name, cell.recipe or study.base_recipe, cell_values(study, cell, seed)))
+    return references
+
+
+def write_reference_names(study: Study, teachers: list[tuple[str, str, dict]]) -> None:
+    os.makedirs(study.output_dir, exist_ok=True)
+    write_atomically(references_file(study),
+                     json.dumps([step["name"] for step in study.prepare] + [name for name, _, _ in teachers]))
 
 
 def _steps(recipe) -> str:
@@ -121,9 +162,11 @@ def _steps(recipe) -> str:
     return f"{config.max_steps} steps" if config.max_steps > 0 else f"{config.num_train_epochs:g} epochs"
 
 
-def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[str, str]) -> list[str]:
+def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[str, str],
+               teachers: list[tuple[str, str, dict]] = ()) -> list[str]:
     """The stages a run of the study will go through, as lines to print before it starts (`checked`: what
-    `check_study` returns, prepare steps first, then every cell's seeds in order)."""
+    `check_study` returns, prepare steps first, then every cell's seeds in order; `teachers`: what
+    `teacher_references` returns)."""
     evaluation = study.evaluation
     rows = f"the first {evaluation['limit']}" if evaluation.get("limit") else "all"
     scored = f"{rows} rows of {evaluation['split']!r}, metrics {', '.join(evaluation['metrics'])}"
@@ -136,8 +179,11 @@ def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[s
         else:
             state = " (done, skipped)" if done else ""
         lines.append(f"  prepare {step['name']}: train {recipe.method} for {_steps(recipe)}{state}")
-    if study.prepare:
-        lines.append(f"  references {', '.join(step['name'] for step in study.prepare)}: evaluate on {scored}")
+    references = [step["name"] for step in study.prepare] + [name for name, _, _ in teachers]
+    if references:
+        lines.append(f"  references {', '.join(references)}: evaluate on {scored}"
+                     + (f"; lm-eval tasks {', '.join(evaluation['lm_eval']['tasks'])}" if evaluation.get("lm_eval")
+                        else ""))
     first_seeds = checked[len(study.prepare)::len(study.seeds)]  # each cell's recipe at its first seed
     for cell, (_, recipe) in zip(study.cells, first_seeds):
         done = sum(os.path.exists(os.path.join(cell_dir(study, cell, seed), DONE)) for seed in study.seeds)
@@ -187,6 +233,22 @@ def evaluate_reference(study: Study, step: dict, prepared: dict[str, str], direc
                             directory, cache_root=study.output_dir)
 
 
+def _teacher_reference(study: Study, name: str, recipe_path: str, values: dict, prepared: dict[str, str]) -> None:
+    """A cell's teacher, scored once for the study by its evaluation (lm-eval tasks included), as a reference."""
+    directory = reference_dir(study, name)
+    os.makedirs(directory, exist_ok=True)
+    recipe = load_recipe(recipe_path, _as_overrides(values, prepared))
+    teacher, tokenizer = load_recipe_teacher(recipe)
+    evaluate_trained(study.evaluation, TrainedModels(teacher, tokenizer, None), recipe, directory,
+                     cache_root=study.output_dir)
+    answers = os.path.join(directory, "predictions.jsonl")
+    if os.path.exists(answers):  # its answers are the ones the cells compare with (agreement, fidelity): kept once
+        rows = load_predictions(answers)
+        store_teacher_predictions(study.evaluation, study.output_dir, recipe, [row["prompt"] for row in rows],
+                                  [row["prediction"] for row in rows])
+    write_done(directory, {"reference": name, "teacher": teacher_identity(recipe)})
+
+
 def _prepare_step(study: Study, step: dict, prepared: dict[str, str]) -> None:
     recipe_path = step_recipe(study, step)
     train(recipe_path, _as_overrides({**step.get("overrides", {}), "output_dir": prepared[step["name"]]}, prepared))
@@ -219,16 +281,20 @@ class _Stage:
     done: bool
 
 
-def _stages(study: Study, prepared: dict[str, str]) -> list[list[_Stage]]:
+def _stages(study: Study, prepared: dict[str, str], teachers: list[tuple[str, str, dict]] = ()
+            ) -> list[list[_Stage]]:
     """The study's stages in groups that may run side by side: the prepare steps (one after another when a step uses
-    an earlier one's folder), the references, the cells."""
+    an earlier one's folder), the references (prepare steps' models, then the cells' other teachers), the cells."""
     finished = lambda folder: os.path.exists(os.path.join(folder, DONE))  # noqa: E731
     steps = [_Stage(f"prepare {step['name']}", "training", _prepare_step, (study, step, prepared),
                     finished(prepared[step["name"]])) for step in study.prepare]
     chained = any("{prepare." in json.dumps(step.get("overrides", {})) for step in study.prepare)
     groups = [[stage] for stage in steps] if chained else [steps]
     groups.append([_Stage(f"reference {step['name']}", "evaluating", _reference, (study, step, prepared),
-                          finished(reference_dir(study, step["name"]))) for step in study.prepare])
+                          finished(reference_dir(study, step["name"]))) for step in study.prepare]
+                  + [_Stage(f"reference {name}", "evaluating", _teacher_reference,
+                            (study, name, recipe_path, values, prepared), finished(reference_dir(study, name)))
+                     for name, recipe_path, values in teachers])
     groups.append([_Stage(f"{cell.name} seed {seed}", "training, then evaluating", _cell, (study, cell, seed, prepared),
                           finished(cell_dir(study, cell, seed))) for cell in study.cells for seed in study.seeds])
     return [group for group in groups if group]
@@ -265,9 +331,11 @@ def run_study(study: Study, log=print, workers: int = 1) -> str:
     checked = check_study(study)
     # The prepare steps' folders, as checked (a cached step's folder is named by its settings: found once).
     prepared = {step["name"]: recipe.config.output_dir for step, (_, recipe) in zip(study.prepare, checked)}
-    for line in study_plan(study, checked, prepared):
+    teachers = teacher_references(study, checked, prepared)
+    write_reference_names(study, teachers)
+    for line in study_plan(study, checked, prepared, teachers):
         log(line)
-    groups = _stages(study, prepared)
+    groups = _stages(study, prepared, teachers)
     total = sum(len(group) for group in groups)
     numbered = iter(range(1, total + 1))
 

@@ -17,8 +17,14 @@ instead of `base_recipe` (an SFT-only student beside KD students, for example).
     seeds: [0, 1]
     evaluation: {metrics: [ngram, reasoning], answer_extractor: demo, split: test, limit: 60, max_new_tokens: 40}
     # with `judge` among the metrics: judge: {url: http://localhost:8000/v1, endpoint_model: NAME} or {model: PATH}
+    # with `lm_eval` among the metrics: lm_eval: {tasks: [kd_demo], num_fewshot: 0, limit: 100, batch_size: 16,
+    #                                            include_path: tasks/}   (lm-evaluation-harness tasks; see
+    #                                            kd_trainers.evaluation.harness)
     hypotheses:                                # paired tests between two cells on every metric
-      - {name: "noise hurts", a: {sigma: "0"}, b: {sigma: "2"}, method: wilcoxon, correction: holm}
+      - {name: "noise hurts", a: {sigma: "0"}, b: {sigma: "2"}, method: auto, correction: holm}
+                                               # method: auto (default: McNemar's exact test on 0/1 item scores,
+                                               # Wilcoxon otherwise), wilcoxon, ttest, mcnemar or both;
+                                               # correction across the metrics: holm, bh, bonferroni or none
     correlations:                              # Spearman between a numeric factor and each metric
       - {factor: sigma}
     anovas: [{factor: method, levels: [kd, rev_kd]}]             # one-way ANOVA across some levels
@@ -36,8 +42,10 @@ from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
 from ..recipe.schema import read_yaml_mapping
+from ..stats import COMPARE_METHODS, CORRECTIONS
 from ..suggest import did_you_mean
 
+DEFAULT_TEST = "auto"  # a hypothesis's paired test when it names none
 
 STUDY_KEYS = ("name", "base_recipe", "overrides", "prepare", "grid", "exclude", "seeds", "evaluation", "hypotheses",
               "correlations", "anovas", "gains", "metric_correlations", "alpha", "output_dir", "headline_metric")
@@ -129,6 +137,13 @@ def load_study(path: str) -> Study:
             if Cell({f: levels.get(f) for f in factors}, {}).name not in names:
                 raise StudyError(f"{path}: hypotheses[{index}].{side}: {hypothesis.get(side)!r} is not a cell; "
                                  f"name one level of each factor {factors}.")
+        method, correction = hypothesis.get("method", DEFAULT_TEST), hypothesis.get("correction", "holm")
+        if method not in COMPARE_METHODS:
+            raise StudyError(f"{path}: hypotheses[{index}].method: {method!r} is not one of {list(COMPARE_METHODS)}."
+                             f"{did_you_mean(str(method), COMPARE_METHODS)}")
+        if correction not in CORRECTIONS:
+            raise StudyError(f"{path}: hypotheses[{index}].correction: {correction!r} is not one of "
+                             f"{sorted(CORRECTIONS)}.{did_you_mean(str(correction), CORRECTIONS)}")
     for index, correlation in enumerate(values.get("correlations") or []):
         factor = correlation.get("factor")
         if factor not in factors:
@@ -205,6 +220,11 @@ def _check_analyses(values: dict, factors: dict[str, list[str]], path: str) -> N
     for index, pair in enumerate(values.get("metric_correlations") or []):
         if not isinstance(pair, dict) or not pair.get("x") or not pair.get("y"):
             raise StudyError(f"{path}: metric_correlations[{index}]: {{x: METRIC, y: METRIC}}, got {pair!r}.")
+
+
+def references_file(study: Study) -> str:
+    """The list of the study's reference rows (prepare steps, then the cells' other teachers), written by its run."""
+    return os.path.join(study.output_dir, "references.json")
 
 
 def reference_dir(study: Study, step_name: str) -> str:
