@@ -11,8 +11,9 @@ It writes its recipes and its study into `<output>/recipes/` (so that every step
    by SFT alone, by vanilla KD from the BPE teacher, and by DSKD with cross-model attention from the WordPiece teacher
    (forward KL, T = 2, kd_weight 0.5); three seeds each;
 3. the teachers (the ceiling) and every student evaluated on the test split (n-gram, embedding and final-answer exact
-   match), paired tests of each KD student against the SFT student on every metric (Wilcoxon, Holm-corrected), and the
-   report (`<output>/study/report/report.md` and `report.html`).
+   match) and on the demo's lm-evaluation-harness tasks (`kd_demo`: glossary multiple choice by log-likelihood,
+   arithmetic by generation), paired tests of each KD student against the SFT student on every metric (Wilcoxon on
+   seed-averaged scores, Holm-corrected), and the report (`<output>/study/report/report.md` and `report.html`).
 
 A re-run in the same folder skips what is finished. The numbers are whatever they are (README: what they are and
 why); the run is reproducible from `--seed`.
@@ -88,8 +89,10 @@ def write_quickstart_study(output_dir: str, teacher_steps: int = 800, student_st
         "grid": {"student": {"sft": {"recipe": "student_sft.yaml"}, "kd": {},
                              "dskd_cma": {"recipe": "student_dskd_cma.yaml"}}},
         "seeds": [seed + offset for offset in range(seeds)], "headline_metric": "exact_match",
-        "evaluation": {"metrics": ["ngram", "embedding", "exact_match"], "answer_extractor": "demo",
-                       "split": "test", "limit": eval_limit, "max_new_tokens": 40, "batch_size": 32},
+        "evaluation": {"metrics": ["ngram", "embedding", "exact_match", "lm_eval"], "answer_extractor": "demo",
+                       "split": "test", "limit": eval_limit, "max_new_tokens": 40, "batch_size": 32,
+                       # The demo as lm-evaluation-harness tasks: glossary multiple choice, arithmetic generation.
+                       "lm_eval": {"tasks": ["kd_demo"], "limit": eval_limit, "batch_size": 32}},
         "hypotheses": [{"name": "KD student vs SFT student", "a": {"student": "sft"}, "b": {"student": "kd"}},
                        {"name": "DSKD-CMA student vs SFT student", "a": {"student": "sft"},
                         "b": {"student": "dskd_cma"}}],
@@ -111,8 +114,8 @@ def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, stud
     print(f"Recipes and study written to {os.path.dirname(study_file)}")
     report = run_study(load_study(study_file), log=lambda message: print(message, flush=True), workers=workers)
     summary = pd.read_csv(os.path.join(report, "summary.csv"))
-    columns = [c for c in ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match")
-               if c in summary]
+    columns = [c for c in ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match",
+                           "kd_demo_glossary_mc/acc", "kd_demo_arithmetic/exact_match,strict-match") if c in summary]
     summary["cell"] = [f"{cell} (reference)" if reference else cell
                        for cell, reference in zip(summary["cell"], summary["reference"])]
     print("\nTest split, mean per model (higher is better; the references are the teachers):")
