@@ -61,11 +61,12 @@ def tasks(tmp_path_factory) -> str:
 
 def choice_by_likelihood(model, tokenizer, question: str, choices: list[str]) -> int:
     """The choice whose tokens (after the question and a space) the model finds likeliest: the sum of their
-    log-probabilities, computed here from the model's logits."""
-    context = tokenizer(question, add_special_tokens=False)["input_ids"]
+    log-probabilities, computed here from the model's logits. The text is tokenized as the tokenizer does by default
+    (the demo's BPE puts BOS first), as the model was trained."""
+    context = tokenizer(question)["input_ids"]
     totals = []
     for choice in choices:
-        whole = tokenizer(question + " " + choice, add_special_tokens=False)["input_ids"]
+        whole = tokenizer(question + " " + choice)["input_ids"]
         continuation = whole[len(context):]
         with torch.no_grad():
             logits = model(torch.tensor([whole])).logits[0].float()
@@ -237,3 +238,29 @@ def test_a_recipe_naming_an_unknown_task_is_refused_before_training(tmp_path, ca
     assert code == 2 and not (tmp_path / "run").exists()
     assert ("evaluation.lm_eval.tasks: 'kd_demo_glossary' is not an lm-eval task, tag or group. Did you mean "
             "'kd_demo_glossary_mc'?") in error
+
+
+def test_the_demo_tasks_hold_the_demo_test_split_as_lm_eval_items(tmp_path):
+    import re
+
+    from kd_trainers.demo import demo_pairs
+    from kd_trainers.demo.harness_tasks import demo_task_folder
+
+    folder = demo_task_folder(str(tmp_path))
+    assert demo_task_folder(str(tmp_path)) == folder  # written once, found again by its content
+    test = demo_pairs()["test"]
+    glossary = {row["prompt"]: row["completion"] for row in test if row["kind"] == "glossary"}
+    items = [json.loads(line) for line in open(os.path.join(folder, "kd_demo_glossary_mc_test.jsonl"))]
+    assert len(items) == len(glossary)
+    for item in items:  # the true completion at `label`, three others of the same form, all different
+        assert item["choices"][item["label"]] == glossary[item["prompt"]]
+        assert len(set(item["choices"])) == 4
+        assert all(choice.split()[0] == item["choices"][0].split()[0] for choice in item["choices"])
+    assert len({item["label"] for item in items}) == 4  # the answer is not always in one place
+    arithmetic = [json.loads(line) for line in open(os.path.join(folder, "kd_demo_arithmetic_test.jsonl"))]
+    assert [item["answer"] for item in arithmetic] == [row["answer"] for row in test if row["kind"] == "arithmetic"]
+    config = yaml.safe_load(open(os.path.join(folder, "kd_demo_arithmetic.yaml")))
+    pattern = config["filter_list"][0]["filter"][0]["regex_pattern"]
+    # The final answer in either case: the WordPiece tokenizer lowercases what its models write.
+    for text in ("7 + 4 = 11. The answer is 11.", "7 + 4 = 11. the answer is 11."):
+        assert re.search(pattern, text).group(1) == "11"

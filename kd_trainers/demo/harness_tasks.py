@@ -3,7 +3,8 @@
     kd_demo_glossary_mc   multiple choice: each glossary test question with its true answer and three other facts'
                           answers of the same kind, scored by log-likelihood (`acc`, `acc_norm`)
     kd_demo_arithmetic    generation: the arithmetic test problems, the number after "The answer is" against the
-                          answer (`exact_match,strict-match`)
+                          answer (`exact_match,strict-match`; "the answer is" in any case: a lowercasing tokenizer
+                          writes it in lower case)
 
 Both are tagged `kd_demo`. The test items are the demo's own test split (the questions no training row asks); the
 few-shot examples, when `num_fewshot` > 0, come from its train split.
@@ -92,7 +93,7 @@ generation_kwargs:
 filter_list:
   - name: strict-match
     filter:
-      - {{function: regex, regex_pattern: "The answer is (-?[0-9]+)"}}
+      - {{function: regex, regex_pattern: "(?i)the answer is (-?[0-9]+)"}}
       - {{function: take_first}}
 metric_list:
   - {{metric: exact_match, aggregation: mean, higher_is_better: true}}

@@ -18,6 +18,7 @@ The demo task's lm-eval tasks (`kd_trainers.demo.harness_tasks`: `kd_demo_glossa
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import pandas as pd
 
 from ..demo.harness_tasks import demo_task_folder
 from ..files import user_cache_dir
+from ..progress import libraries_quieted
 from ..suggest import did_you_mean
 
 
@@ -173,7 +175,10 @@ def run_harness(model, tokenizer, settings: dict, directory: str | None = None) 
     manager = _task_manager(settings)
     # lm-eval warns that a model passed in memory skips its own loading options: that is the point here.
     logging.getLogger("lm_eval.models.huggingface").setLevel(logging.ERROR)
-    with _merged(model) as plain:
+    # lm-eval draws its own progress bars (on stderr) with no switch to turn them off: under a CLI that prints its
+    # own progress lines (`quiet_libraries`: kd-study, kd-quickstart) they are set aside.
+    bars = contextlib.redirect_stderr(io.StringIO()) if libraries_quieted() else contextlib.nullcontext()
+    with _merged(model) as plain, bars:
         lm = HFLM(pretrained=plain, tokenizer=tokenizer, batch_size=settings["batch_size"])
         output = simple_evaluate(model=lm, tasks=list(settings["tasks"]), num_fewshot=settings["num_fewshot"],
                                  limit=settings["limit"], log_samples=True, task_manager=manager)
