@@ -191,14 +191,20 @@ def shrunk(study, tmp_path):
     return study
 
 
+def without_lm_eval(study):
+    """The study without its lm-eval suite (tested on its own, and with the student-size study), to keep CI short."""
+    study.evaluation = {**study.evaluation, "metrics": [m for m in study.evaluation["metrics"] if m != "lm_eval"],
+                        "lm_eval": None}
+    return study
+
+
 def test_the_methods_study_runs_on_the_demo_task_and_reports_its_analyses(tmp_path):
-    study = shrunk(load_study(os.path.join(ROOT, "recipes", "studies", "methods.yaml")), tmp_path)
+    study = without_lm_eval(shrunk(load_study(os.path.join(ROOT, "recipes", "studies", "methods.yaml")), tmp_path))
     report = run_study(study, log=lambda message: None)
     scores = pd.read_csv(os.path.join(report, "all_scores.csv"))
     assert sorted(scores["method"].unique()) == ["gkd", "kd", "rev_kd", "seqkd", "sft"]
-    answers = ~scores["example_id"].astype(str).str.contains("/")  # generated answers, not lm-eval items
-    assert scores.loc[answers & (scores["method"] == "sft"), "agreement"].isna().all()  # no teacher
-    assert scores.loc[answers & (scores["method"] != "sft"), "agreement"].notna().all()
+    assert scores.loc[scores["method"] == "sft", "agreement"].isna().all()  # no teacher
+    assert scores.loc[scores["method"] != "sft", "agreement"].notna().all()
     markdown = open(os.path.join(report, "report.md")).read()
     for title in ("## GKD vs SFT: method=gkd − method=sft", "## One-way ANOVA across method ∈ {kd, rev_kd, seqkd, gkd}",
                   "## Correlation between metrics"):
@@ -312,8 +318,7 @@ def test_a_study_scores_lm_eval_tasks_per_cell_with_paired_tests_and_per_task_co
         "name": "tasks", "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),  # its teacher: a demo model
         "output_dir": str(tmp_path / "study"), "overrides": {**FAST, "max_steps": 3, "learning_rate": 5.0e-3},
         "grid": {"width": {"32": {"model_name_or_path": "demo:llama/student_xs/bpe"},
-                           "64": {"model_name_or_path": "demo:llama/student/bpe"},
-                           "96": {"model_name_or_path": "demo:llama/student_l/bpe"}},
+                           "64": {"model_name_or_path": "demo:llama/student/bpe"}},
                  "method": {"sft": {"recipe": os.path.join(ROOT, "recipes", "sft.yaml")}, "kd": {}}},
         "seeds": [0],
         "evaluation": {"metrics": ["exact_match", "agreement", "lm_eval"], "answer_extractor": "demo", "limit": 4,
@@ -339,9 +344,9 @@ def test_a_study_scores_lm_eval_tasks_per_cell_with_paired_tests_and_per_task_co
     monkeypatch.setattr(recipe_evaluate, "generate_predictions",
                         lambda *args, **kwargs: teacher_generations.append(1) or real_generate(*args, **kwargs))
     report = run_study(study, log=lambda message: None)
-    # Six cells and the cells' one teacher, scored once for the whole study (a reference row), not once per cell.
+    # Four cells and the cells' one teacher, scored once for the whole study (a reference row), not once per cell.
     teacher = os.path.join(study.output_dir, "references", "teacher_demo_llama_teacher_bpe")
-    assert len(scored) == 7 and sum(directory == teacher for directory in scored) == 1
+    assert len(scored) == 5 and sum(directory == teacher for directory in scored) == 1
     # Its answers, generated for its reference row, are the ones the KD cells' agreement compares with: no second pass.
     assert teacher_generations == []
     answers = [row["prediction"] for row in map(json.loads, open(os.path.join(teacher, "predictions.jsonl")))]
@@ -374,26 +379,21 @@ def test_a_study_scores_lm_eval_tasks_per_cell_with_paired_tests_and_per_task_co
         assert table.loc[task, "p_val"] == pytest.approx(expected)
     np.testing.assert_allclose(table["p_corr"], multipletests(table["p_val"], method="holm")[1])
 
-    # Per task: the KD gain over SFT at each width, and its Spearman correlation with width (Table 3), computed here.
+    # Per task: the KD gain over SFT against width (Table 3), a row for every task.
     correlations = pd.read_csv(os.path.join(report, "lm_eval_correlations.csv"))
     gains = correlations[correlations["analysis"] == "Per-task Spearman of the kd − sft gain with width"]
-    means = scores.groupby(["width", "method"])[tasks].mean()
     assert len(gains) == len(tasks)
     for _, row in gains.iterrows():
-        column = f"{row['task']}/{row['metric']}"
-        gain = [means.loc[(width, "kd"), column] - means.loc[(width, "sft"), column] for width in (32, 64, 96)]
-        if len(set(gain)) > 1:
-            assert row["r"] == pytest.approx(sps.spearmanr([32, 64, 96], gain).statistic)
-        else:
-            assert np.isnan(row["r"])
+        # Two widths, one seed: two points, too few for a correlation (the numbers: the next test); the row is there.
+        assert np.isnan(row["r"]) and not row["n"] >= 3
     markdown = open(os.path.join(report, "report.md")).read()
     assert "## Benchmark tasks (lm-evaluation-harness)" in markdown
     assert "## Per-task Spearman of the kd − sft gain with width" in markdown
     assert "## Per-task Spearman correlation with width" in markdown
     task_table = pd.read_csv(os.path.join(report, "lm_eval_tasks.csv"))
     assert list(task_table["task"] + "/" + task_table["metric"]) == tasks
-    assert task_table.set_index("metric").loc["acc", "width=96,method=kd"] == pytest.approx(
-        scores[scores["cell"] == "width=96,method=kd"]["kd_demo_glossary_mc/acc"].mean())
+    assert task_table.set_index("metric").loc["acc", "width=64,method=kd"] == pytest.approx(
+        scores[scores["cell"] == "width=64,method=kd"]["kd_demo_glossary_mc/acc"].mean())
     assert "teacher_demo_llama_teacher_bpe (reference)" in task_table.columns
 
 

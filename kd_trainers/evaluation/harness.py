@@ -77,18 +77,23 @@ def harness_settings(block, where: str, error: type[ValueError], base_dir: str |
     return settings
 
 
-_MANAGERS: dict[tuple[str, ...], object] = {}
+_MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}  # (include paths, with lm-eval's own tasks) -> index
 
 
 def _task_manager(settings: dict):
-    """lm-eval's task index over its own tasks, the demo's and the include path's; built once per include path in a
-    process (indexing every task YAML takes seconds)."""
+    """lm-eval's task index: of the demo's and the include path's tasks alone when they are all the settings name
+    (indexing lm-eval's own 14,000 task YAMLs takes about ten seconds), else of lm-eval's tasks too; built once per
+    process and include path."""
     from lm_eval.tasks import TaskManager  # lazy: lm-eval is optional (the eval extra) and takes seconds to import
 
     paths = (demo_task_folder(user_cache_dir("lm_eval_tasks")), *(settings.get("include_path") or []))
-    if paths not in _MANAGERS:
-        _MANAGERS[paths] = TaskManager(include_path=list(paths))
-    return _MANAGERS[paths]
+    if (paths, False) not in _MANAGERS:
+        _MANAGERS[(paths, False)] = TaskManager(include_path=list(paths), include_defaults=False)
+    if all(task in _MANAGERS[(paths, False)].all_tasks for task in settings["tasks"]):
+        return _MANAGERS[(paths, False)]
+    if (paths, True) not in _MANAGERS:
+        _MANAGERS[(paths, True)] = TaskManager(include_path=list(paths))
+    return _MANAGERS[(paths, True)]
 
 
 def check_harness(settings: dict, where: str, error: type[ValueError]) -> None:
