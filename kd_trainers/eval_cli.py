@@ -103,7 +103,7 @@ def run_evaluation(options) -> dict:
 
     from .evaluation.pipeline import evaluate_model
     from .evaluation.score import METRICS, resolve_metrics
-    from .evaluation.settings import generation_metrics
+    from .evaluation.settings import generates_answers, generation_metrics
     from .generation import load_predictions
     from .recipe.data import load_recipe_datasets
     from .recipe.models import resolve_model
@@ -141,7 +141,7 @@ def run_evaluation(options) -> dict:
         raise ValueError("The judge suite needs a judge: --judge-model PATH, or --judge-url URL with "
                          "--judge-endpoint-model NAME.")
     dataset = None
-    if names or use_judge:  # lm-eval brings its own items: the dataset is read only for metrics on generated answers
+    if generates_answers(options.metrics):
         _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
                                            "dataset_train_split": options.split, "dataset_test_split": options.split,
                                            "columns": options.columns, "prompt_template": options.prompt_template})

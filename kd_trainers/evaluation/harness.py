@@ -26,6 +26,7 @@ import numbers
 import os
 
 import pandas as pd
+from peft import PeftModel
 
 from ..demo.harness_tasks import demo_task_folder
 from ..files import user_cache_dir
@@ -116,7 +117,7 @@ def _merged(model):
     """The model as lm-eval should see it: a PEFT model with its adapter merged into the base weights (undone after,
     so a trainer's model is left as it was), in eval mode (restored after)."""
     training = model.training
-    merge = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    merge = isinstance(model, PeftModel)
     if merge:
         model.merge_adapter()
     model.eval()
@@ -126,6 +127,11 @@ def _merged(model):
         if merge:
             model.unmerge_adapter()
         model.train(training)
+
+
+def is_task_item(example_ids: pd.Series) -> pd.Series:
+    """Which rows of a `scores.csv` are lm-eval items (`example_id` `<task>/<doc_id>`), not generated answers."""
+    return example_ids.astype(str).str.contains("/", regex=False)
 
 
 def _column(task: str, metric: str, filter_name: str) -> str:

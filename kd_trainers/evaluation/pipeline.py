@@ -26,7 +26,7 @@ from ..generation import generate_predictions, save_predictions
 from .harness import run_harness
 from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from .score import METRICS, resolve_metrics, score
-from .settings import HARNESS_SUITE, generation_metrics
+from .settings import HARNESS_SUITE, generates_answers, generation_metrics
 
 
 def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[str], answer_extractor: str,
@@ -56,7 +56,7 @@ def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[s
     frame, summary = (_generated_scores(model, tokenizer, dataset, directory, names, answer_extractor, generation,
                                         batch_size, teacher_predictions, (judge or {}) if use_judge else None,
                                         record)
-                      if names or use_judge else (pd.DataFrame(columns=["example_id"]), {}))
+                      if generates_answers(metrics) else (pd.DataFrame(columns=["example_id"]), {}))
     if HARNESS_SUITE in metrics:
         items, figures = run_harness(model, tokenizer, harness, directory)
         frame = pd.concat([frame, items], ignore_index=True) if len(frame) else items
@@ -96,12 +96,11 @@ def _generated_scores(model, tokenizer, dataset, directory, names, answer_extrac
             frame[metric] = with_teacher[metric]
     judged_metrics = []
     if judge is not None:
-        settings = judge
-        client = make_judge(settings.get("model"), settings.get("url"), settings.get("endpoint_model"),
-                            settings.get("api_key") or os.environ.get("OPENAI_API_KEY"))
-        contexts = list(dataset[settings["context_column"]]) if settings.get("context_column") else None
+        client = make_judge(judge.get("model"), judge.get("url"), judge.get("endpoint_model"),
+                            judge.get("api_key") or os.environ.get("OPENAI_API_KEY"))
+        contexts = list(dataset[judge["context_column"]]) if judge.get("context_column") else None
         judged = judge_scores(client, predictions, references=references, questions=prompts, contexts=contexts,
-                              metrics=settings.get("metrics") or list(DEFAULT_JUDGE_METRICS))
+                              metrics=judge.get("metrics") or list(DEFAULT_JUDGE_METRICS))
         judged_metrics = [c for c in judged.columns if c.startswith("judge_") and not c.endswith("_reply")]
         frame = frame.merge(judged[["example_id", *judged_metrics]], on="example_id")
         judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)

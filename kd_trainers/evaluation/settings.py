@@ -69,3 +69,9 @@ def evaluation_settings(block: dict | None, where: str, error: type[ValueError])
 def generation_metrics(metrics: list[str]) -> list[str]:
     """The metrics scored on generated answers: all but the judge and the lm-eval suite, which run their own way."""
     return [metric for metric in metrics if metric not in ("judge", HARNESS_SUITE)]
+
+
+def generates_answers(metrics: list[str]) -> bool:
+    """Whether the evaluation generates answers on a split (a metric on them, or the judge's); lm-eval alone brings
+    its own items, and then no split is read."""
+    return bool(generation_metrics(metrics)) or "judge" in metrics

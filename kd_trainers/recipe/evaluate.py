@@ -17,7 +17,7 @@ import pandas as pd
 from transformers import AutoModelForCausalLM
 
 from ..evaluation.pipeline import evaluate_model
-from ..evaluation.settings import generation_metrics
+from ..evaluation.settings import generates_answers
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 from ..teacher import _dtype_from_init_kwargs, load_teacher
@@ -138,9 +138,8 @@ def evaluate_trained(evaluation: dict, trained: TrainedModels, recipe, directory
                      cache_root: str) -> pd.DataFrame:
     """The recipe's `evaluation` settings on its trained model, through the one evaluation pipeline
     (`kd_trainers.evaluation.pipeline.evaluate_model`): the recipe's test split, the teacher's cached answers."""
-    # lm-eval brings its own test items: without metrics on generated answers, the recipe's split is not read.
-    generates = bool(generation_metrics(evaluation["metrics"])) or "judge" in evaluation["metrics"]
-    dataset = evaluation_split(recipe, evaluation["split"], evaluation["limit"]) if generates else None
+    dataset = (evaluation_split(recipe, evaluation["split"], evaluation["limit"])
+               if generates_answers(evaluation["metrics"]) else None)
     frame, _ = evaluate_model(
         trained.model, trained.tokenizer, dataset, directory, metrics=evaluation["metrics"],
         answer_extractor=evaluation["answer_extractor"], generation={"max_new_tokens": evaluation["max_new_tokens"]},

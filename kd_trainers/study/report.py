@@ -17,6 +17,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from .. import stats
+from ..evaluation.harness import is_task_item
 from ..files import DONE
 from .analyses import anova_across_levels, gain_table, metric_correlation
 from .spec import DEFAULT_TEST, Cell, Study, cell_dir, reference_dir, references_file
@@ -26,7 +27,7 @@ from .tasks import task_sections
 def _items(scores: pd.DataFrame) -> str:
     """"90 test examples", "90 test examples and 180 lm-eval items" (`example_id` `<task>/<doc_id>`)."""
     ids = scores["example_id"].drop_duplicates()
-    tasks = int(ids.str.contains("/").sum())
+    tasks = int(is_task_item(ids).sum())
     return f"{len(ids) - tasks} test examples" + (f" and {tasks} lm-eval items" if tasks else "")
 
 
@@ -74,7 +75,7 @@ def summary_table(per_example: pd.DataFrame, metrics: list[str]) -> pd.DataFrame
     rows = []
     for cell, group in per_example.groupby("cell", sort=False):
         # n: the generated answers scored; lm-eval items (`<task>/<doc_id>`) are counted per task in its own table.
-        row = {"cell": cell, "n": int((~group["example_id"].astype(str).str.contains("/")).sum())}
+        row = {"cell": cell, "n": int((~is_task_item(group["example_id"])).sum())}
         for metric in metrics:
             values = group[metric].dropna()
             n = len(values)

@@ -151,10 +151,14 @@ def teacher_references(study: Study, checked: list[tuple[str, object]],
     return references
 
 
+def study_references(study: Study, teachers: list[tuple[str, str, dict]]) -> list[str]:
+    """The study's reference rows: its prepare steps, then the cells' other teachers (`teacher_references`)."""
+    return [step["name"] for step in study.prepare] + [name for name, _, _ in teachers]
+
+
 def write_reference_names(study: Study, teachers: list[tuple[str, str, dict]]) -> None:
     os.makedirs(study.output_dir, exist_ok=True)
-    write_atomically(references_file(study),
-                     json.dumps([step["name"] for step in study.prepare] + [name for name, _, _ in teachers]))
+    write_atomically(references_file(study), json.dumps(study_references(study, teachers)))
 
 
 def _steps(recipe) -> str:
@@ -179,7 +183,7 @@ def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[s
         else:
             state = " (done, skipped)" if done else ""
         lines.append(f"  prepare {step['name']}: train {recipe.method} for {_steps(recipe)}{state}")
-    references = [step["name"] for step in study.prepare] + [name for name, _, _ in teachers]
+    references = study_references(study, teachers)
     if references:
         lines.append(f"  references {', '.join(references)}: evaluate on {scored}"
                      + (f"; lm-eval tasks {', '.join(evaluation['lm_eval']['tasks'])}" if evaluation.get("lm_eval")

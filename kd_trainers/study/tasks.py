@@ -57,7 +57,7 @@ def task_sections(study: Study, scores: pd.DataFrame, per_example: pd.DataFrame,
     metrics. `correlations`: the report's Spearman tables per factor; `markdown`: the report's table renderer. Writes
     `lm_eval_tasks.csv` (the means) and `lm_eval_correlations.csv` (every per-task correlation, column `analysis`)
     into `folder`."""
-    metrics = task_metrics([column for column in summary.columns if "/" in column and not column.endswith("_ci")])
+    metrics = task_metrics(list(per_example.columns))
     if not metrics:
         return []
     means = task_means(summary, per_example, metrics)
