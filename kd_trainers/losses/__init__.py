@@ -2,14 +2,17 @@
 
 Where things go: a new divergence is one function registered in `divergences.py`, and its closed-form gradient a
 second one under `@closed_form`; both `distillation_loss` and `chunked_distillation_loss` pick it up by name. DSKD's
-dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space.
+dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space. A teacher given
+as a sparse distribution per token (a teacher cache) goes through the same engine (`sparse.py`,
+`sparse_distillation_terms`).
 """
 
 from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms,
-                      chunked_distillation_loss, chunked_distillation_terms)
+                      chunked_distillation_loss, chunked_distillation_terms, sparse_distillation_terms)
 from .divergences import DIVERGENCES, closed_form, get_divergence, register_divergence
 from .dual_space import DualSpaceLoss, dual_space_loss
 from .reference import DistillationLoss, distillation_loss
+from .sparse import SparseTargets
 
 __all__ = [
     "DIVERGENCES",
@@ -18,6 +21,7 @@ __all__ = [
     "DualSpaceLoss",
     "LogitTransform",
     "LossSettings",
+    "SparseTargets",
     "TeacherTerms",
     "chunked_distillation_loss",
     "closed_form",
@@ -26,4 +30,5 @@ __all__ = [
     "distillation_loss",
     "get_divergence",
     "register_divergence",
+    "sparse_distillation_terms",
 ]

@@ -32,6 +32,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .divergences import divergence_params, get_divergence
 from .noise import grid_positions, position_noise_
 from .reference import DistillationLoss, check_loss_settings, loss_normalizer
+from .sparse import SparseTargets, check_sparse_settings, fill_teacher_logits_
 
 
 # Default byte budget of a chunk's `[n, V]` working buffers. Every chunk re-reads both output heads and the head's fp32
@@ -329,6 +330,8 @@ class _ChunkPlan(NamedTuple):
     chunk_size: int
     noise: tuple | None                  # (seed, rows [N], columns [N]) when settings.noise_std > 0
     report_ce: bool                      # False: the CE at w = 1 feeds nothing, so skip it
+    sparse: tuple[SparseTargets, str] | None = None  # (targets [N, k], tail treatment): the teacher, in place of
+                                                     # teacher_hidden and its head
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -337,7 +340,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         """student_hidden `[N, D_S]`, student_weight `[V, D_S]`, student_bias `[V]` or None, teacher_hidden `[N, D_T]`
         (differentiable only for the teacher-side CE); returns the terms of `ChunkedDistillationOutput`."""
         teacher_weight, teacher_bias, labels, teacher_labels, normalizer, settings = plan[:6]
-        student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce = plan[6:]
+        student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce, sparse = plan[6:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
         # Under no_grad (evaluation) nothing needs a gradient, and none is built.
@@ -366,7 +369,12 @@ class _FusedDistillationFunction(torch.autograd.Function):
             hidden = student_hidden[chunk]
             chunk_labels, chunk_teacher_labels = labels[chunk], teacher_labels[chunk]
             student_logits, teacher_logits, *scratch = (buffer[: hidden.size(0)] for buffer in buffers)
-            _project_into(teacher_logits, teacher_hidden[chunk], teacher_weight, teacher_bias)
+            if sparse is not None:  # the teacher from its stored distribution (the bucket tail reads the student's)
+                _project_into(student_logits, hidden, student_weight, student_bias)
+                fill_teacher_logits_(teacher_logits, sparse[0].rows(chunk), settings.temperature, sparse[1],
+                                     student_logits, scratch[0], student_transform)
+            else:
+                _project_into(teacher_logits, teacher_hidden[chunk], teacher_weight, teacher_bias)
             if teacher_ce_on or teacher_terms.gate_kd:
                 # The transforms are monotone: the argmax of the raw logits is the model's prediction.
                 teacher_correct = teacher_logits.argmax(-1) == chunk_teacher_labels
@@ -383,7 +391,8 @@ class _FusedDistillationFunction(torch.autograd.Function):
                 seed, rows, columns = noise
                 position_noise_(scratch[0], seed, rows[chunk], columns[chunk])
                 teacher_logits.add_(scratch[0], alpha=settings.noise_std)
-            _project_into(student_logits, hidden, student_weight, student_bias)
+            if sparse is None:
+                _project_into(student_logits, hidden, student_weight, student_bias)
             counts[0] += (student_logits.argmax(-1) == chunk_labels).sum()
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
             if closed_form:
@@ -486,13 +495,65 @@ def chunked_distillation_terms(
         report_ce: at `kd_weight=1` the CE is only reported (`ce_loss`); False skips it (`ce_loss` is then 0), as
             DSKD's teacher-space term does, whose CE nobody reads.
     """
+    return _engine_terms(student_hidden, student_lm_head, labels, settings, (teacher_hidden, teacher_lm_head), None,
+                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+                         chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
+                         student_transform=student_transform, teacher_transform=teacher_transform,
+                         noise_seed=noise_seed, teacher_terms=teacher_terms, teacher_labels=teacher_labels,
+                         report_ce=report_ce)
+
+
+def sparse_distillation_terms(
+    student_hidden: torch.Tensor,
+    student_lm_head: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None],
+    targets: SparseTargets,
+    labels: torch.Tensor,
+    settings: LossSettings = LossSettings(),
+    *,
+    tail: str = "bucket",
+    vocab_size: int | None = None,
+    ignore_index: int = -100,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    memory_budget_mb: float | None = None,
+    student_transform: LogitTransform = LogitTransform(),
+    noise_seed: int | None = None,
+) -> ChunkedDistillationOutput:
+    """`chunked_distillation_terms` with the teacher given as a sparse distribution per label token
+    (`kd_trainers.losses.sparse`): no teacher model, no teacher head, the same chunks, divergences, temperature, noise
+    and CE/KD mixing.
+
+    Args:
+        targets: the teacher at the `N` label tokens of `labels` (`labels != ignore_index`, row-major order).
+        tail: `bucket` or `spread`, what a `top_k` target's tail is (see `kd_trainers.losses.sparse`).
+        vocab_size: the teacher's vocabulary (V of the tail's V − k tokens); defaults to the student head's rows.
+        The others as in `chunked_distillation_terms`.
+    """
+    check_sparse_settings(targets.kind, tail, settings.divergence)
+    return _engine_terms(student_hidden, student_lm_head, labels, settings, None, (targets, tail),
+                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
+                         chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
+                         student_transform=student_transform, teacher_transform=LogitTransform(),
+                         noise_seed=noise_seed, teacher_terms=TeacherTerms(), teacher_labels=None, report_ce=True)
+
+
+def _engine_terms(student_hidden, student_lm_head, labels, settings, dense_teacher, sparse_teacher, *, ignore_index,
+                  num_items_in_batch, vocab_size, chunk_size, memory_budget_mb, student_transform, teacher_transform,
+                  noise_seed, teacher_terms, teacher_labels, report_ce) -> ChunkedDistillationOutput:
+    """The engine's set-up for either teacher: `dense_teacher` `(hidden, head)` or `sparse_teacher`
+    `(targets, tail)`."""
     student_weight, student_bias = _weight_and_bias(student_lm_head)
-    teacher_weight, teacher_bias = _weight_and_bias(teacher_lm_head)
+    teacher_hidden, teacher_weight, teacher_bias = None, None, None
+    head_rows = [student_weight.size(0)]
+    if dense_teacher is not None:
+        teacher_hidden = dense_teacher[0]
+        teacher_weight, teacher_bias = _weight_and_bias(dense_teacher[1])
+        head_rows.append(teacher_weight.size(0))
     with _maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
-        vocab = min(student_weight.size(0), teacher_weight.size(0)) if vocab_size is None else vocab_size
-        if vocab > min(student_weight.size(0), teacher_weight.size(0)):
-            raise ValueError(f"vocab_size={vocab} exceeds an output head ({student_weight.size(0)} student rows, "
-                             f"{teacher_weight.size(0)} teacher rows).")
+        vocab = min(head_rows) if vocab_size is None else vocab_size
+        if vocab > min(head_rows):
+            rows = ", ".join(f"{count} {role} rows" for count, role in zip(head_rows, ("student", "teacher")))
+            raise ValueError(f"vocab_size={vocab} exceeds an output head ({rows}).")
         positions = grid_positions(labels)  # (b, t) of every label entry, for the noise
         labels = labels.reshape(-1)
         mask = labels != ignore_index
@@ -507,14 +568,24 @@ def chunked_distillation_terms(
         normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
         # Boolean indexing keeps the autograd link: the gradient is scattered back to [B, T, D].
         student_rows = student_hidden.reshape(-1, student_hidden.size(-1))[mask]
-        teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask]
-        if teacher_terms.ce_weight == 0:
-            teacher_rows = teacher_rows.detach()
+        if dense_teacher is not None:
+            teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask]
+            if teacher_terms.ce_weight == 0:
+                teacher_rows = teacher_rows.detach()
+            teacher_weight = teacher_weight[:vocab].detach()
+            teacher_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
+        else:
+            targets, tail = sparse_teacher
+            if targets.ids.size(0) != student_rows.size(0):
+                raise ValueError(f"The sparse teacher has {targets.ids.size(0)} rows for {student_rows.size(0)} label "
+                                 "tokens: it must hold one row per label token, in order.")
+            sparse_teacher = (targets.to(student_hidden.device), tail)
+            teacher_rows = student_rows.new_zeros(student_rows.size(0), 0)  # no teacher hidden states
         chunk_size = chunk_length(vocab, working_buffers(settings, student_transform, report_ce),
                                   student_hidden.device, chunk_size, memory_budget_mb)
-        plan = _ChunkPlan(teacher_weight[:vocab].detach(), None if teacher_bias is None else teacher_bias[:vocab].detach(),
-                          labels[mask], teacher_labels[mask], normalizer, settings, student_transform,
-                          teacher_transform, teacher_terms, chunk_size, noise, report_ce)
+        plan = _ChunkPlan(teacher_weight, teacher_bias, labels[mask], teacher_labels[mask], normalizer, settings,
+                          student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce,
+                          sparse_teacher)
         inputs = [student_rows, _rows(student_weight, vocab), _rows(student_bias, vocab), teacher_rows]
         if not torch.is_grad_enabled():
             # Evaluation: an autograd.Function's inputs still say they need gradients under no_grad, so detach them,

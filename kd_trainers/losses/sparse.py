@@ -1,0 +1,153 @@
+"""A teacher given as a sparse distribution per label token, instead of hidden states and an output head.
+
+Two kinds, as a teacher cache stores them (`kd_trainers.teacher_cache`):
+
+- `top_k`: the teacher's k most probable token ids, their log-probabilities (at temperature 1) and the log of the
+  mass left outside them (the tail). What the tail is, the ids do not say; two documented treatments (`tail`):
+    * `bucket` (default): the tail is one category. The divergence compares the teacher's k tokens and its tail mass
+      with the student's probabilities of the same k tokens and the student's remaining mass: the divergence of the
+      two distributions coarsened to k + 1 categories, a lower bound of the full one that puts no pull on how the
+      student shares its tail among tokens.
+      The engine computes it as the full-vocabulary divergence against a teacher whose tail is spread in proportion
+      to the student's own tail: for every f-divergence (all the built-in ones: KL both ways, JSD, the skewed KLs,
+      TVD) that gives the coarsened value, and the same gradient, so the closed-form gradients apply unchanged.
+    * `spread`: the tail mass is spread evenly over the V − k other tokens (DistillKit's "uniform" tail).
+  Temperature: the k log-probabilities are divided by T, and the tail is tempered as V − k tokens of equal
+  probability (its only consistent reading without their ids), then all V renormalised. So a `top_k` target with
+  k = V is the teacher's exact distribution, at any temperature, and gives the dense engine's loss and gradients.
+- `sampled`: m tokens drawn from the teacher's distribution (with replacement) and each draw's log-probability.
+  The target is the empirical distribution of the draws: its expectation is the teacher's distribution, so the
+  forward-KL gradient `p_S − target` is unbiased ("Sparse Logit Sampling", Anshumann et al., ACL 2025). At a
+  temperature T ≠ 1 the draws are reweighted by p^(1/T − 1) and self-normalised (a consistent estimate of the
+  tempered teacher). The other divergences are not linear in the target, so the estimate would be biased: sampled
+  targets take `forward_kl` only.
+
+Teacher-logit noise is added as the dense engine adds it: to every entry of the reconstructed teacher's logits, the row
+at each position drawn from `(seed, b, t)` alone, before the temperature.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+TAIL_TREATMENTS = ("bucket", "spread")
+KINDS = ("top_k", "sampled")
+# The log-probability given to tokens a sampled target never drew: finite, so that 0·log 0 terms stay 0 (not NaN),
+# and so low that exp() of it is 0 in fp32 at any temperature the loss accepts.
+ABSENT_LOG_PROB = -1.0e4
+
+
+class SparseTargets(NamedTuple):
+    """The teacher at `N` label tokens, in the order of `labels[labels != ignore_index]` (row-major).
+
+    ids: `[N, k]` int64 token ids (`top_k`: distinct, most probable first; `sampled`: the draws, repeats allowed).
+    log_probs: `[N, k]` fp32 teacher log-probabilities of those ids at temperature 1.
+    tail_log_mass: `[N]` fp32 log of the teacher's mass outside `ids` (`top_k`; ignored for `sampled`).
+    kind: `top_k` or `sampled`.
+    """
+
+    ids: torch.Tensor
+    log_probs: torch.Tensor
+    tail_log_mass: torch.Tensor
+    kind: str = "top_k"
+
+    def rows(self, index: slice | torch.Tensor) -> "SparseTargets":
+        return SparseTargets(self.ids[index], self.log_probs[index], self.tail_log_mass[index], self.kind)
+
+    def to(self, device: torch.device | str) -> "SparseTargets":
+        return SparseTargets(self.ids.to(device), self.log_probs.to(device, torch.float32),
+                             self.tail_log_mass.to(device, torch.float32), self.kind)
+
+
+def check_sparse_settings(kind: str, tail: str, divergence: str) -> None:
+    """Fail, naming the setting, when a sparse target cannot serve the settings (`kind`, `tail`, `divergence`)."""
+    if kind not in KINDS:
+        raise ValueError(f"The sparse teacher's kind must be one of {list(KINDS)}, got {kind!r}.")
+    if tail not in TAIL_TREATMENTS:
+        raise ValueError(f"teacher_cache_tail must be one of {list(TAIL_TREATMENTS)}, got {tail!r}.")
+    if kind == "sampled" and divergence != "forward_kl":
+        raise ValueError(
+            f"divergence={divergence!r} with a sampled teacher cache: the sampled target is unbiased for forward_kl "
+            "only (the other divergences are not linear in the teacher's distribution). Use divergence=forward_kl, "
+            "or a top_k cache.")
+
+
+def fill_teacher_logits_(out: torch.Tensor, targets: SparseTargets, temperature: float, tail: str,
+                         student_logits: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
+                         student_transform=None) -> torch.Tensor:
+    """Write into `out` `[n, V]` teacher "logits" whose softmax at `temperature` is the reconstructed, tempered
+    teacher: `T · log p̂_T` (a row of log-probabilities is its own log-softmax, so dividing by T gives them back).
+
+    `bucket` also reads the student's raw logits (`student_logits` `[n, V]`, left intact, with its
+    `student_transform`) through the fp32 `scratch` buffer `[n, V]`.
+    """
+    vocab, k = out.size(1), targets.ids.size(1)
+    if targets.kind == "sampled":
+        # Self-normalised weights p^(1/T − 1) of the draws (all equal at T = 1), summed per token id.
+        log_weights = targets.log_probs * (1.0 / temperature - 1.0)
+        weights = (log_weights - log_weights.amax(-1, keepdim=True)).exp_()
+        out.zero_().scatter_add_(1, targets.ids, weights)
+        out.div_(weights.sum(-1, keepdim=True)).log_().clamp_(min=ABSENT_LOG_PROB)
+        return out.mul_(temperature)
+    tempered_top = targets.log_probs / temperature  # [n, k]
+    if k >= vocab:  # the whole vocabulary: the exact distribution
+        out.scatter_(1, targets.ids, tempered_top)
+        return torch.log_softmax(out, -1, out=out).mul_(temperature)
+    # Each of the V − k tail tokens has log-probability tail − log(V − k) at T = 1; tempered, the tail's total is
+    # (V − k)·exp((tail − log(V − k)) / T) before renormalising.
+    tail_each = (targets.tail_log_mass - math.log(vocab - k)) / temperature  # [n]
+    tail_total = tail_each + math.log(vocab - k)
+    log_normaliser = torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_total)  # [n]
+    top = tempered_top - log_normaliser[:, None]
+    if tail == "spread":
+        out.copy_((tail_each - log_normaliser)[:, None].expand_as(out))
+    else:
+        # The student's tempered log-probabilities, its top-k entries set to −inf: their logsumexp is the student's
+        # tail mass, and each tail token gets the teacher's tail mass in the student's proportions.
+        student = scratch.copy_(student_logits)
+        if student_transform is not None:
+            student_transform.apply_(student)
+        student = torch.log_softmax(student.div_(temperature), -1, out=student)
+        student.scatter_(1, targets.ids, float("-inf"))
+        student_tail = torch.logsumexp(student, -1)  # [n]
+        torch.add(student, (tail_total - log_normaliser - student_tail)[:, None], out=out)
+    out.clamp_(min=ABSENT_LOG_PROB)  # a tail of mass 0 (−inf): 0·log 0 terms must stay 0, not NaN
+    out.scatter_(1, targets.ids, top)
+    return out.mul_(temperature)
+
+
+def reconstruct_log_probs(targets: SparseTargets, vocab: int, temperature: float = 1.0, tail: str = "spread",
+                          student_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """`[N, V]` log-probabilities of the reconstructed teacher at `temperature` (allocates; for references and
+    measurements). `bucket` needs the student's logits `[N, V]`."""
+    out = torch.empty(targets.ids.size(0), vocab, dtype=torch.float32, device=targets.ids.device)
+    scratch = None if student_logits is None else torch.empty_like(out)
+    fill_teacher_logits_(out, targets.to(out.device), temperature, tail,
+                         None if student_logits is None else student_logits.float(), scratch)
+    return torch.log_softmax(out / temperature, -1)
+
+
+def top_k_targets(teacher_logits: torch.Tensor, k: int) -> SparseTargets:
+    """The exact top-k target of full teacher logits `[N, V]` (fp32): ids, log-probabilities and tail log-mass."""
+    log_probs = torch.log_softmax(teacher_logits.float(), -1)
+    top, ids = log_probs.topk(min(k, log_probs.size(-1)), dim=-1)
+    tail = log1mexp(torch.logsumexp(top, -1))
+    return SparseTargets(ids, top, tail, "top_k")
+
+
+def sampled_targets(teacher_logits: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+                    ) -> SparseTargets:
+    """`num_samples` draws per row from the teacher's distribution `[N, V]` and their log-probabilities."""
+    log_probs = torch.log_softmax(teacher_logits.float(), -1)
+    ids = torch.multinomial(log_probs.exp(), num_samples, replacement=True, generator=generator)
+    return SparseTargets(ids, log_probs.gather(-1, ids), torch.full(ids.shape[:1], -math.inf), "sampled")
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x ≤ 0, stably (Mächler, 2012); −inf where x = 0."""
+    x = x.clamp(max=0.0)
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
