@@ -4,6 +4,10 @@
                                              relaunched under `accelerate launch` if it has an `accelerate` block;
                                              also `python -m kd_trainers RECIPE ...` and
                                              `accelerate launch [flags] -m kd_trainers RECIPE ...`
+    kd-train cache-teacher RECIPE teacher_cache=PATH [key=value ...]
+                                             run the recipe's teacher over its data once and write its sparse
+                                             distributions to PATH; `kd-train RECIPE teacher_cache=PATH` then trains
+                                             from them with no teacher in memory (and writes them first if missing)
     kd-train validate RECIPE [key=value ...] check a recipe without loading anything heavy
     kd-train list                            the shipped recipes and studies, with the first line of their header
     kd-train cp NAME DEST                    copy a shipped recipe (or study, or accelerate config) to edit it
@@ -140,6 +144,30 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def _cache_teacher(recipe_path: str, overrides: list[str]) -> int:
+    """`kd-train cache-teacher`: the recipe's teacher cache, written (on the recipe's processes) or checked."""
+    from .recipe.launch import already_launched, relaunch
+    from .recipe.preflight import preflight
+    from .recipe.run import apply_env, write_recipe_teacher_cache
+    from .recipe.schema import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    if getattr(recipe.config, "teacher_cache", None) is None:
+        raise RecipeError(f"{recipe_path}: cache-teacher writes the cache named by teacher_cache, which is not set: "
+                          f"kd-train cache-teacher {recipe_path} teacher_cache=PATH.")
+    preflight(recipe, output=False)
+    apply_env(recipe.options)
+    if recipe.options["accelerate"] and not already_launched():
+        return relaunch(recipe_path, overrides, recipe.options["accelerate"], command_name="cache-teacher")
+    from .distributed import end_process_group
+
+    try:
+        write_recipe_teacher_cache(recipe)
+    finally:
+        end_process_group()
+    return 0
+
+
 def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
@@ -154,6 +182,11 @@ def _main(argv: list[str]) -> int:
         return _list()
     if command == "cp":
         return _copy(argv[1:])
+    if command == "cache-teacher":
+        if len(argv) < 2:
+            print("kd-train cache-teacher RECIPE teacher_cache=PATH [key=value ...]", file=sys.stderr)
+            return 2
+        return _cache_teacher(resolve(argv[1]), argv[2:])
     if command == "validate":
         if len(argv) < 2:
             print("kd-train validate RECIPE [key=value ...]", file=sys.stderr)

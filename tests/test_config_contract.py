@@ -133,6 +133,11 @@ CONTRACT: dict[str, object] = {
     # --- the teacher ----------------------------------------------------------------------------------------------
     "teacher_model_name_or_path": TestedIn("test_kd_trainer.py::test_teacher_loaded_by_path_with_adapter"),
     "teacher_adapter_name_or_path": TestedIn("test_kd_trainer.py::test_teacher_loaded_by_path_with_adapter"),
+    "teacher_cache": TestedIn("test_teacher_cache.py::test_trainer_reads_the_cache_in_place_of_the_teacher"),
+    "teacher_cache_tail": TestedIn("test_teacher_cache.py::test_trainer_reads_the_cache_in_place_of_the_teacher"),
+    "teacher_cache_mode": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
+    "teacher_cache_k": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
+    "teacher_cache_batch_size": TestedIn("test_teacher_cache.py::test_cache_batch_size_changes_the_forwards_only"),
     "teacher_model_init_kwargs": TestedIn("test_config_contract.py::test_teacher_model_init_kwargs_load_the_teacher"),
     # --- DSKD -------------------------------------------------------------------------------------------------------
     "teacher_tokenizer_name_or_path": TestedIn(

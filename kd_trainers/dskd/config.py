@@ -104,6 +104,12 @@ class DSKDConfig(KDConfig):
         for name, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}.")
+        if self.teacher_cache is not None:
+            raise ValueError(
+                f"teacher_cache={self.teacher_cache!r}: DSKD needs the teacher's hidden states (its projectors and "
+                "cross-model attention map them into the student's space), which a cache of the teacher's "
+                "distribution does not hold. Drop teacher_cache and give teacher_model_name_or_path, or use "
+                "method kd with a teacher of the student's vocabulary.")
         if self.fp16:
             raise ValueError(
                 "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "

@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..kd.hidden import last_hidden_state
+from ..hidden_states import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import chunk_length

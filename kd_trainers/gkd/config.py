@@ -42,6 +42,12 @@ class GKDConfig(KDConfig, TRLGKDConfig):
         if self.jsd_beta is not None and self.jsd_beta != self.beta:
             raise ValueError(f"jsd_beta ({self.jsd_beta}) and beta ({self.beta}) are the same setting in GKDConfig: "
                              "set beta only.")
+        if self.teacher_cache is not None:
+            raise ValueError(
+                f"teacher_cache={self.teacher_cache!r}: GKD scores the student's own samples, drawn while training, "
+                "which no cache written beforehand holds, and its off-policy batches are tokenized per batch, not "
+                "by the trainer's dataset preparation the cache is keyed to. Drop teacher_cache, or use method kd "
+                "(off-policy distillation on the dataset's completions) with it.")
         super().__post_init__()
 
     _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}

@@ -2,6 +2,7 @@
 
 from ..lazy import lazy_getattr
 
+
 # Loaded on first use; `method.py` registers the method for recipes.
 _EXPORTS = {"KDConfig": ".config", "KDTrainer": ".trainer"}
 __all__ = sorted(_EXPORTS)

@@ -11,6 +11,7 @@ from trl import SFTConfig
 from ..guards import check_training_args
 from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
+from ..losses.sparse import check_sparse_settings
 
 
 @dataclass
@@ -31,6 +32,24 @@ class KDConfig(SFTConfig):
     teacher_adapter_name_or_path (`str`, *optional*, defaults to `None`):
         A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation, for example the output of
         a LoRA SFT run of the teacher.
+
+    teacher_cache (`str`, *optional*, defaults to `None`):
+        A folder holding the teacher's sparse distribution at every label token of the training (and evaluation)
+        data, read in place of a teacher in memory. When it holds no complete cache yet, the teacher (which must then
+        be given) writes it there first, over the trainer's own tokenized data, and is released before training; a
+        cache of other data, tokenizer or settings is refused, naming what differs. Several runs (a temperature or
+        noise sweep, students of one tokenizer) can share one. Not for DSKD (it needs the teacher's hidden states) nor
+        on-policy GKD.
+    teacher_cache_mode (`str`, *optional*, defaults to `"top_k"`):
+        What the cache stores per token: `top_k` (the k most probable ids, their log-probabilities and the tail's
+        mass) or `sampled` (k ids drawn from the teacher, an unbiased target for `forward_kl` only).
+    teacher_cache_k (`int`, *optional*, defaults to `32`):
+        Ids stored per label token (top-k, or draws). At 32 a token takes at most 130 bytes on disk before zstd.
+    teacher_cache_tail (`str`, *optional*, defaults to `"bucket"`):
+        What a `top_k` target's tail is to the loss: `bucket` (one category against the student's remaining mass) or
+        `spread` (evenly over the other tokens). See `kd_trainers.losses.sparse`.
+    teacher_cache_batch_size (`int`, *optional*, defaults to `8`):
+        Rows per teacher forward in the pass that writes the cache.
 
     > Parameters that control the distillation loss
 
@@ -86,6 +105,19 @@ class KDConfig(SFTConfig):
         default=None,
         metadata={"help": "A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation."},
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the teacher's cached sparse distributions, read in place of a teacher in memory "
+                  "(written there first by the teacher when it holds no complete cache)."},
+    )
+    teacher_cache_mode: str = field(
+        default="top_k", metadata={"help": "What the cache stores per token: top_k or sampled.",
+                                   "choices": ["top_k", "sampled"]})
+    teacher_cache_k: int = field(default=32, metadata={"help": "Ids stored per label token (top-k, or draws)."})
+    teacher_cache_tail: str = field(
+        default="bucket", metadata={"help": "A top_k target's tail: bucket (one category) or spread (evenly).",
+                                    "choices": ["bucket", "spread"]})
+    teacher_cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward in the cache pass."})
     divergence: str = field(
         default="forward_kl",
         metadata={"help": "Divergence between the student's and the teacher's distributions.",
@@ -139,6 +171,7 @@ class KDConfig(SFTConfig):
         if budget is not None and self.loss_chunk_size is not None:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
                              "the loss's chunks: set one of them.")
+        self._check_teacher_cache_settings()
         self._refuse_sft_only_losses()
         super().__post_init__()
         check_training_args(self)  # settings that would train nothing are refused here, before any model loads
@@ -155,6 +188,25 @@ class KDConfig(SFTConfig):
         return dict(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
                     skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
                     temperature_squared=self.kd_temperature_squared)
+
+    def _check_teacher_cache_settings(self) -> None:
+        if self.teacher_cache_mode not in ("top_k", "sampled"):
+            raise ValueError(f"teacher_cache_mode must be 'top_k' or 'sampled', got {self.teacher_cache_mode!r}.")
+        for name in ("teacher_cache_k", "teacher_cache_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.teacher_cache is None:
+            return
+        check_sparse_settings(self.teacher_cache_mode, self.teacher_cache_tail, self.divergence)
+        if getattr(self, "packing", False):
+            raise ValueError(f"packing=True with teacher_cache={self.teacher_cache!r}: a packed row mixes examples "
+                             "whose cached targets were written one example at a time. Set packing=False (or "
+                             "padding_free=True, which a cache supports).")
+
+    def holds_teacher_while_training(self) -> bool:
+        """Whether a teacher model sits beside the student while training (not with a teacher cache)."""
+        return self.teacher_cache is None
 
     def _refuse_sft_only_losses(self) -> None:
         """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from ..hidden_states import last_hidden_state
 from ..losses import LogitTransform
 from ..losses.chunked import _maybe_gather, _weight_and_bias
 from ..teacher import model_name
-from .hidden import last_hidden_state
+
 
 NUM_POSITIONS = 4
 # Largest difference allowed, relative to the largest logit: fp32 heads agree to rounding; bf16/fp16 ones differ by

@@ -15,17 +15,18 @@ from huggingface_hub import ModelCard
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
-from ..losses import LogitTransform, LossSettings, chunked_distillation_loss
+from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
+from ..losses import LogitTransform, LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from ..losses.reference import loss_normalizer
 from ..teacher import model_name
+from ..teacher_cache import BATCH_KEYS, targets_from_batch
 from .heads import check_engine_logits
-from .hidden import hidden_state_and_router_loss, last_hidden_state
 
 
 class DistillationLossMixin:
     """`compute_loss` as `(1 − kd_weight)·CE + kd_weight·KD` through the chunked engine, for a trainer with a teacher."""
 
-    _non_model_keys: tuple[str, ...] = ("labels",)  # batch keys the models must not receive
+    _non_model_keys: tuple[str, ...] = ("labels", *BATCH_KEYS)  # batch keys the models must not receive
 
     @classmethod
     def _as_kd_config(cls, model, args):
@@ -37,6 +38,18 @@ class DistillationLossMixin:
             name = model_name(model).split("/")[-1].lstrip("<").rstrip(">")
             return cls._config_class(output_dir=f"{name}-{cls._name}")
         return cls._config_class.from_sft_config(args)
+
+    @staticmethod
+    def _with_teacher_cache(args, teacher_cache: str | None):
+        """`args` with the trainer's `teacher_cache` argument in its field (the two must not disagree)."""
+        if teacher_cache is None or teacher_cache == args.teacher_cache:
+            return args
+        if args.teacher_cache is not None:
+            raise ValueError(f"teacher_cache={teacher_cache!r} is passed to the trainer and the config has "
+                             f"teacher_cache={args.teacher_cache!r}: give one.")
+        args.teacher_cache = teacher_cache
+        args._check_teacher_cache_settings()
+        return args
 
     @staticmethod
     def _refuse_compute_loss_func(args, compute_loss_func) -> None:
@@ -111,8 +124,11 @@ class DistillationLossMixin:
         """`[(role, wrapped model, its inputs, transform, vocabulary)]` whose fused logits `_check_heads_once` checks."""
         model_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         student_transform = LogitTransform.from_config(self.accelerator.unwrap_model(model).config)
-        return [("student", model, model_inputs, student_transform, self.distilled_vocab_size),
-                ("teacher", self.teacher_model, model_inputs, self.teacher_logit_transform, self.distilled_vocab_size)]
+        checks = [("student", model, model_inputs, student_transform, self.distilled_vocab_size)]
+        if self.teacher_model is not None:  # a cached teacher has no head here
+            checks.append(("teacher", self.teacher_model, model_inputs, self.teacher_logit_transform,
+                           self.distilled_vocab_size))
+        return checks
 
     def _check_heads_once(self, model, inputs: dict) -> None:
         """On the first batch, the engine's logits at a few positions must equal each model's own forward (a custom
@@ -139,22 +155,27 @@ class DistillationLossMixin:
         the logs (per-token means whatever `num_items_in_batch` is)."""
         model_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         student_transform = LogitTransform.from_config(student.config)
         student_hidden, aux_loss = self._student_hidden(student, model_inputs)
         student_hidden = student_hidden[:, :-1]
-        with torch.no_grad():
-            teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, model_inputs
-            )[:, :-1]
-        losses, num_correct = chunked_distillation_loss(
-            student_hidden, student.get_output_embeddings(), teacher_hidden, unwrapped_teacher.get_output_embeddings(),
-            labels, self._settings_for(mode), num_items_in_batch=num_items_in_batch,
-            vocab_size=self.distilled_vocab_size, chunk_size=self.args.loss_chunk_size,
-            memory_budget_mb=self.args.loss_memory_budget_mb,
-            student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
-            noise_seed=self._noise_seed(mode),
-        )
+        engine = dict(num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
+                      chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
+                      student_transform=student_transform, noise_seed=self._noise_seed(mode))
+        if getattr(self, "teacher_cache", None) is not None:  # the stored distribution: no teacher forward
+            out = sparse_distillation_terms(
+                student_hidden, student.get_output_embeddings(), targets_from_batch(inputs, self.teacher_cache.mode),
+                labels, self._settings_for(mode), tail=self.args.teacher_cache_tail, **engine)
+            losses, num_correct = out, out.num_correct
+        else:
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                teacher_hidden = self._forward_redirection(
+                    self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, model_inputs
+                )[:, :-1]
+            losses, num_correct = chunked_distillation_loss(
+                student_hidden, student.get_output_embeddings(), teacher_hidden,
+                unwrapped_teacher.get_output_embeddings(), labels, self._settings_for(mode),
+                teacher_transform=self.teacher_logit_transform, **engine)
         num_tokens = (labels != -100).sum()
         normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the engine divided by: back to sums
         metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
@@ -177,7 +198,8 @@ class DistillationLossMixin:
             sft_inputs = {k: v for k, v in inputs.items() if k == "labels" or k not in self._non_model_keys}
             return SFTTrainer.compute_loss(self, model, sft_inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        self.teacher_model.eval()
+        if self.teacher_model is not None:
+            self.teacher_model.eval()
         self._check_heads_once(model, inputs)
         student = self.accelerator.unwrap_model(model)
         loss, metrics = self._forward_redirection(
@@ -224,6 +246,7 @@ class DistillationLossMixin:
             "method": "vanilla logit KD",
             "teacher": self.teacher_name,
             "teacher_adapter": args.teacher_adapter_name_or_path,
+            **self._teacher_cache_settings(),
             "divergence": settings.divergence,
             "kd_temperature": settings.temperature,
             "kd_temperature_squared": settings.temperature_squared,
@@ -235,6 +258,20 @@ class DistillationLossMixin:
             "loss_chunk_size": args.loss_chunk_size,
             "loss_memory_budget_mb": args.loss_memory_budget_mb,
         }
+
+    def _teacher_cache_settings(self) -> dict[str, object]:
+        """The model card's rows of a cached teacher (none for a teacher in memory)."""
+        cache = getattr(self, "teacher_cache", None)
+        if cache is None:
+            return {}
+        return {"teacher_cache_key": cache.key, "teacher_cache_mode": cache.mode, "teacher_cache_k": cache.k,
+                "teacher_cache_tail": self.args.teacher_cache_tail if cache.mode == "top_k" else None,
+                "teacher_cache_bytes_per_token": round(cache.bytes_per_token(), 1)}
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if getattr(self, "teacher_cache", None) is not None:  # the rows' teacher records reach the collator
+            self._signature_columns = [*self._signature_columns, "teacher_tokens", "teacher_record"]
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)

@@ -2,5 +2,6 @@
 
 from ..methods import register_method
 
+
 register_method("kd", config="kd_trainers.kd.config:KDConfig", trainer="kd_trainers.kd.trainer:KDTrainer",
                 needs_teacher=True)

@@ -14,20 +14,24 @@ A method changes a step through the hooks below, not by writing the set-up again
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
 from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
                        model_name, output_head_shape)
+from ..teacher_cache import (CacheSettings, SparseTeacherCollator, TeacherCache, cache_components, split_fingerprint,
+                             teacher_files_fingerprint, teacher_fingerprint, tokenizer_fingerprint, write_teacher_cache)
 
 
 @dataclass(frozen=True)
 class TeacherPlan:
     """What `_plan_teacher` decided before the parent trainer exists."""
 
-    teacher: str | PreTrainedModel  # as given: a name or path, or a model
+    teacher: str | PreTrainedModel | None  # as given: a name or path, or a model; None: a complete teacher cache
     tokenizer: PreTrainedTokenizerBase
     assumes_student_tokenizer: bool  # the teacher came without a tokenizer and the student's is used for it
 
@@ -39,6 +43,14 @@ class TeacherSetupMixin:
     def _required_teacher(cls, teacher_model, args):
         """The teacher given, else the config's name for it; a clear error when there is neither."""
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        cache = getattr(args, "teacher_cache", None)
+        if teacher is None and cache is not None:
+            if TeacherCache.open(cache) is None:
+                raise ValueError(
+                    f"teacher_cache={cache!r} holds no complete teacher cache, and no teacher is given to write it: "
+                    f"set teacher_model_name_or_path (the cache is written there first), or run `kd-train "
+                    "cache-teacher RECIPE` with the teacher.")
+            return None
         if teacher is None:
             raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "
                              f"{type(args).__name__}.teacher_model_name_or_path.")
@@ -48,6 +60,9 @@ class TeacherSetupMixin:
                       student_tokenizer: PreTrainedTokenizerBase) -> TeacherPlan:
         """Before the parent `__init__`: sets `teacher_processing_class` and `teacher_name`; loads no model."""
         teacher = self._required_teacher(teacher_model, args)
+        if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
+            self.teacher_processing_class, self.teacher_name = student_tokenizer, None
+            return TeacherPlan(None, student_tokenizer, True)
         tokenizer = self._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
         # `load_teacher_tokenizer` returns the student's own object only when it assumed it.
         assumed = teacher_processing_class is None and tokenizer is student_tokenizer
@@ -59,7 +74,23 @@ class TeacherSetupMixin:
         return TeacherPlan(teacher, tokenizer, assumed)
 
     def _set_up_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
-        """After the parent `__init__`: `self.teacher_model` prepared for training; returns the unwrapped teacher."""
+        """After the parent `__init__`: `self.teacher_model` prepared for training; returns the unwrapped teacher.
+        With a teacher cache there is none: the cache is written first if need be, and read in its place."""
+        self.teacher_cache = None
+        if getattr(args, "teacher_cache", None) is not None:
+            self._set_up_teacher_cache(plan, args)
+            self.teacher_model = None
+            return None
+        teacher = self._loaded_teacher(plan, args)
+        self._attach_trainable_modules(teacher)  # before DeepSpeed partitions the teacher: both heads are whole
+        if self.is_deepspeed_enabled:
+            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
+        else:
+            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return teacher
+
+    def _loaded_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
+        """The teacher loaded and frozen, its head checked against the student's and both tokenizers."""
         teacher = freeze(self._load_teacher_model(plan.teacher, args))
         if plan.assumes_student_tokenizer and self._compares_logits(args):
             check_same_head_size(self.model, teacher)
@@ -71,12 +102,61 @@ class TeacherSetupMixin:
                     f"The {role}'s output head has {rows} rows but its tokenizer has {len(tokenizer)} tokens. "
                     f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
                 )
-        self._attach_trainable_modules(teacher)  # before DeepSpeed partitions the teacher: both heads are whole
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
         return teacher
+
+    def _cache_splits(self) -> dict:
+        """`{name: tokenized dataset}` the loss reads: `train`, and `eval` (or `eval_<name>` for a dict of them)."""
+        splits = {"train": self.train_dataset}
+        if isinstance(self.eval_dataset, dict):
+            splits.update({f"eval_{name}": dataset for name, dataset in self.eval_dataset.items()})
+        elif self.eval_dataset is not None:
+            splits["eval"] = self.eval_dataset
+        return splits
+
+    def _set_up_teacher_cache(self, plan: TeacherPlan, args) -> None:
+        """The cache at `args.teacher_cache`, written by the teacher when it is not complete, checked against the
+        trainer's own tokenized data, and joined to it: each row carries its teacher record, which the collator
+        turns into the batch's sparse targets."""
+        splits = self._cache_splits()
+        data, hashes = {}, {}
+        for name, dataset in splits.items():
+            data[name], hashes[name] = split_fingerprint(dataset)
+        settings = CacheSettings(args.teacher_cache_mode, args.teacher_cache_k, len(self.processing_class))
+        tokenizer = tokenizer_fingerprint(self.processing_class)
+        cache = TeacherCache.open(args.teacher_cache)
+        named = None if plan.teacher is None else {  # what a run that names its teacher can check without loading it
+            "name": model_name(plan.teacher), "adapter": args.teacher_adapter_name_or_path,
+            "files": teacher_files_fingerprint(plan.teacher)}
+        if cache is None:
+            teacher = self._loaded_teacher(plan, args)
+            if any(hasattr(param, "ds_id") for param in teacher.parameters()):
+                raise ValueError(
+                    f"teacher_cache={args.teacher_cache!r} is written by the teacher whole on each process, and "
+                    "DeepSpeed ZeRO-3 has partitioned it. Write the cache first without ZeRO-3 (kd-train "
+                    "cache-teacher RECIPE accelerate.config=multi_process), then train from it under ZeRO-3.")
+            teacher.to(self.accelerator.device)
+            components = cache_components({**named, "weights": teacher_fingerprint(teacher)}, tokenizer, data,
+                                          settings)
+            pad_id = self.processing_class.pad_token_id
+            cache = write_teacher_cache(
+                args.teacher_cache, teacher, splits, hashes, components, settings,
+                self.processing_class.eos_token_id if pad_id is None else pad_id, self.accelerator,
+                batch_size=args.teacher_cache_batch_size, seed=args.seed,
+                log=lambda message: print(message, flush=True))
+            del teacher
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        cache.check(tokenizer, data, settings, named)
+        self.train_dataset = cache.attach(self.train_dataset, "train", hashes["train"])
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {name: cache.attach(dataset, f"eval_{name}", hashes[f"eval_{name}"])
+                                 for name, dataset in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = cache.attach(self.eval_dataset, "eval", hashes["eval"])
+        self.data_collator = SparseTeacherCollator(self.data_collator, cache)
+        self.teacher_cache = cache
+        self.teacher_name = cache.describe()
 
     # ----------------------------------------------------------------------------------------------------------------
     # Hooks

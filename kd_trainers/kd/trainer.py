@@ -57,8 +57,9 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
     }
 
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
-                 teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None, **sft_kwargs):
-        args = self._as_kd_config(model, args)
+                 teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None,
+                 teacher_cache: str | None = None, **sft_kwargs):
+        args = self._with_teacher_cache(self._as_kd_config(model, args), teacher_cache)
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))

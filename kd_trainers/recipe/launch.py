@@ -69,14 +69,15 @@ def already_launched() -> bool:
     return launched_by_kd_train() or "LOCAL_RANK" in os.environ
 
 
-def relaunch(recipe_path: str, overrides: list[str], block: dict) -> int:
-    """Runs this recipe again under `accelerate launch` with the recipe's accelerate block; returns its exit code."""
+def relaunch(recipe_path: str, overrides: list[str], block: dict, command_name: str | None = None) -> int:
+    """Runs this recipe again under `accelerate launch` with the recipe's accelerate block (as `kd-train
+    command_name RECIPE` when given, e.g. `cache-teacher`); returns its exit code."""
     config_file = accelerate_config_path(block.get("config", "single_process"), recipe_path)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
     if "num_processes" in block:
         command += ["--num_processes", str(block["num_processes"])]
     if "MASTER_PORT" not in os.environ:  # a free port, so that runs started side by side do not collide
         command += ["--main_process_port", str(free_port())]
-    command += ["-m", "kd_trainers", recipe_path, *overrides]
+    command += ["-m", "kd_trainers", *([command_name] if command_name else []), recipe_path, *overrides]
     print("Launching: " + " ".join(command), flush=True)
     return subprocess.call(command, env={**os.environ, LAUNCHED_ENV: "1"})

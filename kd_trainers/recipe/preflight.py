@@ -137,6 +137,18 @@ def remote_code_warning(recipe: Recipe) -> str | None:
             "code will run on this machine. A recipe is code: run only recipes you trust.")
 
 
+def check_teacher_cache(recipe: Recipe) -> None:
+    """A recipe without a teacher reads a complete teacher cache: there must be one (nothing could write it)."""
+    config = recipe.config
+    path = getattr(config, "teacher_cache", None)
+    if path is None or config.teacher_model_name_or_path is not None:
+        return
+    if not os.path.isfile(os.path.join(path, "cache_info.json")):
+        raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} holds no complete teacher cache, and "
+                          "teacher_model_name_or_path is null, so nothing can write it. Name the teacher (the cache "
+                          "is written first), or run kd-train cache-teacher with it.")
+
+
 def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True) -> None:
     """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`)."""
     config, options, where = recipe.config, recipe.options, recipe.path
@@ -151,6 +163,7 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
                                                                         None), where, pending=pending)
         check_model_reference("teacher_adapter_name_or_path", config.teacher_adapter_name_or_path, where,
                               adapter=True, pending=pending)
+    check_teacher_cache(recipe)
     judge = (options["evaluation"] or {}).get("judge") or {}
     if "judge" in (options["evaluation"] or {}).get("metrics", []) and judge.get("model"):
         check_model_reference("evaluation.judge.model", judge["model"], where, pending=pending)

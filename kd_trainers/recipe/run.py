@@ -37,9 +37,10 @@ def apply_env(options: dict) -> None:
         os.environ[key] = str(value)
 
 
-def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
+def write_run_info(recipe: Recipe, resumed_from: str | None, trainer=None) -> None:
     """The resolved recipe, the settings the model is made with, package versions and seed, in the output folder
-    (main process only). Secrets (`hub_token`, a judge's `api_key`) are redacted."""
+    (main process only), and the teacher the `trainer` distils from (a teacher cache: its key and settings). Secrets
+    (`hub_token`, a judge's `api_key`) are redacted."""
 
     output_dir = recipe.config.output_dir
     os.makedirs(output_dir, exist_ok=True)
@@ -54,6 +55,13 @@ def write_run_info(recipe: Recipe, resumed_from: str | None) -> None:
                      "datasets": datasets.__version__},
         "settings": redact(run_settings(recipe)),
     }
+    cache = getattr(trainer, "teacher_cache", None)
+    if getattr(trainer, "teacher_name", None):
+        info["teacher"] = trainer.teacher_name
+    if cache is not None:
+        info["teacher_cache"] = {"path": os.path.abspath(cache.path), "key": cache.key,
+                                 **cache.info["components"]["settings"], "teacher": cache.info["components"]["teacher"],
+                                 "bytes_per_token": round(cache.bytes_per_token(), 2)}
     write_atomically(os.path.join(output_dir, RUN_INFO), json.dumps(info, indent=2))
 
 
@@ -83,7 +91,7 @@ def build_trainer(recipe: Recipe, callbacks=None):
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         kwargs["peft_config"] = LoraConfig(**options["peft"])
-    if recipe.needs_teacher:
+    if recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a complete teacher cache
         teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
     return recipe.trainer_class(model=student, args=config, **kwargs)
@@ -97,6 +105,16 @@ def evaluate_recipe(recipe: Recipe) -> None:
                      cache_root=folder)
     write_done(folder, {"evaluation": recipe.options["evaluation"]["metrics"]})
     print(f"Evaluation written to {folder}", flush=True)
+
+
+def write_recipe_teacher_cache(recipe: Recipe) -> None:
+    """`kd-train cache-teacher`: the recipe's trainer is built, which writes its teacher cache when it is not complete
+    (or checks it against the recipe's data when it is), and nothing is trained."""
+    trainer = build_trainer(recipe)
+    if trainer.is_world_process_zero():
+        cache = trainer.teacher_cache
+        print(f"Teacher cache ready: {cache.describe()}; {cache.bytes_per_token():.1f} bytes a label token.",
+              flush=True)
 
 
 def finished_message(output_dir: str) -> str:
@@ -124,7 +142,7 @@ def run_recipe(recipe: Recipe, callbacks=None, progress: TrainerCallback | None 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
     if trainer.is_world_process_zero():
-        write_run_info(recipe, resume)
+        write_run_info(recipe, resume, trainer)
         if resume:
             print(f"Resuming from {resume}", flush=True)
     trainer.train(resume_from_checkpoint=resume)

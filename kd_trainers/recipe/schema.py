@@ -269,8 +269,10 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: eval_strategy: {config_values['eval_strategy']!r} evaluates during training, but "
                           "dataset_test_split names no split to evaluate on; set dataset_test_split (e.g. test) or "
                           "eval_strategy: no.")
-    if methods[method].needs_teacher and "teacher_model_name_or_path" not in config_values:
-        raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher.")
+    if methods[method].needs_teacher and config_values.get("teacher_model_name_or_path") is None \
+            and config_values.get("teacher_cache") is None:
+        raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher (or a "
+                          "teacher_cache written by one).")
     _fit_process_group(config_values, path)
     notes = []
     try:

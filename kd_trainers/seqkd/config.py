@@ -46,11 +46,15 @@ class SeqKDConfig(KDConfig):
         if self.seqkd_temperature <= 0 or not 0 < self.seqkd_top_p <= 1:
             raise ValueError(f"seqkd_temperature must be > 0 and seqkd_top_p in (0, 1], got {self.seqkd_temperature} "
                              f"and {self.seqkd_top_p}.")
+        if self.teacher_cache is not None and self.kd_weight == 0:
+            raise ValueError(f"teacher_cache={self.teacher_cache!r} with kd_weight=0: Seq-KD is then SFT on the "
+                             "teacher's completions and reads no teacher distribution. Drop teacher_cache, or set "
+                             "kd_weight > 0 for logit KD on top from the cache.")
         super().__post_init__()
 
     def holds_teacher_while_training(self) -> bool:
         """At `kd_weight=0` the teacher is released once it has generated: training is SFT on its completions."""
-        return self.kd_weight > 0
+        return self.kd_weight > 0 and super().holds_teacher_while_training()
 
     def generation_settings(self) -> dict:
         settings = {"max_new_tokens": self.seqkd_max_new_tokens, "do_sample": self.seqkd_do_sample}

@@ -75,7 +75,18 @@ class SeqKDTrainer(KDTrainer):
         if args.kd_weight == 0:
             self.teacher_model = None
             return None
-        return super()._set_up_teacher(plan, args)
+        try:
+            return super()._set_up_teacher(plan, args)
+        finally:
+            self._generation_teacher = None  # a cache read in its place must not keep it alive
+
+    @classmethod
+    def _required_teacher(cls, teacher_model, args):
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError("SeqKDTrainer needs a teacher, also with a teacher_cache: it writes the training set "
+                             "(its completions). Pass teacher_model or set teacher_model_name_or_path.")
+        return teacher
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()

@@ -91,8 +91,12 @@ def prepare_folders(study: Study) -> dict[str, str]:
 
 
 def cell_values(study: Study, cell: Cell, seed: int) -> dict:
-    """A cell's overrides of its recipe. The study evaluates every cell itself: the recipe's own evaluation is off."""
-    return {**study.overrides, **cell.overrides, "seed": seed, "evaluation": None,
+    """A cell's overrides of its recipe, with `{study_dir}` in strings replaced by the study's output folder (a teacher
+    cache the cells share, for example). The study evaluates every cell itself: the recipe's own evaluation is off."""
+    study_dir = os.path.abspath(study.output_dir)
+    values = {key: value.replace("{study_dir}", study_dir) if isinstance(value, str) else value
+              for key, value in {**study.overrides, **cell.overrides}.items()}
+    return {**values, "seed": seed, "evaluation": None,
             "output_dir": os.path.join(cell_dir(study, cell, seed), "train")}
 
 

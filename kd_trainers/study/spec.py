@@ -13,7 +13,9 @@
     exclude: [{sigma: "2", ...}]               # cells to leave out (every listed level must match)
 
 A level's overrides may hold `recipe: PATH` (relative to the study file): that level's cells start from this recipe
-instead of `base_recipe` (an SFT-only student beside KD students, for example).
+instead of `base_recipe` (an SFT-only student beside KD students, for example). `{study_dir}` in a cell's string
+values is the study's output folder: `teacher_cache: "{study_dir}/teacher_cache"` gives every cell one teacher cache,
+written by the first cell that needs it.
     seeds: [0, 1]
     evaluation: {metrics: [ngram, reasoning], answer_extractor: demo, split: test, limit: 60, max_new_tokens: 40}
     # with `judge` among the metrics: judge: {url: http://localhost:8000/v1, endpoint_model: NAME} or {model: PATH}

@@ -1,0 +1,240 @@
+"""A teacher cache on disk: what it holds, the key that says what it was made from, and reading it into training.
+
+The folder:
+
+    PATH/cache_info.json      the key and what it is made of; `complete: true` once every block is written
+    PATH/cache_plan.json      the same key, written first: a pass that finds it resumes (or is refused if it differs)
+    PATH/<split>/block-NNNNNN  a `datasets` folder (Arrow) per block of `BLOCK_ROWS` rows of the split, in row order:
+                              `row_hash` (the row's tokens and labels), `teacher_tokens` (its label tokens n) and
+                              `teacher_record` (the compressed sparse teacher, `format.py`)
+
+The key covers the teacher (name, adapter, a fingerprint of its weights and config), the tokenizer, the data (every
+row's tokens and labels, in the trainer's order) and the settings (`mode`, `k`, vocabulary, format). Training reads the
+cache only when the data and settings it would write now are the ones stored, row by row; otherwise it names what
+differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+
+from ..losses.sparse import SparseTargets
+from .format import CODE_STEP, COMPRESSION_LEVEL, decode
+
+
+INFO, PLAN = "cache_info.json", "cache_plan.json"
+FORMAT_VERSION = 1
+BLOCK_ROWS = 256
+MODES = ("top_k", "sampled")
+# Batch keys the collator adds (the trainers keep them away from the models).
+BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass")
+COLUMNS = ("row_hash", "teacher_tokens", "teacher_record")
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """No `datasets` progress bars inside (saving and joining blocks is the cache's bookkeeping, not the user's)."""
+    quiet = datasets.utils.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def row_hash(example: dict) -> str:
+    """What a row is to the cache: its token ids and which of them are labels."""
+    ids = np.asarray(example["input_ids"], dtype=np.int64)
+    labels = np.asarray(example.get("labels", example["input_ids"]), dtype=np.int64)
+    return hashlib.sha256(ids.tobytes() + b"|" + labels.tobytes()).hexdigest()[:16]
+
+
+def label_token_count(example: dict) -> int:
+    """Label tokens of a row as the loss sees them: positions 1.. whose label is not -100 (shifted by one)."""
+    labels = np.asarray(example.get("labels", example["input_ids"]))
+    return int((labels[1:] != -100).sum())
+
+
+def split_fingerprint(dataset) -> dict:
+    """`{rows, fingerprint}` of a split from its row hashes, in order."""
+    hashes = [row_hash(example) for example in dataset]
+    return {"rows": len(hashes), "fingerprint": _digest(hashes)}, hashes
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return _digest([sorted(tokenizer.get_vocab().items()), getattr(tokenizer, "chat_template", None),
+                    [getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")]])
+
+
+def teacher_fingerprint(teacher: torch.nn.Module) -> str:
+    """The teacher's config and a sample of every weight tensor (its first and last values and a strided sample):
+    cheap for any size, and changed by any training or another checkpoint."""
+    parts = [teacher.config.to_json_string(use_diff=False)]
+    with torch.no_grad():
+        for name, param in teacher.state_dict().items():
+            flat = param.detach().reshape(-1)
+            sample = torch.cat([flat[:16], flat[-16:], flat[:: max(1, flat.numel() // 64)]]) if flat.numel() else flat
+            parts.append(f"{name}|{tuple(param.shape)}|{param.dtype}|{sample.float().cpu().numpy().tobytes().hex()}")
+    return _digest(parts)
+
+
+def teacher_files_fingerprint(teacher) -> str | None:
+    """For a teacher named by a local folder: its files' names, sizes and modification times (cheap, without loading
+    it), so that a teacher retrained in place is told from the one a cache was written by. None otherwise."""
+    if not isinstance(teacher, str) or not os.path.isdir(teacher):
+        return None
+    entries = []
+    for folder, _, files in os.walk(teacher):
+        for file in sorted(files):
+            stat = os.stat(os.path.join(folder, file))
+            entries.append((os.path.relpath(os.path.join(folder, file), teacher), stat.st_size, stat.st_mtime_ns))
+    return _digest(sorted(entries))
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """What a pass writes: `mode` (top_k or sampled), `k` (ids a token), `vocab` (the distilled vocabulary)."""
+
+    mode: str
+    k: int
+    vocab: int
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "k": self.k, "vocab": self.vocab, "format_version": FORMAT_VERSION,
+                "code_step": CODE_STEP, "zstd_level": COMPRESSION_LEVEL}
+
+
+def cache_components(teacher: dict, tokenizer: str, data: dict, settings: CacheSettings) -> dict:
+    return {"teacher": teacher, "tokenizer": tokenizer, "data": data, "settings": settings.as_dict()}
+
+
+def cache_key(components: dict) -> str:
+    return _digest(components)
+
+
+def read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """`a.b: stored X, now Y` for every leaf that differs between two component trees."""
+    found = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: stored {a!r}, now {b!r}")
+    return found
+
+
+def block_name(index: int) -> str:
+    return f"block-{index:06d}"
+
+
+class TeacherCache:
+    """A complete cache, opened for reading (`TeacherCache.open`)."""
+
+    def __init__(self, path: str, info: dict):
+        self.path, self.info = path, info
+        self.key = info["key"]
+        settings = info["components"]["settings"]
+        self.mode, self.k, self.vocab = settings["mode"], settings["k"], settings["vocab"]
+        self.id_bytes = info["id_bytes"]
+
+    @classmethod
+    def open(cls, path: str) -> "TeacherCache | None":
+        """The complete cache at `path`, or None when there is none (or only a partial pass)."""
+        info = read_json(os.path.join(path, INFO))
+        return cls(path, info) if info and info.get("complete") else None
+
+    def describe(self) -> str:
+        """What a model card and `run_info.json` say of the cache as the teacher."""
+        teacher = self.info["components"]["teacher"]
+        return (f"teacher cache {os.path.abspath(self.path)} (key {self.key}; {self.mode}, k={self.k}; teacher "
+                f"{teacher['name']}, weights {teacher['weights']})")
+
+    def check(self, tokenizer: str, data: dict, settings: CacheSettings, teacher: dict | None) -> None:
+        """Fail, naming each difference, unless the cache was written for this tokenizer, data and settings, and for
+        the teacher a run names (`{name, adapter, files}`; None: the run names none and reads whatever wrote it)."""
+        stored = self.info["components"]
+        wanted = {"tokenizer": tokenizer, "data": data, "settings": settings.as_dict()}
+        found = differences({key: stored[key] for key in wanted}, wanted)
+        if teacher is not None:
+            found += differences({key: stored["teacher"].get(key) for key in teacher}, teacher, "teacher.")
+        if found:
+            raise ValueError(
+                f"teacher_cache={self.path!r} was written for other data or settings ({'; '.join(found)}), so it "
+                "does not hold this run's teacher targets. Point teacher_cache at a new folder (it is written there "
+                "first), or delete this one to rewrite it.")
+
+    def split(self, name: str) -> datasets.Dataset:
+        """The stored rows of a split, in order (memory-mapped Arrow)."""
+        blocks = self.info["splits"][name]["blocks"]
+        return datasets.concatenate_datasets(
+            [datasets.load_from_disk(os.path.join(self.path, name, block_name(index))) for index in range(blocks)])
+
+    def attach(self, dataset: datasets.Dataset, name: str, hashes: list[str]) -> datasets.Dataset:
+        """`dataset` with the cache's columns beside it, after checking that each row is the one cached."""
+        with quiet_datasets():
+            stored = self.split(name)
+        if len(stored) != len(dataset):
+            raise ValueError(f"teacher_cache={self.path!r} holds {len(stored)} rows of the {name} split, the data has "
+                             f"{len(dataset)}.")
+        mismatched = [index for index, (a, b) in enumerate(zip(stored["row_hash"], hashes)) if a != b]
+        if mismatched:
+            raise ValueError(f"teacher_cache={self.path!r}: {len(mismatched)} rows of the {name} split differ from "
+                             f"the cached ones (first: row {mismatched[0]}).")
+        with quiet_datasets():
+            if dataset._indices is not None:  # a shuffled or selected dataset: its rows in order, for the join
+                dataset = dataset.flatten_indices()
+            return datasets.concatenate_datasets(
+                [dataset, stored.select_columns(["teacher_tokens", "teacher_record"])], axis=1)
+
+    def bytes_per_token(self) -> float:
+        splits = self.info["splits"].values()
+        return sum(split["record_bytes"] for split in splits) / max(1, sum(split["label_tokens"] for split in splits))
+
+
+class SparseTeacherCollator:
+    """Wraps a trainer's collator: the cache's records of a batch's rows become `teacher_ids` `[N, k]`,
+    `teacher_log_probs` `[N, k]` and `teacher_tail_log_mass` `[N]`, N the batch's label tokens in row-major order."""
+
+    def __init__(self, collator, cache: TeacherCache):
+        self.collator, self.cache = collator, cache
+
+    def __call__(self, examples: list[dict]) -> dict:
+        examples = [dict(example) for example in examples]
+        parts = [decode(example.pop("teacher_record"), example.pop("teacher_tokens"), self.cache.k,
+                        self.cache.id_bytes, self.cache.mode) for example in examples]
+        batch = self.collator(examples)
+        labels = batch["labels"][:, 1:]
+        count = int((labels != -100).sum())
+        targets = SparseTargets(*(torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts))),
+                                self.cache.mode)
+        if targets.ids.size(0) != count:
+            raise ValueError(f"teacher_cache={self.cache.path!r}: the batch has {count} label tokens but its cached "
+                             f"rows hold {targets.ids.size(0)}; the collator labels other tokens than the cache pass "
+                             "did (packing is not supported with a teacher cache).")
+        batch.update(zip(BATCH_KEYS, targets[:3]))
+        return batch
+
+
+def targets_from_batch(batch: dict, mode: str) -> SparseTargets:
+    return SparseTargets(*(batch[key] for key in BATCH_KEYS), mode)

@@ -1,0 +1,160 @@
+"""The cache pass: a teacher over a trainer's own tokenized splits, its sparse distribution at every label token
+written to disk block by block.
+
+Blocks are `BLOCK_ROWS` rows of a split, in row order; with several processes, block j is written by process
+j mod world_size, each into its own folder through a temporary name and a rename, so an interrupted pass (or one
+restarted with another number of processes) writes only the blocks that are missing. The main process writes
+`cache_info.json` last, once every block is there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+
+import datasets
+import torch
+
+from ..files import write_atomically
+from ..hidden_states import last_hidden_state
+from ..losses.chunked import LogitTransform, _weight_and_bias
+from ..losses.noise import mix_seed
+from ..losses.sparse import top_k_targets
+from .cache import (BLOCK_ROWS, INFO, PLAN, CacheSettings, TeacherCache, block_name, cache_key, differences,
+                    label_token_count, quiet_datasets, read_json)
+from .format import encode, id_bytes_for, raw_size
+
+
+# Rows of `[rows, V]` fp32 logits projected at once: 64 MiB at a 131k vocabulary.
+PROJECTION_BUDGET_BYTES = 64 * 2**20
+
+
+def _pad(examples: list[dict], pad_id: int, device) -> tuple[dict, torch.Tensor]:
+    """Right-padded `input_ids`/`attention_mask` and `labels` `[B, L]` of a list of rows."""
+    length = max(len(example["input_ids"]) for example in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        mask[row, :n] = 1
+        labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, labels.to(device)
+
+
+@torch.no_grad()
+def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transform: LogitTransform,
+                generator: torch.Generator | None = None):
+    """`(ids [n, k], log_probs [n, k], tail_log_mass [n])` of the teacher at hidden states `[n, D]`."""
+    weight, bias = _weight_and_bias(teacher.get_output_embeddings())
+    rows = max(1, PROJECTION_BUDGET_BYTES // (4 * settings.vocab))
+    parts = []
+    for start in range(0, hidden.size(0), rows):
+        logits = hidden[start: start + rows] @ weight[: settings.vocab].T
+        if bias is not None:
+            logits = logits + bias[: settings.vocab]
+        logits = transform(logits.float())
+        if settings.mode == "top_k":
+            targets = top_k_targets(logits, settings.k)
+        else:
+            log_probs = torch.log_softmax(logits, -1)
+            ids = torch.multinomial(log_probs.exp(), settings.k, replacement=True, generator=generator)
+            targets = (ids, log_probs.gather(-1, ids), torch.full(ids.shape[:1], -math.inf, device=ids.device))
+        parts.append(targets[:3])
+    if not parts:
+        empty = hidden.new_zeros(0, settings.k)
+        return empty.long(), empty.float(), hidden.new_zeros(0).float()
+    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+
+
+def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettings, transform: LogitTransform,
+                 pad_id: int, batch_size: int, seed: int, hashes: list[str], folder: str, id_bytes: int) -> None:
+    device = next(teacher.parameters()).device
+    rows = range(index * BLOCK_ROWS, min((index + 1) * BLOCK_ROWS, len(dataset)))
+    columns = {"row_hash": [], "teacher_tokens": [], "teacher_record": []}
+    for start in range(rows.start, rows.stop, batch_size):
+        examples = [dataset[row] for row in range(start, min(start + batch_size, rows.stop))]
+        inputs, labels = _pad(examples, pad_id, device)
+        hidden = last_hidden_state(teacher, inputs)[:, :-1]
+        for offset, example in enumerate(examples):
+            positions = labels[offset, 1:] != -100
+            generator = None
+            if settings.mode == "sampled":  # each row's draws from its own seed: the same whoever writes it
+                generator = torch.Generator(device=device).manual_seed(
+                    mix_seed(seed, zlib.crc32(split.encode()), start + offset))
+            ids, log_probs, tail = sparse_rows(teacher, hidden[offset][positions], settings, transform, generator)
+            columns["row_hash"].append(hashes[start + offset])
+            columns["teacher_tokens"].append(label_token_count(example))
+            columns["teacher_record"].append(encode(ids, log_probs, tail, id_bytes))
+    block = datasets.Dataset.from_dict(columns, features=datasets.Features({
+        "row_hash": datasets.Value("string"), "teacher_tokens": datasets.Value("int32"),
+        "teacher_record": datasets.Value("binary")}))
+    final = os.path.join(folder, split, block_name(index))
+    temporary = final + f".tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    with quiet_datasets():
+        block.save_to_disk(temporary)
+    os.replace(temporary, final)
+
+
+def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list[str]], components: dict,
+                        settings: CacheSettings, pad_id: int, accelerator, batch_size: int = 8, seed: int = 0,
+                        log=print) -> TeacherCache:
+    """Write (or finish) the cache of `teacher` over `splits` (`{name: tokenized dataset}`) at `path`, on every
+    process of `accelerator`, and return it opened. `components` is the key's content (`cache_components`)."""
+    key = cache_key(components)
+    existing = read_json(os.path.join(path, PLAN))
+    if existing is not None and existing["key"] != key:
+        raise ValueError(
+            f"teacher_cache={path!r} holds a cache (or a partial pass) of another teacher, data or settings "
+            f"({'; '.join(differences(existing['components'], components))}). Point teacher_cache at a new folder, "
+            "or delete this one to rewrite it.")
+    accelerator.wait_for_everyone()  # every process has read the plan before the main one may write it
+    if accelerator.is_main_process:
+        for split in splits:
+            os.makedirs(os.path.join(path, split), exist_ok=True)
+        if existing is None:
+            write_atomically(os.path.join(path, PLAN), json.dumps({"key": key, "components": components}, indent=2))
+    accelerator.wait_for_everyone()
+    id_bytes = id_bytes_for(settings.vocab)
+    transform = LogitTransform.from_config(teacher.config)
+    started, written = time.perf_counter(), 0
+    for split, dataset in splits.items():
+        blocks = math.ceil(len(dataset) / BLOCK_ROWS)
+        for index in range(accelerator.process_index, blocks, accelerator.num_processes):
+            if os.path.isdir(os.path.join(path, split, block_name(index))):
+                continue  # written by an earlier pass
+            _write_block(teacher, dataset, split, index, settings, transform, pad_id, batch_size, seed,
+                         hashes[split], path, id_bytes)
+            written += 1
+            if accelerator.is_main_process:
+                log(f"teacher cache: {split} block {index + 1}/{blocks} written")
+    if accelerator.num_processes > 1:
+        log(f"teacher cache: process {accelerator.process_index}/{accelerator.num_processes} wrote {written} blocks")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        info = {"key": key, "components": components, "complete": True, "id_bytes": id_bytes, "splits": {}}
+        for split, dataset in splits.items():
+            blocks = math.ceil(len(dataset) / BLOCK_ROWS)
+            missing = [index for index in range(blocks)
+                       if not os.path.isdir(os.path.join(path, split, block_name(index)))]
+            if missing:
+                raise RuntimeError(f"teacher cache {path}: blocks {missing} of {split} are missing after the pass.")
+            with quiet_datasets():
+                stored = datasets.concatenate_datasets(
+                    [datasets.load_from_disk(os.path.join(path, split, block_name(i))) for i in range(blocks)])
+            tokens = sum(stored["teacher_tokens"])
+            info["splits"][split] = {"rows": len(stored), "blocks": blocks, "label_tokens": tokens,
+                                     "record_bytes": sum(len(record) for record in stored["teacher_record"]),
+                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes)}
+        write_atomically(os.path.join(path, INFO), json.dumps(info, indent=2))
+        cache = TeacherCache(path, info)
+        log(f"teacher cache complete: {path} (key {key}; {cache.bytes_per_token():.1f} bytes a label token; "
+            f"{written} blocks written here in {time.perf_counter() - started:.0f}s)")
+    accelerator.wait_for_everyone()
+    return TeacherCache.open(path)
