@@ -40,13 +40,17 @@ def _grads(fn, student_hidden, student_weight):
     return out, hidden.grad, weight.grad
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
+CASES = [(divergence, 0.5) for divergence in DIVERGENCES] + [("forward_kl", 0.0)]  # without noise, forward KL is
+# taken against the stored target directly (`sparse_forward_kl_value_and_grad`), with noise through the reconstruction
+
+
+@pytest.mark.parametrize("divergence,noise", CASES)
 @pytest.mark.parametrize("tail", ["bucket", "spread"])
-def test_whole_vocabulary_top_k_is_the_dense_engine(divergence, tail):
+def test_whole_vocabulary_top_k_is_the_dense_engine(divergence, noise, tail):
     """k = V keeps the teacher's whole distribution: the loss and both gradients are the dense engine's, with a
     temperature, CE mixing and teacher-logit noise on."""
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels = _case()
-    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.7, noise_std=0.5)
+    settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.7, noise_std=noise)
     targets = top_k_targets(_teacher_logits(teacher_hidden, teacher_weight, labels), VOCAB)
     dense = _grads(lambda h, w: chunked_distillation_terms(h, (w, None), teacher_hidden, (teacher_weight, None),
                                                            labels, settings, noise_seed=3, chunk_size=4),
@@ -60,12 +64,12 @@ def test_whole_vocabulary_top_k_is_the_dense_engine(divergence, tail):
     torch.testing.assert_close(sparse[2], dense[2], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_spread_tail_is_the_reference_loss_on_the_reconstructed_teacher(divergence):
+@pytest.mark.parametrize("divergence,noise", CASES)
+def test_spread_tail_is_the_reference_loss_on_the_reconstructed_teacher(divergence, noise):
     """Top-8 with the tail spread evenly: the readable reference on the reconstructed teacher (its log-probabilities
     as logits), noise and temperature included; gradients by autograd through the reference."""
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels = _case(seed=1)
-    settings = LossSettings(divergence=divergence, temperature=1.5, kd_weight=0.6, noise_std=0.3)
+    settings = LossSettings(divergence=divergence, temperature=1.5, kd_weight=0.6, noise_std=noise)
     targets = top_k_targets(_teacher_logits(teacher_hidden, teacher_weight, labels), 8)
     reconstructed = torch.full((labels.numel(), VOCAB), 0.0)
     reconstructed[labels.reshape(-1) != -100] = reconstruct_log_probs(targets, VOCAB)
@@ -75,7 +79,7 @@ def test_spread_tail_is_the_reference_loss_on_the_reconstructed_teacher(divergen
     hidden = student_hidden.clone().requires_grad_(True)
     weight = student_weight.clone().requires_grad_(True)
     reference = distillation_loss(hidden @ weight.T, reconstructed.reshape(*labels.shape, VOCAB), labels,
-                                  divergence=divergence, temperature=1.5, kd_weight=0.6, noise_std=0.3, noise_seed=5)
+                                  divergence=divergence, temperature=1.5, kd_weight=0.6, noise_std=noise, noise_seed=5)
     reference.loss.backward()
     out = sparse_distillation_terms(student_hidden, (student_weight, None), targets, labels, settings, tail="spread",
                                     noise_seed=5)
@@ -151,6 +155,26 @@ def test_sampled_targets_average_to_the_teacher_gradient():
     # not towards a bias.
     assert relative_error(draws.mean(0)) < 0.05 < relative_error(draws[0])
     assert relative_error(draws.mean(0)) < relative_error(draws[:100].mean(0))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.4])
+def test_sampled_target_is_the_reference_loss_on_its_reweighted_draws(noise):
+    """At T = 2 the draws are reweighted by p^(1/T − 1) and normalised: the readable reference on that distribution
+    (as logits T·log t̂), with CE mixing, equals the engine's, directly (no noise) or reconstructed (noise)."""
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels = _case(seed=5)
+    targets = sampled_targets(_teacher_logits(teacher_hidden, teacher_weight, labels), 6, torch.Generator().manual_seed(1))
+    settings = LossSettings(temperature=2.0, kd_weight=0.6, noise_std=noise)
+    target = torch.zeros(labels.numel(), VOCAB)
+    target[labels.reshape(-1) != -100] = 2.0 * reconstruct_log_probs(targets, VOCAB, temperature=2.0)
+    _, hidden_grad, weight_grad = _grads(lambda h, w: sparse_distillation_terms(
+        h, (w, None), targets, labels, settings, noise_seed=2, chunk_size=5), student_hidden, student_weight)
+    hidden = student_hidden.clone().requires_grad_(True)
+    weight = student_weight.clone().requires_grad_(True)
+    reference = distillation_loss(hidden @ weight.T, target.reshape(*labels.shape, VOCAB), labels, temperature=2.0,
+                                  kd_weight=0.6, noise_std=noise, noise_seed=2)
+    reference.loss.backward()
+    torch.testing.assert_close(hidden_grad, hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight_grad, weight.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_sampled_targets_are_refused_for_divergences_they_would_bias():

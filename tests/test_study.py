@@ -11,6 +11,7 @@ import yaml
 from kd_trainers.study import StudyError, load_study, run_study
 from kd_trainers.study import runner as study_runner
 
+
 pytestmark = pytest.mark.slow  # whole runs and studies
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,7 +149,7 @@ def test_a_cell_with_an_accelerate_block_runs_in_two_processes_and_is_evaluated_
     assert scores["agreement"].notna().all() and scores["fidelity"].notna().all()
 
 
-DEMO_STUDIES = ("noise_sweep", "temperature_sweep", "telecom_qa", "methods", "student_size")
+DEMO_STUDIES = ("noise_sweep", "temperature_sweep", "telecom_qa", "methods", "student_size", "teacher_cache")
 REAL_STUDIES = ("methods_qwen2.5", "student_size_qwen2.5", "noise_sweep_qwen2.5", "temperature_sweep_qwen2.5")
 
 
@@ -160,11 +161,14 @@ def test_shipped_studies_load_and_every_cell_recipe_validates(tmp_path, name):
     assert len(study.cells) >= 3 and study.hypotheses
     prepared = {step["name"]: str(tmp_path / step["name"]) for step in study.prepare}
     for cell in study.cells:
-        values = {**study.overrides, **cell.overrides, "output_dir": str(tmp_path / "x")}
+        values = {**study_runner.cell_values(study, cell, 0), "output_dir": str(tmp_path / "x")}
         # Real-model studies are checked in portable mode: bf16 and GPU launches are fine on other hardware.
         recipe = load_recipe(cell.recipe or study.base_recipe, study_runner._as_overrides(values, prepared),
                              portable=name in REAL_STUDIES)
-        assert "{prepare." not in str(recipe.raw)
+        assert "{prepare." not in str(recipe.raw) and "{study_dir}" not in str(recipe.raw)
+        if name == "teacher_cache" and cell.levels["teacher"] != "dense":  # one cache per level, in the study's folder
+            assert recipe.config.teacher_cache == os.path.join(os.path.abspath(study.output_dir), "teacher_cache",
+                                                               cell.levels["teacher"])
     if name == "telecom_qa":
         assert len(study.cells) == 12  # 4 teachers x 2 students x 2 algorithms, minus vanilla KD across vocabularies
         assert not any(c.levels["algorithm"] == "kd" and c.levels["teacher"].startswith("different")

@@ -7,12 +7,13 @@ as a sparse distribution per token (a teacher cache) goes through the same engin
 `sparse_distillation_terms`).
 """
 
-from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms,
-                      chunked_distillation_loss, chunked_distillation_terms, sparse_distillation_terms)
+from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms, chunked_distillation_loss,
+                      chunked_distillation_terms, sparse_distillation_terms)
 from .divergences import DIVERGENCES, closed_form, get_divergence, register_divergence
 from .dual_space import DualSpaceLoss, dual_space_loss
 from .reference import DistillationLoss, distillation_loss
 from .sparse import SparseTargets
+
 
 __all__ = [
     "DIVERGENCES",

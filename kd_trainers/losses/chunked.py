@@ -32,7 +32,8 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 from .divergences import divergence_params, get_divergence
 from .noise import grid_positions, position_noise_
 from .reference import DistillationLoss, check_loss_settings, loss_normalizer
-from .sparse import SparseTargets, check_sparse_settings, fill_teacher_logits_
+from .sparse import (SparseTargets, check_sparse_settings, fill_teacher_logits_, sparse_forward_kl_value_and_grad,
+                     takes_sparse_forward_kl)
 
 
 # Default byte budget of a chunk's `[n, V]` working buffers. Every chunk re-reads both output heads and the head's fp32
@@ -180,14 +181,16 @@ def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tens
 def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                                settings: LossSettings, student_transform: LogitTransform,
                                scratch: list[torch.Tensor], kd_token_weights: torch.Tensor | None = None,
-                               report_ce: bool = True
+                               report_ce: bool = True, sparse_target: tuple[SparseTargets, str] | None = None
                                ) -> tuple[torch.Tensor | float, torch.Tensor, torch.Tensor, float]:
     """`autograd_value_and_grad` for a divergence with a closed-form gradient, in place: `student_logits` (raw, before
     the student's transform), `teacher_logits` (transformed) and the `scratch` buffers (all `[n, V]` fp32;
     `working_buffers` says how many) are overwritten, and the returned gradient is one of them. Returns
     `(ce_sum, kd_sum, G, c)` with d total / d raw_logits = c·G: the constant factor c is left to the matrix products
     that consume the gradient, which saves a pass over `[n, V]`. With `report_ce=False` and w = 1 the CE, which then
-    only feeds a log, is not computed (returned as 0): at T ≠ 1 it would cost a softmax and a buffer.
+    only feeds a log, is not computed (returned as 0): at T ≠ 1 it would cost a softmax and a buffer. With
+    `sparse_target` `(targets, tail)` (forward KL only) the KD term is taken against the stored target directly
+    (`sparse.sparse_forward_kl_value_and_grad`) and `teacher_logits` is only scratch.
 
     total = (1 − w)·CE(z) + w·s·D(softmax(z/T), softmax(z_T/T)), s = T² or 1, z = transform(raw), so
     d total / dz = (1 − w)·(softmax(z) − onehot(y)) + (w·s/T)·dD/du, times dz/d raw (the transform's derivative).
@@ -213,16 +216,20 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
             if weight < 1.0:
                 start_ce_grad(ce_grad)
         student_logits.div_(temperature)
-    if temperature * settings.teacher_temperature != 1.0:
+    if temperature * settings.teacher_temperature != 1.0 and sparse_target is None:
         teacher_logits.div_(temperature * settings.teacher_temperature)
     student_log_probs = torch.log_softmax(student_logits, -1, out=free.pop())
-    teacher_log_probs = torch.log_softmax(teacher_logits, -1, out=student_logits)
+    if sparse_target is None:
+        teacher_log_probs = torch.log_softmax(teacher_logits, -1, out=student_logits)
     if temperature == 1.0:
         ce = -student_log_probs[rows, labels].sum()
         if weight < 1.0:
             start_ce_grad(student_log_probs)
-    values, kd_grad = get_divergence(settings.divergence).value_and_grad(
-        student_log_probs, teacher_log_probs, scratch=[teacher_logits, *free], **settings.divergence_params())
+    if sparse_target is None:
+        values, kd_grad = get_divergence(settings.divergence).value_and_grad(
+            student_log_probs, teacher_log_probs, scratch=[teacher_logits, *free], **settings.divergence_params())
+    else:  # forward KL against the stored target itself: no [n, V] teacher is built
+        values, kd_grad = sparse_forward_kl_value_and_grad(student_log_probs, *sparse_target, temperature)
     if kd_token_weights is not None:
         values = values * kd_token_weights
         kd_grad.mul_(kd_token_weights[:, None])
@@ -369,10 +376,14 @@ class _FusedDistillationFunction(torch.autograd.Function):
             hidden = student_hidden[chunk]
             chunk_labels, chunk_teacher_labels = labels[chunk], teacher_labels[chunk]
             student_logits, teacher_logits, *scratch = (buffer[: hidden.size(0)] for buffer in buffers)
+            sparse_target = None
             if sparse is not None:  # the teacher from its stored distribution (the bucket tail reads the student's)
                 _project_into(student_logits, hidden, student_weight, student_bias)
-                fill_teacher_logits_(teacher_logits, sparse[0].rows(chunk), settings.temperature, sparse[1],
-                                     student_logits, scratch[0], student_transform)
+                if takes_sparse_forward_kl(settings) and closed_form:
+                    sparse_target = (sparse[0].rows(chunk), sparse[1])
+                else:
+                    fill_teacher_logits_(teacher_logits, sparse[0].rows(chunk), settings.temperature, sparse[1],
+                                         student_logits, scratch[0], student_transform)
             else:
                 _project_into(teacher_logits, teacher_hidden[chunk], teacher_weight, teacher_bias)
             if teacher_ce_on or teacher_terms.gate_kd:
@@ -397,7 +408,8 @@ class _FusedDistillationFunction(torch.autograd.Function):
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
             if closed_form:
                 ce, kd, grad_logits, factor = closed_form_value_and_grad(
-                    student_logits, teacher_logits, chunk_labels, settings, student_transform, scratch, gate, report_ce)
+                    student_logits, teacher_logits, chunk_labels, settings, student_transform, scratch, gate, report_ce,
+                    sparse_target)
             else:
                 ce, kd, grad_logits = autograd_value_and_grad(student_logits, teacher_logits, chunk_labels, settings,
                                                               student_transform, gate)

@@ -120,6 +120,58 @@ def fill_teacher_logits_(out: torch.Tensor, targets: SparseTargets, temperature:
     return out.mul_(temperature)
 
 
+def takes_sparse_forward_kl(settings) -> bool:
+    """Whether the engine takes the KD term against a sparse target directly (`sparse_forward_kl_value_and_grad`):
+    forward KL without noise (noise needs every entry of the teacher's logits, so the target is reconstructed)."""
+    return settings.divergence == "forward_kl" and settings.noise_std == 0 and settings.teacher_temperature == 1.0
+
+
+def sparse_forward_kl_value_and_grad(student_log_probs: torch.Tensor, targets: SparseTargets, tail: str,
+                                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(KL(t̃ ‖ p_S) per token [n], dKL/du [n, V])` with u the student's tempered logits and t̃ the reconstructed,
+    tempered teacher of `fill_teacher_logits_`, without building t̃: its tail is one number per token.
+
+    With p_S = softmax(u) and t̃ the target, the gradient is p_S − t̃. On the k ids t̃ is the stored target; on the tail
+    it is `bucket`: B·p_S,j / Q (B the teacher's tempered tail mass, Q the student's), so p_S − t̃ = p_S·(1 − B/Q) and
+    the tail's KL is B·(log B − log Q); `spread`: B / (V − k) each, whose KL needs Σ log p_S over the tail. Three
+    passes over `[n, V]` (exp, scale, and the sum for `spread`) where reconstructing t̃ takes a dozen.
+    `student_log_probs` `[n, V]` becomes the gradient.
+    """
+    vocab, k = student_log_probs.size(1), targets.ids.size(1)
+    ids = targets.ids
+    student_top = student_log_probs.gather(1, ids)  # [n, k]
+    log_tail = None  # log B, the teacher's tempered tail mass; None: no tail (sampled, or k = V)
+    if targets.kind == "sampled":
+        weights = torch.softmax(targets.log_probs * (1.0 / temperature - 1.0), -1)  # per draw, self-normalised
+        same = ids[:, :, None] == ids[:, None, :]  # [n, k, k]: draws of the same token share its target mass
+        target_at = (weights[:, None, :] * same).sum(-1)
+    else:
+        tempered_top = targets.log_probs / temperature
+        if k < vocab:
+            tail_total = (targets.tail_log_mass - math.log(vocab - k)) / temperature + math.log(vocab - k)
+            log_normaliser = torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_total)
+            log_tail = (tail_total - log_normaliser).clamp(min=ABSENT_LOG_PROB)
+        else:
+            log_normaliser = torch.logsumexp(tempered_top, -1)
+        weights = target_at = (tempered_top - log_normaliser[:, None]).exp()
+    values = (weights * (torch.log(target_at.clamp(min=1e-30)) - student_top)).sum(-1)
+    tail_sum = student_log_probs.sum(-1) - student_top.sum(-1) if log_tail is not None and tail == "spread" else None
+    grad = student_log_probs.exp_()
+    if log_tail is not None:
+        tail_mass = log_tail.exp()
+        if tail == "spread":
+            each = tail_mass / (vocab - k)
+            values = values + tail_mass * (log_tail - math.log(vocab - k)) - each * tail_sum
+            grad.sub_(each[:, None])
+        else:
+            student_tail = log1mexp(torch.logsumexp(student_top, -1)).clamp(min=ABSENT_LOG_PROB)  # log Q
+            values = values + tail_mass * (log_tail - student_tail)
+            grad.mul_((1.0 - (log_tail - student_tail).exp())[:, None])
+    grad.scatter_(1, ids, student_top.exp())  # the k ids: p_S − t̃, t̃ summed over repeated draws
+    grad.scatter_add_(1, ids, -weights)
+    return values, grad
+
+
 def reconstruct_log_probs(targets: SparseTargets, vocab: int, temperature: float = 1.0, tail: str = "spread",
                           student_logits: torch.Tensor | None = None) -> torch.Tensor:
     """`[N, V]` log-probabilities of the reconstructed teacher at `temperature` (allocates; for references and
