@@ -8,6 +8,9 @@ the floor of the same shape, because these machines are noisy.
   model's own cross-entropy, AdamW step. No Trainer.
 - kd: `KDTrainer` (forward KL, T = 2, kd_weight 0.5), one `Trainer` step.
 - gkd: TRL's `GKDTrainer` with `lmbda=0` (off-policy) and `beta=0` (forward KL), one `Trainer` step.
+- sft: TRL's `SFTTrainer` on the student alone (the student's own SFT step), one `Trainer` step.
+- kd_cache: `KDTrainer` reading a teacher cache (top-32, bucket tail) written by the teacher before the timed steps;
+  the teacher is then deleted: no teacher forward, no teacher in memory.
 - dskd: `DSKDTrainer` under one tokenizer (t2s/s2t projectors, no attention), forward KL, T = 2, kd_weight 0.5.
 - dskd_cma: `DSKDTrainer` with cross-model attention: the teacher gets its own tokenizer (same size, other tokens) and
   its own random token sequence of the same length.
@@ -20,6 +23,7 @@ or peak allocated CUDA memory minus the allocated memory before it (GPU).
 Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024] [--steps 3]
        python benchmarks/bench_kd_step.py --methods floor kd --divergences forward_kl jsd tvd   (one KD cell each)
        python benchmarks/bench_kd_step.py --methods kd dskd dskd_cma --seq 512   (DSKD against vanilla KD)
+       python benchmarks/bench_kd_step.py --methods sft kd kd_cache   (a cached teacher against the resident one)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
 """
 
@@ -36,10 +40,11 @@ import sys
 import tempfile
 import time
 
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("floor", "kd", "gkd", "dskd", "dskd_cma")
-BASELINES = ("floor", "gkd", "kd")
-DIVERGENCE_METHODS = ("kd", "dskd", "dskd_cma")  # cells that run once per --divergences entry  # ratios are taken against each of these that the run measured
+METHODS = ("floor", "sft", "kd", "kd_cache", "gkd", "dskd", "dskd_cma")
+BASELINES = ("floor", "sft", "gkd", "kd")
+DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry  # ratios are taken against each of these that the run measured
 
 
 def _rss_bytes() -> int:
@@ -64,7 +69,7 @@ def _vocab_tokenizer(vocab_size: int, prefix: str = "t"):
                                    unk_token=f"{prefix}1")
 
 
-def _models(vocab: int, realistic: bool, device: str, dtype):
+def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool = True):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -78,12 +83,13 @@ def _models(vocab: int, realistic: bool, device: str, dtype):
                                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
                                      max_position_embeddings=4096)
         torch.manual_seed(0)
-        student = AutoModelForCausalLM.from_config(student_config, dtype=dtype)
-        teacher = AutoModelForCausalLM.from_config(teacher_config, dtype=dtype)
+        with torch.device(device):  # initialised where they run: a 1.5B model's random init takes a minute on CPU
+            student = AutoModelForCausalLM.from_config(student_config, dtype=dtype)
+            teacher = AutoModelForCausalLM.from_config(teacher_config, dtype=dtype) if with_teacher else None
     else:
         student = demo_model("llama", size="bench_student", vocab_size=vocab, seed=0)
-        teacher = demo_model("llama", size="bench_teacher", vocab_size=vocab, seed=1)
-    return student.to(device), teacher.to(device)
+        teacher = demo_model("llama", size="bench_teacher", vocab_size=vocab, seed=1) if with_teacher else None
+    return student.to(device), None if teacher is None else teacher.to(device)
 
 
 class _Collator:
@@ -100,16 +106,18 @@ class _Collator:
 
 
 def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool,
-            divergence: str = "forward_kl") -> dict:
+            divergence: str = "forward_kl", budget_mb: float | None = None, cache_dir: str | None = None) -> dict:
     """Run `steps + 1` steps of one method (the first is warm-up) and return its time and memory. `divergence` is
-    the KD and DSKD cells' (the floor has none; GKD's is forward KL, β = 0)."""
+    the KD and DSKD cells' (the floor has none; GKD's is forward KL, β = 0), `budget_mb` their
+    `loss_memory_budget_mb` (None: the default). `cache_dir`: the teacher cache that
+    `write_cache` writes and `kd_cache` reads (whose process never builds the teacher)."""
     import torch
     from datasets import Dataset
 
     device = "cuda" if realistic else "cpu"
     dtype = torch.bfloat16 if realistic else torch.float32
     torch.manual_seed(0)
-    student, teacher = _models(vocab, realistic, device, dtype)
+    student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
             for _ in range(batch * (steps + 1))]
@@ -159,11 +167,28 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                       remove_unused_columns=False, dataloader_pin_memory=False, use_cpu=not realistic)
         tokenizer = _vocab_tokenizer(vocab)
         dataset = Dataset.from_list(rows)
-        if method == "kd":
+        if method == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            trainer = SFTTrainer(model=student, args=SFTConfig(**common), train_dataset=dataset,
+                                 processing_class=tokenizer, data_collator=_Collator(), callbacks=[timer])
+        elif method in ("kd_cache", "write_cache"):
+            from kd_trainers import KDConfig, KDTrainer
+
+            config = KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5,
+                              teacher_cache=cache_dir, loss_memory_budget_mb=budget_mb)
+            if method == "write_cache":  # the cache pass, in a process of its own before the cell's
+                KDTrainer(model=student, teacher_model=teacher, teacher_processing_class=tokenizer, args=config,
+                          train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator())
+                return {"step_s": 0.0, "memory_growth_mb": 0.0, "peak_mb": 0.0}
+            trainer = KDTrainer(model=student, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                data_collator=_Collator(), callbacks=[timer])
+        elif method == "kd":
             from kd_trainers import KDConfig, KDTrainer
 
             trainer = KDTrainer(model=student, teacher_model=teacher, teacher_processing_class=tokenizer,
-                                args=KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5),
+                                args=KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5,
+                                              loss_memory_budget_mb=budget_mb),
                                 train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
                                 callbacks=[timer])
         elif method in ("dskd", "dskd_cma"):
@@ -183,7 +208,8 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                                  callbacks=[timer])
         trainer.train()
         baseline = timer.baseline
-    return {"step_s": statistics.median(times[1:]), "memory_growth_mb": (_peak_memory(device) - baseline) / 2**20}
+    return {"step_s": statistics.median(times[1:]), "memory_growth_mb": (_peak_memory(device) - baseline) / 2**20,
+            "peak_mb": _peak_memory(device) / 2**20}
 
 
 def _sync(device):
@@ -219,11 +245,17 @@ def run_cell(script: str, cell: list, gpu: bool) -> dict:
     measured 48 and 288 MiB). With the threshold fixed, every large tensor is mapped when allocated and returned when
     freed, so peak resident memory follows live tensors. The time is not taken from that run, because fresh mappings
     slow down code that allocates a new tensor per operation."""
+    if cell[0] == "kd_cache":  # the teacher writes its cache first, in a process of its own
+        cell = [*cell, os.path.join(tempfile.mkdtemp(), "cache")]
+        written = _run_cell_process(script, ["write_cache", *cell[1:]], {})
+        if written["note"]:
+            return written
     timed = _run_cell_process(script, cell, {})
     if gpu:  # CUDA counts allocated memory exactly
         return timed
     measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
-    return {**timed, "memory_growth_mb": measured["memory_growth_mb"], "note": timed["note"] or measured["note"]}
+    return {**timed, "memory_growth_mb": measured["memory_growth_mb"], "peak_mb": measured["peak_mb"],
+            "note": timed["note"] or measured["note"]}
 
 
 def _run_cell_process(script: str, cell: list, env: dict) -> dict:
@@ -233,13 +265,15 @@ def _run_cell_process(script: str, cell: list, env: dict) -> dict:
     if done.returncode != 0 or not lines:
         reason = "out of memory (killed)" if done.returncode in (-9, 137) else f"failed (exit {done.returncode})"
         print(done.stderr[-2000:], file=sys.stderr)
-        return {"step_s": float("nan"), "memory_growth_mb": float("nan"), "note": reason}
+        return {"step_s": float("nan"), "memory_growth_mb": float("nan"), "peak_mb": float("nan"), "note": reason}
     return {**json.loads(lines[-1][len("RESULT "):]), "note": ""}
 
 
 def result_row(fixed: dict, cell: dict, baselines: dict[str, dict]) -> dict:
     """A results row: `fixed` columns, the cell's time and memory, its ratios to each baseline cell, its note."""
     row = {**fixed, "step_s": round(cell["step_s"], 4), "memory_growth_mb": round(cell["memory_growth_mb"], 1)}
+    if "peak_mb" in cell:  # whole-process peak (CPU: resident set; GPU: allocated), models and optimizer included
+        row["peak_mb"] = round(cell["peak_mb"], 1)
     for name, base in baselines.items():
         row[f"time_vs_{name}"] = round(cell["step_s"] / base["step_s"], 3)
         row[f"memory_vs_{name}"] = round(cell["memory_growth_mb"] / base["memory_growth_mb"], 3)
@@ -283,6 +317,8 @@ def main():
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--methods", nargs="+", default=["floor", "kd", "gkd"], choices=METHODS)
+    parser.add_argument("--loss-memory-budget-mb", type=float, default=None,
+                        help="loss_memory_budget_mb of the kd and kd_cache cells (default: the package's)")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
                         help="run the kd/dskd cells once per divergence (jsd β and skew α at their defaults)")
     options = parse_options(parser, measure, steps=3)
@@ -301,7 +337,8 @@ def main():
                     name = method if divergence is None or options.divergences == ["forward_kl"] \
                         else f"{method}:{divergence}"
                     cells[name] = run_cell(__file__, [method, vocab, seq, options.batch, options.steps, realistic,
-                                                      divergence or "forward_kl"], gpu=realistic)
+                                                      divergence or "forward_kl", options.loss_memory_budget_mb],
+                                           gpu=realistic)
             for method, cell in cells.items():
                 fixed = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method}
                 rows.append(result_row(fixed, cell, {base: cells[base] for base in BASELINES if base in cells}))

@@ -233,15 +233,6 @@ def test_settings_a_cache_cannot_serve_are_refused(tmp_path, config, fields, mes
         config_class(output_dir=str(tmp_path), report_to=[], teacher_cache=str(tmp_path / "cache"), **fields)
 
 
-def test_a_recipe_without_teacher_needs_a_complete_cache(tmp_path, capsys):
-    from kd_trainers.cli import main
-
-    code = main(["vanilla_kd", f"teacher_cache={tmp_path / 'none'}", "teacher_model_name_or_path=null",
-                 f"output_dir={tmp_path / 'out'}"])
-    assert code == 2 and not (tmp_path / "out").exists()
-    assert "teacher_cache: " in capsys.readouterr().err
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_cache_pass_on_two_processes_then_training_without_a_teacher(tmp_path, capsys):
@@ -276,3 +267,24 @@ def test_cache_pass_on_two_processes_then_training_without_a_teacher(tmp_path, c
     assert info["teacher"].startswith("teacher cache ")
     card = (output / "README.md").read_text()
     assert f"teacher_cache_key` | {two.key}" in card
+
+
+def test_seqkd_logit_term_reads_the_cache_of_the_teachers_own_completions(tmp_path, student, teacher, bpe_tokenizer,
+                                                                          demo_data):
+    """Seq-KD with kd_weight > 0: the teacher writes the training set (its completions), then the cache of its
+    distribution over that set, and is released; the student trains against the cache."""
+    from kd_trainers import SeqKDConfig, SeqKDTrainer
+
+    args = SeqKDConfig(output_dir=str(tmp_path / "out"), bf16=False, max_steps=2, per_device_train_batch_size=8,
+                       report_to=[], disable_tqdm=True, save_strategy="no", max_length=64, seqkd_max_new_tokens=8,
+                       seqkd_cache_dir=str(tmp_path / "seqkd"), kd_weight=0.5, teacher_cache=str(tmp_path / "cache"))
+    trainer = SeqKDTrainer(student, args, train_dataset=demo_data["train"].select(range(24)),
+                           processing_class=bpe_tokenizer, teacher_model=teacher,
+                           teacher_processing_class=bpe_tokenizer)
+    assert trainer.teacher_model is None and trainer._generation_teacher is None
+    generated = trainer.train_dataset
+    assert trainer.teacher_cache.info["splits"]["train"]["rows"] == len(generated) == 24
+    before = {name: param.detach().clone() for name, param in student.named_parameters()}
+    trainer.train()
+    assert any(not torch.equal(param, before[name]) for name, param in student.named_parameters())
+    assert trainer.kd_settings()["teacher_cache_key"] == trainer.teacher_cache.key

@@ -296,9 +296,12 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: {where}{message}") from None
 
     if options["agreement"] and not getattr(config, "holds_teacher_while_training", lambda: True)():
-        raise RecipeError(f"{path}: agreement: method {method!r} with kd_weight={config.kd_weight} holds no teacher "
-                          "while training (the teacher is released once it has generated); remove the block and score "
-                          "agreement after training (evaluation: metrics: [agreement]), or set kd_weight > 0.")
+        if getattr(config, "teacher_cache", None) is not None:
+            why, fix = f"teacher_cache={config.teacher_cache!r} stands in for the teacher", "drop teacher_cache"
+        else:
+            why, fix = "the teacher is released once it has generated", "set kd_weight > 0"
+        raise RecipeError(f"{path}: agreement: method {method!r} holds no teacher while training ({why}); remove the "
+                          f"block and score agreement after training (evaluation: metrics: [agreement]), or {fix}.")
     try:
         check_training_args(config)
     except ValueError as error:
