@@ -556,12 +556,12 @@ def _engine_terms(student_hidden, student_lm_head, labels, settings, dense_teach
     `(targets, tail)`."""
     student_weight, student_bias = _weight_and_bias(student_lm_head)
     teacher_hidden, teacher_weight, teacher_bias = None, None, None
-    head_rows = [student_weight.size(0)]
     if dense_teacher is not None:
         teacher_hidden = dense_teacher[0]
         teacher_weight, teacher_bias = _weight_and_bias(dense_teacher[1])
-        head_rows.append(teacher_weight.size(0))
     with _maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
+        # Read inside the gather: under ZeRO-3 a partitioned head has 0 rows until it is gathered.
+        head_rows = [weight.size(0) for weight in (student_weight, teacher_weight) if weight is not None]
         vocab = min(head_rows) if vocab_size is None else vocab_size
         if vocab > min(head_rows):
             rows = ", ".join(f"{count} {role} rows" for count, role in zip(head_rows, ("student", "teacher")))
