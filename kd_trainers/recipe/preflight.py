@@ -9,6 +9,7 @@ are not checked yet.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -138,12 +139,24 @@ def remote_code_warning(recipe: Recipe) -> str | None:
 
 
 def check_teacher_cache(recipe: Recipe) -> None:
-    """A recipe without a teacher reads a complete teacher cache: there must be one (nothing could write it)."""
+    """A complete teacher cache must have been written with the recipe's cache settings, and a recipe without a
+    teacher needs one (nothing could write it). Its data is checked row by row when the trainer has tokenized it."""
     config = recipe.config
     path = getattr(config, "teacher_cache", None)
-    if path is None or config.teacher_model_name_or_path is not None:
+    if path is None:
         return
-    if not os.path.isfile(os.path.join(path, "cache_info.json")):
+    info = os.path.join(path, "cache_info.json")
+    if os.path.isfile(info):
+        with open(info) as handle:
+            stored = json.load(handle)["components"]["settings"]
+        wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
+        differ = [f"teacher_cache_{key}: {wanted[key]!r} where the cache has {stored[key]!r}" for key in wanted
+                  if stored[key] != wanted[key]]
+        if differ:
+            raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} was written with other settings ("
+                              f"{'; '.join(differ)}); point teacher_cache at a new folder or match its settings.")
+        return
+    if config.teacher_model_name_or_path is None:
         raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} holds no complete teacher cache, and "
                           "teacher_model_name_or_path is null, so nothing can write it. Name the teacher (the cache "
                           "is written first), or run kd-train cache-teacher with it.")
