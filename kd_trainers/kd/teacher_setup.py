@@ -148,12 +148,12 @@ class TeacherSetupMixin:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         cache.check(tokenizer, data, settings, named)
-        self.train_dataset = cache.attach(self.train_dataset, "train", hashes["train"])
+        attached = {name: cache.attach(dataset, name, hashes[name]) for name, dataset in splits.items()}
+        self.train_dataset = attached.pop("train")
         if isinstance(self.eval_dataset, dict):
-            self.eval_dataset = {name: cache.attach(dataset, f"eval_{name}", hashes[f"eval_{name}"])
-                                 for name, dataset in self.eval_dataset.items()}
+            self.eval_dataset = {name[len("eval_"):]: dataset for name, dataset in attached.items()}
         elif self.eval_dataset is not None:
-            self.eval_dataset = cache.attach(self.eval_dataset, "eval", hashes["eval"])
+            self.eval_dataset = attached["eval"]
         self.data_collator = SparseTeacherCollator(self.data_collator, cache)
         self.teacher_cache = cache
         self.teacher_name = cache.describe()

@@ -76,6 +76,19 @@ def check_sparse_settings(kind: str, tail: str, divergence: str) -> None:
             "or a top_k cache.")
 
 
+def tempered_top_k(targets: SparseTargets, vocab: int, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """`(log p_i / T [n, k], each tail token's log-probability / T [n] or None when k = V, log normaliser [n])` of a
+    top-k target at `temperature`: the tail read as V − k tokens of equal probability, whose tempered total is
+    (V − k)·exp((tail − log(V − k)) / T) before renormalising."""
+    k = targets.ids.size(1)
+    tempered_top = targets.log_probs / temperature
+    if k >= vocab:
+        return tempered_top, None, torch.logsumexp(tempered_top, -1)
+    tail_each = (targets.tail_log_mass - math.log(vocab - k)) / temperature
+    return tempered_top, tail_each, torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_each + math.log(vocab - k))
+
+
 def fill_teacher_logits_(out: torch.Tensor, targets: SparseTargets, temperature: float, tail: str,
                          student_logits: torch.Tensor | None = None, scratch: torch.Tensor | None = None,
                          student_transform=None) -> torch.Tensor:
@@ -93,15 +106,11 @@ def fill_teacher_logits_(out: torch.Tensor, targets: SparseTargets, temperature:
         out.zero_().scatter_add_(1, targets.ids, weights)
         out.div_(weights.sum(-1, keepdim=True)).log_().clamp_(min=ABSENT_LOG_PROB)
         return out.mul_(temperature)
-    tempered_top = targets.log_probs / temperature  # [n, k]
-    if k >= vocab:  # the whole vocabulary: the exact distribution
+    tempered_top, tail_each, log_normaliser = tempered_top_k(targets, vocab, temperature)
+    if tail_each is None:  # the whole vocabulary: the exact distribution
         out.scatter_(1, targets.ids, tempered_top)
         return torch.log_softmax(out, -1, out=out).mul_(temperature)
-    # Each of the V − k tail tokens has log-probability tail − log(V − k) at T = 1; tempered, the tail's total is
-    # (V − k)·exp((tail − log(V − k)) / T) before renormalising.
-    tail_each = (targets.tail_log_mass - math.log(vocab - k)) / temperature  # [n]
     tail_total = tail_each + math.log(vocab - k)
-    log_normaliser = torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_total)  # [n]
     top = tempered_top - log_normaliser[:, None]
     if tail == "spread":
         out.copy_((tail_each - log_normaliser)[:, None].expand_as(out))
@@ -146,13 +155,9 @@ def sparse_forward_kl_value_and_grad(student_log_probs: torch.Tensor, targets: S
         same = ids[:, :, None] == ids[:, None, :]  # [n, k, k]: draws of the same token share its target mass
         target_at = (weights[:, None, :] * same).sum(-1)
     else:
-        tempered_top = targets.log_probs / temperature
-        if k < vocab:
-            tail_total = (targets.tail_log_mass - math.log(vocab - k)) / temperature + math.log(vocab - k)
-            log_normaliser = torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_total)
-            log_tail = (tail_total - log_normaliser).clamp(min=ABSENT_LOG_PROB)
-        else:
-            log_normaliser = torch.logsumexp(tempered_top, -1)
+        tempered_top, tail_each, log_normaliser = tempered_top_k(targets, vocab, temperature)
+        if tail_each is not None:
+            log_tail = (tail_each + math.log(vocab - k) - log_normaliser).clamp(min=ABSENT_LOG_PROB)
         weights = target_at = (tempered_top - log_normaliser[:, None]).exp()
     values = (weights * (torch.log(target_at.clamp(min=1e-30)) - student_top)).sum(-1)
     tail_sum = student_log_probs.sum(-1) - student_top.sum(-1) if log_tail is not None and tail == "spread" else None
@@ -196,7 +201,8 @@ def sampled_targets(teacher_logits: torch.Tensor, num_samples: int, generator: t
     """`num_samples` draws per row from the teacher's distribution `[N, V]` and their log-probabilities."""
     log_probs = torch.log_softmax(teacher_logits.float(), -1)
     ids = torch.multinomial(log_probs.exp(), num_samples, replacement=True, generator=generator)
-    return SparseTargets(ids, log_probs.gather(-1, ids), torch.full(ids.shape[:1], -math.inf), "sampled")
+    return SparseTargets(ids, log_probs.gather(-1, ids), torch.full(ids.shape[:1], -math.inf, device=ids.device),
+                         "sampled")
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

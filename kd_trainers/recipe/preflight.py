@@ -19,6 +19,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from ..evaluation.harness import check_harness
+from ..teacher_cache.cache import INFO as CACHE_INFO
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
 from .models import DEMO_PREFIX
@@ -145,7 +146,7 @@ def check_teacher_cache(recipe: Recipe) -> None:
     path = getattr(config, "teacher_cache", None)
     if path is None:
         return
-    info = os.path.join(path, "cache_info.json")
+    info = os.path.join(path, CACHE_INFO)
     if os.path.isfile(info):
         with open(info) as handle:
             stored = json.load(handle)["components"]["settings"]

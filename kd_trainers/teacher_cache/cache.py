@@ -33,10 +33,8 @@ from .format import CODE_STEP, COMPRESSION_LEVEL, decode
 INFO, PLAN = "cache_info.json", "cache_plan.json"
 FORMAT_VERSION = 1
 BLOCK_ROWS = 256
-MODES = ("top_k", "sampled")
 # Batch keys the collator adds (the trainers keep them away from the models).
 BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass")
-COLUMNS = ("row_hash", "teacher_tokens", "teacher_record")
 
 
 @contextlib.contextmanager
@@ -68,8 +66,8 @@ def label_token_count(example: dict) -> int:
     return int((labels[1:] != -100).sum())
 
 
-def split_fingerprint(dataset) -> dict:
-    """`{rows, fingerprint}` of a split from its row hashes, in order."""
+def split_fingerprint(dataset) -> tuple[dict, list[str]]:
+    """`({rows, fingerprint}, row hashes)` of a split, the hashes in row order."""
     hashes = [row_hash(example) for example in dataset]
     return {"rows": len(hashes), "fingerprint": _digest(hashes)}, hashes
 

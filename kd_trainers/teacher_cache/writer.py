@@ -23,7 +23,7 @@ from ..files import write_atomically
 from ..hidden_states import last_hidden_state
 from ..losses.chunked import LogitTransform, _weight_and_bias
 from ..losses.noise import mix_seed
-from ..losses.sparse import top_k_targets
+from ..losses.sparse import sampled_targets, top_k_targets
 from .cache import (BLOCK_ROWS, INFO, PLAN, CacheSettings, TeacherCache, block_name, cache_key, differences,
                     label_token_count, quiet_datasets, read_json)
 from .format import encode, id_bytes_for, raw_size
@@ -59,12 +59,8 @@ def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transfor
         if bias is not None:
             logits = logits + bias[: settings.vocab]
         logits = transform(logits.float())
-        if settings.mode == "top_k":
-            targets = top_k_targets(logits, settings.k)
-        else:
-            log_probs = torch.log_softmax(logits, -1)
-            ids = torch.multinomial(log_probs.exp(), settings.k, replacement=True, generator=generator)
-            targets = (ids, log_probs.gather(-1, ids), torch.full(ids.shape[:1], -math.inf, device=ids.device))
+        targets = top_k_targets(logits, settings.k) if settings.mode == "top_k" else \
+            sampled_targets(logits, settings.k, generator)
         parts.append(targets[:3])
     if not parts:
         empty = hidden.new_zeros(0, settings.k)
