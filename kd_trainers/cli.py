@@ -80,7 +80,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; the package's errors (bad input, a run stopped on a non-finite loss) print as one line and
     return 2 (or 1 for a stopped run), without a traceback unless `--debug` is given."""
-    from .errors import NonFiniteTrainingError
+    from .errors import NonFiniteTrainingError, TeacherServerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Recipe error: {one_line(error)}", file=sys.stderr)
         return 2
-    except NonFiniteTrainingError as error:
+    except (NonFiniteTrainingError, TeacherServerError) as error:
         if debug:
             raise
         print(f"kd-train: {one_line(error)}", file=sys.stderr)

@@ -3,3 +3,8 @@
 
 class NonFiniteTrainingError(RuntimeError):
     """The loss or the gradient norm stopped being finite; nothing is saved after it."""
+
+
+class TeacherServerError(RuntimeError):
+    """A served teacher gave no valid answer within its bound (down, too slow, or answering garbage); no step was
+    trained on the missing targets."""

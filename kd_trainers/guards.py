@@ -16,7 +16,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import NonFiniteTrainingError
+from .errors import NonFiniteTrainingError, TeacherServerError
 
 
 class DroppedExamplesWarning(UserWarning):
@@ -137,6 +137,34 @@ class RunGuardsMixin:
             self.control.should_training_stop = True
             return None
         return super()._run_epoch(*args, **kwargs)
+
+    # ---- a served teacher that stops answering ----------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; when a served teacher gives no valid answer within its bound, the step it was for is not
+        trained, and the run stops with a checkpoint of the last completed step to resume from."""
+        try:
+            return super().train(*args, **kwargs)
+        except TeacherServerError as error:
+            raise TeacherServerError(f"{error} {self._save_after_teacher_failure()}") from error
+
+    def _save_after_teacher_failure(self) -> str:
+        step = self.state.global_step
+        client = getattr(self, "teacher_client", None)
+        if client is not None:
+            client.close()  # the other requests in flight stop retrying
+        if self.accelerator.num_processes > 1:
+            # Saving is collective and the other processes may be anywhere in their step: the regular checkpoints.
+            return f"Training stopped in step {step + 1}. {last_good_checkpoint(self.args.output_dir)}"
+        if step == 0:
+            return "Training stopped in step 1: no step was completed, so there is nothing to resume."
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if not os.path.isdir(folder):
+            # Before its optimizer step: the weights, optimizer and schedule are those after step `step`.
+            self._save_checkpoint(self.model, trial=None)
+        return (f"Training stopped in step {step + 1}, which was not trained; {folder} holds the state after step "
+                f"{step}: run again to resume from it (kd-train resumes from the last checkpoint; in Python, "
+                "trainer.train(resume_from_checkpoint=True)).")
 
     # ---- non-finite loss and gradients -------------------------------------------------------------------------
 

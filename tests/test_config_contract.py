@@ -138,6 +138,12 @@ CONTRACT: dict[str, object] = {
     "teacher_cache_mode": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
     "teacher_cache_k": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
     "teacher_cache_batch_size": TestedIn("test_teacher_cache.py::test_cache_batch_size_changes_the_forwards_only"),
+    "teacher_url": TestedIn("test_served_teacher.py::test_served_teacher_trains_as_the_resident_teacher"),
+    **{name: TestedIn("test_served_teacher.py::test_served_settings_take_effect") for name in (
+        "teacher_server_k", "teacher_server_tail", "teacher_server_batch_size", "teacher_server_concurrency",
+        "teacher_server_timeout", "teacher_server_prefetch")},
+    "teacher_server_max_wait": TestedIn(
+        "test_served_teacher.py::test_faults_are_retried_and_a_server_that_stays_down_stops_the_run_resumably"),
     "teacher_model_init_kwargs": TestedIn("test_config_contract.py::test_teacher_model_init_kwargs_load_the_teacher"),
     # --- DSKD -------------------------------------------------------------------------------------------------------
     "teacher_tokenizer_name_or_path": TestedIn(

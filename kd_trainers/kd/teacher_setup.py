@@ -21,6 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
+from ..served_teacher import ServedTeacherCollator, TeacherClient
 from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
                        model_name, output_head_shape)
 from ..teacher_cache import (CacheSettings, SparseTeacherCollator, TeacherCache, cache_components, split_fingerprint,
@@ -34,6 +35,7 @@ class TeacherPlan:
     teacher: str | PreTrainedModel | None  # as given: a name or path, or a model; None: a complete teacher cache
     tokenizer: PreTrainedTokenizerBase
     assumes_student_tokenizer: bool  # the teacher came without a tokenizer and the student's is used for it
+    client: TeacherClient | None = None  # a served teacher (`teacher_url`)
 
 
 class TeacherSetupMixin:
@@ -43,6 +45,8 @@ class TeacherSetupMixin:
     def _required_teacher(cls, teacher_model, args):
         """The teacher given, else the config's name for it; a clear error when there is neither."""
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if getattr(args, "teacher_url", None) is not None:
+            return teacher  # None too: the server is the teacher
         cache = getattr(args, "teacher_cache", None)
         if teacher is None and cache is not None:
             if TeacherCache.open(cache) is None:
@@ -60,6 +64,8 @@ class TeacherSetupMixin:
                       student_tokenizer: PreTrainedTokenizerBase) -> TeacherPlan:
         """Before the parent `__init__`: sets `teacher_processing_class` and `teacher_name`; loads no model."""
         teacher = self._required_teacher(teacher_model, args)
+        if getattr(args, "teacher_url", None) is not None:
+            return self._plan_served_teacher(args, teacher, teacher_processing_class, student_tokenizer, model)
         if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
             self.teacher_processing_class, self.teacher_name = student_tokenizer, None
             return TeacherPlan(None, student_tokenizer, True)
@@ -73,10 +79,42 @@ class TeacherSetupMixin:
         self.teacher_name = model_name(teacher)
         return TeacherPlan(teacher, tokenizer, assumed)
 
+    def _plan_served_teacher(self, args, teacher, teacher_processing_class, student_tokenizer,
+                             model) -> TeacherPlan:
+        """A teacher behind `args.teacher_url`: asked for its name (waiting for it within teacher_server_max_wait),
+        its tokenizer checked against the student's. The tokenizer is the one given, else the named teacher's, else
+        the one of the served model's name (vLLM's `root`: the Hub id or path it loaded)."""
+        client = TeacherClient(args.teacher_url, args.teacher_server_k, len(student_tokenizer),
+                               batch_size=args.teacher_server_batch_size, concurrency=args.teacher_server_concurrency,
+                               timeout=args.teacher_server_timeout, max_wait=args.teacher_server_max_wait)
+        served = client.served_model()
+        served_name = served.get("root") or served["id"]
+        if teacher_processing_class is not None or teacher is not None:
+            tokenizer = load_teacher_tokenizer(teacher if teacher is not None else served_name,
+                                               teacher_processing_class, student_tokenizer)
+        else:
+            try:
+                tokenizer = load_teacher_tokenizer(served_name)
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"teacher_url={args.teacher_url!r} serves {served_name!r}, whose tokenizer does not load here "
+                    f"({str(error).splitlines()[0][:200]}): pass teacher_processing_class=<its tokenizer>, or set "
+                    "teacher_model_name_or_path to the teacher's Hub id or local path (it is not loaded).") from None
+        self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), served_name)
+        self.teacher_processing_class = tokenizer
+        self.teacher_name = f"served at {client.public_url} (model {served['id']})"
+        return TeacherPlan(teacher, tokenizer, False, client)
+
     def _set_up_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
         """After the parent `__init__`: `self.teacher_model` prepared for training; returns the unwrapped teacher.
         With a teacher cache there is none: the cache is written first if need be, and read in its place."""
-        self.teacher_cache = None
+        self.teacher_cache, self.teacher_client = None, plan.client
+        if plan.client is not None:  # the server is the teacher: each batch asks it for its targets
+            if args.kd_weight > 0:
+                self.data_collator = ServedTeacherCollator(self.data_collator, plan.client,
+                                                           prefetch=args.teacher_server_prefetch)
+            self.teacher_model = None
+            return None
         if getattr(args, "teacher_cache", None) is not None:
             self._set_up_teacher_cache(plan, args)
             self.teacher_model = None

@@ -35,6 +35,10 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
             It is frozen, kept in eval mode, and never given to the optimizer.
         teacher_processing_class: the teacher's tokenizer; by default loaded from the teacher's name or path. It must
             map every token to the same id as the student's, else a clear error points to DSKD.
+        teacher_cache: a folder of the teacher's cached sparse targets, in place of a teacher in memory
+            (`KDConfig.teacher_cache`).
+        teacher_url: a vLLM-compatible server of the teacher's top-k log-probabilities, `http://HOST:PORT/v1`, in
+            place of a teacher in memory (`KDConfig.teacher_url`).
         Every other argument is `SFTTrainer`'s.
 
     The loss is computed from both models' last hidden states and output heads, in chunks of label tokens
@@ -58,8 +62,9 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
 
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
                  teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None,
-                 teacher_cache: str | None = None, **sft_kwargs):
-        args = self._with_teacher_cache(self._as_kd_config(model, args), teacher_cache)
+                 teacher_cache: str | None = None, teacher_url: str | None = None, **sft_kwargs):
+        args = self._with_teacher_source(self._as_kd_config(model, args), teacher_cache=teacher_cache,
+                                         teacher_url=teacher_url)
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))

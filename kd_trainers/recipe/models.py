@@ -4,6 +4,7 @@ the demo models and as names otherwise (the trainer loads those, with `model_ini
 from __future__ import annotations
 
 from ..demo import demo_model, demo_tokenizer
+from ..served_teacher import TeacherClient
 from ..teacher import load_teacher
 from ..tokenizer import load_tokenizer
 from .schema import Recipe
@@ -24,6 +25,22 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
         seed = {"student": 2, "teacher": 1}.get(size, 0)
         return demo_model(arch, tokenizer, size, seed=seed), tokenizer
     return name, load_tokenizer(tokenizer_name or name)
+
+
+def resolve_tokenizer(name: str):
+    """The tokenizer of a model named as a recipe names models (a demo spec builds only its tokenizer)."""
+    if name.startswith(DEMO_PREFIX):
+        return resolve_model(name)[1]
+    return load_tokenizer(name)
+
+
+def served_model_name(config, max_wait: float | None = None) -> str:
+    """The name the server at `config.teacher_url` serves (vLLM's `root`: the Hub id or path it loaded), asked within
+    `max_wait` seconds (default: the config's `teacher_server_max_wait`; 0: one try)."""
+    client = TeacherClient(config.teacher_url, config.teacher_server_k, 1, timeout=config.teacher_server_timeout,
+                           max_wait=config.teacher_server_max_wait if max_wait is None else max_wait)
+    served = client.served_model()
+    return served.get("root") or served["id"]
 
 
 def resolve_student(recipe: Recipe):

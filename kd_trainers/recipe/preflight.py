@@ -18,11 +18,12 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
+from ..errors import TeacherServerError
 from ..evaluation.harness import check_harness
 from ..teacher_cache.cache import INFO as CACHE_INFO
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
-from .models import DEMO_PREFIX
+from .models import DEMO_PREFIX, served_model_name
 from .output import check_output_dir
 from .schema import Recipe
 
@@ -163,6 +164,21 @@ def check_teacher_cache(recipe: Recipe) -> None:
                           "is written first), or run kd-train cache-teacher with it.")
 
 
+def check_teacher_server(recipe: Recipe) -> None:
+    """A recipe's `teacher_url` must answer (`GET /models`, one try) before anything loads."""
+    config = recipe.config
+    url = getattr(config, "teacher_url", None)
+    if url is None or not recipe.needs_teacher:
+        return
+    try:
+        served_model_name(config, max_wait=0)
+    except TeacherServerError as error:
+        last = getattr(error, "last", error)
+        raise RecipeError(f"{recipe.path}: teacher_url: {url!r} does not answer GET /models ({last}). Start the "
+                          "teacher's server first (kd-serve-teacher MODEL --port PORT, or vLLM; see the README), "
+                          "then run again.") from None
+
+
 def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True) -> None:
     """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`)."""
     config, options, where = recipe.config, recipe.options, recipe.path
@@ -178,6 +194,7 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
         check_model_reference("teacher_adapter_name_or_path", config.teacher_adapter_name_or_path, where,
                               adapter=True, pending=pending)
     check_teacher_cache(recipe)
+    check_teacher_server(recipe)
     judge = (options["evaluation"] or {}).get("judge") or {}
     if "judge" in (options["evaluation"] or {}).get("metrics", []) and judge.get("model"):
         check_model_reference("evaluation.judge.model", judge["model"], where, pending=pending)

@@ -25,7 +25,7 @@ from ..publish import build_publish_folder, upload
 from ..redaction import redact, redact_arguments
 from .data import load_recipe_datasets
 from .evaluate import TrainedModels, evaluate_trained, evaluation_split
-from .models import resolve_student, resolve_teacher
+from .models import resolve_student, resolve_teacher, resolve_tokenizer, served_model_name
 from .output import (RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final,
                      start_over_if_asked)
 from .schema import Recipe
@@ -62,6 +62,10 @@ def write_run_info(recipe: Recipe, resumed_from: str | None, trainer=None) -> No
         info["teacher_cache"] = {"path": os.path.abspath(cache.path), "key": cache.key,
                                  **cache.info["components"]["settings"], "teacher": cache.info["components"]["teacher"],
                                  "bytes_per_token": round(cache.bytes_per_token(), 2)}
+    client = getattr(trainer, "teacher_client", None)
+    if client is not None:
+        info["teacher_server"] = {"url": client.public_url, "model": client.model, "k": client.k,
+                                  "tail": recipe.config.teacher_server_tail}
     write_atomically(os.path.join(output_dir, RUN_INFO), json.dumps(info, indent=2))
 
 
@@ -91,9 +95,12 @@ def build_trainer(recipe: Recipe, callbacks=None):
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         kwargs["peft_config"] = LoraConfig(**options["peft"])
-    if recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a complete teacher cache
+    if recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a complete cache or a server
         teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
+    elif recipe.needs_teacher and getattr(config, "teacher_url", None) is not None:
+        # The served model's name, as a recipe names models (a demo spec too), gives the tokenizer to check.
+        kwargs["teacher_processing_class"] = resolve_tokenizer(served_model_name(config))
     return recipe.trainer_class(model=student, args=config, **kwargs)
 
 

@@ -270,9 +270,9 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
                           "dataset_test_split names no split to evaluate on; set dataset_test_split (e.g. test) or "
                           "eval_strategy: no.")
     if methods[method].needs_teacher and config_values.get("teacher_model_name_or_path") is None \
-            and config_values.get("teacher_cache") is None:
+            and config_values.get("teacher_cache") is None and config_values.get("teacher_url") is None:
         raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher (or a "
-                          "teacher_cache written by one).")
+                          "teacher_cache written by one, or a teacher_url serving one).")
     _fit_process_group(config_values, path)
     notes = []
     try:
@@ -296,7 +296,9 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: {where}{message}") from None
 
     if options["agreement"] and not getattr(config, "holds_teacher_while_training", lambda: True)():
-        if getattr(config, "teacher_cache", None) is not None:
+        if getattr(config, "teacher_url", None) is not None:
+            why, fix = f"teacher_url={config.teacher_url!r} stands in for the teacher", "drop teacher_url"
+        elif getattr(config, "teacher_cache", None) is not None:
             why, fix = f"teacher_cache={config.teacher_cache!r} stands in for the teacher", "drop teacher_cache"
         else:
             why, fix = "the teacher is released once it has generated", "set kd_weight > 0"

@@ -50,6 +50,11 @@ class SeqKDConfig(KDConfig):
             raise ValueError(f"teacher_cache={self.teacher_cache!r} with kd_weight=0: Seq-KD is then SFT on the "
                              "teacher's completions and reads no teacher distribution. Drop teacher_cache, or set "
                              "kd_weight > 0 for logit KD on top from the cache.")
+        if self.teacher_url is not None:
+            raise ValueError(
+                f"teacher_url={self.teacher_url!r}: Seq-KD generates its training set with the teacher in memory, "
+                "which a server of log-probabilities does not replace. Drop teacher_url (a teacher_cache serves "
+                "Seq-KD's KD term), or use method kd with it.")
         super().__post_init__()
 
     def holds_teacher_while_training(self) -> bool:

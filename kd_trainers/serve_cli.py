@@ -1,0 +1,75 @@
+"""`kd-serve-teacher MODEL [--host HOST] [--port PORT]`: a teacher behind the subset of vLLM's completions API that
+`kd-train RECIPE teacher_url=http://HOST:PORT/v1` (and `KDTrainer(teacher_url=...)`) asks for top-k log-probabilities.
+
+MODEL is named as a recipe names models: a local path, a Hub id, or a `demo:ARCH/SIZE/TOKENIZER` spec. It listens on
+127.0.0.1 unless told otherwise (it has no authentication: put it behind one before opening it to a network). For a
+teacher on a GPU, vLLM serves the same API faster (the README gives the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="kd-serve-teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a local path, a Hub id or demo:ARCH/SIZE/TOKENIZER")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--adapter", default=None, help="a PEFT adapter merged into the model")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is one)")
+    parser.add_argument("--served-model-name", default=None, help="the name /v1/models lists (default: MODEL)")
+    parser.add_argument("--max-logprobs", type=int, default=128,
+                        help="the largest prompt_logprobs answered (vLLM's --max-logprobs); default 128")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward; default 8")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    options = parser.parse_args(argv)
+    for name in ("port", "max_logprobs", "batch_size"):
+        value = getattr(options, name)
+        if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
+            print(f"kd-serve-teacher: --{name.replace('_', '-')}: {value} is out of range.", file=sys.stderr)
+            return 2
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:  # the `serve` extra, checked before the model loads
+        print(f"kd-serve-teacher: {' and '.join(missing)} not installed: pip install 'kd-trainers[serve]'.",
+              file=sys.stderr)
+        return 2
+    import torch
+    import uvicorn
+
+    from .cli import one_line
+    from .progress import quiet_libraries
+    from .recipe.models import resolve_model
+    from .served_teacher.server import PromptScorer, create_app
+    from .teacher import freeze, load_teacher
+
+    quiet_libraries()
+    try:
+        resolved, tokenizer = resolve_model(options.model)  # a demo model is built; a name is loaded here
+        model = load_teacher(resolved, {"dtype": options.dtype} if isinstance(resolved, str) else None,
+                             options.adapter)
+        if not isinstance(resolved, str) and options.dtype != "auto":
+            model = model.to(getattr(torch, options.dtype))
+        model = freeze(model)
+        device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    except (ValueError, OSError) as error:
+        if options.debug:
+            raise
+        print(f"kd-serve-teacher: {one_line(error)}", file=sys.stderr)
+        return 2
+    scorer = PromptScorer(model, tokenizer, options.served_model_name or options.model,
+                          max_logprobs=options.max_logprobs, batch_size=options.batch_size)
+    print(f"Serving {scorer.name} ({len(tokenizer)} tokens, {device}) at http://{options.host}:{options.port}/v1",
+          flush=True)
+    uvicorn.run(create_app(scorer), host=options.host, port=options.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
