@@ -11,12 +11,19 @@ the floor of the same shape, because these machines are noisy.
 - sft: TRL's `SFTTrainer` on the student alone (the student's own SFT step), one `Trainer` step.
 - kd_cache: `KDTrainer` reading a teacher cache (top-32, bucket tail) written by the teacher before the timed steps;
   the teacher is then deleted: no teacher forward, no teacher in memory.
+- kd_served, kd_served_noprefetch: `KDTrainer(teacher_url=...)` with the teacher behind `kd-serve-teacher` in a
+  process of its own on loopback (top-20, bucket tail; the teacher saved to a temporary folder and served from it),
+  with `teacher_server_prefetch` on and off. `wait_fraction`: the share of the timed steps the trainer spent blocked
+  on the server's answers. The server's process (its memory, and its CPU threads competing with the trainer's on a
+  small machine) is not in the cell's memory columns.
 - dskd: `DSKDTrainer` under one tokenizer (t2s/s2t projectors, no attention), forward KL, T = 2, kd_weight 0.5.
 - dskd_cma: `DSKDTrainer` with cross-model attention: the teacher gets its own tokenizer (same size, other tokens) and
   its own random token sequence of the same length.
 
 Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
-is a label (the worst case for the chunked engine, which skips unlabelled positions). Memory: peak RSS minus RSS
+is a label (the worst case for the chunked engine, which skips unlabelled positions). Time: the median interval
+between the ends of consecutive steps after a warm-up step, so that a step's data loading counts (it is where a
+served teacher without prefetch waits). Memory: peak RSS minus RSS
 before the first timed step, in a second run of the cell with glibc's mmap threshold fixed (`run_cell` says why) (CPU),
 or peak allocated CUDA memory minus the allocated memory before it (GPU).
 
@@ -24,6 +31,7 @@ Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024
        python benchmarks/bench_kd_step.py --methods floor kd --divergences forward_kl jsd tvd   (one KD cell each)
        python benchmarks/bench_kd_step.py --methods kd dskd dskd_cma --seq 512   (DSKD against vanilla KD)
        python benchmarks/bench_kd_step.py --methods sft kd kd_cache   (a cached teacher against the resident one)
+       python benchmarks/bench_kd_step.py --methods kd kd_cache kd_served kd_served_noprefetch   (a served teacher)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
 """
 
@@ -42,7 +50,7 @@ import time
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("floor", "sft", "kd", "kd_cache", "gkd", "dskd", "dskd_cma")
+METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma")
 BASELINES = ("floor", "sft", "gkd", "kd")
 DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry  # ratios are taken against each of these that the run measured
 
@@ -118,6 +126,7 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
     dtype = torch.bfloat16 if realistic else torch.float32
     torch.manual_seed(0)
     student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
+    served = None
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
             for _ in range(batch * (steps + 1))]
@@ -146,21 +155,32 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             step(index)
             _sync(device)
             times.append(time.perf_counter() - start)
+        result = {"step_s": statistics.median(times[1:])}  # after the warm-up step
     else:
         from transformers import TrainerCallback
 
         class StepTimer(TrainerCallback):
+            waited = None
+
             def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step == 1:
+                if state.global_step == 1 and self.baseline is None:
                     self.baseline = _baseline_memory(device)
-                _sync(device)
-                self.start = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
-                _sync(device)
-                times.append(time.perf_counter() - self.start)
+                _sync(device)  # from the end of the step before: its data loading counts
+                now = time.perf_counter()
+                if state.global_step > 1:
+                    times.append(now - self.end)
+                else:
+                    self.waited = _waited()
+                self.end = now
+
+        def _waited() -> float:
+            client = getattr(trainer, "teacher_client", None)
+            return client.wait_seconds if client is not None else 0.0
 
         timer = StepTimer()
+        timer.baseline = None
         common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps + 1, per_device_train_batch_size=batch,
                       learning_rate=1e-5, save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6,
                       bf16=realistic, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
@@ -183,6 +203,16 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                 return {"step_s": 0.0, "memory_growth_mb": 0.0, "peak_mb": 0.0}
             trainer = KDTrainer(model=student, args=config, train_dataset=dataset, processing_class=tokenizer,
                                 data_collator=_Collator(), callbacks=[timer])
+        elif method in ("kd_served", "kd_served_noprefetch"):
+            from kd_trainers import KDConfig, KDTrainer
+
+            served = _serve(teacher, tokenizer, device)
+            del teacher
+            config = KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5,
+                              loss_memory_budget_mb=budget_mb, teacher_url=served[1],
+                              teacher_server_prefetch=method == "kd_served")
+            trainer = KDTrainer(model=student, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                teacher_processing_class=tokenizer, data_collator=_Collator(), callbacks=[timer])
         elif method == "kd":
             from kd_trainers import KDConfig, KDTrainer
 
@@ -206,10 +236,46 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             trainer = GKDTrainer(model=student, teacher_model=teacher, args=GKDConfig(**common, lmbda=0.0, beta=0.0),
                                  train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
                                  callbacks=[timer])
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            if served is not None:
+                served[0].terminate()
+                served[0].wait()
         baseline = timer.baseline
-    return {"step_s": statistics.median(times[1:]), "memory_growth_mb": (_peak_memory(device) - baseline) / 2**20,
+        result = {"step_s": statistics.median(times)}
+        if served is not None:
+            result["wait_fraction"] = (_waited() - timer.waited) / sum(times)
+    return {**result, "memory_growth_mb": (_peak_memory(device) - baseline) / 2**20,
             "peak_mb": _peak_memory(device) / 2**20}
+
+
+def _serve(teacher, tokenizer, device: str):
+    """`(process, url)`: `kd-serve-teacher` serving `teacher` (saved to a temporary folder) on a free loopback port,
+    once it answers."""
+    import socket
+
+    import requests
+
+    folder = tempfile.mkdtemp()
+    teacher.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dtype = "bfloat16" if device == "cuda" else "float32"
+    process = subprocess.Popen([sys.executable, "-m", "kd_trainers.serve_cli", folder, "--port", str(port), "--dtype",
+                                dtype, "--device", device], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
+                return process, f"http://127.0.0.1:{port}/v1"
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("kd-serve-teacher did not start")
+        time.sleep(0.5)
 
 
 def _sync(device):
@@ -277,6 +343,8 @@ def result_row(fixed: dict, cell: dict, baselines: dict[str, dict]) -> dict:
     for name, base in baselines.items():
         row[f"time_vs_{name}"] = round(cell["step_s"] / base["step_s"], 3)
         row[f"memory_vs_{name}"] = round(cell["memory_growth_mb"] / base["memory_growth_mb"], 3)
+    if "wait_fraction" in cell:
+        row["wait_fraction"] = round(cell["wait_fraction"], 3)
     row["note"] = cell["note"]
     print(row, flush=True)
     return row
@@ -285,11 +353,12 @@ def result_row(fixed: dict, cell: dict, baselines: dict[str, dict]) -> dict:
 def write_results(rows: list[dict], path: str) -> None:
     """`path`.csv (every column) and `path`.md (a table without the device column)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row if key != "note")) + ["note"]
     with open(path + ".csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    columns = list(rows[0])[1:]
+    columns = fields[1:]
     with open(path + ".md", "w") as handle:
         handle.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
         for row in rows:

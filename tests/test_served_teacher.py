@@ -369,3 +369,17 @@ def test_kd_serve_teacher_and_kd_train_from_the_command_line(tmp_path):
     assert f"| `teacher_url` | {url} |" in card and "| `teacher_server_k` | 20 |" in card
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     assert [entry["kd_loss"] > 0 for entry in state["log_history"] if "kd_loss" in entry] == [True, True]
+
+
+def test_a_served_teacher_of_another_tokenizer_is_refused(scorer, student, bpe_tokenizer, wordpiece_tokenizer,
+                                                          train_rows, tmp_path):
+    """The student's and the served teacher's tokenizers must map every token to the same id (KDTrainer's check),
+    and a served model whose tokenizer cannot be found here is named, with the fix."""
+    with LoopbackServer(scorer) as server:
+        with pytest.raises(ValueError, match="vocabular"):
+            KDTrainer(model=student, args=served_args(tmp_path, server.url), train_dataset=train_rows,
+                      processing_class=bpe_tokenizer, teacher_processing_class=wordpiece_tokenizer)
+        with pytest.raises(ValueError, match=rf"serves '{NAME}', whose tokenizer does not load here .*pass "
+                                             "teacher_processing_class"):
+            KDTrainer(model=student, args=served_args(tmp_path, server.url), train_dataset=train_rows,
+                      processing_class=bpe_tokenizer)

@@ -97,7 +97,7 @@ class TeacherSetupMixin:
                 tokenizer = load_teacher_tokenizer(served_name)
             except (OSError, ValueError) as error:
                 raise ValueError(
-                    f"teacher_url={args.teacher_url!r} serves {served_name!r}, whose tokenizer does not load here "
+                    f"teacher_url={client.public_url!r} serves {served_name!r}, whose tokenizer does not load here "
                     f"({str(error).splitlines()[0][:200]}): pass teacher_processing_class=<its tokenizer>, or set "
                     "teacher_model_name_or_path to the teacher's Hub id or local path (it is not loaded).") from None
         self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), served_name)
