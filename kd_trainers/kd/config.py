@@ -70,6 +70,10 @@ class KDConfig(SFTConfig):
     teacher_server_max_wait (`float`, *optional*, defaults to `120.0`):
         Seconds a request may take with its retries (backoff from 0.25 s, doubling to 8 s) before the run stops with
         an error naming the URL (and, in a single process, a checkpoint of the last completed step to resume from).
+    teacher_column (`str`, *optional*, defaults to `None`):
+        With several teachers (`KDTrainer(teacher_models=[...])`, a recipe's `teachers:`), the dataset column whose
+        value (a teacher's name, or its index) says which one teacher each example is distilled from; without it
+        the teachers are mixed per token by their weights.
     teacher_server_prefetch (`bool`, *optional*, defaults to `True`):
         Send a batch's requests when the batch is built, before the step that uses it, so that the server answers
         while the student computes the step before. Off: each batch waits for its answers when it is built.
@@ -154,6 +158,8 @@ class KDConfig(SFTConfig):
     teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds to wait for one answer."})
     teacher_server_max_wait: float = field(
         default=120.0, metadata={"help": "Seconds a request may take with its retries before the run stops."})
+    teacher_column: str | None = field(
+        default=None, metadata={"help": "With several teachers: the column naming each example's one teacher."})
     teacher_server_prefetch: bool = field(
         default=True, metadata={"help": "Ask for a batch's targets before the step that uses it (overlapped)."})
     divergence: str = field(

@@ -16,10 +16,12 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
-from ..losses import LogitTransform, LossSettings, chunked_distillation_loss, sparse_distillation_terms
+from ..losses import (DenseMember, LogitTransform, LossSettings, SparseMember, chunked_distillation_loss,
+                      mixture_distillation_terms, sparse_distillation_terms)
 from ..losses.reference import loss_normalizer
 from ..losses.sparse import SparseTargets
 from ..served_teacher import TARGETS_KEY
+from ..several_teachers import ROUTE_KEY
 from ..teacher import model_name
 from ..teacher_cache import BATCH_KEYS, targets_from_batch
 from .heads import check_engine_logits
@@ -136,6 +138,10 @@ class DistillationLossMixin:
         if self.teacher_model is not None:  # a cached teacher has no head here
             checks.append(("teacher", self.teacher_model, model_inputs, self.teacher_logit_transform,
                            self.distilled_vocab_size))
+        for member in getattr(self, "teacher_members", None) or []:
+            if member.unwrapped is not None:
+                checks.append((f"teacher {member.entry.name}", member.wrapped, model_inputs, member.transform,
+                               self.distilled_vocab_size))
         return checks
 
     def _check_heads_once(self, model, inputs: dict) -> None:
@@ -158,6 +164,29 @@ class DistillationLossMixin:
                     check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
+    def _mixture_terms(self, student_hidden, student, inputs: dict, model_inputs: dict, labels, mode: str,
+                       engine: dict):
+        """The engine against the teachers of `teacher_models`: a model's hidden states, a cache's or a server's
+        targets; weights per teacher, or one teacher per row (`teacher_column`)."""
+        members = []
+        for member in self.teacher_members:
+            if member.unwrapped is not None:
+                with torch.no_grad():
+                    hidden = self._forward_redirection(member.wrapped, member.unwrapped, last_hidden_state,
+                                                       member.unwrapped, model_inputs)[:, :-1]
+                members.append(DenseMember(hidden, member.unwrapped.get_output_embeddings(), member.transform))
+            elif member.cache is not None:
+                members.append(SparseMember(targets_from_batch(inputs, member.cache.mode, member.suffix),
+                                            self.args.teacher_cache_tail))
+            else:
+                members.append(SparseMember(inputs[member.key].get(), self.args.teacher_server_tail))
+        if self.args.teacher_column is not None:
+            weights = torch.nn.functional.one_hot(inputs[ROUTE_KEY], len(members)).float()
+        else:
+            weights = torch.tensor([member.entry.weight for member in self.teacher_members])
+        return mixture_distillation_terms(student_hidden, student.get_output_embeddings(), members, weights, labels,
+                                          self._settings_for(mode), **engine)
+
     def _sparse_teacher(self, inputs: dict) -> tuple[SparseTargets, str] | None:
         """`(the batch's sparse targets, their tail treatment)` from a teacher cache or server; None for a teacher in
         memory."""
@@ -179,7 +208,13 @@ class DistillationLossMixin:
                       chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
                       student_transform=student_transform, noise_seed=self._noise_seed(mode))
         sparse = self._sparse_teacher(inputs)
-        if sparse is not None:  # a stored or served distribution: no teacher forward
+        member_metrics = {}
+        if getattr(self, "teacher_members", None):  # several teachers, mixed or routed per example
+            out = self._mixture_terms(student_hidden, student, inputs, model_inputs, labels, mode, engine)
+            losses, num_correct = out, out.num_correct
+            for member, value, count in zip(self.teacher_members, out.member_kd_sums, out.member_token_counts):
+                member_metrics[f"kd_loss_{member.entry.name}"] = (value, count)
+        elif sparse is not None:  # a stored or served distribution: no teacher forward
             targets, tail = sparse
             out = sparse_distillation_terms(
                 student_hidden, student.get_output_embeddings(), targets.to(student_hidden.device), labels,
@@ -199,7 +234,7 @@ class DistillationLossMixin:
         normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the engine divided by: back to sums
         metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
                    "kd_loss": (losses.kd_loss * normalizer, num_tokens),
-                   "mean_token_accuracy": (num_correct, num_tokens)}
+                   "mean_token_accuracy": (num_correct, num_tokens), **member_metrics}
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
     def _with_router_loss(self, loss, metrics: dict, aux_loss, num_items_in_batch):
@@ -219,6 +254,9 @@ class DistillationLossMixin:
         mode = "train" if self.model.training else "eval"
         if self.teacher_model is not None:
             self.teacher_model.eval()
+        for member in getattr(self, "teacher_members", None) or []:
+            if member.unwrapped is not None:
+                member.wrapped.eval()
         self._check_heads_once(model, inputs)
         student = self.accelerator.unwrap_model(model)
         loss, metrics = self._forward_redirection(
@@ -265,7 +303,7 @@ class DistillationLossMixin:
             "method": "vanilla logit KD",
             "teacher": self.teacher_name,
             "teacher_adapter": args.teacher_adapter_name_or_path,
-            **self._teacher_cache_settings(),
+            **self._teacher_source_settings(),
             "divergence": settings.divergence,
             "kd_temperature": settings.temperature,
             "kd_temperature_squared": settings.temperature_squared,
@@ -278,9 +316,17 @@ class DistillationLossMixin:
             "loss_memory_budget_mb": args.loss_memory_budget_mb,
         }
 
-    def _teacher_cache_settings(self) -> dict[str, object]:
+    def _teacher_source_settings(self) -> dict[str, object]:
         """The model card's rows of a cached or served teacher (none for a teacher in memory)."""
         cache, client = getattr(self, "teacher_cache", None), getattr(self, "teacher_client", None)
+        members = getattr(self, "teacher_members", None)
+        if members:
+            routed = self.args.teacher_column is not None
+            total = sum(member.entry.weight for member in members)
+            return {"teachers": "; ".join(
+                f"{member.entry.name}: {member.entry.describe()}" + ("" if routed else
+                                                                     f" (weight {member.entry.weight / total:.4g})")
+                for member in members), "teacher_column": self.args.teacher_column}
         if client is not None:
             return {"teacher_url": client.public_url, "teacher_server_model": client.model,
                     "teacher_server_k": client.k, "teacher_server_tail": self.args.teacher_server_tail}
@@ -294,6 +340,8 @@ class DistillationLossMixin:
         super()._set_signature_columns_if_needed()
         if getattr(self, "teacher_cache", None) is not None:  # the rows' teacher records reach the collator
             self._signature_columns = [*self._signature_columns, "teacher_tokens", "teacher_record"]
+        # Several teachers: their caches' records and the routing column reach their collators.
+        self._signature_columns = [*self._signature_columns, *getattr(self, "_member_columns", [])]
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)

@@ -10,6 +10,7 @@ from trl import SFTTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
+from ..several_teachers import teacher_entries
 from ..teacher import model_name
 from ..tokenizer import load_tokenizer
 from .config import KDConfig
@@ -39,6 +40,10 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
             (`KDConfig.teacher_cache`).
         teacher_url: a vLLM-compatible server of the teacher's top-k log-probabilities, `http://HOST:PORT/v1`, in
             place of a teacher in memory (`KDConfig.teacher_url`).
+        teacher_models: several teachers at once, each a model (or its name), or `{model | cache | url: ...,
+            weight: 1.0, name: ..., adapter: ...}` (`kd_trainers.several_teachers`): per token the target is the
+            weighted mixture of their distributions, or, with `args.teacher_column`, the distribution of the one
+            teacher each example's column names. The logs carry each teacher's `kd_loss_<name>`.
         Every other argument is `SFTTrainer`'s.
 
     The loss is computed from both models' last hidden states and output heads, in chunks of label tokens
@@ -62,11 +67,13 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Distil
 
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
                  teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None,
-                 teacher_cache: str | None = None, teacher_url: str | None = None, **sft_kwargs):
+                 teacher_cache: str | None = None, teacher_url: str | None = None, teacher_models: list | None = None,
+                 **sft_kwargs):
         args = self._with_teacher_source(self._as_kd_config(model, args), teacher_cache=teacher_cache,
                                          teacher_url=teacher_url)
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
+        self._teacher_entries = None if teacher_models is None else teacher_entries(teacher_models)
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
         if sft_kwargs.get("processing_class") is None:
             sft_kwargs["processing_class"] = load_tokenizer(model_name(model))

@@ -20,6 +20,7 @@ from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from ..errors import TeacherServerError
 from ..evaluation.harness import check_harness
+from ..served_teacher import TeacherClient
 from ..teacher_cache.cache import INFO as CACHE_INFO
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
@@ -179,6 +180,33 @@ def check_teacher_server(recipe: Recipe) -> None:
                           "then run again.") from None
 
 
+def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
+    """Each teacher of a `teachers:` block: a model and its adapter exist, a cache is complete, a server answers."""
+    for index, entry in enumerate(recipe.options.get("teachers") or []):
+        where = f"teachers[{index}]"
+        if entry.get("model") is not None:
+            check_model_reference(f"{where}.model", entry["model"], recipe.path, pending=pending)
+            check_model_reference(f"{where}.adapter", entry.get("adapter"), recipe.path, adapter=True,
+                                  pending=pending)
+        elif entry.get("cache") is not None:
+            info = os.path.join(entry["cache"], CACHE_INFO)
+            complete = False
+            if os.path.isfile(info):
+                with open(info) as handle:
+                    complete = bool(json.load(handle).get("complete"))
+            if not complete:
+                raise RecipeError(f"{recipe.path}: {where}.cache: {entry['cache']!r} holds no complete teacher cache; "
+                                  "write it first (kd-train cache-teacher RECIPE teacher_cache=PATH).")
+        else:
+            config = recipe.config
+            try:
+                TeacherClient(entry["url"], config.teacher_server_k, 1, timeout=config.teacher_server_timeout,
+                              max_wait=0).served_model()
+            except TeacherServerError as error:
+                raise RecipeError(f"{recipe.path}: {where}.url: {entry['url']!r} does not answer GET /models "
+                                  f"({getattr(error, 'last', error)}). Start that teacher's server first.") from None
+
+
 def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True) -> None:
     """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`)."""
     config, options, where = recipe.config, recipe.options, recipe.path
@@ -195,6 +223,7 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
                               adapter=True, pending=pending)
     check_teacher_cache(recipe)
     check_teacher_server(recipe)
+    check_teachers(recipe, pending)
     judge = (options["evaluation"] or {}).get("judge") or {}
     if "judge" in (options["evaluation"] or {}).get("metrics", []) and judge.get("model"):
         check_model_reference("evaluation.judge.model", judge["model"], where, pending=pending)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from ..publish import build_publish_folder, upload
 from ..redaction import redact, redact_arguments
 from .data import load_recipe_datasets
 from .evaluate import TrainedModels, evaluate_trained, evaluation_split
-from .models import resolve_student, resolve_teacher, resolve_tokenizer, served_model_name
+from .models import resolve_model, resolve_student, resolve_teacher, resolve_tokenizer, served_model_name
 from .output import (RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final,
                      start_over_if_asked)
 from .schema import Recipe
@@ -62,6 +63,10 @@ def write_run_info(recipe: Recipe, resumed_from: str | None, trainer=None) -> No
         info["teacher_cache"] = {"path": os.path.abspath(cache.path), "key": cache.key,
                                  **cache.info["components"]["settings"], "teacher": cache.info["components"]["teacher"],
                                  "bytes_per_token": round(cache.bytes_per_token(), 2)}
+    members = getattr(trainer, "teacher_members", None)
+    if members:
+        info["teachers"] = [{"name": member.entry.name, "kind": member.entry.kind, "teacher": member.entry.describe(),
+                             "weight": member.entry.weight} for member in members]
     client = getattr(trainer, "teacher_client", None)
     if client is not None:
         info["teacher_server"] = {"url": client.public_url, "model": client.model, "k": client.k,
@@ -95,13 +100,30 @@ def build_trainer(recipe: Recipe, callbacks=None):
     kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
     if options["peft"]:
         kwargs["peft_config"] = LoraConfig(**options["peft"])
-    if recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a complete cache or a server
+    if options["teachers"]:  # several: the models a recipe names as objects or names, as for one teacher
+        kwargs["teacher_models"] = [_recipe_teacher(entry, config) for entry in options["teachers"]]
+    elif recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a cache or a server
         teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
     elif recipe.needs_teacher and getattr(config, "teacher_url", None) is not None:
         # The served model's name, as a recipe names models (a demo spec too), gives the tokenizer to check.
         kwargs["teacher_processing_class"] = resolve_tokenizer(served_model_name(config))
     return recipe.trainer_class(model=student, args=config, **kwargs)
+
+
+def _recipe_teacher(entry: dict, config) -> dict:
+    """A `teachers:` entry as the trainer takes it: a demo model built, a served teacher's tokenizer resolved as a
+    recipe names models (its own `tokenizer`, else the served model's name)."""
+    entry = dict(entry)
+    if entry.get("model") is not None:
+        model = resolve_model(entry["model"])[0]
+        if not isinstance(model, str):  # a demo model, built here: named by its spec in run_info and the card
+            model.config._name_or_path = entry["model"]
+        entry["model"] = model
+    elif entry.get("url") is not None:
+        name = entry.get("tokenizer") or served_model_name(dataclasses.replace(config, teacher_url=entry["url"]))
+        entry["tokenizer"] = resolve_tokenizer(name)
+    return entry
 
 
 def evaluate_recipe(recipe: Recipe) -> None:

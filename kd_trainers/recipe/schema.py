@@ -22,9 +22,11 @@ import yaml
 from peft import LoraConfig
 
 from ..evaluation.answers import ANSWER_EXTRACTORS
+from ..evaluation.score import METRICS, SUITES
 from ..evaluation.settings import evaluation_settings
 from ..guards import check_training_args
 from ..methods import available_methods, get_method
+from ..several_teachers import check_routing, teacher_entries
 from ..suggest import did_you_mean
 from .catalog import shipped
 from .errors import RecipeError
@@ -56,6 +58,9 @@ class RecipeOptions:
     prompt_template: str | None = _key(None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'")
     peft: dict | None = _key(None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, "
                              "target_modules...")
+    teachers: Any = _key(None, "several teachers at once, each {model | cache | url: ..., weight: 1.0, "
+                                 "name: ..., adapter: ...}: mixed per token by weight, or one per example by "
+                                 "teacher_column (method kd)")
     merge_lora: bool = _key(False, "publish the model with its LoRA adapter merged (the output folder keeps the "
                             "adapter)")
     env: dict | None = _key(None, "environment variables set before anything runs")
@@ -269,8 +274,11 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: eval_strategy: {config_values['eval_strategy']!r} evaluates during training, but "
                           "dataset_test_split names no split to evaluate on; set dataset_test_split (e.g. test) or "
                           "eval_strategy: no.")
+    if options["teachers"] is not None:
+        _check_teachers(options, config_values, method, path)
     if methods[method].needs_teacher and config_values.get("teacher_model_name_or_path") is None \
-            and config_values.get("teacher_cache") is None and config_values.get("teacher_url") is None:
+            and config_values.get("teacher_cache") is None and config_values.get("teacher_url") is None \
+            and options["teachers"] is None:
         raise RecipeError(f"{path}: teacher_model_name_or_path is missing: method {method!r} needs a teacher (or a "
                           "teacher_cache written by one, or a teacher_url serving one).")
     _fit_process_group(config_values, path)
@@ -304,6 +312,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
             why, fix = "the teacher is released once it has generated", "set kd_weight > 0"
         raise RecipeError(f"{path}: agreement: method {method!r} holds no teacher while training ({why}); remove the "
                           f"block and score agreement after training (evaluation: metrics: [agreement]), or {fix}.")
+    _check_teacher_metrics(options, config, method, path)
     try:
         check_training_args(config)
     except ValueError as error:
@@ -334,6 +343,41 @@ def _fit_process_group(config_values: dict, path: str) -> None:
         config_values["ddp_backend"] = "gloo"
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
         config_values["use_cpu"] = True
+
+
+def _check_teacher_metrics(options: dict, config, method: str, path: str) -> None:
+    """Metrics that compare with the teacher's answers need a teacher in memory to generate them after training."""
+    named = (options["evaluation"] or {}).get("metrics") or []
+    metrics = [metric for name in named for metric in SUITES.get(name, [name])]
+    versus = [metric for metric in metrics if metric in METRICS and METRICS[metric][2] == "teacher_predictions"]
+    if versus and get_method(method).needs_teacher and getattr(config, "teacher_model_name_or_path", None) is None:
+        raise RecipeError(
+            f"{path}: evaluation.metrics: {versus} compare the student's answers with the teacher's, which the "
+            "teacher in memory generates after training, and teacher_model_name_or_path is null (a cache, a server "
+            "or several teachers stand in for it). " + (
+                f"Drop {versus}: several teachers give no one teacher's answers." if options.get("teachers") else
+                "Name the teacher there (a cache or a server still serves the training; the model loads only to "
+                f"answer), or drop {versus}."))
+
+
+def _check_teachers(options: dict, config_values: dict, method: str, path: str) -> None:
+    """A `teachers:` block: method kd, each entry checked (`several_teachers.teacher_entries`), no other teacher."""
+    if method != "kd":
+        raise RecipeError(f"{path}: teachers: method {method!r} takes one teacher; several teachers are for method "
+                          "kd.")
+    try:
+        entries = teacher_entries(options["teachers"], "teachers")
+        check_routing(entries, config_values.get("teacher_column"), "teachers")
+    except ValueError as error:
+        raise RecipeError(f"{path}: {error}") from None
+    if options["agreement"]:
+        raise RecipeError(f"{path}: agreement: logs agreement with one teacher, and teachers: lists several; remove "
+                          "the block (score agreement after training against one of them with kd-eval).")
+    named = [key for key in ("teacher_model_name_or_path", "teacher_cache", "teacher_url")
+             if config_values.get(key) is not None]
+    if named:
+        raise RecipeError(f"{path}: teachers: lists the teachers, and {', '.join(named)} names one more: give them "
+                          "all in teachers (or set it to null).")
 
 
 def _check_peft(peft: dict | None, path: str) -> None:

@@ -42,10 +42,11 @@ class ServedTargets:
 
 class ServedTeacherCollator:
     """Wraps a trainer's collator (right-padded rows, one example each; not padding-free) and adds
-    `batch["teacher_targets"]`, a `ServedTargets` for its label tokens."""
+    `batch[key]` (`teacher_targets`, or another key for one server of several), a `ServedTargets` for its label
+    tokens."""
 
-    def __init__(self, collator, client: TeacherClient, prefetch: bool = True):
-        self.collator, self.client, self.prefetch = collator, client, prefetch
+    def __init__(self, collator, client: TeacherClient, prefetch: bool = True, key: str = TARGETS_KEY):
+        self.collator, self.client, self.prefetch, self.key = collator, client, prefetch, key
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator(examples)
@@ -67,5 +68,5 @@ class ServedTeacherCollator:
         targets = ServedTargets(self.client.submit(sequences), positions)
         if not self.prefetch or get_worker_info() is not None:
             targets.get()
-        batch[TARGETS_KEY] = targets
+        batch[self.key] = targets
         return batch

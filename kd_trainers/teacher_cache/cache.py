@@ -33,8 +33,9 @@ from .format import CODE_STEP, COMPRESSION_LEVEL, decode
 INFO, PLAN = "cache_info.json", "cache_plan.json"
 FORMAT_VERSION = 1
 BLOCK_ROWS = 256
-# Batch keys the collator adds (the trainers keep them away from the models).
+# Batch keys the collator adds (the trainers keep them away from the models), and the columns it reads.
 BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass")
+RECORD_COLUMNS = ("teacher_tokens", "teacher_record")
 
 
 @contextlib.contextmanager
@@ -188,8 +189,9 @@ class TeacherCache:
         return datasets.concatenate_datasets(
             [datasets.load_from_disk(os.path.join(self.path, name, block_name(index))) for index in range(blocks)])
 
-    def attach(self, dataset: datasets.Dataset, name: str, hashes: list[str]) -> datasets.Dataset:
-        """`dataset` with the cache's columns beside it, after checking that each row is the one cached."""
+    def attach(self, dataset: datasets.Dataset, name: str, hashes: list[str], suffix: str = "") -> datasets.Dataset:
+        """`dataset` with the cache's columns beside it (`teacher_tokens{suffix}`, `teacher_record{suffix}`: one cache
+        of several has its own suffix), after checking that each row is the one cached."""
         with quiet_datasets():
             stored = self.split(name)
         if len(stored) != len(dataset):
@@ -202,8 +204,10 @@ class TeacherCache:
         with quiet_datasets():
             if dataset._indices is not None:  # a shuffled or selected dataset: its rows in order, for the join
                 dataset = dataset.flatten_indices()
-            return datasets.concatenate_datasets(
-                [dataset, stored.select_columns(["teacher_tokens", "teacher_record"])], axis=1)
+            columns = stored.select_columns(list(RECORD_COLUMNS))
+            if suffix:
+                columns = columns.rename_columns({column: column + suffix for column in RECORD_COLUMNS})
+            return datasets.concatenate_datasets([dataset, columns], axis=1)
 
     def bytes_per_token(self) -> float:
         splits = self.info["splits"].values()
@@ -212,15 +216,17 @@ class TeacherCache:
 
 class SparseTeacherCollator:
     """Wraps a trainer's collator: the cache's records of a batch's rows become `teacher_ids` `[N, k]`,
-    `teacher_log_probs` `[N, k]` and `teacher_tail_log_mass` `[N]`, N the batch's label tokens in row-major order."""
+    `teacher_log_probs` `[N, k]` and `teacher_tail_log_mass` `[N]`, N the batch's label tokens in row-major order
+    (each key with `suffix` for one cache of several)."""
 
-    def __init__(self, collator, cache: TeacherCache):
-        self.collator, self.cache = collator, cache
+    def __init__(self, collator, cache: TeacherCache, suffix: str = ""):
+        self.collator, self.cache, self.suffix = collator, cache, suffix
 
     def __call__(self, examples: list[dict]) -> dict:
         examples = [dict(example) for example in examples]
-        parts = [decode(example.pop("teacher_record"), example.pop("teacher_tokens"), self.cache.k,
-                        self.cache.id_bytes, self.cache.mode) for example in examples]
+        tokens, record = (column + self.suffix for column in RECORD_COLUMNS)
+        parts = [decode(example.pop(record), example.pop(tokens), self.cache.k, self.cache.id_bytes,
+                        self.cache.mode) for example in examples]
         batch = self.collator(examples)
         labels = batch["labels"][:, 1:]
         count = int((labels != -100).sum())
@@ -230,9 +236,9 @@ class SparseTeacherCollator:
             raise ValueError(f"teacher_cache={self.cache.path!r}: the batch has {count} label tokens but its cached "
                              f"rows hold {targets.ids.size(0)}; the collator labels other tokens than the cache pass "
                              "did (packing is not supported with a teacher cache).")
-        batch.update(zip(BATCH_KEYS, targets[:3]))
+        batch.update(zip((key + self.suffix for key in BATCH_KEYS), targets[:3]))
         return batch
 
 
-def targets_from_batch(batch: dict, mode: str) -> SparseTargets:
-    return SparseTargets(*(batch[key] for key in BATCH_KEYS), mode)
+def targets_from_batch(batch: dict, mode: str, suffix: str = "") -> SparseTargets:
+    return SparseTargets(*(batch[key + suffix] for key in BATCH_KEYS), mode)
