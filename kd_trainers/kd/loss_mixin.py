@@ -16,12 +16,10 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
-from ..losses import (DenseMember, LogitTransform, LossSettings, SparseMember, chunked_distillation_loss,
-                      mixture_distillation_terms, sparse_distillation_terms)
+from ..losses import LogitTransform, LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from ..losses.reference import loss_normalizer
 from ..losses.sparse import SparseTargets
 from ..served_teacher import TARGETS_KEY
-from ..several_teachers import ROUTE_KEY
 from ..teacher import model_name
 from ..teacher_cache import BATCH_KEYS, targets_from_batch
 from .heads import check_engine_logits
@@ -163,29 +161,6 @@ class DistillationLossMixin:
                                                  self.args.gradient_checkpointing_kwargs) as unwrapped:
                     check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
-
-    def _mixture_terms(self, student_hidden, student, inputs: dict, model_inputs: dict, labels, mode: str,
-                       engine: dict):
-        """The engine against the teachers of `teacher_models`: a model's hidden states, a cache's or a server's
-        targets; weights per teacher, or one teacher per row (`teacher_column`)."""
-        members = []
-        for member in self.teacher_members:
-            if member.unwrapped is not None:
-                with torch.no_grad():
-                    hidden = self._forward_redirection(member.wrapped, member.unwrapped, last_hidden_state,
-                                                       member.unwrapped, model_inputs)[:, :-1]
-                members.append(DenseMember(hidden, member.unwrapped.get_output_embeddings(), member.transform))
-            elif member.cache is not None:
-                members.append(SparseMember(targets_from_batch(inputs, member.cache.mode, member.suffix),
-                                            self.args.teacher_cache_tail))
-            else:
-                members.append(SparseMember(inputs[member.key].get(), self.args.teacher_server_tail))
-        if self.args.teacher_column is not None:
-            weights = torch.nn.functional.one_hot(inputs[ROUTE_KEY], len(members)).float()
-        else:
-            weights = torch.tensor([member.entry.weight for member in self.teacher_members])
-        return mixture_distillation_terms(student_hidden, student.get_output_embeddings(), members, weights, labels,
-                                          self._settings_for(mode), **engine)
 
     def _sparse_teacher(self, inputs: dict) -> tuple[SparseTargets, str] | None:
         """`(the batch's sparse targets, their tail treatment)` from a teacher cache or server; None for a teacher in

@@ -21,15 +21,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl.models import prepare_deepspeed
 
-from ..losses import LogitTransform
-from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
-from ..several_teachers import ROUTE_KEY, RoutingCollator, TeacherEntry, check_routing
+from ..served_teacher import ServedTeacherCollator, TeacherClient
 from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load_teacher, load_teacher_tokenizer,
                        model_name, output_head_shape)
-from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, cache_components,
-                             split_fingerprint, teacher_files_fingerprint, teacher_fingerprint, tokenizer_fingerprint,
-                             write_teacher_cache)
-from ..teacher_cache.cache import RECORD_COLUMNS
+from ..teacher_cache import (CacheSettings, SparseTeacherCollator, TeacherCache, cache_components, split_fingerprint,
+                             teacher_files_fingerprint, teacher_fingerprint, tokenizer_fingerprint, write_teacher_cache)
 
 
 @dataclass(frozen=True)
@@ -40,32 +36,7 @@ class TeacherPlan:
     tokenizer: PreTrainedTokenizerBase
     assumes_student_tokenizer: bool  # the teacher came without a tokenizer and the student's is used for it
     client: TeacherClient | None = None  # a served teacher (`teacher_url`)
-    members: list | None = None  # several teachers (`teacher_models`): `PlannedMember`s
-
-
-@dataclass
-class PlannedMember:
-    """One of several teachers, planned: its entry, its tokenizer, its client (a server) or its cache."""
-
-    entry: TeacherEntry
-    tokenizer: PreTrainedTokenizerBase
-    assumes_student_tokenizer: bool = False
-    client: TeacherClient | None = None
-    cache: TeacherCache | None = None
-
-
-@dataclass
-class TeacherMember:
-    """One of several teachers, set up: a model prepared for training (`wrapped`, `unwrapped`, its logit `transform`),
-    or the batch keys its sparse targets arrive under (a cache's `suffix`, a server's `key`)."""
-
-    entry: TeacherEntry
-    wrapped: object = None
-    unwrapped: PreTrainedModel | None = None
-    transform: LogitTransform = LogitTransform()
-    cache: TeacherCache | None = None
-    suffix: str = ""
-    key: str | None = None
+    members: list | None = None  # several teachers (`teacher_models`): `several_teachers_setup.PlannedMember`s
 
 
 class TeacherSetupMixin:
@@ -149,42 +120,6 @@ class TeacherSetupMixin:
         self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), served_name)
         return client, tokenizer, served
 
-    def _plan_teachers(self, model, args, teacher_model, entries: list[TeacherEntry],
-                       student_tokenizer: PreTrainedTokenizerBase) -> TeacherPlan:
-        """Several teachers (`teacher_models`): each checked as one teacher of its kind is, before anything loads."""
-        given = [name for name, value in (("teacher_model", teacher_model),
-                                          ("teacher_model_name_or_path", args.teacher_model_name_or_path),
-                                          ("teacher_cache", getattr(args, "teacher_cache", None)),
-                                          ("teacher_url", getattr(args, "teacher_url", None))) if value is not None]
-        if given:
-            raise ValueError(f"teacher_models lists the teachers, and {', '.join(given)} names one more: give the "
-                             "teachers in one place (add it to teacher_models).")
-        check_routing(entries, args.teacher_column)
-        members = []
-        for index, entry in enumerate(entries):
-            where = f"teacher_models[{index}] ({entry.name})"
-            if entry.kind == "model":
-                tokenizer = load_teacher_tokenizer(entry.source, None, student_tokenizer)
-                assumed = tokenizer is student_tokenizer
-                if assumed and not isinstance(model, str):
-                    check_same_head_size(model, entry.source)
-                self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), model_name(entry.source))
-                members.append(PlannedMember(entry, tokenizer, assumed))
-            elif entry.kind == "url":
-                client, tokenizer, _ = self._served_teacher(args, entry.source, None, entry.tokenizer,
-                                                            student_tokenizer, model)
-                members.append(PlannedMember(entry, tokenizer, client=client))
-            else:
-                cache = TeacherCache.open(entry.source)
-                if cache is None:
-                    raise ValueError(f"{where}: cache={entry.source!r} holds no complete teacher cache: write it "
-                                     "first (kd-train cache-teacher RECIPE teacher_cache=PATH with that teacher).")
-                members.append(PlannedMember(entry, student_tokenizer, cache=cache))
-        self.teacher_processing_class = student_tokenizer
-        how = f"routed by the column {args.teacher_column!r}" if args.teacher_column else "mixed per token"
-        self.teacher_name = f"{len(entries)} teachers, {how}"
-        return TeacherPlan(None, student_tokenizer, False, members=members)
-
     def _set_up_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
         """After the parent `__init__`: `self.teacher_model` prepared for training; returns the unwrapped teacher.
         With a teacher cache there is none: the cache is written first if need be, and read in its place."""
@@ -226,67 +161,6 @@ class TeacherSetupMixin:
                     f"Resize it: {role}.resize_token_embeddings(len(tokenizer))."
                 )
         return teacher
-
-    def _set_up_members(self, planned: list[PlannedMember], args) -> None:
-        """Several teachers: models loaded and prepared as one teacher is; caches checked against the trainer's data
-        and joined to it under their own columns; servers asked by their own collator; the routing column read."""
-        members, keys, columns = [], [], []
-        data = hashes = None
-        for index, plan in enumerate(planned):
-            entry, suffix = plan.entry, f"_{index}"
-            if entry.kind == "model":
-                teacher = freeze(load_teacher(entry.source, self._member_init_kwargs(entry.source, args),
-                                              entry.adapter))
-                if plan.assumes_student_tokenizer:
-                    check_same_head_size(self.model, teacher)
-                rows = output_head_shape(teacher)[0]
-                if rows < len(self.processing_class):
-                    raise ValueError(f"teacher_models[{index}] ({entry.name}): its output head has {rows} rows but "
-                                     f"the tokenizer has {len(self.processing_class)} tokens.")
-                wrapped = prepare_deepspeed(teacher, self.accelerator) if self.is_deepspeed_enabled else \
-                    self.accelerator.prepare_model(teacher, evaluation_mode=True)
-                members.append(TeacherMember(entry, wrapped, teacher, LogitTransform.from_config(teacher.config)))
-            elif entry.kind == "cache":
-                if data is None:
-                    splits = self._cache_splits()
-                    data, hashes = {}, {}
-                    for name, dataset in splits.items():
-                        data[name], hashes[name] = split_fingerprint(dataset)
-                cache = plan.cache
-                cache.check(tokenizer_fingerprint(self.processing_class), data,
-                            CacheSettings(cache.mode, cache.k, len(self.processing_class)), None)
-                self._attach_cache(cache, hashes, suffix)
-                self.data_collator = SparseTeacherCollator(self.data_collator, cache, suffix)
-                members.append(TeacherMember(entry, cache=cache, suffix=suffix))
-                keys += [key + suffix for key in BATCH_KEYS]
-                columns += [column + suffix for column in RECORD_COLUMNS]
-            else:
-                self.data_collator = ServedTeacherCollator(self.data_collator, plan.client,
-                                                           prefetch=args.teacher_server_prefetch,
-                                                           key=TARGETS_KEY + suffix)
-                members.append(TeacherMember(entry, wrapped=plan.client, key=TARGETS_KEY + suffix))
-                keys.append(TARGETS_KEY + suffix)
-        if args.teacher_column is not None:
-            names = [plan.entry.name for plan in planned]
-            routing = RoutingCollator(self.data_collator, args.teacher_column, names)
-            for split, dataset in self._cache_splits().items():
-                if args.teacher_column not in dataset.column_names:
-                    raise ValueError(f"teacher_column={args.teacher_column!r} is not a column of the {split} data "
-                                     f"(it has {dataset.column_names}).")
-                for value in dataset.unique(args.teacher_column):
-                    routing.index(value)  # a value that names no teacher fails here, before training
-            self.data_collator = routing
-            keys.append(ROUTE_KEY)
-            columns.append(args.teacher_column)
-        self.teacher_members = members
-        self._non_model_keys = (*type(self)._non_model_keys, *keys)
-        self._member_columns = columns
-
-    def _member_init_kwargs(self, teacher, args) -> dict | None:
-        """A teacher of several loads with the teachers' init kwargs, as one teacher does."""
-        if not isinstance(teacher, str):
-            return None
-        return {"trust_remote_code": args.trust_remote_code, **(args.teacher_model_init_kwargs or {})}
 
     def _attach_cache(self, cache: TeacherCache, hashes: dict, suffix: str = "") -> None:
         """The cache's records joined to the train and eval splits, row by row."""

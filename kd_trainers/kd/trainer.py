@@ -15,6 +15,7 @@ from ..teacher import model_name
 from ..tokenizer import load_tokenizer
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
+from .several_teachers_setup import SeveralTeachersMixin
 from .teacher_setup import TeacherPlan, TeacherSetupMixin
 
 
@@ -22,7 +23,8 @@ from .teacher_setup import TeacherPlan, TeacherSetupMixin
 _SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
 
 
-class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, DistillationLossMixin, SFTTrainer):
+class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, SeveralTeachersMixin, DistillationLossMixin,
+                SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from

@@ -4,14 +4,14 @@ Where things go: a new divergence is one function registered in `divergences.py`
 second one under `@closed_form`; both `distillation_loss` and `chunked_distillation_loss` pick it up by name. DSKD's
 dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space. A teacher given
 as a sparse distribution per token (a teacher cache) goes through the same engine (`sparse.py`,
-`sparse_distillation_terms`), and several teachers mixed per token too (`mixture_distillation_terms`).
+`sparse_distillation_terms`), and several teachers mixed per token too (`mixture.py`, `mixture_distillation_terms`).
 """
 
-from .chunked import (ChunkedDistillationOutput, DenseMember, LogitTransform, LossSettings, MixtureDistillationOutput,
-                      SparseMember, TeacherTerms, chunked_distillation_loss, chunked_distillation_terms,
-                      mixture_distillation_terms, sparse_distillation_terms)
+from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms, chunked_distillation_loss,
+                      chunked_distillation_terms, sparse_distillation_terms)
 from .divergences import DIVERGENCES, closed_form, get_divergence, register_divergence
 from .dual_space import DualSpaceLoss, dual_space_loss
+from .mixture import DenseMember, MixtureDistillationOutput, SparseMember, mixture_distillation_terms
 from .reference import DistillationLoss, distillation_loss
 from .sparse import SparseTargets
 

@@ -339,67 +339,7 @@ class _ChunkPlan(NamedTuple):
     report_ce: bool                      # False: the CE at w = 1 feeds nothing, so skip it
     sparse: tuple[SparseTargets, str] | None = None  # (targets [N, k], tail treatment): the teacher, in place of
                                                      # teacher_hidden and its head
-    mixture: "_Mixture | None" = None                # several teachers mixed per token, in place of both
-
-
-MIXTURE_BUFFERS = 3  # a mixture's extra [chunk, V] buffers: one teacher's logits, a bucket tail's scratch, the student
-
-
-class DenseMember(NamedTuple):
-    """A teacher of a mixture given as hidden states `[B, T, D]` or `[N, D]` and its output head."""
-
-    hidden: torch.Tensor
-    lm_head: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None]
-    transform: LogitTransform = LogitTransform()
-
-
-class SparseMember(NamedTuple):
-    """A teacher of a mixture given as sparse targets `[N, k]` (a cache, a server), with its tail treatment."""
-
-    targets: SparseTargets
-    tail: str = "bucket"
-
-
-class _Mixture:
-    """The teachers of a mixture, their rows and per-token log-weights `[N, M]`, for the fused function: `fill_`
-    writes a chunk's mixed teacher as logits, `T · log Σ_i w_i softmax(z_i / T)` (the engine divides by T again), and
-    adds each teacher's own KD term against the student to `kd_sums` `[M]`."""
-
-    def __init__(self, members: list, log_weights: torch.Tensor):
-        self.members, self.log_weights = members, log_weights
-        # Each teacher's own KD term, summed over the tokens it has weight on, and their count.
-        self.kd_sums = torch.zeros(len(members), dtype=torch.float32, device=log_weights.device)
-        self.kd_counts = torch.zeros(len(members), dtype=torch.float32, device=log_weights.device)
-
-    def fill_(self, out: torch.Tensor, chunk: slice, student_logits: torch.Tensor, settings: "LossSettings",
-              student_transform: LogitTransform, scratch: list[torch.Tensor]) -> torch.Tensor:
-        member_logits, tail_scratch, student_log_probs = scratch
-        temperature = settings.temperature * settings.teacher_temperature
-        student_log_probs.copy_(student_logits)
-        student_transform.apply_(student_log_probs)
-        torch.log_softmax(student_log_probs.div_(settings.temperature), -1, out=student_log_probs)
-        scale = settings.temperature**2 if settings.temperature_squared else 1.0
-        divergence = get_divergence(settings.divergence)
-        for index, member in enumerate(self.members):
-            if isinstance(member, SparseMember):
-                fill_teacher_logits_(member_logits, member.targets.rows(chunk), settings.temperature, member.tail,
-                                     student_logits, tail_scratch, student_transform)
-            else:
-                rows, weight, bias, transform = member
-                _project_into(member_logits, rows[chunk], weight, bias)
-                transform.apply_(member_logits)
-            torch.log_softmax(member_logits.div_(temperature), -1, out=member_logits)
-            log_weight = self.log_weights[chunk, index: index + 1]
-            counted = (log_weight[:, 0] > float("-inf")).float()
-            values = divergence(student_log_probs, member_logits, **settings.divergence_params())
-            self.kd_sums[index] += (values * counted).sum() * scale
-            self.kd_counts[index] += counted.sum()
-            member_logits.add_(log_weight)
-            if index == 0:
-                out.copy_(member_logits)
-            else:
-                torch.logaddexp(out, member_logits, out=out)
-        return out.mul_(temperature)
+    mixture: object | None = None  # several teachers (`mixture.Mixture`): fills each chunk's teacher logits itself
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -431,7 +371,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         closed_form = _uses_closed_form(settings)
         count = working_buffers(settings, student_transform, report_ce) if closed_form else 3
         buffers = [torch.empty(min(chunk_size, num_tokens), vocab, dtype=torch.float32, device=device)
-                   for _ in range(count + (MIXTURE_BUFFERS if mixture is not None else 0))]
+                   for _ in range(count + (mixture.buffers if mixture is not None else 0))]
 
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, min(start + chunk_size, num_tokens))
@@ -442,7 +382,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
             if mixture is not None:  # several teachers: their tempered mixture, as logits (the bucket tail reads the
                 _project_into(student_logits, hidden, student_weight, student_bias)  # student's)
                 mixture.fill_(teacher_logits, chunk, student_logits, settings, student_transform,
-                              scratch[-MIXTURE_BUFFERS:])
+                              scratch[-mixture.buffers:])
             elif sparse is not None:  # the teacher from its stored distribution (the bucket tail reads the student's)
                 _project_into(student_logits, hidden, student_weight, student_bias)
                 if takes_sparse_forward_kl(settings) and closed_form:
@@ -615,109 +555,12 @@ def sparse_distillation_terms(
                          noise_seed=noise_seed, teacher_terms=TeacherTerms(), teacher_labels=None, report_ce=True)
 
 
-class MixtureDistillationOutput(NamedTuple):
-    """`ChunkedDistillationOutput`'s terms, and each teacher's own KD term for the logs: `member_kd_sums` `[M]`, the
-    (scaled, noise-free) divergence of the student from that teacher alone summed over the tokens the teacher has
-    weight on, and `member_token_counts` `[M]`, how many."""
-
-    loss: torch.Tensor
-    ce_loss: torch.Tensor
-    kd_loss: torch.Tensor
-    num_correct: torch.Tensor
-    member_kd_sums: torch.Tensor
-    member_token_counts: torch.Tensor
-
-
-def mixture_distillation_terms(
-    student_hidden: torch.Tensor,
-    student_lm_head: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None],
-    members: list[DenseMember | SparseMember],
-    weights: torch.Tensor,
-    labels: torch.Tensor,
-    settings: LossSettings = LossSettings(),
-    *,
-    ignore_index: int = -100,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    vocab_size: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget_mb: float | None = None,
-    student_transform: LogitTransform = LogitTransform(),
-    noise_seed: int | None = None,
-) -> MixtureDistillationOutput:
-    """`chunked_distillation_terms` against several teachers at once: per token, the target is their mixture at the
-    loss's temperature, `p = Σ_i w_i softmax(z_i / T)` (a sparse teacher's z_i its reconstruction, so a mixture's
-    support is the union of its members'), and every divergence, temperature, noise (added to the mixture's logits
-    `T · log p`) and CE/KD mixing applies to it as to one teacher. Two identical teachers give exactly one's loss.
-
-    Args:
-        members: `DenseMember(hidden [B, T, D_i], head, transform)` (a model's; detached) or
-            `SparseMember(targets [N, k], tail)` (a cache's or a server's, one row per label token).
-        weights: `[M]` (one weight per teacher, every token) or `[B, M]` (per row of `labels` `[B, T]`: a row routed
-            to one teacher has weight 1 for it and 0 for the others); non-negative, normalised to sum 1 per row.
-        The others as in `chunked_distillation_terms`. The work is 3 `[chunk, V]` buffers more than one teacher's,
-        and each teacher's logits are made in turn.
-    """
-    if not members:
-        raise ValueError("A mixture needs at least one teacher.")
-    weights = torch.as_tensor(weights, dtype=torch.float32, device=student_hidden.device)
-    if weights.size(-1) != len(members) or weights.dim() not in (1, 2) or (weights < 0).any() \
-            or not torch.isfinite(weights).all():
-        raise ValueError(f"weights must be [M] or [B, M] non-negative finite numbers for M = {len(members)} teachers, "
-                         f"got shape {tuple(weights.shape)}.")
-    totals = weights.sum(-1, keepdim=True)
-    if (totals <= 0).any():
-        raise ValueError("Every row needs a teacher of weight > 0 (its weights sum to 0).")
-    log_weights = (weights / totals).log()
-    rows = grid_positions(labels)[0][labels.reshape(-1) != ignore_index]
-    if weights.dim() == 2:
-        if labels.dim() != 2 or weights.size(0) != labels.size(0):
-            raise ValueError(f"Per-row weights {tuple(weights.shape)} need labels [B, T] with B = {weights.size(0)}.")
-        log_weights = log_weights[rows]
-    else:
-        log_weights = log_weights.expand(rows.numel(), -1)
-    mask = labels.reshape(-1) != ignore_index
-    prepared, heads = [], []
-    for member in members:
-        if isinstance(member, SparseMember):
-            check_sparse_settings(member.targets.kind, member.tail, settings.divergence)
-            if member.targets.ids.size(0) != int(mask.sum()):
-                raise ValueError(f"A sparse teacher has {member.targets.ids.size(0)} rows for {int(mask.sum())} label "
-                                 "tokens: it must hold one row per label token, in order.")
-            prepared.append(SparseMember(member.targets.to(student_hidden.device), member.tail))
-        else:
-            weight, bias = _weight_and_bias(member.lm_head)
-            heads += [weight, bias]
-            prepared.append(member)
-    mixture = _Mixture(prepared, log_weights)
-    with _maybe_gather(*heads):
-        # Read inside the gather: under ZeRO-3 a partitioned head has 0 rows until it is gathered.
-        for index, member in enumerate(prepared):
-            if isinstance(member, DenseMember):
-                weight, bias = _weight_and_bias(member.lm_head)
-                rows_ = member.hidden.reshape(-1, member.hidden.size(-1))[mask].detach()
-                mixture.members[index] = (rows_, weight.detach(), None if bias is None else bias.detach(),
-                                          member.transform)
-        teacher_vocab = min([member[1].size(0) for member in mixture.members if not isinstance(member, SparseMember)]
-                            or [vocab_size or _weight_and_bias(student_lm_head)[0].size(0)])
-        vocab = teacher_vocab if vocab_size is None else vocab_size
-        for index, member in enumerate(mixture.members):
-            if not isinstance(member, SparseMember):
-                rows_, weight, bias, transform = member
-                mixture.members[index] = (rows_, weight[:vocab], None if bias is None else bias[:vocab], transform)
-        out = _engine_terms(student_hidden, student_lm_head, labels, settings, None, None, ignore_index=ignore_index,
-                            num_items_in_batch=num_items_in_batch, vocab_size=vocab, chunk_size=chunk_size,
-                            memory_budget_mb=memory_budget_mb, student_transform=student_transform,
-                            teacher_transform=LogitTransform(), noise_seed=noise_seed, teacher_terms=TeacherTerms(),
-                            teacher_labels=None, report_ce=True, mixture=mixture)
-    return MixtureDistillationOutput(out.loss, out.ce_loss, out.kd_loss, out.num_correct, mixture.kd_sums,
-                                     mixture.kd_counts)
-
-
 def _engine_terms(student_hidden, student_lm_head, labels, settings, dense_teacher, sparse_teacher, *, ignore_index,
                   num_items_in_batch, vocab_size, chunk_size, memory_budget_mb, student_transform, teacher_transform,
                   noise_seed, teacher_terms, teacher_labels, report_ce, mixture=None) -> ChunkedDistillationOutput:
     """The engine's set-up for any teacher: `dense_teacher` `(hidden, head)`, `sparse_teacher` `(targets, tail)`,
-    or a `mixture` of them (`mixture_distillation_terms`)."""
+    or a `mixture` of them (`kd_trainers.losses.mixture`), which fills each chunk's teacher logits itself in
+    `mixture.buffers` more buffers."""
     student_weight, student_bias = _weight_and_bias(student_lm_head)
     teacher_hidden, teacher_weight, teacher_bias = None, None, None
     if dense_teacher is not None:
@@ -759,7 +602,7 @@ def _engine_terms(student_hidden, student_lm_head, labels, settings, dense_teach
                                  "tokens: it must hold one row per label token, in order.")
             sparse_teacher = (targets.to(student_hidden.device), tail)
             teacher_rows = student_rows.new_zeros(student_rows.size(0), 0)  # no teacher hidden states
-        buffers = working_buffers(settings, student_transform, report_ce) + (MIXTURE_BUFFERS if mixture else 0)
+        buffers = working_buffers(settings, student_transform, report_ce) + (mixture.buffers if mixture else 0)
         chunk_size = chunk_length(vocab, buffers, student_hidden.device, chunk_size, memory_budget_mb)
         plan = _ChunkPlan(teacher_weight, teacher_bias, labels[mask], teacher_labels[mask], normalizer, settings,
                           student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce,
