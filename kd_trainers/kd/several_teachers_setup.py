@@ -12,15 +12,14 @@ from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from trl.models import prepare_deepspeed
 
 from ..hidden_states import last_hidden_state
 from ..losses import DenseMember, LogitTransform, SparseMember, mixture_distillation_terms
 from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
 from ..several_teachers import ROUTE_KEY, RoutingCollator, TeacherEntry, check_routing
-from ..teacher import check_same_head_size, freeze, load_teacher, load_teacher_tokenizer, model_name, output_head_shape
-from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, split_fingerprint,
-                             targets_from_batch, tokenizer_fingerprint)
+from ..teacher import freeze, load_teacher
+from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, targets_from_batch,
+                             tokenizer_fingerprint)
 from ..teacher_cache.cache import RECORD_COLUMNS
 from .teacher_setup import TeacherPlan
 
@@ -69,11 +68,8 @@ class SeveralTeachersMixin:
         for index, entry in enumerate(entries):
             where = f"teacher_models[{index}] ({entry.name})"
             if entry.kind == "model":
-                tokenizer = load_teacher_tokenizer(entry.source, None, student_tokenizer)
-                assumed = tokenizer is student_tokenizer
-                if assumed and not isinstance(model, str):
-                    check_same_head_size(model, entry.source)
-                self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), model_name(entry.source))
+                tokenizer, assumed = self._checked_teacher_tokenizer(model, args, entry.source, None,
+                                                                     student_tokenizer)
                 members.append(PlannedMember(entry, tokenizer, assumed))
             elif entry.kind == "url":
                 client, tokenizer, _ = self._served_teacher(args, entry.source, None, entry.tokenizer,
@@ -97,24 +93,16 @@ class SeveralTeachersMixin:
         data = hashes = None
         for index, plan in enumerate(planned):
             entry, suffix = plan.entry, f"_{index}"
-            if entry.kind == "model":
-                teacher = freeze(load_teacher(entry.source, self._member_init_kwargs(entry.source, args),
-                                              entry.adapter))
-                if plan.assumes_student_tokenizer:
-                    check_same_head_size(self.model, teacher)
-                rows = output_head_shape(teacher)[0]
-                if rows < len(self.processing_class):
-                    raise ValueError(f"teacher_models[{index}] ({entry.name}): its output head has {rows} rows but "
-                                     f"the tokenizer has {len(self.processing_class)} tokens.")
-                wrapped = prepare_deepspeed(teacher, self.accelerator) if self.is_deepspeed_enabled else \
-                    self.accelerator.prepare_model(teacher, evaluation_mode=True)
-                members.append(TeacherMember(entry, wrapped, teacher, LogitTransform.from_config(teacher.config)))
+            if entry.kind == "model":  # loaded, frozen, checked and prepared as one teacher is, with its own adapter
+                loaded = freeze(load_teacher(entry.source, self._teacher_init_kwargs(entry.source, args),
+                                             entry.adapter))
+                teacher = self._checked_teacher_heads(
+                    loaded, TeacherPlan(entry.source, plan.tokenizer, plan.assumes_student_tokenizer), args)
+                members.append(TeacherMember(entry, self._prepared_teacher(teacher), teacher,
+                                             LogitTransform.from_config(teacher.config)))
             elif entry.kind == "cache":
                 if data is None:
-                    splits = self._cache_splits()
-                    data, hashes = {}, {}
-                    for name, dataset in splits.items():
-                        data[name], hashes[name] = split_fingerprint(dataset)
+                    data, hashes = self._split_fingerprints()
                 cache = plan.cache
                 cache.check(tokenizer_fingerprint(self.processing_class), data,
                             CacheSettings(cache.mode, cache.k, len(self.processing_class)), None)
@@ -144,12 +132,6 @@ class SeveralTeachersMixin:
         self.teacher_members = members
         self._non_model_keys = (*type(self)._non_model_keys, *keys)
         self._member_columns = columns
-
-    def _member_init_kwargs(self, teacher, args) -> dict | None:
-        """A teacher of several loads with the teachers' init kwargs, as one teacher does."""
-        if not isinstance(teacher, str):
-            return None
-        return {"trust_remote_code": args.trust_remote_code, **(args.teacher_model_init_kwargs or {})}
 
     def _mixture_terms(self, student_hidden, student, inputs: dict, model_inputs: dict, labels, mode: str,
                        engine: dict):

@@ -77,15 +77,23 @@ class TeacherSetupMixin:
         if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
             self.teacher_processing_class, self.teacher_name = student_tokenizer, None
             return TeacherPlan(None, student_tokenizer, True)
+        tokenizer, assumed = self._checked_teacher_tokenizer(model, args, teacher, teacher_processing_class,
+                                                             student_tokenizer)
+        self.teacher_processing_class = tokenizer
+        self.teacher_name = model_name(teacher)
+        return TeacherPlan(teacher, tokenizer, assumed)
+
+    def _checked_teacher_tokenizer(self, model, args, teacher, teacher_processing_class,
+                                   student_tokenizer: PreTrainedTokenizerBase) -> tuple[PreTrainedTokenizerBase, bool]:
+        """`(the teacher's tokenizer, whether the student's was assumed for it)`, checked against the student's; an
+        assumed tokenizer also needs the two heads of one size (checked here for a student in memory)."""
         tokenizer = self._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
         # `load_teacher_tokenizer` returns the student's own object only when it assumed it.
         assumed = teacher_processing_class is None and tokenizer is student_tokenizer
         if assumed and self._compares_logits(args) and not isinstance(model, str):
             check_same_head_size(model, teacher)  # else checked in `_set_up_teacher`, once the student is loaded
         self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), model_name(teacher))
-        self.teacher_processing_class = tokenizer
-        self.teacher_name = model_name(teacher)
-        return TeacherPlan(teacher, tokenizer, assumed)
+        return tokenizer, assumed
 
     def _plan_served_teacher(self, args, teacher, teacher_processing_class, student_tokenizer,
                              model) -> TeacherPlan:
@@ -141,15 +149,23 @@ class TeacherSetupMixin:
             return None
         teacher = self._loaded_teacher(plan, args)
         self._attach_trainable_modules(teacher)  # before DeepSpeed partitions the teacher: both heads are whole
-        if self.is_deepspeed_enabled:
-            self.teacher_model = prepare_deepspeed(teacher, self.accelerator)
-        else:
-            self.teacher_model = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        self.teacher_model = self._prepared_teacher(teacher)
         return teacher
+
+    def _prepared_teacher(self, teacher: PreTrainedModel):
+        """A loaded teacher prepared for training beside the student: by DeepSpeed (its inference engine) or by
+        accelerate in evaluation mode."""
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(teacher, self.accelerator)
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def _loaded_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
         """The teacher loaded and frozen, its head checked against the student's and both tokenizers."""
-        teacher = freeze(self._load_teacher_model(plan.teacher, args))
+        return self._checked_teacher_heads(freeze(self._load_teacher_model(plan.teacher, args)), plan, args)
+
+    def _checked_teacher_heads(self, teacher: PreTrainedModel, plan: TeacherPlan, args) -> PreTrainedModel:
+        """`teacher`, after checking its head against the student's (when the student's tokenizer was assumed) and
+        both heads against their tokenizers."""
         if plan.assumes_student_tokenizer and self._compares_logits(args):
             check_same_head_size(self.model, teacher)
         for role, head_model, tokenizer in (("student", self.model, self.processing_class),
@@ -172,6 +188,13 @@ class TeacherSetupMixin:
         elif self.eval_dataset is not None:
             self.eval_dataset = attached["eval"]
 
+    def _split_fingerprints(self) -> tuple[dict, dict]:
+        """`({split: {rows, fingerprint}}, {split: row hashes})` of the splits a cache is keyed to."""
+        data, hashes = {}, {}
+        for name, dataset in self._cache_splits().items():
+            data[name], hashes[name] = split_fingerprint(dataset)
+        return data, hashes
+
     def _cache_splits(self) -> dict:
         """`{name: tokenized dataset}` the loss reads: `train`, and `eval` (or `eval_<name>` for a dict of them)."""
         splits = {"train": self.train_dataset}
@@ -186,9 +209,7 @@ class TeacherSetupMixin:
         trainer's own tokenized data, and joined to it: each row carries its teacher record, which the collator
         turns into the batch's sparse targets."""
         splits = self._cache_splits()
-        data, hashes = {}, {}
-        for name, dataset in splits.items():
-            data[name], hashes[name] = split_fingerprint(dataset)
+        data, hashes = self._split_fingerprints()
         settings = CacheSettings(args.teacher_cache_mode, args.teacher_cache_k, len(self.processing_class))
         tokenizer = tokenizer_fingerprint(self.processing_class)
         cache = TeacherCache.open(args.teacher_cache)
@@ -240,10 +261,15 @@ class TeacherSetupMixin:
     def _load_teacher_model(self, teacher, args) -> PreTrainedModel:
         """The teacher, loaded from its name if need be (with `trust_remote_code` as for the student, as TRL's GKD does),
         with its adapter merged."""
+        return load_teacher(teacher, self._teacher_init_kwargs(teacher, args), args.teacher_adapter_name_or_path)
+
+    @staticmethod
+    def _teacher_init_kwargs(teacher, args) -> dict | None:
+        """`teacher_model_init_kwargs`, with the student's `trust_remote_code` for a teacher loaded by name."""
         init_kwargs = args.teacher_model_init_kwargs
         if isinstance(teacher, str):
             init_kwargs = {"trust_remote_code": args.trust_remote_code, **(init_kwargs or {})}
-        return load_teacher(teacher, init_kwargs, args.teacher_adapter_name_or_path)
+        return init_kwargs
 
     def _attach_trainable_modules(self, teacher: PreTrainedModel) -> None:
         """Adds what the method trains beside the student's weights (DSKD's projectors) to the student; called with the
