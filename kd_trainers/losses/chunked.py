@@ -569,9 +569,12 @@ def _engine_terms(student_hidden, student_lm_head, labels, settings, dense_teach
     with _maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
         # Read inside the gather: under ZeRO-3 a partitioned head has 0 rows until it is gathered.
         head_rows = [weight.size(0) for weight in (student_weight, teacher_weight) if weight is not None]
+        if mixture is not None:
+            head_rows += mixture.head_rows()
         vocab = min(head_rows) if vocab_size is None else vocab_size
         if vocab > min(head_rows):
-            rows = ", ".join(f"{count} {role} rows" for count, role in zip(head_rows, ("student", "teacher")))
+            rows = ", ".join(f"{count} {'teacher' if index else 'student'} rows"
+                             for index, count in enumerate(head_rows))
             raise ValueError(f"vocab_size={vocab} exceeds an output head ({rows}).")
         positions = grid_positions(labels)  # (b, t) of every label entry, for the noise
         labels = labels.reshape(-1)

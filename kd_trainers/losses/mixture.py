@@ -48,6 +48,10 @@ class Mixture:
         self.kd_sums = torch.zeros(len(members), dtype=torch.float32, device=log_weights.device)
         self.kd_counts = torch.zeros(len(members), dtype=torch.float32, device=log_weights.device)
 
+    def head_rows(self) -> list[int]:
+        """The rows of the dense members' heads, which bound the distilled vocabulary (read while gathered)."""
+        return [member.lm_head[0].size(0) for member in self.members if isinstance(member, DenseMember)]
+
     def fill_(self, out: torch.Tensor, chunk: slice, student_logits: torch.Tensor, settings: LossSettings,
               student_transform: LogitTransform, scratch: list[torch.Tensor]) -> torch.Tensor:
         member_logits, tail_scratch, student_log_probs = scratch
@@ -61,9 +65,10 @@ class Mixture:
             if isinstance(member, SparseMember):
                 fill_teacher_logits_(member_logits, member.targets.rows(chunk), settings.temperature, member.tail,
                                      student_logits, tail_scratch, student_transform)
-            else:
-                rows, weight, bias, transform = member
-                _project_into(member_logits, rows[chunk], weight, bias)
+            else:  # the head's first V rows: the distilled vocabulary, the buffers' width
+                rows, (weight, bias), transform = member
+                vocab = member_logits.size(1)
+                _project_into(member_logits, rows[chunk], weight[:vocab], None if bias is None else bias[:vocab])
                 transform.apply_(member_logits)
             torch.log_softmax(member_logits.div_(temperature), -1, out=member_logits)
             log_weight = self.log_weights[chunk, index: index + 1]
@@ -132,44 +137,34 @@ def mixture_distillation_terms(
     if (totals <= 0).any():
         raise ValueError("Every row needs a teacher of weight > 0 (its weights sum to 0).")
     log_weights = (weights / totals).log()
-    rows = grid_positions(labels)[0][labels.reshape(-1) != ignore_index]
+    mask = labels.reshape(-1) != ignore_index
+    rows = grid_positions(labels)[0][mask]
     if weights.dim() == 2:
         if labels.dim() != 2 or weights.size(0) != labels.size(0):
             raise ValueError(f"Per-row weights {tuple(weights.shape)} need labels [B, T] with B = {weights.size(0)}.")
         log_weights = log_weights[rows]
     else:
         log_weights = log_weights.expand(rows.numel(), -1)
-    mask = labels.reshape(-1) != ignore_index
     prepared, heads = [], []
     for member in members:
         if isinstance(member, SparseMember):
             check_sparse_settings(member.targets.kind, member.tail, settings.divergence)
-            if member.targets.ids.size(0) != int(mask.sum()):
-                raise ValueError(f"A sparse teacher has {member.targets.ids.size(0)} rows for {int(mask.sum())} label "
+            if member.targets.ids.size(0) != rows.numel():
+                raise ValueError(f"A sparse teacher has {member.targets.ids.size(0)} rows for {rows.numel()} label "
                                  "tokens: it must hold one row per label token, in order.")
             prepared.append(SparseMember(member.targets.to(student_hidden.device), member.tail))
         else:
+            # Its label rows, and its head as (weight, bias): the parameters themselves, which the gather below fills
+            # under ZeRO-3 (a detached copy taken now would stay empty; the engine's forward builds no graph).
             weight, bias = _weight_and_bias(member.lm_head)
             heads += [weight, bias]
-            prepared.append(member)
+            prepared.append(DenseMember(member.hidden.reshape(-1, member.hidden.size(-1))[mask].detach(),
+                                        (weight, bias), member.transform))
     mixture = Mixture(prepared, log_weights)
+    # Gathered around the engine (ZeRO-3), which reads the heads' rows (`Mixture.head_rows`) for the vocabulary.
     with _maybe_gather(*heads):
-        # Read inside the gather: under ZeRO-3 a partitioned head has 0 rows until it is gathered.
-        for index, member in enumerate(prepared):
-            if isinstance(member, DenseMember):
-                weight, bias = _weight_and_bias(member.lm_head)
-                rows_ = member.hidden.reshape(-1, member.hidden.size(-1))[mask].detach()
-                mixture.members[index] = (rows_, weight.detach(), None if bias is None else bias.detach(),
-                                          member.transform)
-        teacher_vocab = min([member[1].size(0) for member in mixture.members if not isinstance(member, SparseMember)]
-                            or [vocab_size or _weight_and_bias(student_lm_head)[0].size(0)])
-        vocab = teacher_vocab if vocab_size is None else vocab_size
-        for index, member in enumerate(mixture.members):
-            if not isinstance(member, SparseMember):
-                rows_, weight, bias, transform = member
-                mixture.members[index] = (rows_, weight[:vocab], None if bias is None else bias[:vocab], transform)
         out = _engine_terms(student_hidden, student_lm_head, labels, settings, None, None, ignore_index=ignore_index,
-                            num_items_in_batch=num_items_in_batch, vocab_size=vocab, chunk_size=chunk_size,
+                            num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
                             memory_budget_mb=memory_budget_mb, student_transform=student_transform,
                             teacher_transform=LogitTransform(), noise_seed=noise_seed, teacher_terms=TeacherTerms(),
                             teacher_labels=None, report_ce=True, mixture=mixture)
