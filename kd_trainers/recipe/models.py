@@ -34,10 +34,11 @@ def resolve_tokenizer(name: str):
     return load_tokenizer(name)
 
 
-def served_model_name(config, max_wait: float | None = None) -> str:
-    """The name the server at `config.teacher_url` serves (vLLM's `root`: the Hub id or path it loaded), asked within
-    `max_wait` seconds (default: the config's `teacher_server_max_wait`; 0: one try)."""
-    client = TeacherClient(config.teacher_url, config.teacher_server_k, 1, timeout=config.teacher_server_timeout,
+def served_model_name(config, url: str | None = None, max_wait: float | None = None) -> str:
+    """The name the server at `url` (default `config.teacher_url`) serves (vLLM's `root`: the Hub id or path it
+    loaded), asked with the config's client settings within `max_wait` seconds (default: the config's
+    `teacher_server_max_wait`; 0: one try)."""
+    client = TeacherClient(url or config.teacher_url, config.teacher_server_k, 1, timeout=config.teacher_server_timeout,
                            max_wait=config.teacher_server_max_wait if max_wait is None else max_wait)
     served = client.served_model()
     return served.get("root") or served["id"]

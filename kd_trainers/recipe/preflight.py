@@ -20,8 +20,8 @@ from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from ..errors import TeacherServerError
 from ..evaluation.harness import check_harness
-from ..served_teacher import TeacherClient
 from ..teacher_cache.cache import INFO as CACHE_INFO
+from ..teacher_cache.cache import TeacherCache
 from .data import LOCAL_FORMATS
 from .errors import RecipeError
 from .models import DEMO_PREFIX, served_model_name
@@ -167,15 +167,18 @@ def check_teacher_cache(recipe: Recipe) -> None:
 
 def check_teacher_server(recipe: Recipe) -> None:
     """A recipe's `teacher_url` must answer (`GET /models`, one try) before anything loads."""
-    config = recipe.config
-    url = getattr(config, "teacher_url", None)
-    if url is None or not recipe.needs_teacher:
-        return
+    url = getattr(recipe.config, "teacher_url", None)
+    if url is not None and recipe.needs_teacher:
+        check_server_answers(recipe, "teacher_url", url)
+
+
+def check_server_answers(recipe: Recipe, field: str, url: str) -> None:
+    """The server at `url` (a recipe's `field`) answers `GET /models`, at the first try."""
     try:
-        served_model_name(config, max_wait=0)
+        served_model_name(recipe.config, url, max_wait=0)
     except TeacherServerError as error:
         last = getattr(error, "last", error)
-        raise RecipeError(f"{recipe.path}: teacher_url: {url!r} does not answer GET /models ({last}). Start the "
+        raise RecipeError(f"{recipe.path}: {field}: {url!r} does not answer GET /models ({last}). Start the "
                           "teacher's server first (kd-serve-teacher MODEL --port PORT, or vLLM; see the README), "
                           "then run again.") from None
 
@@ -189,22 +192,11 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
             check_model_reference(f"{where}.adapter", entry.get("adapter"), recipe.path, adapter=True,
                                   pending=pending)
         elif entry.get("cache") is not None:
-            info = os.path.join(entry["cache"], CACHE_INFO)
-            complete = False
-            if os.path.isfile(info):
-                with open(info) as handle:
-                    complete = bool(json.load(handle).get("complete"))
-            if not complete:
+            if TeacherCache.open(entry["cache"]) is None:
                 raise RecipeError(f"{recipe.path}: {where}.cache: {entry['cache']!r} holds no complete teacher cache; "
                                   "write it first (kd-train cache-teacher RECIPE teacher_cache=PATH).")
         else:
-            config = recipe.config
-            try:
-                TeacherClient(entry["url"], config.teacher_server_k, 1, timeout=config.teacher_server_timeout,
-                              max_wait=0).served_model()
-            except TeacherServerError as error:
-                raise RecipeError(f"{recipe.path}: {where}.url: {entry['url']!r} does not answer GET /models "
-                                  f"({getattr(error, 'last', error)}). Start that teacher's server first.") from None
+            check_server_answers(recipe, f"{where}.url", entry["url"])
 
 
 def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -121,7 +120,7 @@ def _recipe_teacher(entry: dict, config) -> dict:
             model.config._name_or_path = entry["model"]
         entry["model"] = model
     elif entry.get("url") is not None:
-        name = entry.get("tokenizer") or served_model_name(dataclasses.replace(config, teacher_url=entry["url"]))
+        name = entry.get("tokenizer") or served_model_name(config, entry["url"])
         entry["tokenizer"] = resolve_tokenizer(name)
     return entry
 
