@@ -237,10 +237,7 @@ class KDConfig(SFTConfig):
     def _check_teacher_cache_settings(self) -> None:
         if self.teacher_cache_mode not in ("top_k", "sampled"):
             raise ValueError(f"teacher_cache_mode must be 'top_k' or 'sampled', got {self.teacher_cache_mode!r}.")
-        for name in ("teacher_cache_k", "teacher_cache_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        self._check_positive_integers("teacher_cache_k", "teacher_cache_batch_size")
         if self.teacher_cache is None:
             return
         check_sparse_settings(self.teacher_cache_mode, self.teacher_cache_tail, self.divergence)
@@ -249,11 +246,14 @@ class KDConfig(SFTConfig):
                              "whose cached targets were written one example at a time. Set packing=False (or "
                              "padding_free=True, which a cache supports).")
 
-    def _check_teacher_server_settings(self) -> None:
-        for name in ("teacher_server_k", "teacher_server_batch_size", "teacher_server_concurrency"):
+    def _check_positive_integers(self, *names: str) -> None:
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    def _check_teacher_server_settings(self) -> None:
+        self._check_positive_integers("teacher_server_k", "teacher_server_batch_size", "teacher_server_concurrency")
         for name in ("teacher_server_timeout", "teacher_server_max_wait"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):

@@ -44,12 +44,11 @@ import math
 import torch
 
 from ..losses.sparse import SparseTargets, log1mexp
+from ..teacher_cache.format import TAIL_FLOOR  # the lowest log tail mass kept, as the cache keeps it
 
 
 # Probabilities may sum a little above one in the server's float arithmetic (and JSON's decimal digits).
 SUM_SLACK = 1e-3
-# The log tail mass kept at most this low: e^-60 is 0 to any loss in fp32 (as in the teacher cache).
-TAIL_FLOOR = -60.0
 
 
 class InvalidAnswer(ValueError):

@@ -21,6 +21,8 @@ import uuid
 
 import torch
 
+from ..teacher_cache.writer import right_padded
+
 
 class PromptScorer:
     """The answers of a model: `completions(body) -> (status, JSON-able answer)`.
@@ -55,14 +57,9 @@ class PromptScorer:
         out = []
         for start in range(0, len(sequences), self.batch_size):
             batch = sequences[start: start + self.batch_size]
-            length = max(len(ids) for ids in batch)
-            ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, sequence in enumerate(batch):
-                ids[row, : len(sequence)] = torch.as_tensor(sequence)
-                mask[row, : len(sequence)] = 1
+            inputs, _ = right_padded([{"input_ids": ids} for ids in batch], self.pad_id, self.device)
             with self._lock:
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logits = self.model(**inputs).logits
             for row, sequence in enumerate(batch):
                 out.append(torch.log_softmax(logits[row, : len(sequence), : self.vocab].float(), -1).cpu())
         return out

@@ -33,7 +33,7 @@ from .format import encode, id_bytes_for, raw_size
 PROJECTION_BUDGET_BYTES = 64 * 2**20
 
 
-def _pad(examples: list[dict], pad_id: int, device) -> tuple[dict, torch.Tensor]:
+def right_padded(examples: list[dict], pad_id: int, device) -> tuple[dict, torch.Tensor]:
     """Right-padded `input_ids`/`attention_mask` and `labels` `[B, L]` of a list of rows."""
     length = max(len(example["input_ids"]) for example in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -75,7 +75,7 @@ def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettin
     columns = {"row_hash": [], "teacher_tokens": [], "teacher_record": []}
     for start in range(rows.start, rows.stop, batch_size):
         examples = [dataset[row] for row in range(start, min(start + batch_size, rows.stop))]
-        inputs, labels = _pad(examples, pad_id, device)
+        inputs, labels = right_padded(examples, pad_id, device)
         hidden = last_hidden_state(teacher, inputs)[:, :-1]
         for offset, example in enumerate(examples):
             positions = labels[offset, 1:] != -100
