@@ -51,8 +51,8 @@ import time
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma")
-BASELINES = ("floor", "sft", "gkd", "kd")
-DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry  # ratios are taken against each of these that the run measured
+BASELINES = ("floor", "sft", "gkd", "kd")  # ratios are taken against each of these that the run measured
+DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry
 
 
 def _rss_bytes() -> int:

@@ -133,8 +133,8 @@ def test_served_teacher_trains_as_the_resident_teacher(tmp_path, scorer, teacher
             results.append((student, [h["loss"] for h in trainer.state.log_history if "loss" in h]))
     resident = _student(bpe_tokenizer)
     args = served_args(tmp_path, None, max_steps=2, max_length=32)
-    trainer = KDTrainer(model=resident, teacher_model=teacher, args=args, train_dataset=train_rows, processing_class=bpe_tokenizer,
-                        teacher_processing_class=bpe_tokenizer)
+    trainer = KDTrainer(model=resident, teacher_model=teacher, args=args, train_dataset=train_rows,
+                        processing_class=bpe_tokenizer, teacher_processing_class=bpe_tokenizer)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     initial = _student(bpe_tokenizer)

@@ -22,6 +22,7 @@ from ..losses.sparse import SparseTargets
 from ..served_teacher import TARGETS_KEY
 from ..teacher import model_name
 from ..teacher_cache import BATCH_KEYS, targets_from_batch
+from ..teacher_cache.cache import RECORD_COLUMNS
 from .heads import check_engine_logits
 
 
@@ -182,14 +183,13 @@ class DistillationLossMixin:
         engine = dict(num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
                       chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
                       student_transform=student_transform, noise_seed=self._noise_seed(mode))
-        sparse = self._sparse_teacher(inputs)
         member_metrics = {}
         if getattr(self, "teacher_members", None):  # several teachers, mixed or routed per example
             out = self._mixture_terms(student_hidden, student, inputs, model_inputs, labels, mode, engine)
             losses, num_correct = out, out.num_correct
             for member, value, count in zip(self.teacher_members, out.member_kd_sums, out.member_token_counts):
                 member_metrics[f"kd_loss_{member.entry.name}"] = (value, count)
-        elif sparse is not None:  # a stored or served distribution: no teacher forward
+        elif (sparse := self._sparse_teacher(inputs)) is not None:  # stored or served targets: no teacher forward
             targets, tail = sparse
             out = sparse_distillation_terms(
                 student_hidden, student.get_output_embeddings(), targets.to(student_hidden.device), labels,
@@ -314,7 +314,7 @@ class DistillationLossMixin:
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if getattr(self, "teacher_cache", None) is not None:  # the rows' teacher records reach the collator
-            self._signature_columns = [*self._signature_columns, "teacher_tokens", "teacher_record"]
+            self._signature_columns = [*self._signature_columns, *RECORD_COLUMNS]
         # Several teachers: their caches' records and the routing column reach their collators.
         self._signature_columns = [*self._signature_columns, *getattr(self, "_member_columns", [])]
 
