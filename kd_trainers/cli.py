@@ -113,25 +113,23 @@ def main(argv: list[str] | None = None) -> int:
 def _validate(recipe_path: str, overrides: list[str]) -> int:
     """`kd-train validate`: the recipe, what it names on this machine, its data and its output folder."""
     from .recipe.data import load_recipe_datasets
+    from .recipe.evaluate import check_evaluation_splits
     from .recipe.output import is_finished
     from .recipe.preflight import preflight
     from .recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides, portable=True)
-    preflight(recipe, output=False)
+    not_yet: list[str] = []
+    preflight(recipe, output=False, notes=not_yet)
     dataset = recipe.options["dataset_name"]
     if dataset == "demo" or os.path.exists(dataset):  # local data (not a Hub id): splits, columns and rows too
         try:
             load_recipe_datasets(recipe.options)
-            from .recipe.evaluate import evaluation_split
-
-            for key in ("evaluation", "agreement"):
-                if recipe.options[key]:
-                    evaluation_split(recipe, recipe.options[key]["split"], 1, key=f"{key}.split")
+            check_evaluation_splits(recipe)
         except ValueError as error:
             raise RecipeError(f"{recipe_path}: {error}") from None
     print(f"{recipe_path}: valid ({recipe.method}, output_dir {recipe.config.output_dir}).")
-    for note in recipe.hardware_notes:
+    for note in [*recipe.hardware_notes, *(one_line(message).removeprefix(f"{recipe_path}: ") for message in not_yet)]:
         print(f"  note: not runnable on this machine as is: {note}")
     try:
         from .recipe.output import check_output_dir
@@ -182,6 +180,9 @@ def _main(argv: list[str]) -> int:
         return _list()
     if command == "cp":
         return _copy(argv[1:])
+    from .progress import quiet_libraries
+
+    quiet_libraries(transformers_warnings=True)  # the plan, progress, results and real warnings: not the libraries' bars and notices
     if command == "cache-teacher":
         if len(argv) < 2:
             print("kd-train cache-teacher RECIPE teacher_cache=PATH [key=value ...]", file=sys.stderr)

@@ -174,6 +174,9 @@ def run_evaluation(options) -> dict:
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     from .cli import one_line
+    from .progress import quiet_libraries
+
+    quiet_libraries()
 
     try:
         summary = run_evaluation(options)

@@ -8,35 +8,53 @@ import os
 import torch
 
 from .progress import progress_line
+from .prompt_completion import prompt_token_ids
 
 
 DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
 
 
 @torch.no_grad()
-def generate_predictions(model, tokenizer, prompts: list[str], batch_size: int = 16, strip: bool = True,
+def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, strip: bool = True,
                          **generation) -> list[str]:
-    """Completions of `prompts` (left-padded batches; greedy unless `do_sample=True`), special tokens removed, and
-    surrounding whitespace too unless `strip=False` (training data keeps the completion's leading space)."""
+    """Completions of `prompts` (text, or lists of chat messages), each given to the model exactly as training
+    tokenizes a prompt (`prompt_token_ids`: the chat template with the generation prompt for messages), in
+    left-padded batches; greedy unless `do_sample=True`. Special tokens are removed, and surrounding whitespace too
+    unless `strip=False` (training data keeps the completion's leading space)."""
     settings = {**DEFAULT_GENERATION, **generation}
     if not settings["do_sample"]:
         settings.pop("temperature"), settings.pop("top_p")
     model.eval()
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues each prompt right after its last token
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    encoded_prompts = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
     outputs = []
     line = progress_line("generating", len(prompts), "prompts")
-    try:
-        for start in range(0, len(prompts), batch_size):
-            encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
-            generated = model.generate(**encoded, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                                       **settings)
-            outputs += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-            line.update(len(outputs))
-    finally:
-        tokenizer.padding_side = padding_side
+    for start in range(0, len(prompts), batch_size):
+        batch = encoded_prompts[start:start + batch_size]
+        width = max(len(ids) for ids in batch)
+        # Left padding: generation continues each prompt right after its last token.
+        input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
+        generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id,
+                                   eos_token_id=_stop_ids(model, tokenizer), **settings)
+        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        line.update(len(outputs))
     return [text.strip() for text in outputs] if strip else outputs
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """The tokens that end an answer: the tokenizer's EOS and the model's own (an instruct model's end of turn)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.insert(0, tokenizer.eos_token_id)
+    return ids
+
+
+def empty_share(predictions: list[str]) -> float:
+    """The share of predictions that are empty once stripped (0.0 for none)."""
+    return sum(not text.strip() for text in predictions) / len(predictions) if predictions else 0.0
 
 
 def save_predictions(path: str, prompts: list[str], references: list[str], predictions: list[str],

@@ -81,6 +81,12 @@ def last_good_checkpoint(output_dir: str) -> str:
             "No checkpoint was saved before this step.")
 
 
+# torch's notice, at every pass over a data loader, that `dataloader_pin_memory` (True by default) does nothing on a
+# machine without an accelerator: the setting is the library's default, not the user's to change.
+warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator",
+                        category=UserWarning)
+
+
 class RunGuardsMixin:
     """Mix into a `transformers.Trainer` subclass, before it: `class T(RunGuardsMixin, ..., SFTTrainer)`."""
 

@@ -99,17 +99,19 @@ class TrainingProgress(TrainerCallback):
             self.line.update(state.global_step)
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(transformers_warnings: bool = False) -> None:
     """Only errors from transformers, datasets and DeepSpeed (no download or map bars, no detection notices, no
     deprecation notices about library internals): for the CLIs that print their own plan and progress (`kd-study`,
-    `kd-quickstart`)."""
+    `kd-quickstart`, `kd-eval`). `transformers_warnings=True` (`kd-train`) keeps transformers' warnings, and with
+    them the trainer's own progress bar (it shows unless transformers logs errors only)."""
     global _QUIETED
     _QUIETED = True
     if not torch.cuda.is_available():  # what DeepSpeed would detect anyway, without its warning
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # the package chose TRL's experimental GKD, not the user
     # transformers 5 renamed gradient checkpointing; TRL's on-policy generation (GKD) still calls the old names.
     warnings.filterwarnings("ignore", message=r"`\w+` is deprecated and will be removed in v6", category=FutureWarning)
-    hf_logging.set_verbosity_error()
+    hf_logging.set_verbosity_warning() if transformers_warnings else hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("datasets").setLevel(logging.ERROR)
     datasets.disable_progress_bars()

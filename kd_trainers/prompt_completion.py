@@ -1,12 +1,16 @@
-"""Prompt/completion examples for the trainers that need the response boundary themselves (DSKD's two tokenizations,
-GKD's prompts for on-policy generation, Seq-KD's teacher generation): any SFT format with a boundary, tokenized as TRL's
-`SFTTrainer` tokenizes it."""
+"""Prompt/completion examples for everything that needs the response boundary itself (DSKD's two tokenizations, GKD's
+prompts for on-policy generation, Seq-KD's teacher generation, evaluation, agreement, the teacher's answers): any SFT
+format with a boundary, tokenized as TRL's `SFTTrainer` tokenizes it.
+
+`prompt_token_ids` is the one prompt formatter for generation: the prompt's token ids exactly as training sees them
+(TRL's `_tokenize`: the chat template with the generation prompt for conversational prompts, the tokenizer's own
+special tokens for plain text), so that a model is asked what it was trained to answer."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from trl.data_utils import common_prefix_length
+from trl.data_utils import _tokenize, common_prefix_length
 
 
 def is_conversational(value) -> bool:
@@ -45,3 +49,42 @@ def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool =
         prompt_ids = tokenizer(prompt)["input_ids"]
         full_ids = tokenizer(prompt + completion)["input_ids"]
     return full_ids, common_prefix_length(prompt_ids, full_ids)
+
+
+def prompt_token_ids(tokenizer, prompt) -> list[int]:
+    """The token ids of `prompt` (text, or a list of messages) as TRL's `SFTTrainer` tokenizes the prompt part of a
+    training example: what generation continues."""
+    if is_conversational(prompt):
+        return list(_tokenize(tokenizer, prompt, add_generation_prompt=True)["input_ids"])
+    if isinstance(prompt, str):
+        return list(_tokenize(tokenizer, prompt)["input_ids"])
+    raise ValueError(f"A prompt must be text or a list of chat messages, got {type(prompt).__name__}: {prompt!r:.80}")
+
+
+def completion_text(completion) -> str:
+    """A completion as text: itself, or the content of its messages (a conversational completion)."""
+    if is_conversational(completion):
+        return "".join(str(message.get("content") or "") for message in completion)
+    return completion
+
+
+def prompts_and_references(dataset, method: str = "Evaluation") -> tuple[list, list[str]]:
+    """`(prompts, reference texts)` of a split in any SFT format with a response boundary: prompt/completion columns
+    (plain or conversational) or `messages` ending on the assistant's turn."""
+    pairs = [as_prompt_completion(example, method) for example in dataset]
+    return [prompt for prompt, _ in pairs], [completion_text(completion) for _, completion in pairs]
+
+
+def check_generation_format(dataset, tokenizer, split: str, method: str = "Evaluation") -> None:
+    """Fail, naming the split and the fix, when `split` cannot be given to the model as prompts: no response
+    boundary, or a conversational prompt and a tokenizer without a chat template."""
+    if len(dataset) == 0:
+        return
+    example = dataset[0]
+    try:
+        prompt, _ = as_prompt_completion(example, method)
+    except ValueError as error:
+        raise ValueError(f"{split}: {error}") from None
+    if is_conversational(prompt) and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{split}: the prompts are chat messages, but the tokenizer has no chat template to format "
+                         "them with; set chat_template on the tokenizer, or use plain prompt/completion text.")

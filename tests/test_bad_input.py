@@ -174,7 +174,7 @@ CASES = [
      {"recipe.yaml": recipe(teacher_model_name_or_path=None, teacher_url="http://127.0.0.1:9/v1",
                             evaluation={"metrics": ["reasoning"]})},
      "evaluation.metrics: ['agreement', 'fidelity'] compare the student's answers with the teacher's"),
-    ("validate: model path missing", "validate", ["recipe.yaml"],
+    ("model path missing", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(teacher_model_name_or_path="/nonexistent/teacher")},
      "teacher_model_name_or_path: '/nonexistent/teacher' does not exist"),
     ("validate: data columns", "validate", ["recipe.yaml"],

@@ -138,6 +138,11 @@ CONTRACT: dict[str, object] = {
     "teacher_cache_mode": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
     "teacher_cache_k": TestedIn("test_teacher_cache.py::test_sampled_cache_stores_seeded_draws_and_trains_on_them"),
     "teacher_cache_batch_size": TestedIn("test_teacher_cache.py::test_cache_batch_size_changes_the_forwards_only"),
+    "teacher_cache_temperatures": TestedIn(
+        "test_teacher_cache.py::test_cache_stores_the_tail_at_its_temperatures_and_refuses_another"),
+    "teacher_server_approximate_temperature": TestedIn(
+        "test_served_teacher.py::test_a_served_teacher_away_from_temperature_one_is_refused_unless_the_approximation_"
+        "is_asked_for"),
     "teacher_column": TestedIn("test_several_teachers.py::test_routing_by_column_sends_each_example_to_its_teacher"),
     "teacher_url": TestedIn("test_served_teacher.py::test_served_teacher_trains_as_the_resident_teacher"),
     **{name: TestedIn("test_served_teacher.py::test_served_settings_take_effect") for name in (

@@ -60,6 +60,24 @@ def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
     assert (lora["r"], lora["lora_alpha"]) == (256, 8)
 
 
+@pytest.mark.slow
+def test_every_shipped_recipe_validates_offline_on_a_fresh_machine(tmp_path, monkeypatch, capsys):
+    """`kd-train validate` checks a recipe's shape: what is not on this machine yet (a Hub model while offline, an
+    adapter an earlier recipe trains, the user's own data, bf16 on a CPU) is a note, with exit 0; running the recipe
+    still refuses it before work."""
+    monkeypatch.chdir(tmp_path)  # no outputs/ of earlier runs: a fresh machine
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hub cache
+    for name in shipped("recipe"):
+        assert cli.main(["validate", shipped_path(name)]) == 0, name
+        out = capsys.readouterr().out
+        assert ": valid (" in out, name
+    assert "adapter_name_or_path: 'outputs/telecom_qa/sft_teacher_llama7b' does not exist" in (
+        cli.main(["validate", shipped_path("telecom_qa/kd_llama7b_tinyllama")]) == 0 and capsys.readouterr().out)
+    assert cli.main([shipped_path("telecom_qa/kd_llama7b_tinyllama"), "bf16=false"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
 def test_named_accelerate_configs_are_the_shipped_files():
     configs = named_accelerate_configs()
     assert set(configs) == {"single_process", "multi_process", "zero2", "zero3", "zero3_offload"}

@@ -36,9 +36,29 @@ def served_args(tmp_path, url, **overrides):
     values = dict(output_dir=str(tmp_path / "out"), bf16=False, max_steps=4, per_device_train_batch_size=8,
                   learning_rate=3e-3, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
                   max_length=64, kd_temperature=2.0, kd_weight=0.5, seed=0, teacher_url=url, teacher_server_k=8,
-                  teacher_server_batch_size=4, teacher_server_timeout=2.0, teacher_server_max_wait=20.0)
+                  teacher_server_batch_size=4, teacher_server_timeout=2.0, teacher_server_max_wait=20.0,
+                  teacher_server_approximate_temperature=True)  # T = 2 with a server: the approximation, by name
     values.update(overrides)
     return KDConfig(**values)
+
+
+def test_a_served_teacher_away_from_temperature_one_is_refused_unless_the_approximation_is_asked_for(
+        tmp_path, scorer, student, bpe_tokenizer, train_rows):
+    """A server answers temperature-1 log-probabilities only: at T = 2 its tempered tail is unknown, so the run is
+    refused before the server is asked anything, naming the setting that accepts the approximation; at T = 1, with
+    the approximation asked for, or with the whole vocabulary asked for (no tail), it runs."""
+    url = "http://127.0.0.1:9/v1"  # the discard port: nothing answers, so a refusal must come before any request
+    with pytest.raises(ValueError, match=r"kd_temperature=2\.0 with teacher_url=.*"
+                                         r"teacher_server_approximate_temperature=true"):
+        KDTrainer(model=student, args=served_args(tmp_path, url, teacher_server_approximate_temperature=False),
+                  train_dataset=train_rows, processing_class=bpe_tokenizer, teacher_processing_class=bpe_tokenizer)
+    with LoopbackServer(scorer) as server:
+        for overrides in ({"kd_temperature": 1.0}, {}, {"teacher_server_k": len(bpe_tokenizer)}):
+            settings = {"teacher_server_approximate_temperature": False, **overrides} if overrides else {}
+            trainer = KDTrainer(model=student, args=served_args(tmp_path, server.url, **settings),
+                                train_dataset=train_rows, processing_class=bpe_tokenizer,
+                                teacher_processing_class=bpe_tokenizer)
+            assert trainer.teacher_client is not None
 
 
 def test_server_answers_the_models_own_top_k_and_the_client_reads_it(scorer, teacher, bpe_tokenizer):

@@ -80,9 +80,12 @@ def test_trainer_reads_the_cache_in_place_of_the_teacher(tmp_path, student, teac
     labels = batch["labels"][:, 1:]
     with torch.no_grad():
         teacher_logits = teacher(**model_inputs).logits[:, :-1][labels != -100]
-    exact = top_k_targets(teacher_logits, 32)
-    stored = record_format.decode(record_format.encode(exact.ids, exact.log_probs, exact.tail_log_mass, 2),
-                                  exact.ids.size(0), 32, 2, "top_k")
+    # The run's temperature is 2: the cache stores the tail at 1 and at 2, and the target is exact at 2.
+    assert info["components"]["settings"]["temperatures"] == [1.0, 2.0]
+    exact = top_k_targets(teacher_logits, 32, temperature=2.0)
+    tails = torch.stack([exact.tail_log_mass, exact.tempered_tail_log_mass])
+    stored = record_format.decode(record_format.encode(exact.ids, exact.log_probs, tails, 2),
+                                  exact.ids.size(0), 32, 2, "top_k", num_tails=2, tempered_index=1, temperature=2.0)
     with torch.no_grad():
         hidden = student.model(**model_inputs).last_hidden_state[:, :-1]
     reference = sparse_distillation_terms(hidden, student.lm_head, stored, labels,
@@ -134,6 +137,38 @@ def test_sampled_cache_stores_seeded_draws_and_trains_on_them(tmp_path, student,
     torch.testing.assert_close(loss, reference.loss, rtol=1e-5, atol=1e-6)
 
 
+def test_cache_stores_the_tail_at_its_temperatures_and_refuses_another(tmp_path, student, teacher, bpe_tokenizer,
+                                                                        train_rows):
+    """teacher_cache_temperatures: a cache written at T = 2 with [4] stores the tail at 1, 2 and 4; a run at T = 4
+    reads it with the exact tail at 4 (its loss is the engine's on the exact tempered top-k of the resident teacher,
+    through the record format), and a run at T = 3 is refused, naming the stored temperatures."""
+    cache = tmp_path / "cache"
+    cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, teacher=teacher,
+                   teacher_cache_temperatures=[4.0])
+    info = json.loads((cache / "cache_info.json").read_text())
+    assert info["components"]["settings"]["temperatures"] == [1.0, 2.0, 4.0]
+
+    trainer = cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, kd_temperature=4.0)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(student, batch)
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    labels = batch["labels"][:, 1:]
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits[:, :-1][labels != -100]
+        hidden = student.model(**model_inputs).last_hidden_state[:, :-1]
+    exact = top_k_targets(teacher_logits, 32)
+    tails = torch.stack([exact.tail_log_mass, *(top_k_targets(teacher_logits, 32, temperature=t)
+                                                .tempered_tail_log_mass for t in (2.0, 4.0))])
+    stored = record_format.decode(record_format.encode(exact.ids, exact.log_probs, tails, 2), exact.ids.size(0),
+                                  32, 2, "top_k", num_tails=3, tempered_index=2, temperature=4.0)
+    reference = sparse_distillation_terms(hidden, student.lm_head, stored, labels,
+                                          LossSettings(temperature=4.0, kd_weight=0.5), tail="bucket")
+    torch.testing.assert_close(loss, reference.loss, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"tail at temperatures \[1\.0, 2\.0, 4\.0\], not at temperature=3\.0"):
+        cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, kd_temperature=3.0)
+
+
 def test_cache_batch_size_changes_the_forwards_only(tmp_path, student, teacher, bpe_tokenizer, train_rows):
     """Rows per teacher forward: 300 rows in 38 forwards of 8 or 7 of 50, with the same targets (up to the rounding
     of other matrix shapes: a code may move by one step)."""
@@ -153,7 +188,8 @@ def test_cache_batch_size_changes_the_forwards_only(tmp_path, student, teacher, 
     assert caches[0].key == caches[1].key  # the batch size is not part of what the cache holds
     rows = [cache.split("train") for cache in caches]
     for small_row, large_row in zip(*rows):
-        first, second = (record_format.decode(row["teacher_record"], row["teacher_tokens"], 32, 2, "top_k")
+        first, second = (record_format.decode(row["teacher_record"], row["teacher_tokens"], 32, 2, "top_k",
+                                              num_tails=len(caches[0].temperatures))
                          for row in (small_row, large_row))
         assert (first.ids == second.ids).float().mean() > 0.95
         assert (first.log_probs - second.log_probs).abs().max() <= 1 / 16 + 1e-4

@@ -18,6 +18,7 @@ from transformers import Trainer, TrainerCallback
 from trl.models import unwrap_model_for_generation
 
 from ..generation import generate_predictions
+from ..prompt_completion import prompts_and_references
 from .answers import ANSWER_EXTRACTORS
 from .score import score
 
@@ -45,7 +46,7 @@ class AgreementCallback(TrainerCallback):
         sample = dataset.select(range(min(num_samples, len(dataset))))
         if len(sample) == 0:
             raise ValueError("AgreementCallback: the dataset is empty.")
-        self.prompts, self.references = list(sample["prompt"]), list(sample["completion"])
+        self.prompts, self.references = prompts_and_references(sample, "AgreementCallback")
         self.every_steps, self.max_new_tokens, self.batch_size = every_steps, max_new_tokens, batch_size
         self.answer_extractor = answer_extractor
         self.trainer = None

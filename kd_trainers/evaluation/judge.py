@@ -69,9 +69,8 @@ class LocalJudge:
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        if getattr(self.tokenizer, "chat_template", None):
-            prompts = [self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                          add_generation_prompt=True) for p in prompts]
+        if getattr(self.tokenizer, "chat_template", None):  # a user turn, formatted by generation's one formatter
+            prompts = [[{"role": "user", "content": p}] for p in prompts]
         return generate_predictions(self.model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens)
 
 

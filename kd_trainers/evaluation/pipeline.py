@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable
 
 import pandas as pd
 
-from ..generation import generate_predictions, save_predictions
+from ..generation import empty_share, generate_predictions, save_predictions
+from ..prompt_completion import prompts_and_references
 from .harness import run_harness
 from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from .score import METRICS, resolve_metrics, score
@@ -34,7 +36,8 @@ def evaluate_model(model, tokenizer, dataset, directory: str, *, metrics: list[s
                    teacher_predictions: Callable[[list[str]], list[str] | None] | None = None,
                    judge: dict | None = None, record: dict | None = None,
                    harness: dict | None = None) -> tuple[pd.DataFrame, dict]:
-    """Evaluates `model` on `dataset` (columns `prompt` and `completion`) and writes the files above.
+    """Evaluates `model` on `dataset` (prompt/completion, plain or conversational, or messages) and writes the files
+    above; `summary.json` also holds the share of empty answers (`empty_predictions`).
 
     Args:
         metrics: names of `score.METRICS` or suites, `judge` for the LLM judge, `lm_eval` for lm-evaluation-harness
@@ -71,11 +74,7 @@ def _generated_scores(model, tokenizer, dataset, directory, names, answer_extrac
                       teacher_predictions, judge, record) -> tuple[pd.DataFrame, dict]:
     """The generated answers, scored by the metrics `names` (and the judge when `judge` is given): the frame and the
     summary (n, means, corpus scores)."""
-    missing = {"prompt", "completion"} - set(dataset.column_names)
-    if missing:
-        raise ValueError(f"Evaluation needs 'prompt' and 'completion' columns; the split has {dataset.column_names}. "
-                         "Map them with columns / prompt_template.")
-    prompts, references = list(dataset["prompt"]), list(dataset["completion"])
+    prompts, references = prompts_and_references(dataset)
     predictions = generate_predictions(model, tokenizer, prompts, batch_size=batch_size, **generation)
     save_predictions(os.path.join(directory, "predictions.jsonl"), prompts, references, predictions,
                      {**generation, "batch_size": batch_size, **(record or {})})
@@ -105,5 +104,16 @@ def _generated_scores(model, tokenizer, dataset, directory, names, answer_extrac
         frame = frame.merge(judged[["example_id", *judged_metrics]], on="example_id")
         judged.to_csv(os.path.join(directory, "judge_replies.csv"), index=False)
         save_judge_record(judged, os.path.join(directory, "judge.json"))
-    summary = {"n": len(predictions), **{m: float(frame[m].mean()) for m in [*names, *judged_metrics]}, **corpus}
+    summary = {"n": len(predictions), "empty_predictions": empty_share(predictions),
+               **{m: float(frame[m].mean()) for m in [*names, *judged_metrics]}, **corpus}
+    warn_if_mostly_empty(summary["empty_predictions"], len(predictions), "The evaluated model")
     return frame, summary
+
+
+def warn_if_mostly_empty(share: float, count: int, who: str) -> None:
+    """One warning when more than half of `count` generated answers are empty."""
+    if share > 0.5:
+        warnings.warn(
+            f"{who} answered {round(share * count)} of {count} prompts with nothing (it ended its answer at once): "
+            "an instruct model given plain prompts often does. Use conversational data (prompt as chat messages, or "
+            "messages) so that its chat template is applied, or a prompt_template it answers.", stacklevel=3)

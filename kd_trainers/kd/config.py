@@ -50,6 +50,11 @@ class KDConfig(SFTConfig):
         `spread` (evenly over the other tokens). See `kd_trainers.losses.sparse`.
     teacher_cache_batch_size (`int`, *optional*, defaults to `8`):
         Rows per teacher forward in the pass that writes the cache.
+    teacher_cache_temperatures (`list[float]`, *optional*, defaults to `None`):
+        Temperatures, besides 1 and `kd_temperature`, at which a `top_k` cache stores the tail's mass (2 bytes a token
+        each), so that runs at those temperatures (a temperature sweep) read the same cache. At a stored temperature
+        the tempered target is exact (the tempered teacher coarsened to k + 1 categories); a run at a temperature the
+        cache does not store is refused, naming the stored ones.
 
     teacher_url (`str`, *optional*, defaults to `None`):
         The base URL (`http://HOST:PORT/v1`) of a teacher behind a vLLM-compatible completions server (vLLM, or
@@ -67,6 +72,10 @@ class KDConfig(SFTConfig):
         Requests in flight at once.
     teacher_server_timeout (`float`, *optional*, defaults to `60.0`):
         Seconds to wait for one answer before asking again.
+    teacher_server_approximate_temperature (`bool`, *optional*, defaults to `False`):
+        A server returns the teacher's log-probabilities at temperature 1 only (vLLM's prompt log-probabilities are
+        raw), so at `kd_temperature` ≠ 1 the tempered tail can only be guessed (its V − k tokens read as equally
+        likely), an approximation measured in the README ("Real models"). Refused unless this is set.
     teacher_server_max_wait (`float`, *optional*, defaults to `120.0`):
         Seconds a request may take with its retries (backoff from 0.25 s, doubling to 8 s) before the run stops with
         an error naming the URL (and, in a single process, a checkpoint of the last completed step to resume from).
@@ -145,6 +154,9 @@ class KDConfig(SFTConfig):
         default="bucket", metadata={"help": "A top_k target's tail: bucket (one category) or spread (evenly).",
                                     "choices": ["bucket", "spread"]})
     teacher_cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward in the cache pass."})
+    teacher_cache_temperatures: list[float] | None = field(
+        default=None, metadata={"help": "More temperatures (besides 1 and kd_temperature) at which a top_k cache "
+                                "stores the tail's mass, for exact tempered targets."})
     teacher_url: str | None = field(
         default=None,
         metadata={"help": "Base URL (http://HOST:PORT/v1) of a vLLM-compatible server answering the teacher's top-k "
@@ -158,6 +170,9 @@ class KDConfig(SFTConfig):
     teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds to wait for one answer."})
     teacher_server_max_wait: float = field(
         default=120.0, metadata={"help": "Seconds a request may take with its retries before the run stops."})
+    teacher_server_approximate_temperature: bool = field(
+        default=False, metadata={"help": "Allow kd_temperature != 1 with a served teacher, its tempered tail "
+                                 "approximated (the server returns temperature-1 log-probabilities only)."})
     teacher_column: str | None = field(
         default=None, metadata={"help": "With several teachers: the column naming each example's one teacher."})
     teacher_server_prefetch: bool = field(
@@ -241,6 +256,11 @@ class KDConfig(SFTConfig):
         if self.teacher_cache is None:
             return
         check_sparse_settings(self.teacher_cache_mode, self.teacher_cache_tail, self.divergence)
+        temperatures = self.teacher_cache_temperatures
+        if temperatures is not None and (not isinstance(temperatures, (list, tuple)) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf")
+                for t in temperatures)):
+            raise ValueError(f"teacher_cache_temperatures must be a list of temperatures > 0, got {temperatures!r}.")
         if getattr(self, "packing", False):
             raise ValueError(f"packing=True with teacher_cache={self.teacher_cache!r}: a packed row mixes examples "
                              "whose cached targets were written one example at a time. Set packing=False (or "
@@ -272,6 +292,18 @@ class KDConfig(SFTConfig):
         if getattr(self, "packing", False) or getattr(self, "padding_free", False):
             raise ValueError(f"packing/padding_free with teacher_url={self.teacher_url!r}: the served teacher scores "
                              "one example a row. Set packing=False and padding_free=False.")
+
+    def check_served_temperature(self, teacher: str, vocab: int) -> None:
+        """A served teacher (named by `teacher`) at kd_temperature ≠ 1 only with the approximation asked for, unless
+        it is asked for the whole vocabulary (`teacher_server_k` ≥ `vocab`: no tail, exact at any temperature)."""
+        if self.kd_temperature != 1.0 and not self.teacher_server_approximate_temperature and \
+                self.teacher_server_k < vocab:
+            raise ValueError(
+                f"kd_temperature={self.kd_temperature} with {teacher}: a server returns the teacher's "
+                "log-probabilities at temperature 1 only, so its tempered tail (the mass outside the top-k) is not "
+                "known and could only be approximated. Use a teacher cache (exact at its stored temperatures) or a "
+                "teacher in memory, or set teacher_server_approximate_temperature=true to accept the approximation "
+                "(its measured error is in the README, \"Real models\").")
 
     def holds_teacher_while_training(self) -> bool:
         """Whether a teacher model sits beside the student while training (not with a teacher cache or server)."""

@@ -9,6 +9,8 @@ engine's logits at a few positions are compared with the model's own forward, an
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..hidden_states import last_hidden_state
@@ -53,12 +55,21 @@ def _own_logits(model: torch.nn.Module, row: dict, positions: torch.Tensor) -> t
     return model(**row, use_cache=False).logits[0, positions]
 
 
+@contextlib.contextmanager
+def _same_random_state(seed: int):
+    """Runs the block from the random state `seed` on the CPU and every CUDA device, restoring the state after."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def check_engine_logits(role: str, model: torch.nn.Module, inputs: dict, transform: LogitTransform,
                         vocab: int) -> None:
     """Raise when the fused engine's logits for `model` differ from its own forward on the first row of `inputs`.
 
-    Both run in eval mode (no dropout) on the same row; only the first `vocab` columns are compared.
+    Both run in eval mode (no dropout), from the same random state, on the same row; only the first `vocab` columns are compared.
     """
     row = _first_row(inputs)
     positions = _positions(row)
@@ -67,8 +78,14 @@ def check_engine_logits(role: str, model: torch.nn.Module, inputs: dict, transfo
     was_training = model.training
     model.eval()
     try:
-        own = _own_logits(model, row, positions)[:, :vocab].float()
-        hidden = last_hidden_state(model, row)[0, positions]
+        # Like with like: eval mode turns dropout off, and each pass starts from the same random state, so that a
+        # module drawing random numbers whatever the mode (LoRA dropout kept on by a wrapper, stochastic depth)
+        # draws the same ones in both passes.
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        with _same_random_state(seed):
+            own = _own_logits(model, row, positions)[:, :vocab].float()
+        with _same_random_state(seed):
+            hidden = last_hidden_state(model, row)[0, positions]
         weight, bias = _weight_and_bias(model.get_output_embeddings())
         with _maybe_gather(weight, bias):
             engine = hidden.float() @ weight[:vocab].float().T

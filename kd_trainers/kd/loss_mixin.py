@@ -167,7 +167,8 @@ class DistillationLossMixin:
         """`(the batch's sparse targets, their tail treatment)` from a teacher cache or server; None for a teacher in
         memory."""
         if getattr(self, "teacher_cache", None) is not None:
-            return targets_from_batch(inputs, self.teacher_cache.mode), self.args.teacher_cache_tail
+            return (targets_from_batch(inputs, self.teacher_cache.mode, temperature=self.args.kd_temperature),
+                    self.args.teacher_cache_tail)
         if getattr(self, "teacher_client", None) is not None:
             return inputs[TARGETS_KEY].get(), self.args.teacher_server_tail
         return None

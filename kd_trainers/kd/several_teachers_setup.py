@@ -72,6 +72,7 @@ class SeveralTeachersMixin:
                                                                      student_tokenizer)
                 members.append(PlannedMember(entry, tokenizer, assumed))
             elif entry.kind == "url":
+                args.check_served_temperature(f"{where}: url={entry.source!r}", len(student_tokenizer))
                 client, tokenizer, _ = self._served_teacher(args, entry.source, None, entry.tokenizer,
                                                             student_tokenizer, model)
                 members.append(PlannedMember(entry, tokenizer, client=client))
@@ -106,8 +107,9 @@ class SeveralTeachersMixin:
                 cache = plan.cache
                 cache.check(tokenizer_fingerprint(self.processing_class), data,
                             CacheSettings(cache.mode, cache.k, len(self.processing_class)), None)
+                cache.tempered_index(args.kd_temperature)
                 self._attach_cache(cache, hashes, suffix)
-                self.data_collator = SparseTeacherCollator(self.data_collator, cache, suffix)
+                self.data_collator = SparseTeacherCollator(self.data_collator, cache, suffix, args.kd_temperature)
                 members.append(TeacherMember(entry, cache=cache, suffix=suffix))
                 keys += [key + suffix for key in BATCH_KEYS]
                 columns += [column + suffix for column in RECORD_COLUMNS]
@@ -145,7 +147,8 @@ class SeveralTeachersMixin:
                                                        member.unwrapped, model_inputs)[:, :-1]
                 members.append(DenseMember(hidden, member.unwrapped.get_output_embeddings(), member.transform))
             elif member.cache is not None:
-                members.append(SparseMember(targets_from_batch(inputs, member.cache.mode, member.suffix),
+                members.append(SparseMember(targets_from_batch(inputs, member.cache.mode, member.suffix,
+                                                                   self.args.kd_temperature),
                                             self.args.teacher_cache_tail))
             else:
                 members.append(SparseMember(inputs[member.key].get(), self.args.teacher_server_tail))

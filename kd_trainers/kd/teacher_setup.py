@@ -98,6 +98,7 @@ class TeacherSetupMixin:
     def _plan_served_teacher(self, args, teacher, teacher_processing_class, student_tokenizer,
                              model) -> TeacherPlan:
         """A teacher behind `args.teacher_url` (`_served_teacher`)."""
+        args.check_served_temperature(f"teacher_url={args.teacher_url!r}", len(student_tokenizer))
         client, tokenizer, served = self._served_teacher(args, args.teacher_url, teacher, teacher_processing_class,
                                                           student_tokenizer, model)
         self.teacher_processing_class = tokenizer
@@ -125,7 +126,14 @@ class TeacherSetupMixin:
                     f"teacher_url={client.public_url!r} serves {served_name!r}, whose tokenizer does not load here "
                     f"({str(error).splitlines()[0][:200]}): pass teacher_processing_class=<its tokenizer>, or set "
                     "teacher_model_name_or_path to the teacher's Hub id or local path (it is not loaded).") from None
-        self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), served_name)
+        # Named by where the tokenizer came from: the one given, the named teacher's, or the served model's name.
+        if teacher_processing_class is not None:
+            source = f"the teacher_processing_class given for the server at {client.public_url}"
+        elif teacher is not None:
+            source = f"{model_name(teacher)} (teacher_model_name_or_path, for the server at {client.public_url})"
+        else:
+            source = f"{served_name} (the model served at {client.public_url})"
+        self._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), source)
         return client, tokenizer, served
 
     def _set_up_teacher(self, plan: TeacherPlan, args) -> PreTrainedModel:
@@ -210,7 +218,8 @@ class TeacherSetupMixin:
         turns into the batch's sparse targets."""
         splits = self._cache_splits()
         data, hashes = self._split_fingerprints()
-        settings = CacheSettings(args.teacher_cache_mode, args.teacher_cache_k, len(self.processing_class))
+        settings = CacheSettings.for_run(args.teacher_cache_mode, args.teacher_cache_k, len(self.processing_class),
+                                         args.kd_temperature, args.teacher_cache_temperatures)
         tokenizer = tokenizer_fingerprint(self.processing_class)
         cache = TeacherCache.open(args.teacher_cache)
         named = None if plan.teacher is None else {  # what a run that names its teacher can check without loading it
@@ -237,8 +246,9 @@ class TeacherSetupMixin:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         cache.check(tokenizer, data, settings, named)
+        cache.tempered_index(args.kd_temperature)  # a temperature the cache does not store: refused now
         self._attach_cache(cache, hashes)
-        self.data_collator = SparseTeacherCollator(self.data_collator, cache)
+        self.data_collator = SparseTeacherCollator(self.data_collator, cache, temperature=args.kd_temperature)
         self.teacher_cache = cache
         self.teacher_name = cache.describe()
 

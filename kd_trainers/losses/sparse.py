@@ -12,9 +12,14 @@ Two kinds, as a teacher cache stores them (`kd_trainers.teacher_cache`):
       to the student's own tail: for every f-divergence (all the built-in ones: KL both ways, JSD, the skewed KLs,
       TVD) that gives the coarsened value, and the same gradient, so the closed-form gradients apply unchanged.
     * `spread`: the tail mass is spread evenly over the V − k other tokens (DistillKit's "uniform" tail).
-  Temperature: the k log-probabilities are divided by T, and the tail is tempered as V − k tokens of equal
-  probability (its only consistent reading without their ids), then all V renormalised. So a `top_k` target with
-  k = V is the teacher's exact distribution, at any temperature, and gives the dense engine's loss and gradients.
+  Temperature: exact when the target carries the tail's log-mass at that temperature (`tempered_tail_log_mass`,
+  which a teacher cache stores for the temperatures it was written for): the k tempered probabilities are
+  p_i^(1/T) scaled to 1 − B_T, B_T the tempered tail mass, which is exactly the tempered teacher coarsened to k + 1
+  categories. Without it (a served teacher, which returns the temperature-1 distribution only) the tail can only be
+  guessed, as V − k tokens of equal probability, then all V renormalised; on a real vocabulary that misjudges the
+  tail (SmolLM2, 49k tokens, T = 2: 0.87 of the mass where the tempered teacher has 0.68), so it is used only when
+  asked for by name (`teacher_server_approximate_temperature`). A `top_k` target with k = V is the teacher's exact
+  distribution at any temperature and gives the dense engine's loss and gradients.
 - `sampled`: m tokens drawn from the teacher's distribution (with replacement) and each draw's log-probability.
   The target is the empirical distribution of the draws: its expectation is the teacher's distribution, so the
   forward-KL gradient `p_S − target` is unbiased ("Sparse Logit Sampling", Anshumann et al., ACL 2025). At a
@@ -48,19 +53,28 @@ class SparseTargets(NamedTuple):
     log_probs: `[N, k]` fp32 teacher log-probabilities of those ids at temperature 1.
     tail_log_mass: `[N]` fp32 log of the teacher's mass outside `ids` (`top_k`; ignored for `sampled`).
     kind: `top_k` or `sampled`.
+    tempered_tail_log_mass: `[N]` fp32 log of the mass outside `ids` of the teacher at temperature `tempered_at`
+        (softmax(z / T)), or None when unknown (`top_k`): with it the tempered target is exact at that temperature.
+    tempered_at: the temperature `tempered_tail_log_mass` is for.
     """
 
     ids: torch.Tensor
     log_probs: torch.Tensor
     tail_log_mass: torch.Tensor
     kind: str = "top_k"
+    tempered_tail_log_mass: torch.Tensor | None = None
+    tempered_at: float = 1.0
 
     def rows(self, index: slice | torch.Tensor) -> "SparseTargets":
-        return SparseTargets(self.ids[index], self.log_probs[index], self.tail_log_mass[index], self.kind)
+        tempered = None if self.tempered_tail_log_mass is None else self.tempered_tail_log_mass[index]
+        return SparseTargets(self.ids[index], self.log_probs[index], self.tail_log_mass[index], self.kind, tempered,
+                             self.tempered_at)
 
     def to(self, device: torch.device | str) -> "SparseTargets":
+        tempered = None if self.tempered_tail_log_mass is None else \
+            self.tempered_tail_log_mass.to(device, torch.float32)
         return SparseTargets(self.ids.to(device), self.log_probs.to(device, torch.float32),
-                             self.tail_log_mass.to(device, torch.float32), self.kind)
+                             self.tail_log_mass.to(device, torch.float32), self.kind, tempered, self.tempered_at)
 
 
 def check_sparse_settings(kind: str, tail: str, divergence: str) -> None:
@@ -78,13 +92,25 @@ def check_sparse_settings(kind: str, tail: str, divergence: str) -> None:
 
 def tempered_top_k(targets: SparseTargets, vocab: int, temperature: float
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """`(log p_i / T [n, k], each tail token's log-probability / T [n] or None when k = V, log normaliser [n])` of a
-    top-k target at `temperature`: the tail read as V − k tokens of equal probability, whose tempered total is
-    (V − k)·exp((tail − log(V − k)) / T) before renormalising."""
+    """`(log p_i / T [n, k], each tail token's unnormalised log-probability [n] or None when k = V, log normaliser
+    [n])` of a top-k target at `temperature`: after subtracting the normaliser, the k tempered log-probabilities and
+    the tail's (V − k tokens of equal share).
+
+    With the tail's tempered mass B_T (`tempered_tail_log_mass` at this temperature) it is exact: the k tempered
+    probabilities sum to 1 − B_T and the tail holds B_T. Without it, the tail is read as V − k tokens of equal
+    probability, whose tempered total is (V − k)·exp((tail − log(V − k)) / T) before renormalising: exact at T = 1
+    only."""
     k = targets.ids.size(1)
     tempered_top = targets.log_probs / temperature
     if k >= vocab:
         return tempered_top, None, torch.logsumexp(tempered_top, -1)
+    if targets.tempered_tail_log_mass is not None and temperature != 1.0:
+        if targets.tempered_at != temperature:
+            raise ValueError(f"The sparse targets carry the tail's mass at temperature {targets.tempered_at}, "
+                             f"the loss asks for {temperature}.")
+        tail = targets.tempered_tail_log_mass.clamp(max=0.0)
+        log_normaliser = torch.logsumexp(tempered_top, -1) - log1mexp(tail)
+        return tempered_top, tail + log_normaliser - math.log(vocab - k), log_normaliser
     tail_each = (targets.tail_log_mass - math.log(vocab - k)) / temperature
     return tempered_top, tail_each, torch.logaddexp(torch.logsumexp(tempered_top, -1), tail_each + math.log(vocab - k))
 
@@ -188,12 +214,24 @@ def reconstruct_log_probs(targets: SparseTargets, vocab: int, temperature: float
     return torch.log_softmax(out / temperature, -1)
 
 
-def top_k_targets(teacher_logits: torch.Tensor, k: int) -> SparseTargets:
-    """The exact top-k target of full teacher logits `[N, V]` (fp32): ids, log-probabilities and tail log-mass."""
+def top_k_targets(teacher_logits: torch.Tensor, k: int, temperature: float | None = None) -> SparseTargets:
+    """The exact top-k target of full teacher logits `[N, V]` (fp32): ids, log-probabilities and tail log-mass, and,
+    with a `temperature`, the tail's log-mass at it (`tempered_tail_log_mass`: exact at that temperature)."""
     log_probs = torch.log_softmax(teacher_logits.float(), -1)
     top, ids = log_probs.topk(min(k, log_probs.size(-1)), dim=-1)
     tail = log1mexp(torch.logsumexp(top, -1))
-    return SparseTargets(ids, top, tail, "top_k")
+    if temperature is None:
+        return SparseTargets(ids, top, tail, "top_k")
+    return SparseTargets(ids, top, tail, "top_k", tail_log_masses(teacher_logits, ids, (temperature,))[0],
+                         float(temperature))
+
+
+def tail_log_masses(teacher_logits: torch.Tensor, ids: torch.Tensor, temperatures) -> list[torch.Tensor]:
+    """`[N]` log of the mass outside `ids` `[N, k]` of softmax(z / T) for each temperature T, z the teacher's
+    logits `[N, V]`: the tail left out summed directly (no 1 − top subtraction to lose a small tail in)."""
+    logits = teacher_logits.float()
+    masked = logits.scatter(1, ids, float("-inf"))
+    return [torch.logsumexp(masked / t, -1) - torch.logsumexp(logits / t, -1) for t in temperatures]
 
 
 def sampled_targets(teacher_logits: torch.Tensor, num_samples: int, generator: torch.Generator | None = None

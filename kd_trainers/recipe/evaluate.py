@@ -20,6 +20,7 @@ from ..evaluation.pipeline import evaluate_model
 from ..evaluation.settings import generates_answers
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
+from ..prompt_completion import check_generation_format
 from ..teacher import _dtype_from_init_kwargs, load_teacher
 from ..tokenizer import load_tokenizer
 from .data import load_recipe_datasets
@@ -91,6 +92,17 @@ def evaluation_split(recipe, split: str, limit: int | None, key: str = "evaluati
     except ValueError as error:
         raise ValueError(str(error).replace("dataset_train_split:", f"{key}:", 1)) from None
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def check_evaluation_splits(recipe, tokenizer=None) -> None:
+    """The evaluation's and agreement's splits load and can be given to a model as prompts (a response boundary
+    per row; messages only with a tokenizer that has a chat template, when `tokenizer` is given): a recipe that
+    cannot be evaluated is refused before training, not after it."""
+    for key in ("evaluation", "agreement"):
+        block = recipe.options[key]
+        if block and (key == "agreement" or generates_answers(block["metrics"])):
+            split = evaluation_split(recipe, block["split"], 1, key=f"{key}.split")
+            check_generation_format(split, tokenizer, f"{key}.split {block['split']!r}")
 
 
 def _teacher_cache(evaluation: dict, cache_root: str, recipe, prompts: list[str]) -> tuple[str, str]:

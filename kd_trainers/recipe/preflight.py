@@ -23,7 +23,7 @@ from ..evaluation.harness import check_harness
 from ..teacher_cache.cache import INFO as CACHE_INFO
 from ..teacher_cache.cache import TeacherCache
 from .data import LOCAL_FORMATS
-from .errors import RecipeError
+from .errors import NotAvailableYet, RecipeError
 from .models import DEMO_PREFIX, served_model_name
 from .output import check_output_dir
 from .schema import Recipe
@@ -66,8 +66,8 @@ def check_model_reference(field: str, value: str | None, where: str, adapter: bo
                               f"{' or '.join(needed)} in it); name the folder a run saved.")
         return
     if _path_shaped(value):
-        raise RecipeError(f"{where}: {field}: {value!r} does not exist (no such folder); check the path, or run the "
-                          "recipe that produces it first.")
+        raise NotAvailableYet(f"{where}: {field}: {value!r} does not exist (no such folder); check the path, or run "
+                              "the recipe that produces it first.")
 
     try:
         validate_repo_id(value)
@@ -77,8 +77,8 @@ def check_model_reference(field: str, value: str | None, where: str, adapter: bo
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         files = ("adapter_config.json",) if adapter else ("config.json", "adapter_config.json", "tokenizer_config.json")
         if not any(isinstance(try_to_load_from_cache(value, name), str) for name in files):
-            raise RecipeError(f"{where}: {field}: {value!r} is not a local folder, and not in the Hub cache while "
-                              "HF_HUB_OFFLINE is set; download it first or give a local path.")
+            raise NotAvailableYet(f"{where}: {field}: {value!r} is not a local folder, and not in the Hub cache while "
+                                  "HF_HUB_OFFLINE is set; download it first or give a local path.")
 
 
 def check_dataset_reference(options: dict, where: str, pending: tuple[str, ...] = ()) -> None:
@@ -89,7 +89,8 @@ def check_dataset_reference(options: dict, where: str, pending: tuple[str, ...] 
     if any(os.path.abspath(path).startswith(os.path.abspath(folder)) for folder in pending) or os.path.exists(path):
         return
     if _path_shaped(name) or os.path.splitext(name)[1].lower() in LOCAL_FORMATS:
-        raise RecipeError(f"{where}: dataset_name: {name!r} does not exist (no such file or folder); check the path.")
+        raise NotAvailableYet(f"{where}: dataset_name: {name!r} does not exist (no such file or folder); check the "
+                              "path.")
 
 
 def _require(module: str, why: str, extra: str) -> None:
@@ -154,7 +155,11 @@ def check_teacher_cache(recipe: Recipe) -> None:
             stored = json.load(handle)["components"]["settings"]
         wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
         differ = [f"teacher_cache_{key}: {wanted[key]!r} where the cache has {stored[key]!r}" for key in wanted
-                  if stored[key] != wanted[key]]
+                  if stored.get(key) != wanted[key]]
+        temperatures = stored.get("temperatures", [1.0])
+        if config.teacher_cache_mode == "top_k" and float(config.kd_temperature) not in temperatures:
+            differ.append(f"kd_temperature: {config.kd_temperature!r} where the cache stores the tail at "
+                          f"temperatures {temperatures}")
         if differ:
             raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} was written with other settings ("
                               f"{'; '.join(differ)}); point teacher_cache at a new folder or match its settings.")
@@ -199,27 +204,40 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
             check_server_answers(recipe, f"{where}.url", entry["url"])
 
 
-def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True) -> None:
-    """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`)."""
+def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True,
+              notes: list[str] | None = None) -> None:
+    """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`). With a `notes`
+    list, what is well formed but not on this machine yet (`NotAvailableYet`: a model not downloaded, an adapter or
+    data an earlier step produces) is noted there instead of refused, and the other checks still run."""
     config, options, where = recipe.config, recipe.options, recipe.path
-    check_model_reference("model_name_or_path", options["model_name_or_path"], where, pending=pending)
-    check_model_reference("tokenizer_name_or_path", options["tokenizer_name_or_path"], where, pending=pending)
-    check_model_reference("model_adapter_name_or_path", options["model_adapter_name_or_path"], where, adapter=True,
-                          pending=pending)
+
+    def attempt(check, *args, **kwargs) -> None:
+        try:
+            check(*args, **kwargs)
+        except NotAvailableYet as error:
+            if notes is None:
+                raise
+            notes.append(str(error))
+
+    attempt(check_model_reference, "model_name_or_path", options["model_name_or_path"], where, pending=pending)
+    attempt(check_model_reference, "tokenizer_name_or_path", options["tokenizer_name_or_path"], where,
+            pending=pending)
+    attempt(check_model_reference, "model_adapter_name_or_path", options["model_adapter_name_or_path"], where,
+            adapter=True, pending=pending)
     if recipe.needs_teacher:
-        check_model_reference("teacher_model_name_or_path", config.teacher_model_name_or_path, where,
-                              pending=pending)
-        check_model_reference("teacher_tokenizer_name_or_path", getattr(config, "teacher_tokenizer_name_or_path",
-                                                                        None), where, pending=pending)
-        check_model_reference("teacher_adapter_name_or_path", config.teacher_adapter_name_or_path, where,
-                              adapter=True, pending=pending)
+        attempt(check_model_reference, "teacher_model_name_or_path", config.teacher_model_name_or_path, where,
+                pending=pending)
+        attempt(check_model_reference, "teacher_tokenizer_name_or_path",
+                getattr(config, "teacher_tokenizer_name_or_path", None), where, pending=pending)
+        attempt(check_model_reference, "teacher_adapter_name_or_path", config.teacher_adapter_name_or_path, where,
+                adapter=True, pending=pending)
     check_teacher_cache(recipe)
     check_teacher_server(recipe)
-    check_teachers(recipe, pending)
+    attempt(check_teachers, recipe, pending)
     judge = (options["evaluation"] or {}).get("judge") or {}
     if "judge" in (options["evaluation"] or {}).get("metrics", []) and judge.get("model"):
-        check_model_reference("evaluation.judge.model", judge["model"], where, pending=pending)
-    check_dataset_reference(options, where, pending)
+        attempt(check_model_reference, "evaluation.judge.model", judge["model"], where, pending=pending)
+    attempt(check_dataset_reference, options, where, pending)
     check_dependencies(recipe)
     if (options["evaluation"] or {}).get("lm_eval"):  # the task names, by lm-eval itself, before training
         check_harness(options["evaluation"]["lm_eval"], where, RecipeError)

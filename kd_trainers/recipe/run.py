@@ -24,7 +24,7 @@ from ..files import write_atomically, write_done
 from ..publish import build_publish_folder, upload
 from ..redaction import redact, redact_arguments
 from .data import load_recipe_datasets
-from .evaluate import TrainedModels, evaluate_trained, evaluation_split
+from .evaluate import TrainedModels, check_evaluation_splits, evaluate_trained, evaluation_split
 from .models import resolve_model, resolve_student, resolve_teacher, resolve_tokenizer, served_model_name
 from .output import (RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final,
                      start_over_if_asked)
@@ -82,13 +82,13 @@ def build_trainer(recipe: Recipe, callbacks=None):
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
 
-    if options["evaluation"]:  # its split exists: found now, not after training
-        evaluation_split(recipe, options["evaluation"]["split"], 1, key="evaluation.split")
+    check_evaluation_splits(recipe)  # they exist and hold prompts: found now, not after training
     agreement_data = None
     if options["agreement"]:
         agreement_data = evaluation_split(recipe, options["agreement"]["split"], options["agreement"]["samples"],
                                           key="agreement.split")
     student, tokenizer = resolve_student(recipe)
+    check_evaluation_splits(recipe, tokenizer)  # chat prompts need the tokenizer's template
     callbacks = list(callbacks or [])
     if agreement_data is not None:
         settings = options["agreement"]

@@ -22,16 +22,10 @@ from datasets import Dataset, load_from_disk
 
 from ..files import DONE, user_cache_dir, write_atomically, write_done
 from ..generation import generate_predictions
-from ..prompt_completion import as_prompt_completion, is_conversational
+from ..prompt_completion import as_prompt_completion, completion_text, is_conversational, prompt_token_ids
 
 
 BLOCK_BATCHES = 8  # generation batches per part file: the unit of resumption
-
-
-def _prompt_text(tokenizer, prompt) -> str:
-    if is_conversational(prompt):
-        return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    return prompt
 
 
 def _gathered(model):
@@ -57,8 +51,10 @@ def teacher_generated_dataset(teacher, tokenizer, dataset: Dataset, settings: di
         state: an accelerate `PartialState` for multi-process runs (None: one process).
     """
     pairs = [as_prompt_completion(example, "Seq-KD") for example in dataset]
-    prompts = [_prompt_text(tokenizer, prompt) for prompt, _ in pairs]
-    material = json.dumps({"teacher": teacher_id, "settings": settings, "prompts": prompts}, sort_keys=True)
+    prompts = [prompt for prompt, _ in pairs]
+    # Keyed by the prompts as the teacher reads them (its chat template applied): another template is another set.
+    material = json.dumps({"teacher": teacher_id, "settings": settings,
+                           "prompts": [prompt_token_ids(tokenizer, prompt) for prompt in prompts]}, sort_keys=True)
     key = hashlib.sha256(material.encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or user_cache_dir("seqkd"), key)
     if not os.path.exists(os.path.join(folder, DONE)):
@@ -69,7 +65,21 @@ def teacher_generated_dataset(teacher, tokenizer, dataset: Dataset, settings: di
             state.wait_for_everyone()
     elif state is None or state.is_main_process:
         log(f"[seqkd] reusing the teacher's completions in {folder}")
-    return load_from_disk(os.path.join(folder, "dataset")), folder
+    generated = load_from_disk(os.path.join(folder, "dataset"))
+    _refuse_mostly_empty(generated, folder)
+    return generated, folder
+
+
+def _refuse_mostly_empty(generated: Dataset, folder: str) -> None:
+    """Stop before training when more than half of the teacher's completions are empty: the student would learn to
+    end every answer at once (the loss on the end-of-sequence token alone)."""
+    empty = sum(not completion_text(completion).strip() for completion in generated["completion"])
+    if empty * 2 > len(generated):
+        raise ValueError(
+            f"Seq-KD: the teacher answered {empty} of {len(generated)} training prompts with nothing (it ended its "
+            "answer at once), so the student would learn to say nothing. Usually an instruct teacher given plain "
+            "prompts: use conversational data (prompt as chat messages, or messages) so that its chat template is "
+            f"applied, or a prompt_template it answers. The completions are in {folder}.")
 
 
 def _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, folder, state, log) -> None:

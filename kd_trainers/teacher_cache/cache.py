@@ -31,10 +31,10 @@ from .format import CODE_STEP, COMPRESSION_LEVEL, decode
 
 
 INFO, PLAN = "cache_info.json", "cache_plan.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the tail's mass at each stored temperature
 BLOCK_ROWS = 256
 # Batch keys the collator adds (the trainers keep them away from the models), and the columns it reads.
-BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass")
+BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass", "teacher_tail_log_mass_tempered")
 RECORD_COLUMNS = ("teacher_tokens", "teacher_record")
 
 
@@ -105,15 +105,25 @@ def teacher_files_fingerprint(teacher) -> str | None:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """What a pass writes: `mode` (top_k or sampled), `k` (ids a token), `vocab` (the distilled vocabulary)."""
+    """What a pass writes: `mode` (top_k or sampled), `k` (ids a token), `vocab` (the distilled vocabulary) and the
+    `temperatures` at which the tail's mass is stored (`top_k`: what makes a tempered target exact; 1 first)."""
 
     mode: str
     k: int
     vocab: int
+    temperatures: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def for_run(cls, mode: str, k: int, vocab: int, temperature: float,
+                more_temperatures: list[float] | None = None) -> "CacheSettings":
+        """The settings a run writes: the tail at 1, at the run's temperature and at any other it names (a sampled
+        cache needs none: its draws are reweighted)."""
+        wanted = {1.0} if mode == "sampled" else {1.0, float(temperature), *map(float, more_temperatures or [])}
+        return cls(mode, k, vocab, (1.0, *sorted(wanted - {1.0})))
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "k": self.k, "vocab": self.vocab, "format_version": FORMAT_VERSION,
-                "code_step": CODE_STEP, "zstd_level": COMPRESSION_LEVEL}
+                "code_step": CODE_STEP, "zstd_level": COMPRESSION_LEVEL, "temperatures": list(self.temperatures)}
 
 
 def cache_components(teacher: dict, tokenizer: str, data: dict, settings: CacheSettings) -> dict:
@@ -155,6 +165,7 @@ class TeacherCache:
         self.key = info["key"]
         settings = info["components"]["settings"]
         self.mode, self.k, self.vocab = settings["mode"], settings["k"], settings["vocab"]
+        self.temperatures = tuple(settings.get("temperatures", [1.0]))
         self.id_bytes = info["id_bytes"]
 
     @classmethod
@@ -172,8 +183,11 @@ class TeacherCache:
     def check(self, tokenizer: str, data: dict, settings: CacheSettings, teacher: dict | None) -> None:
         """Fail, naming each difference, unless the cache was written for this tokenizer, data and settings, and for
         the teacher a run names (`{name, adapter, files}`; None: the run names none and reads whatever wrote it)."""
-        stored = self.info["components"]
-        wanted = {"tokenizer": tokenizer, "data": data, "settings": settings.as_dict()}
+        stored = dict(self.info["components"])
+        # Temperatures are checked apart: a cache that stores more of them than a run asks for serves it.
+        stored["settings"] = {k: v for k, v in stored["settings"].items() if k != "temperatures"}
+        wanted = {"tokenizer": tokenizer, "data": data,
+                  "settings": {k: v for k, v in settings.as_dict().items() if k != "temperatures"}}
         found = differences({key: stored[key] for key in wanted}, wanted)
         if teacher is not None:
             found += differences({key: stored["teacher"].get(key) for key in teacher}, teacher, "teacher.")
@@ -182,6 +196,19 @@ class TeacherCache:
                 f"teacher_cache={self.path!r} was written for other data or settings ({'; '.join(found)}), so it "
                 "does not hold this run's teacher targets. Point teacher_cache at a new folder (it is written there "
                 "first), or delete this one to rewrite it.")
+
+    def tempered_index(self, temperature: float) -> int:
+        """The row of the stored tails at `temperature`; fails, naming the stored temperatures, when it has none
+        (a sampled cache serves any: its draws are reweighted)."""
+        if self.mode == "sampled":
+            return 0
+        if float(temperature) not in self.temperatures:
+            raise ValueError(
+                f"teacher_cache={self.path!r} stores the teacher's tail at temperatures {list(self.temperatures)}, "
+                f"not at temperature={temperature}, so its tempered targets would not be exact. Write a cache for this "
+                "temperature (a new teacher_cache folder; teacher_cache_temperatures lists more to store at once), or "
+                "train at a stored one.")
+        return self.temperatures.index(float(temperature))
 
     def split(self, name: str) -> datasets.Dataset:
         """The stored rows of a split, in order (memory-mapped Arrow)."""
@@ -216,29 +243,36 @@ class TeacherCache:
 
 class SparseTeacherCollator:
     """Wraps a trainer's collator: the cache's records of a batch's rows become `teacher_ids` `[N, k]`,
-    `teacher_log_probs` `[N, k]` and `teacher_tail_log_mass` `[N]`, N the batch's label tokens in row-major order
-    (each key with `suffix` for one cache of several)."""
+    `teacher_log_probs` `[N, k]`, `teacher_tail_log_mass` `[N]` and `teacher_tail_log_mass_tempered` `[N]` (the tail
+    at the run's `temperature`), N the batch's label tokens in row-major order (each key with `suffix` for one cache
+    of several)."""
 
-    def __init__(self, collator, cache: TeacherCache, suffix: str = ""):
-        self.collator, self.cache, self.suffix = collator, cache, suffix
+    def __init__(self, collator, cache: TeacherCache, suffix: str = "", temperature: float = 1.0):
+        self.collator, self.cache, self.suffix, self.temperature = collator, cache, suffix, temperature
+        self.tempered_index = cache.tempered_index(temperature)
 
     def __call__(self, examples: list[dict]) -> dict:
         examples = [dict(example) for example in examples]
         tokens, record = (column + self.suffix for column in RECORD_COLUMNS)
         parts = [decode(example.pop(record), example.pop(tokens), self.cache.k, self.cache.id_bytes,
-                        self.cache.mode) for example in examples]
+                        self.cache.mode, len(self.cache.temperatures), self.tempered_index, self.temperature)
+                 for example in examples]
         batch = self.collator(examples)
         labels = batch["labels"][:, 1:]
         count = int((labels != -100).sum())
-        targets = SparseTargets(*(torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts))),
-                                self.cache.mode)
+        ids, log_probs, tail, tempered = (torch.cat(tensors) for tensors in
+                                          zip(*((p.ids, p.log_probs, p.tail_log_mass, p.tempered_tail_log_mass)
+                                                for p in parts)))
+        targets = SparseTargets(ids, log_probs, tail, self.cache.mode, tempered, self.temperature)
         if targets.ids.size(0) != count:
             raise ValueError(f"teacher_cache={self.cache.path!r}: the batch has {count} label tokens but its cached "
                              f"rows hold {targets.ids.size(0)}; the collator labels other tokens than the cache pass "
                              "did (packing is not supported with a teacher cache).")
-        batch.update(zip((key + self.suffix for key in BATCH_KEYS), targets[:3]))
+        batch.update(zip((key + self.suffix for key in BATCH_KEYS), (ids, log_probs, tail, tempered)))
         return batch
 
 
-def targets_from_batch(batch: dict, mode: str, suffix: str = "") -> SparseTargets:
-    return SparseTargets(*(batch[key + suffix] for key in BATCH_KEYS), mode)
+def targets_from_batch(batch: dict, mode: str, suffix: str = "", temperature: float = 1.0) -> SparseTargets:
+    """The batch's `SparseTargets` as `SparseTeacherCollator` put them in (the tail at `temperature` included)."""
+    ids, log_probs, tail, tempered = (batch[key + suffix] for key in BATCH_KEYS)
+    return SparseTargets(ids, log_probs, tail, mode, tempered, temperature)

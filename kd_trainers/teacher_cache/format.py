@@ -9,10 +9,13 @@ ids are put in order of decreasing log-probability, and the record is three part
     codes    n·k log-probabilities quantised to bytes: code = round(−log p · 16), clipped to 0..255 (a step of 1/16 nat,
              so a probability is kept within ±3.2%, down to e^−16 ≈ 1e−7), stored as differences from the previous
              code of the same token (the codes only grow along a token's ids: small numbers, which zstd packs).
-    tail     n log tail masses (`top_k`: log of the probability outside the k ids), float16, clipped to [−60, 0].
+    tails    m·n log tail masses, float16, clipped to [−60, 0], one row of n per stored temperature (the cache's
+             `temperatures`, 1 first): `top_k`: log of the probability outside the k ids of softmax(z / T), the
+             quantity that makes the tempered target exact (`losses.sparse.tempered_top_k`).
 
-Before compression that is k·(id_bytes + 1) + 2 bytes a token: 130 at k = 32 for any vocabulary up to 16.7M tokens.
-Decoding renormalises the k dequantised probabilities to 1 − tail, so a token's reconstruction always sums to 1.
+Before compression that is k·(id_bytes + 1) + 2·m bytes a token: 130 at k = 32 and one temperature, 132 with a
+second, for any vocabulary up to 16.7M tokens. Decoding renormalises the k dequantised probabilities to 1 − tail, so
+a token's reconstruction always sums to 1.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def id_bytes_for(vocab: int) -> int:
 
 
 def encode(ids: torch.Tensor, log_probs: torch.Tensor, tail_log_mass: torch.Tensor, id_bytes: int) -> bytes:
-    """One example's record. `ids` `[n, k]`, `log_probs` `[n, k]` (any order), `tail_log_mass` `[n]`."""
+    """One example's record. `ids` `[n, k]`, `log_probs` `[n, k]` (any order), `tail_log_mass` `[n]`, or `[m, n]`
+    for m temperatures (temperature 1 first)."""
     order = log_probs.argsort(-1, descending=True)
     ids = ids.gather(-1, order).cpu().numpy().astype("<u4")
     log_probs = log_probs.gather(-1, order).float().cpu().numpy()
@@ -50,25 +54,29 @@ def encode(ids: torch.Tensor, log_probs: torch.Tensor, tail_log_mass: torch.Tens
     return _CODEC.compress(raw, asbytes=True)
 
 
-def raw_size(num_tokens: int, k: int, id_bytes: int) -> int:
-    """Bytes of a record before compression."""
-    return num_tokens * (k * (id_bytes + 1) + 2)
+def raw_size(num_tokens: int, k: int, id_bytes: int, num_tails: int = 1) -> int:
+    """Bytes of a record before compression (`num_tails`: the stored temperatures)."""
+    return num_tokens * (k * (id_bytes + 1) + 2 * num_tails)
 
 
-def decode(record: bytes, num_tokens: int, k: int, id_bytes: int, kind: str) -> SparseTargets:
-    """The example's `SparseTargets` (CPU tensors) from its record."""
-    raw = np.frombuffer(_CODEC.decompress(record, raw_size(num_tokens, k, id_bytes), asbytes=True), dtype=np.uint8)
+def decode(record: bytes, num_tokens: int, k: int, id_bytes: int, kind: str, num_tails: int = 1,
+           tempered_index: int = 0, temperature: float = 1.0) -> SparseTargets:
+    """The example's `SparseTargets` (CPU tensors) from its record; with several stored temperatures, the tail at
+    `temperature` (row `tempered_index` of the tails) as its `tempered_tail_log_mass`."""
+    raw = np.frombuffer(_CODEC.decompress(record, raw_size(num_tokens, k, id_bytes, num_tails), asbytes=True),
+                        dtype=np.uint8)
     count = num_tokens * k
     planes = raw[: count * id_bytes].reshape(id_bytes, count)
     ids = np.zeros((count, 4), dtype=np.uint8)
     ids[:, :id_bytes] = planes.T
     ids = ids.view("<u4").reshape(num_tokens, k).astype(np.int64)
     codes = np.cumsum(raw[count * id_bytes: count * (id_bytes + 1)].reshape(num_tokens, k), axis=-1, dtype=np.int64)
-    tail = np.frombuffer(raw[count * (id_bytes + 1):].tobytes(), dtype="<f2").astype(np.float32)
+    tails = np.frombuffer(raw[count * (id_bytes + 1):].tobytes(), dtype="<f2").astype(np.float32)
+    tails = torch.from_numpy(tails.reshape(num_tails, num_tokens))
     log_probs = torch.from_numpy(-codes * CODE_STEP).float()
-    tail = torch.from_numpy(tail)
+    tail = tails[0]
     if kind == "top_k":
         # The k probabilities to the mass the tail leaves: each token's reconstruction sums to exactly 1.
         top_mass = torch.log(-torch.expm1(tail.double())).float() if num_tokens else tail
         log_probs = log_probs - torch.logsumexp(log_probs, -1, keepdim=True) + top_mass[:, None]
-    return SparseTargets(torch.from_numpy(ids), log_probs, tail, kind)
+    return SparseTargets(torch.from_numpy(ids), log_probs, tail, kind, tails[tempered_index].clone(), temperature)

@@ -23,7 +23,7 @@ from ..files import write_atomically
 from ..hidden_states import last_hidden_state
 from ..losses.chunked import LogitTransform, _weight_and_bias
 from ..losses.noise import mix_seed
-from ..losses.sparse import sampled_targets, top_k_targets
+from ..losses.sparse import sampled_targets, tail_log_masses, top_k_targets
 from .cache import (BLOCK_ROWS, INFO, PLAN, CacheSettings, TeacherCache, block_name, cache_key, differences,
                     label_token_count, quiet_datasets, read_json)
 from .format import encode, id_bytes_for, raw_size
@@ -50,7 +50,8 @@ def right_padded(examples: list[dict], pad_id: int, device) -> tuple[dict, torch
 @torch.no_grad()
 def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transform: LogitTransform,
                 generator: torch.Generator | None = None):
-    """`(ids [n, k], log_probs [n, k], tail_log_mass [n])` of the teacher at hidden states `[n, D]`."""
+    """`(ids [n, k], log_probs [n, k], tail log-masses [m, n])` of the teacher at hidden states `[n, D]`, the tails
+    at each of `settings.temperatures` (1 first)."""
     weight, bias = _weight_and_bias(teacher.get_output_embeddings())
     rows = max(1, PROJECTION_BUDGET_BYTES // (4 * settings.vocab))
     parts = []
@@ -61,11 +62,13 @@ def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transfor
         logits = transform(logits.float())
         targets = top_k_targets(logits, settings.k) if settings.mode == "top_k" else \
             sampled_targets(logits, settings.k, generator)
-        parts.append(targets[:3])
+        tails = [targets.tail_log_mass, *tail_log_masses(logits, targets.ids, settings.temperatures[1:])]
+        parts.append((targets.ids, targets.log_probs, torch.stack(tails)))
     if not parts:
         empty = hidden.new_zeros(0, settings.k)
-        return empty.long(), empty.float(), hidden.new_zeros(0).float()
-    return tuple(torch.cat(tensors) for tensors in zip(*parts))
+        return empty.long(), empty.float(), hidden.new_zeros(len(settings.temperatures), 0).float()
+    ids, log_probs, tails = zip(*parts)
+    return torch.cat(ids), torch.cat(log_probs), torch.cat(tails, dim=1)
 
 
 def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettings, transform: LogitTransform,
@@ -147,7 +150,8 @@ def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list
             tokens = sum(stored["teacher_tokens"])
             info["splits"][split] = {"rows": len(stored), "blocks": blocks, "label_tokens": tokens,
                                      "record_bytes": sum(len(record) for record in stored["teacher_record"]),
-                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes)}
+                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes,
+                                                           len(settings.temperatures))}
         write_atomically(os.path.join(path, INFO), json.dumps(info, indent=2))
         cache = TeacherCache(path, info)
         log(f"teacher cache complete: {path} (key {key}; {cache.bytes_per_token():.1f} bytes a label token; "
