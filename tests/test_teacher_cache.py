@@ -31,6 +31,19 @@ def cached_trainer(tmp_path, cache, student, tokenizer, train, teacher=None, **o
                      teacher_processing_class=tokenizer if teacher is not None else None)
 
 
+def first_batch_loss(trainer, student, teacher):
+    """`(loss, labels [B, T-1], the teacher's logits at the label tokens [N, V], the student's hidden states)` of the
+    trainer's first batch."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(student, batch)
+    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    labels = batch["labels"][:, 1:]
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits[:, :-1][labels != -100]
+        hidden = student.model(**model_inputs).last_hidden_state[:, :-1]
+    return loss, labels, teacher_logits, hidden, batch
+
+
 @pytest.fixture
 def train_rows(demo_data):
     return demo_data["train"].select(range(ROWS))
@@ -73,21 +86,13 @@ def test_trainer_reads_the_cache_in_place_of_the_teacher(tmp_path, student, teac
 
     trainer = cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows)
     assert trainer.teacher_model is None and trainer.teacher_cache.key == info["key"]
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    loss = trainer.compute_loss(student, batch)
-
-    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    labels = batch["labels"][:, 1:]
-    with torch.no_grad():
-        teacher_logits = teacher(**model_inputs).logits[:, :-1][labels != -100]
+    loss, labels, teacher_logits, hidden, batch = first_batch_loss(trainer, student, teacher)
     # The run's temperature is 2: the cache stores the tail at 1 and at 2, and the target is exact at 2.
     assert info["components"]["settings"]["temperatures"] == [1.0, 2.0]
     exact = top_k_targets(teacher_logits, 32, temperature=2.0)
     tails = torch.stack([exact.tail_log_mass, exact.tempered_tail_log_mass])
     stored = record_format.decode(record_format.encode(exact.ids, exact.log_probs, tails, 2),
                                   exact.ids.size(0), 32, 2, "top_k", num_tails=2, tempered_index=1, temperature=2.0)
-    with torch.no_grad():
-        hidden = student.model(**model_inputs).last_hidden_state[:, :-1]
     reference = sparse_distillation_terms(hidden, student.lm_head, stored, labels,
                                           LossSettings(temperature=2.0, kd_weight=0.5), tail="bucket")
     torch.testing.assert_close(loss, reference.loss, rtol=1e-5, atol=1e-6)
@@ -149,13 +154,7 @@ def test_cache_stores_the_tail_at_its_temperatures_and_refuses_another(tmp_path,
     assert info["components"]["settings"]["temperatures"] == [1.0, 2.0, 4.0]
 
     trainer = cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, kd_temperature=4.0)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    loss = trainer.compute_loss(student, batch)
-    model_inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
-    labels = batch["labels"][:, 1:]
-    with torch.no_grad():
-        teacher_logits = teacher(**model_inputs).logits[:, :-1][labels != -100]
-        hidden = student.model(**model_inputs).last_hidden_state[:, :-1]
+    loss, labels, teacher_logits, hidden, _ = first_batch_loss(trainer, student, teacher)
     exact = top_k_targets(teacher_logits, 32)
     tails = torch.stack([exact.tail_log_mass, *(top_k_targets(teacher_logits, 32, temperature=t)
                                                 .tempered_tail_log_mass for t in (2.0, 4.0))])

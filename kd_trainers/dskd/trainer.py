@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import textwrap
 
@@ -15,6 +16,7 @@ from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import chunk_length
 from ..losses.reference import loss_normalizer
+from ..teacher_cache.cache import tokenizer_fingerprint
 from ..teacher import model_name, output_head_shape
 from ..tokenizer import load_tokenizer
 from .config import DSKDConfig
@@ -167,7 +169,14 @@ class DSKDTrainer(KDTrainer):
             raise ValueError(f"The {dataset_name} dataset is empty.")
         tokenize = DualTokenizer(processing_class, self.teacher_processing_class, max_length=args.max_length,
                                  max_prompt_length=args.max_prompt_length)
-        return dataset.map(tokenize, remove_columns=columns, desc=f"Tokenizing {dataset_name} dataset for DSKD")
+        # The map's fingerprint named here: `datasets` would otherwise pickle both tokenizers to hash them (28 s for
+        # Gemma 3's 262k-token vocabulary, for every split).
+        fingerprint = hashlib.sha256("|".join(map(str, (
+            getattr(dataset, "_fingerprint", None), tokenizer_fingerprint(processing_class),
+            tokenizer_fingerprint(self.teacher_processing_class), args.max_length, args.max_prompt_length,
+            "dskd-dual-tokenization-1"))).encode()).hexdigest()[:16]
+        return dataset.map(tokenize, remove_columns=columns, desc=f"Tokenizing {dataset_name} dataset for DSKD",
+                           new_fingerprint=fingerprint)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
