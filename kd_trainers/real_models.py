@@ -116,6 +116,48 @@ def chitchat_exchanges(limit: int, cache_dir: str | None = None, log=print) -> l
     return exchanges
 
 
+# DeepMind's mathematics_dataset generator (Apache-2.0), as the package `mathematics_dataset` ships it; its modules are
+# imported from the downloaded wheel, never installed.
+MATHEMATICS = (("mathematics_dataset==1.0.1",), ("mathematics_dataset",))
+
+
+def mathematics_questions(module: str, count: int, seed: int = 0, difficulty: float = 0.2,
+                          cache_dir: str | None = None, log=print) -> list[tuple[str, str]]:
+    """`count` `(question, answer)` pairs of the arithmetic module `module` (e.g. `add_or_sub`, `add_sub_multiple`,
+    `mul`) of DeepMind's mathematics_dataset, drawn with `seed` at `difficulty` (0 to 1: the share of the training
+    entropy range used, from its easy end)."""
+    folder = os.path.join(cache_dir or user_cache_dir("real_models"), "mathematics_dataset")
+    if not os.path.isdir(os.path.join(folder, "mathematics_dataset")):
+        with tempfile.TemporaryDirectory() as download:
+            log("real data: downloading mathematics_dataset==1.0.1 from the package index")
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
+                            "-d", download, *MATHEMATICS[0]], check=True, stdout=subprocess.DEVNULL)
+            (wheel,) = [os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl")]
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(folder + ".tmp")
+            os.replace(folder + ".tmp", folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    # The generator predates sympy 1.12, which moved `base_solution_linear` out of `sympy.solvers.diophantine`.
+    import sympy.solvers  # lazy: only this generator needs sympy
+    from sympy.solvers.diophantine.diophantine import base_solution_linear  # lazy: as above
+
+    sys.modules["sympy.solvers.diophantine"].base_solution_linear = base_solution_linear
+    import numpy as np  # lazy: as above
+    import random  # lazy: as above
+
+    from mathematics_dataset.modules import arithmetic  # lazy: the downloaded generator
+
+    np.random.seed(seed)
+    random.seed(seed)
+    generate = arithmetic.train(lambda bounds: (bounds[0], bounds[0] + (bounds[1] - bounds[0]) * difficulty))[module]
+    pairs = []
+    while len(pairs) < count:
+        problem = generate()
+        pairs.append((str(problem.question), str(problem.answer)))
+    return pairs
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

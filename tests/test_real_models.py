@@ -23,7 +23,8 @@ import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kd_trainers import KDConfig, KDTrainer, cli, eval_cli
+from kd_trainers import (DSKDConfig, DSKDTrainer, GKDConfig, GKDTrainer, KDConfig, KDTrainer, SeqKDConfig,
+                         SeqKDTrainer, cli, eval_cli, study_cli)
 from kd_trainers.demo.harness_tasks import demo_task_folder
 from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from kd_trainers.losses.sparse import top_k_targets
@@ -329,6 +330,64 @@ def test_seq_kd_stops_when_the_instruct_teacher_answers_plain_questions_with_not
         else:
             assert code == 0, err[-2000:]
             assert (output / "model.safetensors").exists()
+
+
+def test_every_trainer_trains_through_the_python_api_on_chat_data(smol, smol_full, qwen, data_folders, tmp_path):
+    """KDTrainer, DSKDTrainer with cross-model attention (Qwen2.5 teacher), SeqKDTrainer and on-policy GKDTrainer,
+    built as a TRL user builds them, each train two steps on conversational data and change the student's weights."""
+    rows = Dataset.from_list([json.loads(line) for line in open(os.path.join(data_folders["chat"], "train.jsonl"))][:8])
+    tokenizer = AutoTokenizer.from_pretrained(smol)
+    common = dict(output_dir=str(tmp_path / "out"), bf16=False, max_steps=2, per_device_train_batch_size=4,
+                  learning_rate=1e-4, save_strategy="no", report_to=[], disable_tqdm=True, max_length=128, seed=0)
+    trainers = {
+        "kd": lambda student: KDTrainer(model=student, teacher_model=smol_full, args=KDConfig(**common, kd_weight=0.5),
+                                        train_dataset=rows, processing_class=tokenizer),
+        "dskd_cma": lambda student: DSKDTrainer(
+            model=student, teacher_model=qwen, teacher_processing_class=AutoTokenizer.from_pretrained(qwen),
+            args=DSKDConfig(**common, kd_weight=0.5), train_dataset=rows, processing_class=tokenizer),
+        "seqkd": lambda student: SeqKDTrainer(
+            model=student, teacher_model=smol_full, args=SeqKDConfig(**common, kd_weight=0.0, seqkd_max_new_tokens=8),
+            train_dataset=rows, processing_class=tokenizer),
+        "gkd": lambda student: GKDTrainer(model=student, teacher_model=smol_full,
+                                          args=GKDConfig(**common, lmbda=1.0, max_new_tokens=8),
+                                          train_dataset=rows, processing_class=tokenizer),
+    }
+    for name, make in trainers.items():
+        student = AutoModelForCausalLM.from_pretrained(smol)
+        before = {key: value.clone() for key, value in student.state_dict().items() if "layers.1." in key}
+        make(student).train()
+        after = student.state_dict()
+        assert any(not torch.equal(value, after[key]) for key, value in before.items()), name
+
+
+def test_a_study_of_two_cells_on_real_models(smol, smol_full, sums_folders, tmp_path, capsys):
+    """`kd-study` on real models: an SFT cell and a KD cell (SmolLM2 whole as the teacher), one seed each, evaluated
+    on chat-formatted sums with exact match, and the report with its paired test."""
+    base = BASE.format(student=smol, data=sums_folders["chat"], output=tmp_path / "unused")
+    (tmp_path / "kd.yaml").write_text(textwrap.dedent(base) + f"method: kd\nteacher_model_name_or_path: {smol_full}\n")
+    (tmp_path / "sft.yaml").write_text(textwrap.dedent(base) + "method: sft\n")
+    (tmp_path / "study.yaml").write_text(textwrap.dedent(f"""\
+        name: real_two_cells
+        base_recipe: kd.yaml
+        output_dir: {tmp_path / "study"}
+        overrides: {{max_steps: 2, dataset_test_split: null}}
+        grid:
+          method:
+            sft: {{recipe: sft.yaml}}
+            kd: {{}}
+        seeds: [0]
+        evaluation: {{metrics: [exact_match], answer_extractor: last_number, split: test, limit: 6,
+                     max_new_tokens: 8}}
+        hypotheses:
+          - {{name: "KD vs SFT", a: {{method: sft}}, b: {{method: kd}}, method: auto, correction: holm}}
+        """))
+    assert study_cli.main([str(tmp_path / "study.yaml")]) == 0, capsys.readouterr().err[-2000:]
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    assert "KD vs SFT" in report and "exact_match" in report
+    for method in ("sft", "kd"):
+        (cell,) = (tmp_path / "study" / "cells").glob(f"*{method}*")
+        summary = json.loads((cell / "seed0" / "summary.json").read_text())
+        assert summary["n"] == 6 and summary["empty_predictions"] < 0.5, (method, summary)
 
 
 def test_dskd_cma_across_smollm2_and_gemma3(smol, gemma, data_folders, tmp_path, capsys):

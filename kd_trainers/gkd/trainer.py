@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 import inspect
 import random
 import textwrap
@@ -122,10 +123,14 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
             generator, extra = self.teacher_model, {}
         else:
             return inputs
-        with unwrap_model_for_generation(generator, self.accelerator, generation_kwargs=self.generation_kwargs,
-                                         **extra) as unwrapped:
-            input_ids, attention_mask, labels = self.generate_on_policy_outputs(unwrapped, inputs,
-                                                                                self.generation_config)
+        with warnings.catch_warnings():
+            # TRL's unwrapping still calls transformers' deprecated gradient-checkpointing names: not the user's to fix.
+            warnings.filterwarnings("ignore", message=r"`\w+` is deprecated and will be removed in v6",
+                                    category=FutureWarning)
+            with unwrap_model_for_generation(generator, self.accelerator, generation_kwargs=self.generation_kwargs,
+                                             **extra) as unwrapped:
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(unwrapped, inputs,
+                                                                                    self.generation_config)
         return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,7 +234,11 @@ class KDConfig(SFTConfig):
         self._check_teacher_cache_settings()
         self._check_teacher_server_settings()
         self._refuse_sft_only_losses()
-        super().__post_init__()
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient checkpointing, and TRL's configs still set it by its old name: a notice
+            # about TRL's default, not about anything the user wrote.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+            super().__post_init__()
         check_training_args(self)  # settings that would train nothing are refused here, before any model loads
 
     # LossSettings' names -> this config's fields, for error messages.
