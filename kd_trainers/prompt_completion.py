@@ -25,7 +25,7 @@ def as_prompt_completion(example: dict, method: str = "DSKD") -> tuple[Any, Any]
         messages = example["messages"]
         if not messages or messages[-1].get("role") != "assistant":
             raise ValueError(
-                f"{method} needs a response to distil: the last message of each 'messages' example must be the "
+                f"{method} needs each example's response: the last message of each 'messages' example must be the "
                 f"assistant's, got role {messages[-1].get('role') if messages else None!r}. Use prompt/completion "
                 "columns or end every conversation on an assistant turn."
             )

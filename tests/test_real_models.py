@@ -383,7 +383,7 @@ def test_a_study_of_two_cells_on_real_models(smol, smol_full, sums_folders, tmp_
         """))
     assert study_cli.main([str(tmp_path / "study.yaml")]) == 0, capsys.readouterr().err[-2000:]
     report = (tmp_path / "study" / "report" / "report.md").read_text()
-    assert "KD vs SFT" in report and "exact_match" in report
+    assert "KD vs SFT" in report and "exact_match" in report and "## Empty answers" in report
     for method in ("sft", "kd"):
         (cell,) = (tmp_path / "study" / "cells").glob(f"*{method}*")
         summary = json.loads((cell / "seed0" / "summary.json").read_text())

@@ -288,6 +288,30 @@ def reference_names(study: Study) -> list[str]:
     return [step["name"] for step in study.prepare]
 
 
+def empty_answers_table(study: Study) -> pd.DataFrame:
+    """The share of empty generated answers (`empty_predictions` of each evaluation's summary.json), per cell
+    averaged over its finished seeds, and per reference: columns cell, seeds, empty_answers."""
+    rows = []
+    for cell in study.cells:
+        shares = [_summary_value(cell_dir(study, cell, seed), "empty_predictions") for seed in study.seeds]
+        shares = [share for share in shares if share is not None]
+        if shares:
+            rows.append({"cell": cell.name, "seeds": len(shares), "empty_answers": sum(shares) / len(shares)})
+    for name in reference_names(study):
+        share = _summary_value(reference_dir(study, name), "empty_predictions")
+        if share is not None:
+            rows.append({"cell": f"{name} (reference)", "seeds": 1, "empty_answers": share})
+    return pd.DataFrame(rows, columns=["cell", "seeds", "empty_answers"])
+
+
+def _summary_value(directory: str, key: str):
+    path = os.path.join(directory, "summary.json")
+    if not os.path.exists(os.path.join(directory, DONE)) or not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle).get(key)
+
+
 def collect_references(study: Study) -> pd.DataFrame:
     """The reference models (prepare steps' models, the cells' other teachers) as scored by the study's evaluation:
     columns cell (the reference's name), example_id, <metrics>; empty when there is none."""
@@ -445,6 +469,11 @@ def write_report(study: Study) -> str:
     sections.append("## Mean score per configuration\n\n" + _markdown(means) + f"\n{blank_note} Reference rows are "
                     "the study's prepared models (the teachers), scored the same way. Half-widths of 95% Student-t "
                     "confidence intervals are in `summary.csv` and drawn as error bars.\n")
+    empty = empty_answers_table(study)
+    if len(empty):
+        sections.append("## Empty answers\n\nThe share of generated answers that were empty (the model ended its "
+                        "answer at once: an instruct model given plain prompts often does), per configuration; a "
+                        "score over empty answers measures the format, not the model.\n\n" + _markdown(empty) + "\n")
     displays = [(hypothesis, table, hypothesis_display(hypothesis, table)) for hypothesis, table in hypotheses]
     for hypothesis, _, shown in displays:
         sections.append(f"## {hypothesis.get('name', 'hypothesis')}: {hypothesis['b_cell']} − {hypothesis['a_cell']}"
