@@ -282,7 +282,8 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
     "rev_kd": "method: kd\nteacher_model_name_or_path: {teacher}\ndivergence: reverse_kl\n",
     "dskd": "method: dskd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.5\n",
     "dskd_cma": "method: dskd\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
-    "seqkd": "method: seqkd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.0\nseqkd_max_new_tokens: 12\n",
+    "seqkd": "method: seqkd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.0\nseqkd_max_new_tokens: 12\n"
+             "seqkd_cache_dir: {output}-seqkd\n",  # not the session's shared cache, which test_study.py reads
     "gkd": "method: gkd\nteacher_model_name_or_path: {teacher}\nlmbda: 1.0\nmax_new_tokens: 8\n",
     "cache": "method: kd\nteacher_model_name_or_path: {teacher}\nteacher_cache: {output}-cache\nkd_temperature: 2.0\n",
     "two_teachers": "method: kd\nteachers:\n  - {{model: {teacher}, weight: 0.7, name: whole}}\n"
@@ -346,7 +347,8 @@ def test_every_trainer_trains_through_the_python_api_on_chat_data(smol, smol_ful
             model=student, teacher_model=qwen, teacher_processing_class=AutoTokenizer.from_pretrained(qwen),
             args=DSKDConfig(**common, kd_weight=0.5), train_dataset=rows, processing_class=tokenizer),
         "seqkd": lambda student: SeqKDTrainer(
-            model=student, teacher_model=smol_full, args=SeqKDConfig(**common, kd_weight=0.0, seqkd_max_new_tokens=8),
+            model=student, teacher_model=smol_full,
+            args=SeqKDConfig(**common, kd_weight=0.0, seqkd_max_new_tokens=8, seqkd_cache_dir=str(tmp_path / "seqkd")),
             train_dataset=rows, processing_class=tokenizer),
         "gkd": lambda student: GKDTrainer(model=student, teacher_model=smol_full,
                                           args=GKDConfig(**common, lmbda=1.0, max_new_tokens=8),

@@ -375,7 +375,8 @@ def test_kd_serve_teacher_and_kd_train_from_the_command_line(tmp_path):
             assert server.poll() is None and time.monotonic() < deadline, server.stdout.read()
             time.sleep(0.2)
         out = tmp_path / "run"
-        status = cli.main(["vanilla_kd", f"teacher_url={url}", "teacher_model_name_or_path=null", "max_steps=2",
+        status = cli.main(["vanilla_kd", f"teacher_url={url}", "teacher_model_name_or_path=null", "kd_temperature=1",
+                           "max_steps=2",
                            "save_steps=2", "eval_steps=2", "logging_steps=1", "per_device_train_batch_size=4",
                            f"output_dir={out}"])
         assert status == 0
