@@ -19,8 +19,9 @@ def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, 
                          **generation) -> list[str]:
     """Completions of `prompts` (text, or lists of chat messages), each given to the model exactly as training
     tokenizes a prompt (`prompt_token_ids`: the chat template with the generation prompt for messages), in
-    left-padded batches; greedy unless `do_sample=True`. Special tokens are removed, and surrounding whitespace too
-    unless `strip=False` (training data keeps the completion's leading space)."""
+    left-padded batches; greedy unless `do_sample=True`, ending at the tokenizer's EOS (an instruct model's end of
+    turn). Special tokens are removed, and surrounding whitespace too unless `strip=False` (training data keeps the
+    completion's leading space)."""
     settings = {**DEFAULT_GENERATION, **generation}
     if not settings["do_sample"]:
         settings.pop("temperature"), settings.pop("top_p")
@@ -37,19 +38,10 @@ def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, 
         input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id,
-                                   eos_token_id=_stop_ids(model, tokenizer), **settings)
+                                   eos_token_id=tokenizer.eos_token_id, **settings)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         line.update(len(outputs))
     return [text.strip() for text in outputs] if strip else outputs
-
-
-def _stop_ids(model, tokenizer) -> list[int]:
-    """The tokens that end an answer: the tokenizer's EOS and the model's own (an instruct model's end of turn)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.insert(0, tokenizer.eos_token_id)
-    return ids
 
 
 def empty_share(predictions: list[str]) -> float:
