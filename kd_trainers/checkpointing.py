@@ -6,7 +6,8 @@ process writes into `<output_dir>/.staging/checkpoint-N/`, and once all of them 
 `<output_dir>/checkpoint-N` (`os.replace`: atomic on one filesystem) and only then rotates old checkpoints.
 
 `Trainer` also pickles its `TrainingArguments` into every checkpoint and the final folder (`training_args.bin`); here
-they are pickled with their secrets (`hub_token`) set to None, so that no token reaches the disk.
+they are pickled with their secrets (`hub_token`) set to None and the credentials of any URL (`teacher_url`) redacted,
+so that no token or password reaches the disk.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import shutil
 
 from transformers.trainer_utils import rotate_checkpoints
 
-from .redaction import is_secret_key
+from .redaction import is_secret_key, redact
 
 STAGING_DIR = ".staging"
 
@@ -30,11 +31,17 @@ class AtomicCheckpointMixin:
 
     @contextlib.contextmanager
     def _arguments_without_secrets(self):
-        """`self.args` with every secret field (`hub_token`) None while files are written; restored after."""
-        hidden = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)
-                  if is_secret_key(f.name) and isinstance(getattr(self.args, f.name, None), str)}
-        for name in hidden:
-            object.__setattr__(self.args, name, None)
+        """`self.args` with every secret field (`hub_token`) None and every URL's credentials redacted (in a string
+        field, or one holding a list or dict: several teachers' URLs) while files are written; restored after."""
+        hidden, replaced = {}, {}
+        for f in dataclasses.fields(self.args):
+            value = getattr(self.args, f.name, None)
+            if is_secret_key(f.name) and isinstance(value, str):
+                hidden[f.name], replaced[f.name] = value, None
+            elif isinstance(value, (str, list, tuple, dict)) and redact(value) != value:
+                hidden[f.name], replaced[f.name] = value, redact(value)
+        for name, value in replaced.items():
+            object.__setattr__(self.args, name, value)
         try:
             yield
         finally:

@@ -73,8 +73,10 @@ def _copy(argv: list[str]) -> int:
 
 
 def one_line(error: BaseException) -> str:
-    """An error's message on one line (library messages often span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
+    """An error's message on one line (library messages often span several), without the credentials of any URL."""
+    from .redaction import redact_urls
+
+    return redact_urls(" ".join(str(error).split())) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +155,7 @@ def _cache_teacher(recipe_path: str, overrides: list[str]) -> int:
     if getattr(recipe.config, "teacher_cache", None) is None:
         raise RecipeError(f"{recipe_path}: cache-teacher writes the cache named by teacher_cache, which is not set: "
                           f"kd-train cache-teacher {recipe_path} teacher_cache=PATH.")
-    preflight(recipe, output=False)
+    preflight(recipe, output=False, repair=True)  # the pass rewrites a damaged cache's blocks
     apply_env(recipe.options)
     if recipe.options["accelerate"] and not already_launched():
         return relaunch(recipe_path, overrides, recipe.options["accelerate"], command_name="cache-teacher")
@@ -199,19 +201,21 @@ def _main(argv: list[str]) -> int:
     recipe = load_recipe(recipe_path, overrides)
 
     from .recipe.launch import already_launched, launched_by_kd_train, relaunch
-    from .recipe.output import evaluation_finished, is_finished, start_over_if_asked
+    from .recipe.output import check_output_dir, evaluation_finished, is_finished, start_over_if_asked
     from .recipe.preflight import preflight
     from .recipe.run import apply_env, evaluate_recipe, finished_message
 
     start_over_if_asked(recipe)  # before the checks: the old run's settings no longer matter
-    preflight(recipe)
     evaluate_here = bool(recipe.options["evaluation"]) and not launched_by_kd_train() and \
         int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if is_finished(recipe.config.output_dir):
-        if evaluate_here and not evaluation_finished(recipe.config.output_dir):
-            evaluate_recipe(recipe)  # training finished, its evaluation was interrupted
-        else:
-            print(finished_message(recipe.config.output_dir), flush=True)
+    finished = is_finished(recipe.config.output_dir)
+    if finished and not (evaluate_here and not evaluation_finished(recipe.config.output_dir)):
+        check_output_dir(recipe)  # the same run (other settings are refused), needing nothing else: no server asked
+        print(finished_message(recipe.config.output_dir), flush=True)
+        return 0
+    preflight(recipe)
+    if finished:
+        evaluate_recipe(recipe)  # training finished, its evaluation was interrupted
         return 0
     apply_env(recipe.options)  # before a relaunch, so that every launched process inherits it
 

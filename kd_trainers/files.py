@@ -10,10 +10,12 @@ DONE = "done.json"
 
 
 def write_atomically(path: str, text: str) -> None:
-    """`text` into `path` through a temporary file and a rename (atomic on one filesystem)."""
-    with open(path + ".tmp", "w") as handle:
+    """`text` into `path` through a temporary file of this process and a rename (atomic on one filesystem; two
+    processes writing the same file each rename a whole one)."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as handle:
         handle.write(text)
-    os.replace(path + ".tmp", path)
+    os.replace(temporary, path)
 
 
 def write_done(directory: str, info: dict) -> None:

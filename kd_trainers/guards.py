@@ -37,7 +37,7 @@ def _positive(value) -> bool:
 def check_training_args(args) -> None:
     """Raises `ValueError` naming the field, the value and the fix for settings that would train nothing (or fail
     after the models load): an empty `output_dir`, `max_steps: 0`, batch sizes or accumulation below 1, a negative or
-    non-finite learning rate, no epochs to train."""
+    non-finite learning rate, no epochs to train, a seed numpy cannot take."""
     if not str(getattr(args, "output_dir", "x") or "").strip():
         raise ValueError("output_dir: '' is empty: name the folder the run writes to, e.g. output_dir: outputs/run1.")
     if args.max_steps == 0 or (isinstance(args.max_steps, int) and args.max_steps < -1):
@@ -53,6 +53,10 @@ def check_training_args(args) -> None:
     if not isinstance(args.learning_rate, (int, float)) or not math.isfinite(args.learning_rate) \
             or args.learning_rate < 0:
         raise ValueError(f"learning_rate: {args.learning_rate!r} should be a finite number >= 0 (e.g. 2e-5).")
+    for name in ("seed", "data_seed"):  # numpy's and torch's generators take 0 .. 2**32 - 1
+        value = getattr(args, name, None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32):
+            raise ValueError(f"{name}: {value!r} should be an integer from 0 to 4294967295 (2**32 - 1), e.g. 42.")
     max_length = getattr(args, "max_length", None)
     if max_length is not None and (not isinstance(max_length, int) or max_length < 2):
         raise ValueError(f"max_length: {max_length!r} should be an integer of at least 2 (prompt and completion "

@@ -1,7 +1,9 @@
 """Secrets never reach the disk: what a run saves (its resolved recipe, its command line, a study's cell record) is
 redacted here first, and `TrainingArguments` are saved without their token (see `kd_trainers.checkpointing`).
 
-A secret is the value of a key whose name says so: `hub_token`, `api_key`, `HF_TOKEN`, `WANDB_API_KEY`, a password...
+A secret is the value of a key whose name says so: `hub_token`, `api_key`, `HF_TOKEN`, `WANDB_API_KEY`, a password...,
+and the user and password of any URL (`http://user:secret@host/v1` is saved as `http://<redacted>@host/v1`), whatever
+key holds it: `teacher_url`, a `teachers:` entry's `url`, a judge's `base_url`.
 Tokens are best left out of recipes altogether: huggingface_hub reads `HF_TOKEN` or `hf auth login`, and the judge
 reads `OPENAI_API_KEY`.
 """
@@ -26,8 +28,20 @@ def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY.search(name)) and not NOT_SECRET.search(name)
 
 
+# `scheme://userinfo@`: what a URL carries its credentials in (RFC 3986), up to the host.
+URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#@\s]+)@")
+
+
+def redact_urls(text: str) -> str:
+    """`text` with the user and password of every URL in it replaced by `<redacted>`."""
+    return URL_CREDENTIALS.sub(lambda match: f"{match['scheme']}{REDACTED}@", text)
+
+
 def redact(value: Any) -> Any:
-    """A copy of `value` (nested dicts and lists) with every secret's value replaced by `<redacted>`."""
+    """A copy of `value` (nested dicts and lists) with every secret's value replaced by `<redacted>`, and the
+    credentials of every URL in its text."""
+    if isinstance(value, str):
+        return redact_urls(value)
     if isinstance(value, dict):
         return {key: (REDACTED if is_secret_key(key) and item not in (None, "") else redact(item))
                 for key, item in value.items()}
@@ -49,6 +63,6 @@ def redact_arguments(argv: list[str]) -> list[str]:
         if sep and is_secret_key(flag):
             result.append(f"{key}={REDACTED}")
         else:
-            result.append(argument)
+            result.append(redact_urls(argument))
             hide_next = argument.startswith("--") and not sep and is_secret_key(flag)
     return result

@@ -9,8 +9,25 @@ teacher on a GPU, vLLM serves the same API faster (the README gives the command 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
+import socket
 import sys
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on `host:port` (taken, or a host not of this machine), or None: a bind as
+    uvicorn's own (with SO_REUSEADDR), released at once."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        what = "is in use" if error.errno == errno.EADDRINUSE else "cannot be listened on"
+        return (f"{host}:{port} {what} ({error.strerror or error}); choose another --port (or --host), or stop what "
+                "listens there.")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if missing:  # the `serve` extra, checked before the model loads
         print(f"kd-serve-teacher: {' and '.join(missing)} not installed: pip install 'kd-trainers[serve]'.",
               file=sys.stderr)
+        return 2
+    problem = port_problem(options.host, options.port)
+    if problem:  # before the model loads: a busy port would otherwise show only once it has
+        print(f"kd-serve-teacher: --port {options.port}: {problem}", file=sys.stderr)
         return 2
     import torch
     import uvicorn

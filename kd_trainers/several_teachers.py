@@ -4,7 +4,8 @@ that routes each example to one teacher by a dataset column (`teacher_column`).
 An entry is a teacher in memory (`model`: a model, a Hub id or a path, with an optional `adapter`), a teacher cache
 (`cache`: a folder holding a complete one) or a served teacher (`url`), with a `weight` (1 by default) and a `name`
 (`teacher0`, `teacher1`, ... by default; the logs' `kd_loss_<name>` and the routing column use it); a served
-teacher may give its `tokenizer` (else the one of the served model's name is loaded). A plain model or
+teacher may give its `tokenizer` (else the one of the served model's name is loaded), and so may a model (one built
+in memory has no name to load it from; else the one beside its name or path is loaded). A plain model or
 name in the list is `{model: it}`. Per token the target is the weighted mixture of the teachers' distributions
 (`kd_trainers.losses.mixture_distillation_terms`), or, with `teacher_column`, the distribution of the one teacher
 the example's column names.
@@ -73,9 +74,9 @@ def teacher_entries(values, field: str = "teacher_models") -> list[TeacherEntry]
                              "kd_loss_<name>).")
         if value.get("adapter") is not None and kinds[0] != "model":
             raise ValueError(f"{where}.adapter: only a teacher in memory (model) takes an adapter.")
-        if value.get("tokenizer") is not None and kinds[0] != "url":
-            raise ValueError(f"{where}.tokenizer: only a served teacher (url) takes a tokenizer; a model's comes "
-                             "with it, a cache's is the student's.")
+        if value.get("tokenizer") is not None and kinds[0] == "cache":
+            raise ValueError(f"{where}.tokenizer: a cache's tokenizer is the student's (it was written for it); "
+                             "remove the key.")
         source = value[kinds[0]]
         if kinds[0] != "model" and not isinstance(source, str):
             what = "folder" if kinds[0] == "cache" else "URL"

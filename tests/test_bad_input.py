@@ -117,7 +117,8 @@ CASES = [
      {"recipe.yaml": recipe(accelerate={"config": "zero2", "num_processes": 2})},
      "pip install 'kd-trainers[deepspeed]'"),
     ("changed settings", "train", ["recipe.yaml"],
-     {"recipe.yaml": recipe(), "out/run_info.json": json.dumps({"settings": {"kd_temperature": 4.0}})},
+     {"recipe.yaml": recipe(), "out/run_info.json": json.dumps({"settings": {"kd_temperature": 4.0}}),
+      "out/checkpoint-2/trainer_state.json": "{}"},
      "holds a run made with other settings (kd_temperature: 4.0 -> 1.0"),
     ("a MULTI_CPU accelerate config", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(accelerate={"config": "cpu.yaml", "num_processes": 2}),
@@ -138,10 +139,6 @@ CASES = [
     ("agreement with a teacher cache", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(teacher_cache="cache", agreement={"every_steps": 1})},
      "agreement: method 'kd' holds no teacher while training (teacher_cache='cache' stands in for the teacher)"),
-    ("a teacher cache written with other settings", "train", ["recipe.yaml"],
-     {"recipe.yaml": recipe(teacher_cache="cache", teacher_cache_k=8),
-      "cache/cache_info.json": json.dumps({"complete": True, "components": {"settings": {"mode": "top_k", "k": 32}}})},
-     "teacher_cache: 'cache' was written with other settings (teacher_cache_k: 8 where the cache has 32)"),
     ("a recipe with neither a teacher nor a complete cache", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(teacher_cache="cache", teacher_model_name_or_path=None)},
      "teacher_cache: 'cache' holds no complete teacher cache, and teacher_model_name_or_path is null"),
@@ -204,6 +201,20 @@ CASES = [
      "alpha: 5"),
     ("bad study evaluation", "study", ["study.yaml"],
      {"study.yaml": study(evaluation={"batch_size": 0}), "recipe.yaml": recipe()}, "evaluation.batch_size: 0"),
+    ("a negative seed", "train", ["recipe.yaml", "seed=-1"], {"recipe.yaml": recipe()},
+     "seed: -1 should be an integer from 0 to 4294967295"),
+    ("a folder given as the recipe", "train", ["recipes"], {"recipes/a.yaml": recipe(), "recipes/b.yml": recipe()},
+     "'recipes' is a folder, not a YAML file; name a file in it (it holds a.yaml, b.yml)"),
+    ("a data file of blank lines", "train", ["recipe.yaml"], {"recipe.yaml": recipe(), "data.jsonl": "\n\n  \n"},
+     "dataset_name: 'data.jsonl' holds only blank lines"),
+    ("splits of different columns", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(dataset_name="data"), "data/train.jsonl": jsonl(ROWS),
+      "data/test.jsonl": jsonl([{**ROWS[0], "source": "web"}])},
+     "dataset_name: 'data' cannot be read (CastError: "),
+    ("a routing column that is not one", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(teacher_model_name_or_path=None, teacher_column="nope",
+                            teachers=[{"model": "demo:llama/teacher/bpe"}, {"model": "demo:qwen2/teacher/bpe"}])},
+     "teacher_column='nope' is not a column of the train data (it has ['prompt', 'completion'])"),
     ("kd-eval: no such model", "eval", ["--model", "outputs/none/run", "--output", "ev"], {},
      "--model: 'outputs/none/run' does not exist"),
     ("kd-eval: unfinished run", "eval", ["--model", "run", "--output", "ev"],
@@ -236,10 +247,34 @@ def no_heavy_work(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", heavy)
 
 
-@pytest.mark.parametrize("name,command,argv,files,expected", CASES,
-                         ids=[getattr(case, "values", case)[0] for case in CASES])
-def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files, expected, tmp_path, monkeypatch,
-                                                      capsys, no_heavy_work):
+def _write_files(files: dict) -> None:
+    for path, text in files.items():
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+
+
+def refused(command, argv, expected, folder, capsys, prepare=None):
+    """Runs the command in `folder` (the current directory), after `prepare()` when given; asserts exit 2, one line
+    holding `expected`, no traceback, and the folder as it was."""
+    if prepare is not None:
+        prepare()
+    before = listing(folder)
+    code = COMMANDS[command](argv)
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert code == 2, captured
+    assert len(lines) == 1, lines
+    assert "Traceback" not in captured.err + captured.out
+    assert expected in lines[0], lines[0]
+    after = [entry for entry in listing(folder) if not entry[0].startswith(".hf")]
+    assert after == [entry for entry in before if not entry[0].startswith(".hf")]  # nothing written, nothing changed
+    return lines[0]
+
+
+@pytest.fixture
+def bare_machine(tmp_path, monkeypatch):
+    """An empty folder as the current directory, no Hub token, and neither wandb nor deepspeed installed."""
     import importlib.util
 
     monkeypatch.chdir(tmp_path)
@@ -249,21 +284,130 @@ def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files
     missing = {"wandb", "deepspeed"}  # as on a machine without these extras
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda module, *a: None if module in missing else real_find_spec(module, *a))
-    files = {"data.jsonl": jsonl(ROWS), **files}
-    for path, text in files.items():
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as handle:
-            handle.write(text)
-    before = listing(tmp_path)
-    code = COMMANDS[command](argv)
-    captured = capsys.readouterr()
-    lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert code == 2, captured
-    assert len(lines) == 1, lines
-    assert "Traceback" not in captured.err + captured.out
-    assert expected in lines[0], lines[0]
-    after = [entry for entry in listing(tmp_path) if not entry[0].startswith(".hf")]
-    assert after == [entry for entry in before if not entry[0].startswith(".hf")]  # nothing written, nothing changed
+    return tmp_path
+
+
+@pytest.mark.parametrize("name,command,argv,files,expected", CASES,
+                         ids=[getattr(case, "values", case)[0] for case in CASES])
+def test_bad_input_is_one_line_exit_2_before_any_work(name, command, argv, files, expected, bare_machine, capsys,
+                                                      no_heavy_work):
+    _write_files({"data.jsonl": jsonl(ROWS), **files})
+    refused(command, argv, expected, bare_machine, capsys)
+
+
+# A teacher cache written for real (the GOOD recipe's teacher over ROWS), then damaged as a disk, an editor or an
+# interrupted copy would: (id, command, recipe changes, damage, data rows, text the one line must contain).
+def _edit_info(change):
+    def damage():
+        with open("cache/cache_info.json") as handle:
+            info = json.load(handle)
+        change(info)
+        with open("cache/cache_info.json", "w") as handle:
+            json.dump(info, handle)
+    return damage
+
+
+def _arrow_file():
+    block = "cache/train/block-000000"
+    return os.path.join(block, next(name for name in sorted(os.listdir(block)) if name.endswith(".arrow")))
+
+
+def _truncate_arrow():
+    path = _arrow_file()
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_a_byte():
+    path = _arrow_file()
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _cut_info_in_half():
+    with open("cache/cache_info.json", "r+") as handle:
+        handle.truncate(os.path.getsize("cache/cache_info.json") // 2)
+
+
+def _remove(path):
+    import shutil
+
+    return lambda: shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+FROM_CACHE = {"teacher_model_name_or_path": None, "teacher_cache": "cache"}
+CACHE_CASES = [
+    ("info without components", "train", FROM_CACHE, _edit_info(lambda info: info.pop("components")), ROWS,
+     "teacher_cache='cache': cache_info.json has no field 'components.teacher'; run `kd-train cache-teacher RECIPE "
+     "teacher_cache=cache`"),
+    ("info cut in half", "train", FROM_CACHE, _cut_info_in_half, ROWS,
+     "teacher_cache='cache': cache_info.json cannot be read (JSONDecodeError"),
+    ("k edited in the info", "train", FROM_CACHE,
+     _edit_info(lambda info: info["components"]["settings"].update(k=16)), ROWS,
+     "key: '"),
+    ("id_bytes edited in the info", "train", FROM_CACHE, _edit_info(lambda info: info.update(id_bytes=3)), ROWS,
+     "cache_info.json: id_bytes: 3 is not 2 (the bytes an id of a 640-token vocabulary takes)"),
+    ("complete: false", "train", FROM_CACHE, _edit_info(lambda info: info.update(complete=False)), ROWS,
+     "teacher_cache: 'cache' holds an unfinished pass, and teacher_model_name_or_path is null"),
+    ("an unfinished pass", "train", FROM_CACHE, _remove("cache/cache_info.json"), ROWS,
+     "teacher_cache: 'cache' holds an unfinished pass"),
+    ("a block count edited", "train", FROM_CACHE,
+     _edit_info(lambda info: info["splits"]["train"].update(blocks=2)), ROWS,
+     "cache_info.json: splits.train.blocks: 2 is not 1 (blocks of 256 rows for 6 rows)"),
+    ("half an Arrow block truncated", "train", FROM_CACHE, _truncate_arrow, ROWS,
+     "teacher_cache='cache': train/block-000000 has its file data-00000-of-00001.arrow at"),
+    ("a block's bytes changed", "train", FROM_CACHE, _flip_a_byte, ROWS,
+     "train/block-000000 has its file data-00000-of-00001.arrow changed since it was written"),
+    ("a block deleted", "train", FROM_CACHE, _remove("cache/train/block-000000"), ROWS,
+     "train/block-000000 is missing. Run `kd-train cache-teacher RECIPE teacher_cache=cache`"),
+    ("a block's checksum deleted", "train", FROM_CACHE, _remove("cache/train/block-000000/kd_block.json"), ROWS,
+     "train/block-000000 has no readable kd_block.json"),
+    ("a cache of other data", "train", FROM_CACHE, None, ROWS[:5],
+     "teacher_cache: 'cache' holds 6 rows of the train split, and the recipe's data has 5"),
+    ("a cache of another tokenizer", "train", {**FROM_CACHE, "model_name_or_path": "demo:llama/student/wordpiece"},
+     None, ROWS, "teacher_cache: 'cache' was written for another tokenizer than the student's"),
+    ("a cache written with other settings", "train", {**FROM_CACHE, "teacher_cache_k": 8}, None, ROWS,
+     "teacher_cache: 'cache' was written with other settings (teacher_cache_k: 8 where the cache has 32)"),
+    ("a damaged cache with its teacher named", "train", {"teacher_cache": "cache"},
+     _remove("cache/train/block-000000"), ROWS, "train/block-000000 is missing"),
+    ("validate: a damaged cache", "validate", FROM_CACHE, _truncate_arrow, ROWS, "train/block-000000 has its file"),
+    ("a damaged cache among several teachers", "train",
+     {"teacher_model_name_or_path": None, "teachers": [{"cache": "cache"}, {"model": "demo:llama/teacher/bpe"}]},
+     _remove("cache/train/block-000000"), ROWS, "teachers[0].cache: teacher_cache='cache': train/block-000000 is "
+     "missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def written_cache(tmp_path_factory):
+    """A complete teacher cache of the GOOD recipe's teacher over ROWS, written by `kd-train cache-teacher`."""
+    folder = tmp_path_factory.mktemp("written_cache")
+    _in(folder, lambda: _write_files({"data.jsonl": jsonl(ROWS), "recipe.yaml": recipe(teacher_cache="cache")}))
+    assert _in(folder, lambda: cli.main(["cache-teacher", "recipe.yaml"])) == 0
+    return folder / "cache"
+
+
+def _in(folder, action):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        return action()
+    finally:
+        os.chdir(previous)
+
+
+@pytest.mark.parametrize("name,command,changes,damage,rows,expected", CACHE_CASES,
+                         ids=[case[0] for case in CACHE_CASES])
+def test_a_damaged_or_mismatched_cache_is_one_line_exit_2_before_any_work(
+        name, command, changes, damage, rows, expected, written_cache, bare_machine, capsys, no_heavy_work):
+    import shutil
+
+    shutil.copytree(written_cache, "cache")
+    _write_files({"data.jsonl": jsonl(rows), "recipe.yaml": recipe(**changes)})
+    refused(command, ["recipe.yaml"], expected, bare_machine, capsys, prepare=damage)
 
 
 def test_there_are_at_least_thirty_cases_over_every_cli():
@@ -278,3 +422,105 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
 
     with pytest.raises(RecipeError, match="max_steps: 0"):
         cli.main(["recipe.yaml", "--debug"])
+
+
+class CappedScorer:
+    """A server that answers fewer log-probabilities than asked (a silent cap): 4 a position, whatever k is."""
+
+    def __init__(self, scorer, name=None):
+        self.scorer, self.name = scorer, name
+
+    def models(self):
+        answer = self.scorer.models()
+        if self.name:  # the same model under another name: another tokenizer, as far as a run can tell
+            answer["data"][0]["id"] = answer["data"][0]["root"] = self.name
+        return answer
+
+    def completions(self, body):
+        status, answer = self.scorer.completions({**body, "model": None})
+        if status == 200 and not self.name:  # the 4 most probable, and the prompt token itself (as vLLM adds it)
+            for choice, ids in zip(answer["choices"], body["prompt"]):
+                choice["prompt_logprobs"] = [None if position is None else {
+                    key: value for key, value in position.items() if value["rank"] <= 4 or key == str(ids[j])}
+                    for j, position in enumerate(choice["prompt_logprobs"])]
+        return status, answer
+
+
+@pytest.fixture(scope="module")
+def servers():
+    """Loopback teacher servers: the demo teacher with --max-logprobs 8, one that caps its answers at 4, and one that
+    names a model of another vocabulary."""
+    from kd_trainers.demo import demo_model, demo_tokenizer
+    from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
+
+    tokenizer = demo_tokenizer("bpe")
+    scorer = PromptScorer(demo_model("llama", tokenizer, "teacher", seed=1), tokenizer, "demo:llama/teacher/bpe",
+                          max_logprobs=8)
+    running = {"limited": LoopbackServer(scorer).start(), "capped": LoopbackServer(CappedScorer(scorer)).start(),
+               "other vocabulary": LoopbackServer(CappedScorer(scorer, "demo:llama/teacher/wordpiece")).start()}
+    yield {name: server.url for name, server in running.items()}
+    for server in running.values():
+        server.stop()
+
+
+SERVED = {"teacher_model_name_or_path": None, "kd_temperature": 1.0, "teacher_server_k": 8}
+# (id, server, how the recipe names it, recipe changes, text the one line must contain)
+SERVER_CASES = [
+    ("a URL whose path 404s", "limited", lambda url: url.replace("/v1", "/api/v1"), SERVED,
+     "refused GET /models: HTTP 404"),
+    ("a URL without /v1", "limited", lambda url: url[: -len("/v1")], SERVED,
+     "no such path on this server: the URL is the API's base URL, ending in /v1"),
+    ("teacher_server_k above --max-logprobs", "limited", str, {**SERVED, "teacher_server_k": 20},
+     "refused a prompt_logprobs request at teacher_server_k=20: HTTP 400"),
+    ("a server that answers fewer log-probabilities", "capped", str, SERVED,
+     "gave no usable answer to a prompt_logprobs request at teacher_server_k=8 (InvalidAnswer: prompt 0, position 1: "),
+    ("a served model of another vocabulary", "other vocabulary", str, SERVED, "use different tokenizers"),
+    ("a teachers entry whose path 404s", "limited", lambda url: url.replace("/v1", "/x/v1"),
+     {"teacher_model_name_or_path": None, "teacher_server_k": 8, "kd_temperature": 1.0},
+     "teachers[0].url: 'http://127.0.0.1:"),
+]
+
+
+@pytest.mark.parametrize("name,server,named,changes,expected", SERVER_CASES, ids=[case[0] for case in SERVER_CASES])
+def test_a_wrong_server_is_refused_in_one_line_before_any_work(name, server, named, changes, expected, servers,
+                                                               bare_machine, capsys, no_heavy_work):
+    url = named(servers[server])
+    if name.startswith("a teachers entry"):
+        changes = {**changes, "teachers": [{"url": url}, {"model": "demo:llama/teacher/bpe"}]}
+    else:
+        changes = {**changes, "teacher_url": url}
+    _write_files({"data.jsonl": jsonl(ROWS), "recipe.yaml": recipe(**changes)})
+    line = refused("train", ["recipe.yaml"], expected, bare_machine, capsys)
+    assert "fewer than asked for" in line or server != "capped"
+    assert "_Retryable" not in line and "start the teacher's server first" not in line.lower()
+
+
+def test_a_run_stopped_before_its_first_step_does_not_bind_the_next(bare_machine):
+    """Other settings are refused once the folder holds a checkpoint; before that, only `run_info.json` is there,
+    and the corrected run may start."""
+    from kd_trainers.recipe.output import check_output_dir
+    from kd_trainers.recipe.schema import load_recipe
+
+    _write_files({"data.jsonl": jsonl(ROWS), "recipe.yaml": recipe(),
+                  "out/run_info.json": json.dumps({"settings": {"kd_temperature": 4.0}})})
+    check_output_dir(load_recipe("recipe.yaml"))
+    _write_files({"out/checkpoint-1/trainer_state.json": "{}"})
+    from kd_trainers.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="holds a run made with other settings"):
+        check_output_dir(load_recipe("recipe.yaml"))
+
+
+def test_kd_serve_teacher_on_a_busy_port_says_so_before_loading_the_model(capsys, no_heavy_work):
+    import socket
+
+    from kd_trainers import serve_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = serve_cli.main(["demo:llama/teacher/bpe", "--port", str(port)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1
+    assert f"--port {port}: 127.0.0.1:{port} is in use" in lines[0] and "choose another --port" in lines[0]

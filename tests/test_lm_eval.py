@@ -165,7 +165,9 @@ def test_fewshot_limit_and_batch_size_take_effect_and_a_peft_model_is_scored_mer
 
 
 @pytest.mark.slow
-def test_kd_eval_scores_a_task_defined_only_in_an_include_path(tasks, tmp_path, capsys):
+def test_kd_eval_scores_a_task_defined_only_in_an_include_path(tasks, tmp_path, capfd, monkeypatch):
+    capsys = capfd  # what git, started by lm-eval, writes to the terminal is seen too
+    monkeypatch.chdir(tmp_path)  # outside any git repository
     output = tmp_path / "eval"
     code = kd_eval(["--model", "demo:llama/student/bpe", "--metrics", "lm_eval", "--lm-eval-tasks", "tiny_mc",
                     "tiny_gen", "--lm-eval-include-path", tasks, "--output", str(output)])
@@ -180,7 +182,8 @@ def test_kd_eval_scores_a_task_defined_only_in_an_include_path(tasks, tmp_path, 
         assert summary[column] == pytest.approx(record["results"][key[0]][key[1]], abs=1e-12)
     # Nothing was generated on a dataset: lm-eval brought its own items.
     assert not os.path.exists(output / "predictions.jsonl") and summary["lm_eval_items"] == 9
-    assert "tiny_mc/acc" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "tiny_mc/acc" in captured.out and "fatal:" not in captured.err  # lm-eval's git call kept quiet
 
     # Bad input: one line naming the flag, exit status 2, nothing written.
     for argv, message in (

@@ -18,7 +18,6 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 import trl
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -300,7 +299,7 @@ def test_every_method_trains_on_real_models_through_kd_train(form, smol, smol_fu
                                                              capsys):
     """KD, Rev-KD, DSKD, DSKD-CMA across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache and two
     teachers, each one step through `kd-train` on plain and on conversational data, with the student's weights
-    saved."""
+    saved; the cache's run trains again from the cache alone."""
     for method, lines in METHODS.items():
         output = tmp_path / method
         recipe = _recipe(tmp_path, method, (BASE + textwrap.indent(lines, "    ")).format(
@@ -311,6 +310,12 @@ def test_every_method_trains_on_real_models_through_kd_train(form, smol, smol_fu
         assert (output / "model.safetensors").exists(), method
         info = json.loads((output / "run_info.json").read_text())
         assert info["settings"]["model_name_or_path"] == smol, method
+        if method == "cache":  # and from the cache alone: the pre-load checks (a real tokenizer's identity, the
+            # data's rows, every block's checksum) accept the cache the run wrote
+            code = _train(recipe, "teacher_model_name_or_path=null", f"output_dir={output}-alone")
+            captured = capsys.readouterr()
+            assert code == 0, captured.err[-2000:]
+            assert (tmp_path / "cache-alone" / "model.safetensors").exists()
 
 
 def test_seq_kd_stops_when_the_instruct_teacher_answers_plain_questions_with_nothing(smol, smol_full, sums_folders,

@@ -191,6 +191,7 @@ def test_cli_list_validate_and_run(tmp_path, capsys):
     assert not os.listdir(output / ".staging")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_path):
     recipe = os.path.join(RECIPES, "dskd.yaml")
     full = run_recipe(load_recipe(recipe, [*FAST, "max_steps=6", f"output_dir={tmp_path / 'full'}",
@@ -208,6 +209,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_to_the_same_weights(tmp_pat
         torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
 def test_a_kill_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
     from transformers import Trainer
 
@@ -234,6 +236,7 @@ def test_a_kill_while_saving_leaves_no_checkpoint_that_looks_complete(tmp_path, 
     assert (tmp_path / "checkpoint-4" / "trainer_state.json").exists()
 
 
+@pytest.mark.slow
 def test_lora_sft_adapter_is_a_kd_teacher(tmp_path):
     sft_dir = tmp_path / "teacher-sft"
     sft = run_recipe(load_recipe(os.path.join(RECIPES, "sft_lora.yaml"),
@@ -281,6 +284,7 @@ def test_publishing_offline_leaves_a_complete_folder_and_fails_clearly(tmp_path,
     assert load_file(str(folder / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_student_sft_adapter_is_merged_before_kd_and_env_is_applied(tmp_path, monkeypatch):
     from kd_trainers.recipe.run import build_trainer
 
@@ -314,6 +318,7 @@ def test_a_model_with_nothing_to_train_is_refused_before_the_first_step(tmp_path
     assert trainer.state.global_step == 0
 
 
+@pytest.mark.slow
 def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
     output = tmp_path / "kd"
     code = cli.main([os.path.join(RECIPES, "vanilla_kd.yaml"), *FAST, f"output_dir={output}",

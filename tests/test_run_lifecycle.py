@@ -129,6 +129,7 @@ def test_changed_settings_in_the_same_output_dir_are_refused_unless_starting_ove
     assert json.loads((output / "run_info.json").read_text())["resumed_from"] is None
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_last_intact_one(tmp_path, capsys):
     settings = [*FAST, "max_steps=6"]
     full = run_recipe(load_recipe(KD, [*settings, f"output_dir={tmp_path / 'full'}"]))

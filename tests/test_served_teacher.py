@@ -404,3 +404,35 @@ def test_a_served_teacher_of_another_tokenizer_is_refused(scorer, student, bpe_t
                                              "teacher_processing_class"):
             KDTrainer(model=student, args=served_args(tmp_path, server.url), train_dataset=train_rows,
                       processing_class=bpe_tokenizer)
+
+
+@pytest.mark.slow
+def test_a_password_in_the_teacher_url_reaches_no_file_of_the_run(tmp_path, scorer, capsys):
+    """`teacher_url=http://user:PASSWORD@host/v1` (HTTP basic auth) trains, and no file the run writes holds the
+    password: not recipe.yaml, run_info.json (command line and settings), training_args.bin, checkpoints or the
+    model card; nor does what it prints."""
+    from kd_trainers import cli
+
+    password = "pw-6fd1a2c9"
+    with LoopbackServer(scorer) as server:
+        url = server.url.replace("http://", f"http://trainer:{password}@")
+        out = tmp_path / "run"
+        status = cli.main(["vanilla_kd", f"teacher_url={url}", "teacher_model_name_or_path=null", "kd_temperature=1",
+                           "max_steps=2", "save_steps=1", "eval_steps=2", "logging_steps=1",
+                           "per_device_train_batch_size=4", f"output_dir={out}"])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    files = [os.path.join(root, name) for root, _, names in os.walk(out) for name in names]
+    assert any(name.endswith("training_args.bin") for name in files) and len(files) > 10
+    holding = [path for path in files if password.encode() in open(path, "rb").read()]
+    assert holding == []
+    assert password not in captured.out + captured.err
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["settings"]["teacher_url"] == server.url.replace("http://", "http://<redacted>@")
+    from kd_trainers.redaction import redact_arguments  # the command line run_info.json records
+
+    assert redact_arguments(["kd-train", "r.yaml", f"teacher_url={url}"])[2] == f"teacher_url={info['settings']['teacher_url']}"
+    # The redacted record does not refuse the same run again (a finished run is left alone).
+    assert cli.main(["vanilla_kd", f"teacher_url={url}", "teacher_model_name_or_path=null", "kd_temperature=1",
+                     "max_steps=2", "save_steps=1", "eval_steps=2", "logging_steps=1",
+                     "per_device_train_batch_size=4", f"output_dir={out}"]) == 0

@@ -120,6 +120,7 @@ def test_routing_by_column_sends_each_example_to_its_teacher(tmp_path, teacher, 
     ([{"model": "x", "wieght": 2}], r"teacher_models\[0\]: unknown key\(s\) \['wieght'\]"),
     ([{"model": "x", "weight": 0}], r"teacher_models\[0\].weight: 0 should be a number > 0"),
     ([{"cache": "c", "adapter": "a"}], r"teacher_models\[0\].adapter: only a teacher in memory"),
+    ([{"cache": "c", "tokenizer": "t"}], r"teacher_models\[0\].tokenizer: a cache's tokenizer is the student's"),
     (["x", {"model": "y", "name": "teacher0"}], "the names .* repeat"),
 ])
 def test_bad_teacher_lists_are_refused(entries, message):
@@ -150,7 +151,8 @@ def test_routing_settings_are_checked_before_training(tmp_path, teacher, student
 @pytest.mark.slow
 def test_a_recipe_with_teachers_trains_from_both(tmp_path):
     """`teachers:` in a recipe (two demo teachers, weights 0.3/0.7): kd-train trains, logs each teacher's KD term,
-    and run_info.json and the model card list both with their weights."""
+    and run_info.json and the model card list both with their weights. A demo spec names its tokenizer: no warning
+    that one was assumed."""
     import yaml
 
     from kd_trainers import cli
@@ -162,7 +164,14 @@ def test_a_recipe_with_teachers_trains_from_both(tmp_path):
         "logging_steps": 1, "save_steps": 2, "report_to": "none", "bf16": False, "output_dir": str(tmp_path / "out"),
         "teachers": [{"model": "demo:llama/teacher/bpe", "weight": 0.3, "name": "wide"},
                      {"model": "demo:qwen2/teacher/bpe", "weight": 0.7, "name": "qwen"}]}))
-    assert cli.main([str(recipe)]) == 0
+    import warnings
+
+    from kd_trainers.teacher import AssumedTeacherTokenizer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main([str(recipe)]) == 0
+    assert not [warning for warning in caught if issubclass(warning.category, AssumedTeacherTokenizer)]
     out = tmp_path / "out"
     info = json.loads((out / "run_info.json").read_text())
     assert [(t["name"], t["kind"], t["teacher"], t["weight"]) for t in info["teachers"]] == [

@@ -322,3 +322,80 @@ def test_seqkd_logit_term_reads_the_cache_of_the_teachers_own_completions(tmp_pa
     trainer.train()
     assert any(not torch.equal(param, before[name]) for name, param in student.named_parameters())
     assert trainer.kd_settings()["teacher_cache_key"] == trainer.teacher_cache.key
+
+
+def _flip_a_byte(path):
+    with open(path, "r+b") as handle:
+        handle.seek(os.path.getsize(path) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_is_named_and_a_pass_rewrites_only_what_is_damaged(tmp_path, monkeypatch, student, teacher,
+                                                                          bpe_tokenizer, train_rows):
+    """Every block carries its checksum: a block whose bytes changed (same size) is refused by name when nothing can
+    rewrite it, and a pass with the teacher rewrites that block alone, to the same records; an info file cut in half
+    is rebuilt from the plan and the blocks without running the teacher."""
+    from kd_trainers.teacher_cache import TeacherCache
+    from kd_trainers.teacher_cache.integrity import CacheProblem
+
+    cache = tmp_path / "cache"
+    cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, teacher=teacher)
+    info = json.loads((cache / "cache_info.json").read_text())
+    records = list(TeacherCache.open(str(cache)).split("train")["teacher_record"])  # read now, not memory-mapped
+    block = cache / "train" / "block-000001"
+    _flip_a_byte(next(block.glob("*.arrow")))
+    with pytest.raises(CacheProblem, match=r"teacher_cache='.*cache': train/block-000001 has its file "
+                                           r"data-00000-of-00001.arrow changed since it was written .*Run `kd-train "
+                                           r"cache-teacher RECIPE teacher_cache=.*cache`"):
+        cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows)
+    calls = []
+    original = writer._write_block
+    monkeypatch.setattr(writer, "_write_block", lambda *args, **kwargs: calls.append(args[3]) or original(*args,
+                                                                                                         **kwargs))
+    cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, teacher=teacher)
+    assert calls == [1]
+    assert json.loads((cache / "cache_info.json").read_text()) == info
+    assert list(TeacherCache.open(str(cache), whole=True).split("train")["teacher_record"]) == records
+    text = (cache / "cache_info.json").read_text()
+    (cache / "cache_info.json").write_text(text[: len(text) // 2])
+    with pytest.raises(CacheProblem, match="cache_info.json cannot be read"):
+        cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows)
+    cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, teacher=teacher)
+    assert calls == [1] and json.loads((cache / "cache_info.json").read_text()) == info
+    assert not [name for name in os.listdir(cache / "train") if ".tmp-" in name]
+
+
+@pytest.mark.slow
+def test_a_second_pass_into_the_same_folder_waits_for_the_first_and_leaves_nothing_behind(tmp_path):
+    """`kd-train cache-teacher` into a folder another pass is writing (its lock held) says so once, waits, and then
+    writes the whole cache; no temporary folder is left."""
+    import fcntl
+    import subprocess
+    import sys
+
+    import yaml
+
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "method": "kd", "model_name_or_path": "demo:llama/student/bpe",
+        "teacher_model_name_or_path": "demo:llama/teacher/bpe", "dataset_name": "demo", "dataset_train_split": "train[:20]",
+        "max_length": 64, "report_to": "none", "bf16": False, "output_dir": "out", "teacher_cache": "cache"}))
+    os.makedirs(tmp_path / "cache")
+    with open(tmp_path / "cache" / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen([sys.executable, "-m", "kd_trainers", "cache-teacher", "recipe.yaml"],
+                                   cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        waiting = process.stdout.readline()
+        assert "is being written by another process; waiting for it to finish" in waiting, waiting
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    rest = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, rest
+    assert "waiting" not in rest and "Teacher cache ready" in rest
+    from kd_trainers.teacher_cache import TeacherCache
+
+    assert TeacherCache.open(str(tmp_path / "cache"), whole=True) is not None
+    leftovers = [os.path.join(root, name) for root, folders, files in os.walk(tmp_path / "cache")
+                 for name in folders + files if ".tmp" in name]
+    assert leftovers == []

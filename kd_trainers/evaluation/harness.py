@@ -24,12 +24,14 @@ import logging
 import math
 import numbers
 import os
+import subprocess
+import unittest.mock
 
 import pandas as pd
 from peft import PeftModel
 
 from ..demo.harness_tasks import demo_task_folder
-from ..files import user_cache_dir
+from ..files import user_cache_dir, write_atomically
 from ..progress import libraries_quieted
 from ..suggest import did_you_mean
 
@@ -97,6 +99,25 @@ def _task_manager(settings: dict):
     return _MANAGERS[(paths, True)]
 
 
+def _default_task_names() -> set[str]:
+    """The names of lm-eval's own tasks, tags and groups, kept in the user's cache per lm-eval version: indexing them
+    takes about ten seconds, once; after that a name is checked at once."""
+    import lm_eval  # lazy: see _task_manager
+    from lm_eval.tasks import TaskManager  # lazy: see _task_manager
+
+    path = os.path.join(user_cache_dir("lm_eval_tasks"), f"default_task_names-{lm_eval.__version__}.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as handle:
+                return set(json.load(handle))
+        except (OSError, ValueError):
+            pass  # rebuilt below
+    names = sorted(TaskManager().all_tasks)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_atomically(path, json.dumps(names))
+    return set(names)
+
+
 def check_harness(settings: dict, where: str, error: type[ValueError]) -> None:
     """lm-eval is installed and knows every task named (the harness's own, the demo's, the include path's): one line
     naming the unknown task and the closest known one, before any model is loaded."""
@@ -105,6 +126,8 @@ def check_harness(settings: dict, where: str, error: type[ValueError]) -> None:
     except ImportError:
         raise error(f"{where}: evaluation.metrics has lm_eval, which needs the lm-eval package: {INSTALL}.") from None
     known = set(manager.all_tasks)
+    if not all(task in known for task in settings["tasks"]):
+        known |= _default_task_names()
     for task in settings["tasks"]:
         if task not in known:
             raise error(f"{where}: evaluation.lm_eval.tasks: {task!r} is not an lm-eval task, tag or group."
@@ -175,6 +198,28 @@ def harness_frame(output: dict) -> tuple[pd.DataFrame, dict, list[str]]:
     return frame.drop(columns=dropped), figures, dropped
 
 
+def _git_commit_hash() -> str | None:
+    """The working directory's git commit, as lm-eval records it, without git's complaints on the terminal."""
+    try:
+        answer = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # no git on this machine
+        return None
+    return answer.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def _quiet_git():
+    """lm-eval asks git for the commit of the working directory with git's stderr on the terminal, so every run
+    outside a repository prints `fatal: not a git repository`; it asks `_git_commit_hash` instead."""
+    import lm_eval.evaluator  # lazy: see _task_manager
+
+    if not hasattr(lm_eval.evaluator, "get_git_commit_hash"):
+        yield
+        return
+    with unittest.mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", _git_commit_hash):
+        yield
+
+
 def run_harness(model, tokenizer, settings: dict, directory: str | None = None) -> tuple[pd.DataFrame, dict]:
     """lm-eval on `model` (in memory) with the `lm_eval` settings; returns `(frame, figures)` (see `harness_frame`).
     With `directory`, writes `lm_eval_results.json` (lm-eval's results, task configs, versions, n-shot, sample
@@ -189,7 +234,7 @@ def run_harness(model, tokenizer, settings: dict, directory: str | None = None) 
     # lm-eval draws its own progress bars (on stderr) with no switch to turn them off: under a CLI that prints its
     # own progress lines (`quiet_libraries`: kd-study, kd-quickstart) they are set aside.
     bars = contextlib.redirect_stderr(io.StringIO()) if libraries_quieted() else contextlib.nullcontext()
-    with _merged(model) as plain, bars:
+    with _merged(model) as plain, bars, _quiet_git():
         lm = HFLM(pretrained=plain, tokenizer=tokenizer, batch_size=settings["batch_size"])
         output = simple_evaluate(model=lm, tasks=list(settings["tasks"]), num_fewshot=settings["num_fewshot"],
                                  limit=settings["limit"], log_samples=True, task_manager=manager)

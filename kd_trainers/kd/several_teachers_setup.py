@@ -68,7 +68,7 @@ class SeveralTeachersMixin:
         for index, entry in enumerate(entries):
             where = f"teacher_models[{index}] ({entry.name})"
             if entry.kind == "model":
-                tokenizer, assumed = self._checked_teacher_tokenizer(model, args, entry.source, None,
+                tokenizer, assumed = self._checked_teacher_tokenizer(model, args, entry.source, entry.tokenizer,
                                                                      student_tokenizer)
                 members.append(PlannedMember(entry, tokenizer, assumed))
             elif entry.kind == "url":
@@ -77,7 +77,7 @@ class SeveralTeachersMixin:
                                                             student_tokenizer, model)
                 members.append(PlannedMember(entry, tokenizer, client=client))
             else:
-                cache = TeacherCache.open(entry.source)
+                cache = TeacherCache.open(entry.source, whole=True)
                 if cache is None:
                     raise ValueError(f"{where}: cache={entry.source!r} holds no complete teacher cache: write it "
                                      "first (kd-train cache-teacher RECIPE teacher_cache=PATH with that teacher).")

@@ -26,6 +26,8 @@ from ..teacher import (check_same_head_size, check_same_vocabulary, freeze, load
                        model_name, output_head_shape)
 from ..teacher_cache import (CacheSettings, SparseTeacherCollator, TeacherCache, cache_components, split_fingerprint,
                              teacher_files_fingerprint, teacher_fingerprint, tokenizer_fingerprint, write_teacher_cache)
+from ..teacher_cache.integrity import CacheProblem, check_whole
+from ..teacher_cache.integrity import fix as integrity_fix
 
 
 @dataclass(frozen=True)
@@ -221,7 +223,17 @@ class TeacherSetupMixin:
         settings = CacheSettings.for_run(args.teacher_cache_mode, args.teacher_cache_k, len(self.processing_class),
                                          args.kd_temperature, args.teacher_cache_temperatures)
         tokenizer = tokenizer_fingerprint(self.processing_class)
-        cache = TeacherCache.open(args.teacher_cache)
+        try:
+            cache = TeacherCache.open(args.teacher_cache)
+            if cache is not None:
+                check_whole(cache.path, cache.info)
+        except CacheProblem:
+            if plan.teacher is None:  # nothing here can rewrite it: the problem, with its fix
+                raise
+            cache = None  # the pass below rewrites what is damaged
+        if cache is None and plan.teacher is None:
+            raise CacheProblem(f"teacher_cache={args.teacher_cache!r} holds no complete, whole teacher cache, and no "
+                               f"teacher is named to write it; {integrity_fix(args.teacher_cache)}.")
         named = None if plan.teacher is None else {  # what a run that names its teacher can check without loading it
             "name": model_name(plan.teacher), "adapter": args.teacher_adapter_name_or_path,
             "files": teacher_files_fingerprint(plan.teacher)}

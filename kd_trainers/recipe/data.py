@@ -15,6 +15,7 @@ import os
 import string
 
 from datasets import Dataset, DatasetDict, Features, ReadInstruction, Value, concatenate_datasets, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from ..demo import load_demo_dataset
 
@@ -22,7 +23,28 @@ from ..demo import load_demo_dataset
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
+def _blank(path: str) -> bool:
+    """Whether a file holds nothing but whitespace (read in chunks: a large file stops at its first character)."""
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
 def _load(name: str, config: str | None):
+    """The dataset `name` names, with `datasets`' errors about its files said in one line."""
+    try:
+        return _load_files(name, config)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__ or error
+        detail = " ".join(str(cause).split())[:300]
+        hint = " Every file (every split) must have the same columns: add the missing column to each, or drop it." \
+            if "column names don't match" in str(cause) or "CastError" in type(cause).__name__ else ""
+        raise ValueError(f"dataset_name: {name!r} cannot be read ({type(cause).__name__}: {detail}).{hint}") from None
+
+
+def _load_files(name: str, config: str | None):
     if name == "demo":
         return load_demo_dataset(config or "prompt_completion")
     extension = os.path.splitext(name)[1].lower()
@@ -32,6 +54,8 @@ def _load(name: str, config: str | None):
                              f"{sorted(LOCAL_FORMATS)}, a folder, a Hub id, or 'demo'.")
         if os.path.getsize(name) == 0:
             raise ValueError(f"dataset_name: {name!r} is an empty file.")
+        if _blank(name):
+            raise ValueError(f"dataset_name: {name!r} holds only blank lines: no rows to train on.")
         if extension == ".csv":
             # Every column as text: pandas would read an answer column of numbers (" 42") as integers.
             with open(name, newline="") as handle:
@@ -105,6 +129,9 @@ def select_split(splits: DatasetDict, spec: str, key: str, dataset_name: str) ->
         names = [part.split("[")[0].strip() for part in spec.split("+")]
         unknown = next(name for name in names if name not in splits)
         raise ValueError(f"{key}: {unknown!r} is not a split of {dataset_name!r}; it has {list(splits)}.") from None
+    empty = [part.splitname for part in parts if len(splits[part.splitname]) == 0]
+    if empty:
+        raise ValueError(f"{key}: the {empty[0]!r} split of {dataset_name!r} is empty (no rows).")
     if len(parts) == 1 and (parts[0].from_, parts[0].to) == (0, len(splits[parts[0].splitname])):
         return splits[parts[0].splitname]
     return concatenate_datasets([splits[part.splitname].select(range(part.from_, part.to)) for part in parts])

@@ -30,7 +30,10 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
 def resolve_tokenizer(name: str):
     """The tokenizer of a model named as a recipe names models (a demo spec builds only its tokenizer)."""
     if name.startswith(DEMO_PREFIX):
-        return resolve_model(name)[1]
+        parts = name[len(DEMO_PREFIX):].split("/")
+        if len(parts) != 3:
+            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
+        return demo_tokenizer(parts[2])
     return load_tokenizer(name)
 
 

@@ -3,7 +3,8 @@
 - A finished run has `done.json`, written after its final save (itself complete or absent: written to
   `.staging/final/` and moved in). Running it again leaves it alone.
 - `run_info.json` records the settings the model is made with; a run in the same folder with other settings is
-  refused, naming them, unless `overwrite_output_dir: true` (which starts over).
+  refused, naming them, unless `overwrite_output_dir: true` (which starts over), once the folder holds a checkpoint
+  or a finished model (a run stopped before its first step binds nothing).
 - Resume takes the newest checkpoint whose files are intact; a damaged one is named and set aside.
 """
 
@@ -22,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpointing import STAGING_DIR
 from ..files import DONE, write_done
+from ..redaction import redact
 from .errors import RecipeError
 from .launch import launched_by_kd_train
 
@@ -57,9 +59,18 @@ def evaluation_finished(output_dir: str) -> bool:
     return os.path.isfile(os.path.join(output_dir, "eval", DONE))
 
 
+def holds_training(output_dir: str) -> bool:
+    """Whether `output_dir` holds anything a run made by training: a checkpoint or a finished model. A run that
+    stopped before its first step leaves only its `run_info.json`, which binds no later run."""
+    if is_finished(output_dir):
+        return True
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")
+    return os.path.isdir(output_dir) and any(pattern.match(name) for name in os.listdir(output_dir))
+
+
 def _changed_settings(output_dir: str, current: dict) -> list[str]:
     path = os.path.join(output_dir, RUN_INFO)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not holds_training(output_dir):
         return []
     try:
         with open(path) as handle:
@@ -68,7 +79,9 @@ def _changed_settings(output_dir: str, current: dict) -> list[str]:
         return []
     if not isinstance(recorded, dict):
         return []
-    # Settings both runs know (a newer package may add fields: an older folder is not refused for them).
+    # Settings both runs know (a newer package may add fields: an older folder is not refused for them), compared as
+    # saved: with their secrets redacted.
+    current = redact(current)
     return [f"{key}: {recorded[key]!r} -> {current[key]!r}" for key in sorted(set(recorded) & set(current))
             if recorded[key] != current[key] and recorded[key] != "<redacted>"]
 

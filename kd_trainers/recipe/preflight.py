@@ -9,7 +9,6 @@ are not checked yet.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import sys
 
@@ -19,12 +18,15 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from ..errors import TeacherServerError
+from ..served_teacher import TeacherClient
+from ..served_teacher.client import ServerRefused, public_url, refusal_hint
+from ..teacher import check_same_vocabulary
 from ..evaluation.harness import check_harness
-from ..teacher_cache.cache import INFO as CACHE_INFO
-from ..teacher_cache.cache import TeacherCache
-from .data import LOCAL_FORMATS
+from ..teacher_cache.cache import tokenizer_fingerprint
+from ..teacher_cache.integrity import CacheProblem, check_whole, has_partial_pass, read_info
+from .data import LOCAL_FORMATS, load_recipe_datasets
 from .errors import NotAvailableYet, RecipeError
-from .models import DEMO_PREFIX, served_model_name
+from .models import DEMO_PREFIX, resolve_tokenizer
 from .output import check_output_dir
 from .schema import Recipe
 
@@ -142,50 +144,152 @@ def remote_code_warning(recipe: Recipe) -> str | None:
             "code will run on this machine. A recipe is code: run only recipes you trust.")
 
 
-def check_teacher_cache(recipe: Recipe) -> None:
-    """A complete teacher cache must have been written with the recipe's cache settings, and a recipe without a
-    teacher needs one (nothing could write it). Its data is checked row by row when the trainer has tokenized it."""
+def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
+    """The recipe's teacher cache, whole, before anything loads: its info file against the schema, written with the
+    recipe's cache settings, for its tokenizer and its data's rows, every block as written (checksums). A recipe
+    without a teacher needs a complete one (nothing could write it). `repair` (`kd-train cache-teacher`): a damaged
+    cache is left for the pass, which rewrites only what is damaged."""
     config = recipe.config
     path = getattr(config, "teacher_cache", None)
     if path is None:
         return
-    info = os.path.join(path, CACHE_INFO)
-    if os.path.isfile(info):
-        with open(info) as handle:
-            stored = json.load(handle)["components"]["settings"]
-        wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
-        differ = [f"teacher_cache_{key}: {wanted[key]!r} where the cache has {stored[key]!r}" for key in wanted
-                  if stored.get(key) != wanted[key]]
-        temperatures = stored.get("temperatures", [1.0])
-        if config.teacher_cache_mode == "top_k" and float(config.kd_temperature) not in temperatures:
-            differ.append(f"kd_temperature: {config.kd_temperature!r} where the cache stores the tail at "
-                          f"temperatures {temperatures}")
-        if differ:
-            raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} was written with other settings ("
-                              f"{'; '.join(differ)}); point teacher_cache at a new folder or match its settings.")
+    writer = config.teacher_model_name_or_path is not None
+    try:
+        info = read_info(path)
+    except CacheProblem as error:
+        if repair and writer:
+            return
+        raise RecipeError(f"{recipe.path}: {error}") from None
+    if info is None or not info["complete"]:
+        if not writer:
+            what = "holds an unfinished pass" if info is not None or has_partial_pass(path) else \
+                "holds no complete teacher cache"
+            raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} {what}, and teacher_model_name_or_path is "
+                              "null, so nothing can write it. Name the teacher (the cache is written first), or run "
+                              "kd-train cache-teacher with it.")
         return
-    if config.teacher_model_name_or_path is None:
-        raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} holds no complete teacher cache, and "
-                          "teacher_model_name_or_path is null, so nothing can write it. Name the teacher (the cache "
-                          "is written first), or run kd-train cache-teacher with it.")
+    stored = info["components"]["settings"]
+    wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
+    differ = [f"teacher_cache_{key}: {wanted[key]!r} where the cache has {stored[key]!r}" for key in wanted
+              if stored.get(key) != wanted[key]]
+    temperatures = stored["temperatures"]
+    if config.teacher_cache_mode == "top_k" and float(config.kd_temperature) not in temperatures:
+        differ.append(f"kd_temperature: {config.kd_temperature!r} where the cache stores the tail at "
+                      f"temperatures {temperatures}")
+    if differ:
+        raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} was written with other settings ("
+                          f"{'; '.join(differ)}); point teacher_cache at a new folder or match its settings.")
+    check_cache_fits(recipe, "teacher_cache", path, info, repair)
+
+
+def _student_tokenizer(recipe: Recipe):
+    """The student's tokenizer as the trainer fingerprints it (SFTTrainer's pad token set), or None when it does not
+    load here yet (a model not downloaded: noted elsewhere)."""
+    options = recipe.options
+    try:
+        tokenizer = resolve_tokenizer(options["tokenizer_name_or_path"] or options["model_name_or_path"])
+    except (OSError, ValueError):
+        return None
+    pad = getattr(recipe.config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    if pad is not None and pad in tokenizer.get_vocab():
+        tokenizer.pad_token = pad
+    return tokenizer
+
+
+def check_cache_fits(recipe: Recipe, field: str, path: str, info: dict, repair: bool = False) -> None:
+    """A complete cache (`info`) was written for the recipe's tokenizer and its data's number of rows, and every block
+    is whole (`repair`: left to the pass that rewrites damaged blocks)."""
+    tokenizer = _student_tokenizer(recipe)
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != info["components"]["tokenizer"]:
+        raise RecipeError(f"{recipe.path}: {field}: {path!r} was written for another tokenizer than the student's "
+                          f"({recipe.options['tokenizer_name_or_path'] or recipe.options['model_name_or_path']}); "
+                          "point it at a cache written for this student, or a new folder.")
+    dataset = recipe.options["dataset_name"]
+    if dataset == "demo" or os.path.exists(dataset):
+        try:
+            train, evaluation = load_recipe_datasets(recipe.options)
+        except ValueError as error:
+            raise RecipeError(f"{recipe.path}: {error}") from None
+        for split, rows in (("train", len(train)), ("eval", None if evaluation is None else len(evaluation))):
+            stored = info["splits"].get(split, {}).get("rows")
+            if rows is not None and stored != rows:
+                raise RecipeError(f"{recipe.path}: {field}: {path!r} holds {stored} rows of the {split} split, and "
+                                  f"the recipe's data has {rows}: it was written for other data. Point {field} at a "
+                                  "new folder (or one written for this data).")
+    if not repair:
+        try:
+            check_whole(path, info)
+        except CacheProblem as error:
+            where = "" if field == "teacher_cache" else f"{field}: "  # the problem names teacher_cache=PATH itself
+            raise RecipeError(f"{recipe.path}: {where}{error}") from None
 
 
 def check_teacher_server(recipe: Recipe) -> None:
-    """A recipe's `teacher_url` must answer (`GET /models`, one try) before anything loads."""
+    """A recipe's `teacher_url` answers as the run will ask it, before anything loads (`check_server_answers`)."""
     url = getattr(recipe.config, "teacher_url", None)
     if url is not None and recipe.needs_teacher:
-        check_server_answers(recipe, "teacher_url", url)
+        check_server_answers(recipe, "teacher_url", url, recipe.config.teacher_model_name_or_path)
 
 
-def check_server_answers(recipe: Recipe, field: str, url: str) -> None:
-    """The server at `url` (a recipe's `field`) answers `GET /models`, at the first try."""
+def _probe_ids(tokenizer) -> list[int]:
+    """Two token ids of the student's vocabulary (a short text's), for a request that must have one scored position."""
+    if tokenizer is not None:
+        ids = tokenizer("The answer is 42.", add_special_tokens=False)["input_ids"]
+        if len(ids) >= 2:
+            return ids[:2]
+    return [0, 1]
+
+
+def check_server_answers(recipe: Recipe, field: str, url: str, tokenizer_name: str | None = None) -> None:
+    """The server at `url` (a recipe's `field`) answers, at the first try, what the run will ask of it: `GET /models`,
+    then a real `prompt_logprobs` request at the run's k for two of the student's tokens, its answer checked as a
+    step's would be. The served model's tokenizer (`tokenizer_name`, else the served model's name) must be the
+    student's. Each failure is refused with what it means: no server, a wrong path, a k above the server's
+    `--max-logprobs`, a server that answers fewer, another vocabulary."""
+    config, where = recipe.config, f"{recipe.path}: {field}: {public_url(url)!r}"
+    student = _student_tokenizer(recipe)
+    client = TeacherClient(url, config.teacher_server_k, len(student) if student is not None else 2**31,
+                           timeout=config.teacher_server_timeout, max_wait=0)
     try:
-        served_model_name(recipe.config, url, max_wait=0)
+        served = client.served_model()
+    except ServerRefused as error:
+        raise RecipeError(f"{where} refused GET /models: HTTP {error.status}: {error.text[:200]} "
+                          f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
     except TeacherServerError as error:
         last = getattr(error, "last", error)
-        raise RecipeError(f"{recipe.path}: {field}: {url!r} does not answer GET /models ({last}). Start the "
-                          "teacher's server first (kd-serve-teacher MODEL --port PORT, or vLLM; see the README), "
-                          "then run again.") from None
+        raise RecipeError(f"{where} does not answer GET /models ({last}). Start the teacher's server first "
+                          "(kd-serve-teacher MODEL --port PORT, or vLLM; see the README), then run again.") from None
+    served_name = served.get("root") or served["id"]
+    if student is not None:
+        name = tokenizer_name or served_name
+        try:
+            teacher_tokenizer = resolve_tokenizer(name)
+        except (OSError, ValueError) as error:
+            raise RecipeError(f"{where} serves {served_name!r}, whose tokenizer does not load here "
+                              f"({one_line_of(error)}); name the teacher's Hub id or local path (teacher_model_name_"
+                              "or_path, or the entry's tokenizer), which gives its tokenizer and is not loaded.") \
+                from None
+        try:
+            check_same_vocabulary(student, teacher_tokenizer, recipe.options["model_name_or_path"],
+                                  f"{served_name}, served at {public_url(url)}")
+        except ValueError as error:
+            raise RecipeError(f"{where}: {error}") from None
+    try:
+        client.probe(_probe_ids(student))
+    except ServerRefused as error:
+        raise RecipeError(f"{where} refused a prompt_logprobs request at teacher_server_k={config.teacher_server_k}: "
+                          f"HTTP {error.status}: {error.text[:200]} "
+                          f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
+    except TeacherServerError as error:
+        last = getattr(error, "last", error)
+        raise RecipeError(f"{where} gave no usable answer to a prompt_logprobs request at teacher_server_k="
+                          f"{config.teacher_server_k} ({last}). A server that answers fewer log-probabilities than "
+                          "asked caps them: restart it with --max-logprobs at least teacher_server_k, or lower "
+                          "teacher_server_k.") from None
+
+
+def one_line_of(error: BaseException) -> str:
+    return " ".join(str(error).split())[:200]
 
 
 def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
@@ -197,16 +301,22 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
             check_model_reference(f"{where}.adapter", entry.get("adapter"), recipe.path, adapter=True,
                                   pending=pending)
         elif entry.get("cache") is not None:
-            if TeacherCache.open(entry["cache"]) is None:
+            try:
+                info = read_info(entry["cache"])
+            except CacheProblem as error:
+                raise RecipeError(f"{recipe.path}: {where}.cache: {error}") from None
+            if info is None or not info["complete"]:
                 raise RecipeError(f"{recipe.path}: {where}.cache: {entry['cache']!r} holds no complete teacher cache; "
                                   "write it first (kd-train cache-teacher RECIPE teacher_cache=PATH).")
+            check_cache_fits(recipe, f"{where}.cache", entry["cache"], info)
         else:
-            check_server_answers(recipe, f"{where}.url", entry["url"])
+            check_server_answers(recipe, f"{where}.url", entry["url"], entry.get("tokenizer"))
 
 
 def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True,
-              notes: list[str] | None = None) -> None:
-    """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`). With a `notes`
+              notes: list[str] | None = None, repair: bool = False) -> None:
+    """Every check above; `output=False` leaves the output folder unchecked (`kd-train validate`); `repair` leaves a
+    damaged teacher cache to `kd-train cache-teacher`, which rewrites what is damaged. With a `notes`
     list, what is well formed but not on this machine yet (`NotAvailableYet`: a model not downloaded, an adapter or
     data an earlier step produces) is noted there instead of refused, and the other checks still run."""
     config, options, where = recipe.config, recipe.options, recipe.path
@@ -231,7 +341,7 @@ def preflight(recipe: Recipe, pending: tuple[str, ...] = (), output: bool = True
                 getattr(config, "teacher_tokenizer_name_or_path", None), where, pending=pending)
         attempt(check_model_reference, "teacher_adapter_name_or_path", config.teacher_adapter_name_or_path, where,
                 adapter=True, pending=pending)
-    check_teacher_cache(recipe)
+    check_teacher_cache(recipe, repair)
     check_teacher_server(recipe)
     attempt(check_teachers, recipe, pending)
     judge = (options["evaluation"] or {}).get("judge") or {}

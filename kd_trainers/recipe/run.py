@@ -83,6 +83,10 @@ def build_trainer(recipe: Recipe, callbacks=None):
         config.eval_steps = config.eval_steps or config.logging_steps
 
     check_evaluation_splits(recipe)  # they exist and hold prompts: found now, not after training
+    column = getattr(config, "teacher_column", None)
+    if column is not None and column not in train.column_names:  # before any model is built
+        raise ValueError(f"teacher_column={column!r} is not a column of the train data (it has "
+                         f"{train.column_names}).")
     agreement_data = None
     if options["agreement"]:
         agreement_data = evaluation_split(recipe, options["agreement"]["split"], options["agreement"]["samples"],
@@ -111,13 +115,17 @@ def build_trainer(recipe: Recipe, callbacks=None):
 
 
 def _recipe_teacher(entry: dict, config) -> dict:
-    """A `teachers:` entry as the trainer takes it: a demo model built, a served teacher's tokenizer resolved as a
-    recipe names models (its own `tokenizer`, else the served model's name)."""
+    """A `teachers:` entry as the trainer takes it: a demo model built (with its tokenizer), a tokenizer it names
+    loaded, a served teacher's tokenizer resolved as a recipe names models (its own `tokenizer`, else the served
+    model's name)."""
     entry = dict(entry)
     if entry.get("model") is not None:
-        model = resolve_model(entry["model"])[0]
+        model, tokenizer = resolve_model(entry["model"], entry.get("tokenizer"))
         if not isinstance(model, str):  # a demo model, built here: named by its spec in run_info and the card
             model.config._name_or_path = entry["model"]
+            entry["tokenizer"] = tokenizer  # built with it: nothing to load by its name
+        elif entry.get("tokenizer") is not None:
+            entry["tokenizer"] = tokenizer
         entry["model"] = model
     elif entry.get("url") is not None:
         name = entry.get("tokenizer") or served_model_name(config, entry["url"])

@@ -193,6 +193,10 @@ def _set_nested(values: dict, key: str, value) -> None:
 
 def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dict:
     """The mapping in a YAML file, or `error` naming the file: missing, not YAML, or not a mapping."""
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
+        shown = f" (it holds {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''})" if inside else ""
+        raise error(f"{path!r} is a folder, not a YAML file; name a file in it{shown}.{hint}")
     if not os.path.isfile(path):
         raise error(f"File {path!r} does not exist.{hint}")
     with open(path) as handle:

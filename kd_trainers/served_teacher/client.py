@@ -32,7 +32,31 @@ FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.25, 8.0
 
 
 class _Retryable(Exception):
-    pass
+    """An answer worth asking again for (HTTP 5xx, 408, 429); its message is what the server said."""
+
+
+class ServerRefused(TeacherServerError):
+    """An HTTP 4xx answer (other than 408 and 429): asking again would be refused again. `status` and `text` are the
+    server's; the message says what the status means for a served teacher."""
+
+    def __init__(self, message: str, status: int, text: str):
+        super().__init__(message)
+        self.status, self.text = status, text
+
+
+def refusal_hint(status: int, text: str, k: int) -> str:
+    """What an HTTP refusal of a served teacher's request most likely means, and its fix."""
+    if status == 404 and "model" in text.lower() and "exist" in text.lower():
+        return "the server does not serve that model name: leave the model to the first one it lists"
+    if status in (404, 405):
+        return ("no such path on this server: the URL is the API's base URL, ending in /v1 "
+                "(e.g. http://127.0.0.1:8000/v1)")
+    if status in (401, 403):
+        return f"the server wants an API key: set {API_KEY_VARIABLE} (vLLM's --api-key)"
+    if status == 400 and "logprob" in text.lower():
+        return (f"teacher_server_k={k} is more log-probabilities than the server answers: lower teacher_server_k, "
+                f"or restart the server with --max-logprobs {k} (vLLM and kd-serve-teacher alike)")
+    return "see the server's message"
 
 
 def public_url(url: str) -> str:
@@ -113,7 +137,9 @@ class TeacherClient:
             tries += 1
             try:
                 return attempt()
-            except (requests.ConnectionError, requests.Timeout, _Retryable, InvalidAnswer) as error:
+            except _Retryable as error:
+                last = str(error)[:300]
+            except (requests.ConnectionError, requests.Timeout, InvalidAnswer) as error:
                 last = f"{type(error).__name__}: {str(error)[:300]}"
             if self._closed.is_set():
                 raise TeacherServerError(f"The client of the teacher server at {self.public_url} was closed.")
@@ -132,9 +158,10 @@ class TeacherClient:
         if response.status_code in (408, 429) or response.status_code >= 500:
             raise _Retryable(f"HTTP {response.status_code}: {response.text[:200]}")
         if response.status_code >= 400:
-            raise TeacherServerError(
-                f"The teacher server at {self.public_url} refused {what}: HTTP {response.status_code}: "
-                f"{response.text[:400]}. With vLLM, teacher_server_k={self.k} needs --max-logprobs {self.k} or more.")
+            text = response.text[:400]
+            raise ServerRefused(
+                f"The teacher server at {self.public_url} refused {what}: HTTP {response.status_code}: {text} "
+                f"({refusal_hint(response.status_code, text, self.k)}).", response.status_code, text)
         try:
             return response.json()
         except ValueError as error:
@@ -168,6 +195,12 @@ class TeacherClient:
             response = self._session().post(f"{self.url}/completions", json=body, timeout=self.timeout)
             return parse_completion(self._checked(response, "a completions request"), sequences, self.k, self.vocab)
         return self._with_retries(f"a request for {len(sequences)} sequences", attempt)
+
+    def probe(self, ids: list[int]) -> SparseTargets:
+        """One real request at the client's k for a short sequence, its answer checked as a step's would be: what a
+        run asks first, before anything loads (a wrong path, a k above the server's limit, ids outside the student's
+        vocabulary)."""
+        return self._request([ids])[0]
 
     def top_k(self, sequences: list[list[int]]) -> list[SparseTargets]:
         """Blocking: per sequence of L tokens, the targets of its positions 1..L-1."""

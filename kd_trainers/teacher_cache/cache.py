@@ -2,11 +2,14 @@
 
 The folder:
 
-    PATH/cache_info.json      the key and what it is made of; `complete: true` once every block is written
+    PATH/cache_info.json      the key and what it is made of; `complete: true` once every block is written; each
+                              split's counts and its blocks' digests (the schema: `integrity.read_info`)
     PATH/cache_plan.json      the same key, written first: a pass that finds it resumes (or is refused if it differs)
     PATH/<split>/block-NNNNNN  a `datasets` folder (Arrow) per block of `BLOCK_ROWS` rows of the split, in row order:
                               `row_hash` (the row's tokens and labels), `teacher_tokens` (its label tokens n) and
-                              `teacher_record` (the compressed sparse teacher, `format.py`)
+                              `teacher_record` (the compressed sparse teacher, `format.py`), and `kd_block.json`,
+                              its files' sizes and sha256, written with it
+    PATH/.lock                the lock a pass holds while it writes (`writer.writing_lock`)
 
 The key covers the teacher (name, adapter, a fingerprint of its weights and config), the tokenizer, the data (every
 row's tokens and labels, in the trainer's order) and the settings (`mode`, `k`, vocabulary, format). Training reads the
@@ -28,11 +31,10 @@ import torch
 
 from ..losses.sparse import SparseTargets
 from .format import CODE_STEP, COMPRESSION_LEVEL, decode
+from .integrity import CacheProblem, check_whole, read_info
+from .layout import FORMAT_VERSION, block_name, digest
 
 
-INFO, PLAN = "cache_info.json", "cache_plan.json"
-FORMAT_VERSION = 2  # 2: the tail's mass at each stored temperature
-BLOCK_ROWS = 256
 # Batch keys the collator adds (the trainers keep them away from the models), and the columns it reads.
 BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass", "teacher_tail_log_mass_tempered")
 RECORD_COLUMNS = ("teacher_tokens", "teacher_record")
@@ -48,10 +50,6 @@ def quiet_datasets():
     finally:
         if not quiet:
             datasets.enable_progress_bars()
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def row_hash(example: dict) -> str:
@@ -70,11 +68,11 @@ def label_token_count(example: dict) -> int:
 def split_fingerprint(dataset) -> tuple[dict, list[str]]:
     """`({rows, fingerprint}, row hashes)` of a split, the hashes in row order."""
     hashes = [row_hash(example) for example in dataset]
-    return {"rows": len(hashes), "fingerprint": _digest(hashes)}, hashes
+    return {"rows": len(hashes), "fingerprint": digest(hashes)}, hashes
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    return _digest([sorted(tokenizer.get_vocab().items()), getattr(tokenizer, "chat_template", None),
+    return digest([sorted(tokenizer.get_vocab().items()), getattr(tokenizer, "chat_template", None),
                     [getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "pad_token_id")]])
 
 
@@ -87,7 +85,7 @@ def teacher_fingerprint(teacher: torch.nn.Module) -> str:
             flat = param.detach().reshape(-1)
             sample = torch.cat([flat[:16], flat[-16:], flat[:: max(1, flat.numel() // 64)]]) if flat.numel() else flat
             parts.append(f"{name}|{tuple(param.shape)}|{param.dtype}|{sample.float().cpu().numpy().tobytes().hex()}")
-    return _digest(parts)
+    return digest(parts)
 
 
 def teacher_files_fingerprint(teacher) -> str | None:
@@ -100,7 +98,7 @@ def teacher_files_fingerprint(teacher) -> str | None:
         for file in sorted(files):
             stat = os.stat(os.path.join(folder, file))
             entries.append((os.path.relpath(os.path.join(folder, file), teacher), stat.st_size, stat.st_mtime_ns))
-    return _digest(sorted(entries))
+    return digest(sorted(entries))
 
 
 @dataclass(frozen=True)
@@ -130,10 +128,6 @@ def cache_components(teacher: dict, tokenizer: str, data: dict, settings: CacheS
     return {"teacher": teacher, "tokenizer": tokenizer, "data": data, "settings": settings.as_dict()}
 
 
-def cache_key(components: dict) -> str:
-    return _digest(components)
-
-
 def read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
@@ -153,10 +147,6 @@ def differences(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
     return found
 
 
-def block_name(index: int) -> str:
-    return f"block-{index:06d}"
-
-
 class TeacherCache:
     """A complete cache, opened for reading (`TeacherCache.open`)."""
 
@@ -169,10 +159,20 @@ class TeacherCache:
         self.id_bytes = info["id_bytes"]
 
     @classmethod
-    def open(cls, path: str) -> "TeacherCache | None":
-        """The complete cache at `path`, or None when there is none (or only a partial pass)."""
-        info = read_json(os.path.join(path, INFO))
-        return cls(path, info) if info and info.get("complete") else None
+    def open(cls, path: str, whole: bool = False) -> "TeacherCache | None":
+        """The complete cache at `path`, or None when there is none (or only a partial pass). An info file that
+        breaks the schema raises `integrity.CacheProblem`, naming the field; `whole=True` also checks every block
+        against its checksum (sha256 at about 1.7 GB/s) and returns None when one is damaged, for a pass to rewrite
+        it."""
+        info = read_info(path)
+        if not info or not info["complete"]:
+            return None
+        if whole:
+            try:
+                check_whole(path, info)
+            except CacheProblem:
+                return None
+        return cls(path, info)
 
     def describe(self) -> str:
         """What a model card and `run_info.json` say of the cache as the teacher."""

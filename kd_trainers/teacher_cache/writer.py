@@ -3,12 +3,20 @@ written to disk block by block.
 
 Blocks are `BLOCK_ROWS` rows of a split, in row order; with several processes, block j is written by process
 j mod world_size, each into its own folder through a temporary name and a rename, so an interrupted pass (or one
-restarted with another number of processes) writes only the blocks that are missing. The main process writes
-`cache_info.json` last, once every block is there.
+restarted with another number of processes) writes only the blocks that are missing. Each block carries its checksum
+(`integrity.py`); a block that no longer matches it (truncated, edited, half-deleted) is written again, so a pass over
+a damaged cache rewrites only the damaged blocks. The main process writes `cache_info.json` last, once every block is
+there and whole.
+
+One pass writes a folder at a time: a second pass into the same folder (another `kd-train cache-teacher`) waits for
+the first's lock, says so once, and then finds the cache written.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import importlib.util
 import json
 import math
 import os
@@ -24,9 +32,15 @@ from ..hidden_states import last_hidden_state
 from ..losses.chunked import LogitTransform, _weight_and_bias
 from ..losses.noise import mix_seed
 from ..losses.sparse import sampled_targets, tail_log_masses, top_k_targets
-from .cache import (BLOCK_ROWS, INFO, PLAN, CacheSettings, TeacherCache, block_name, cache_key, differences,
-                    label_token_count, quiet_datasets, read_json)
+from .cache import CacheSettings, TeacherCache, differences, label_token_count, quiet_datasets, read_json
 from .format import encode, id_bytes_for, raw_size
+from .integrity import CacheProblem, block_digest, block_problem, read_block_checksum, write_block_checksum
+from .layout import BLOCK_ROWS, INFO, PLAN, block_name, cache_key
+
+LOCK = ".lock"
+# Windows has no advisory locks: two passes into one folder there still end with one whole cache (a block published
+# twice keeps the first copy), only without the wait.
+fcntl = importlib.import_module("fcntl") if importlib.util.find_spec("fcntl") else None
 
 
 # Rows of `[rows, V]` fp32 logits projected at once: 64 MiB at a 131k vocabulary.
@@ -98,7 +112,44 @@ def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettin
     shutil.rmtree(temporary, ignore_errors=True)
     with quiet_datasets():
         block.save_to_disk(temporary)
-    os.replace(temporary, final)
+    write_block_checksum(temporary, len(block), sum(columns["teacher_tokens"]),
+                         sum(len(record) for record in columns["teacher_record"]))
+    shutil.rmtree(final, ignore_errors=True)  # a damaged block, set aside only now that its replacement is whole
+    try:
+        os.replace(temporary, final)
+    except OSError:  # another writer published the same block first: its copy is the same rows' same records
+        shutil.rmtree(temporary, ignore_errors=True)
+        if block_problem(final) is not None:
+            raise
+
+
+@contextlib.contextmanager
+def writing_lock(path: str, log=print):
+    """The folder's write lock (`PATH/.lock`, an advisory lock the system frees if the process dies), held by one
+    pass at a time; a second one says once that it waits, and waits."""
+    os.makedirs(path, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    with open(os.path.join(path, LOCK), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"teacher cache: {path} is being written by another process; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _clear_leftovers(path: str, splits) -> None:
+    """Temporary block folders of a pass that was killed (this pass holds the lock: no other is writing them)."""
+    for split in splits:
+        folder = os.path.join(path, split)
+        for name in os.listdir(folder):
+            if ".tmp-" in name:
+                shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list[str]], components: dict,
@@ -107,16 +158,37 @@ def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list
     """Write (or finish) the cache of `teacher` over `splits` (`{name: tokenized dataset}`) at `path`, on every
     process of `accelerator`, and return it opened. `components` is the key's content (`cache_components`)."""
     key = cache_key(components)
-    existing = read_json(os.path.join(path, PLAN))
-    if existing is not None and existing["key"] != key:
+    lock = writing_lock(path, log) if accelerator.is_main_process else contextlib.nullcontext()
+    with lock:
+        return _write(path, teacher, splits, hashes, components, settings, pad_id, accelerator, batch_size, seed, log,
+                      key)
+
+
+def _write(path, teacher, splits, hashes, components, settings, pad_id, accelerator, batch_size, seed, log, key):
+    try:
+        existing = read_json(os.path.join(path, PLAN))
+    except ValueError as error:
+        raise CacheProblem(f"teacher_cache={path!r}: {PLAN} cannot be read ({error}), so the blocks there cannot be "
+                           "told apart from another teacher's; delete the folder to rewrite the cache.") from None
+    if existing is not None and existing.get("key") != key:
         raise ValueError(
             f"teacher_cache={path!r} holds a cache (or a partial pass) of another teacher, data or settings "
             f"({'; '.join(differences(existing['components'], components))}). Point teacher_cache at a new folder, "
             "or delete this one to rewrite it.")
     accelerator.wait_for_everyone()  # every process has read the plan before the main one may write it
+    try:
+        done = TeacherCache.open(path, whole=True)  # a pass this one waited for may have written it all
+    except CacheProblem:
+        done = None  # an info file that cannot be trusted: rewritten from the plan and the blocks
+    if done is not None and done.key == key:
+        accelerator.wait_for_everyone()
+        return done
     if accelerator.is_main_process:
         for split in splits:
             os.makedirs(os.path.join(path, split), exist_ok=True)
+        _clear_leftovers(path, splits)
+        if os.path.exists(os.path.join(path, INFO)):  # a cache being repaired is partial until its info is rewritten
+            os.remove(os.path.join(path, INFO))
         if existing is None:
             write_atomically(os.path.join(path, PLAN), json.dumps({"key": key, "components": components}, indent=2))
     accelerator.wait_for_everyone()
@@ -126,8 +198,11 @@ def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list
     for split, dataset in splits.items():
         blocks = math.ceil(len(dataset) / BLOCK_ROWS)
         for index in range(accelerator.process_index, blocks, accelerator.num_processes):
-            if os.path.isdir(os.path.join(path, split, block_name(index))):
-                continue  # written by an earlier pass
+            problem = block_problem(os.path.join(path, split, block_name(index)))
+            if problem is None:
+                continue  # written by an earlier pass, and whole
+            if problem != "is missing":
+                log(f"teacher cache: {split}/{block_name(index)} {problem}: writing it again")
             _write_block(teacher, dataset, split, index, settings, transform, pad_id, batch_size, seed,
                          hashes[split], path, id_bytes)
             written += 1
@@ -140,18 +215,16 @@ def write_teacher_cache(path: str, teacher, splits: dict, hashes: dict[str, list
         info = {"key": key, "components": components, "complete": True, "id_bytes": id_bytes, "splits": {}}
         for split, dataset in splits.items():
             blocks = math.ceil(len(dataset) / BLOCK_ROWS)
-            missing = [index for index in range(blocks)
-                       if not os.path.isdir(os.path.join(path, split, block_name(index)))]
+            entries = [read_block_checksum(os.path.join(path, split, block_name(index))) for index in range(blocks)]
+            missing = [index for index, entry in enumerate(entries) if entry is None]
             if missing:
                 raise RuntimeError(f"teacher cache {path}: blocks {missing} of {split} are missing after the pass.")
-            with quiet_datasets():
-                stored = datasets.concatenate_datasets(
-                    [datasets.load_from_disk(os.path.join(path, split, block_name(i))) for i in range(blocks)])
-            tokens = sum(stored["teacher_tokens"])
-            info["splits"][split] = {"rows": len(stored), "blocks": blocks, "label_tokens": tokens,
-                                     "record_bytes": sum(len(record) for record in stored["teacher_record"]),
-                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes,
-                                                           len(settings.temperatures))}
+            tokens = sum(entry["label_tokens"] for entry in entries)
+            info["splits"][split] = {"rows": sum(entry["rows"] for entry in entries), "blocks": blocks,
+                                     "label_tokens": tokens,
+                                     "record_bytes": sum(entry["record_bytes"] for entry in entries),
+                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes, len(settings.temperatures)),
+                                     "block_digests": [block_digest(entry) for entry in entries]}
         write_atomically(os.path.join(path, INFO), json.dumps(info, indent=2))
         cache = TeacherCache(path, info)
         log(f"teacher cache complete: {path} (key {key}; {cache.bytes_per_token():.1f} bytes a label token; "
