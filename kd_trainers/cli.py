@@ -27,6 +27,7 @@ import sys
 # Only light modules here: `--help`, `list`, `cp` and bad input answer without importing torch or the trainers.
 from .recipe.catalog import recipes_root, resolve, shipped, shipped_path
 from .recipe.errors import RecipeError
+from .recipe.yaml_files import read_recipe_values
 
 
 def _header(path: str) -> str:
@@ -182,22 +183,26 @@ def _main(argv: list[str]) -> int:
         return _list()
     if command == "cp":
         return _copy(argv[1:])
+    usage = {"cache-teacher": "kd-train cache-teacher RECIPE teacher_cache=PATH [key=value ...]",
+             "validate": "kd-train validate RECIPE [key=value ...]"}
+    if command in usage:
+        if len(argv) < 2:
+            print(usage[command], file=sys.stderr)
+            return 2
+        recipe_path, overrides = resolve(argv[1]), argv[2:]
+    else:
+        recipe_path, overrides = resolve(argv[0]), argv[1:]
+    # The file's own problems (missing, a folder, not YAML, a study) at once, before the heavy imports below.
+    read_recipe_values(recipe_path, overrides)
     from .progress import quiet_libraries
 
     quiet_libraries(transformers_warnings=True)  # the plan, progress, results and real warnings: not the libraries' bars and notices
     if command == "cache-teacher":
-        if len(argv) < 2:
-            print("kd-train cache-teacher RECIPE teacher_cache=PATH [key=value ...]", file=sys.stderr)
-            return 2
-        return _cache_teacher(resolve(argv[1]), argv[2:])
+        return _cache_teacher(recipe_path, overrides)
     if command == "validate":
-        if len(argv) < 2:
-            print("kd-train validate RECIPE [key=value ...]", file=sys.stderr)
-            return 2
-        return _validate(resolve(argv[1]), argv[2:])
+        return _validate(recipe_path, overrides)
     from .recipe.schema import load_recipe
 
-    recipe_path, overrides = resolve(argv[0]), argv[1:]
     recipe = load_recipe(recipe_path, overrides)
 
     from .recipe.launch import already_launched, launched_by_kd_train, relaunch

@@ -524,3 +524,21 @@ def test_kd_serve_teacher_on_a_busy_port_says_so_before_loading_the_model(capsys
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1
     assert f"--port {port}: 127.0.0.1:{port} is in use" in lines[0] and "choose another --port" in lines[0]
+
+
+def test_a_recipe_files_own_problems_are_said_before_torch_is_imported(tmp_path):
+    """A missing recipe, a folder, a file that is not YAML, a study given to kd-train, an override without `=`:
+    answered from the file alone, in a fraction of a second (nothing heavy is imported)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "bad.yaml").write_text("method: [kd,\n")
+    (tmp_path / "study.yaml").write_text(study())
+    (tmp_path / "recipe.yaml").write_text(recipe())
+    code = ("import sys; from kd_trainers import cli; codes = [cli.main(argv) for argv in (['nope.yaml'], ['recipes'], "
+            "['bad.yaml'], ['study.yaml'], ['recipe.yaml', 'max_steps'], ['validate', 'nope.yaml'])]; "
+            "print(codes, sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.stdout.strip() == "[2, 2, 2, 2, 2, 2] []", result.stdout + result.stderr
+    assert len(result.stderr.strip().splitlines()) == 6

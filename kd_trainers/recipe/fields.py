@@ -26,7 +26,7 @@ class FieldValueError(ValueError):
     """A value the field cannot take; the message says what it takes (without the file and key, which the caller adds)."""
 
 
-# YAML 1.1's other boolean words, which recipes keep as text (see schema.RecipeLoader); `string_to_bool` takes the rest.
+# YAML 1.1's other boolean words, which recipes keep as text (yaml_files.RecipeLoader); `string_to_bool` takes the rest.
 _ON_OFF = {"on": True, "off": False}
 
 

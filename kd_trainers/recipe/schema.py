@@ -12,13 +12,11 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from peft import LoraConfig
 
 from ..evaluation.answers import ANSWER_EXTRACTORS
@@ -28,10 +26,10 @@ from ..guards import check_training_args
 from ..methods import available_methods, get_method
 from ..several_teachers import check_routing, teacher_entries
 from ..suggest import did_you_mean
-from .catalog import shipped
 from .errors import RecipeError
 from .fields import FieldValueError, RecipeFields
 from .launch import accelerate_config_path
+from .yaml_files import read_recipe_values, read_yaml_mapping, refuse_study
 
 
 def _key(default, help_text: str):
@@ -90,44 +88,6 @@ AGREEMENT_KEYS = {"every_steps": 50, "samples": 32, "max_new_tokens": 64, "batch
                   "answer_extractor": "the_answer_is", "split": "test"}
 
 
-class RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only `true` and `false`.
-
-    YAML 1.1 also reads `yes`, `no`, `on` and `off` as booleans, so `save_strategy: no` (as every transformers user
-    types it) would reach the config as `False`. Here they stay the text the user wrote; a boolean field turns them into
-    booleans itself (`fields.RecipeFields`), and a string or enum field keeps them.
-    """
-
-
-RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                   list("tTfF"))
-
-
-def _mapping_without_duplicates(loader: RecipeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    """A mapping whose keys are each given once: YAML would silently keep the last of two `kd_temperature:` lines."""
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
-                "keep one", key_node.start_mark)
-        seen[key] = key_node.start_mark.line
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-
-RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-
-def load_yaml(text_or_stream):
-    """A YAML document read with `RecipeLoader` (recipes, studies and `key=value` overrides alike)."""
-    return yaml.load(text_or_stream, Loader=RecipeLoader)
-
-
 def _agreement_settings(block: dict | None, method: str, path: str) -> dict | None:
     """The `agreement` block with its defaults (see `kd_trainers.evaluation.callbacks.AgreementCallback`)."""
     if block is None:
@@ -170,61 +130,9 @@ class Recipe:
 
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """`key=value` -> (key, YAML-parsed value)."""
-    if "=" not in text:
-        raise RecipeError(f"Override {text!r} is not key=value (for example max_steps=10).")
-    key, value = text.split("=", 1)
-    return key.strip(), load_yaml(value) if value.strip() else None
-
-
-def _set_nested(values: dict, key: str, value) -> None:
-    """`values[a][b] = value` for the key `a.b` (nested recipe blocks such as `peft` and `accelerate`)."""
-    *parents, last = key.split(".")
-    target = values
-    for part in parents:
-        if target.get(part) is None:
-            target[part] = {}
-        target = target[part]
-        if not isinstance(target, dict):
-            raise RecipeError(f"Override {key}={value!r}: {part!r} is not a mapping in the recipe.")
-    target[last] = value
-
-
-def read_yaml_mapping(path: str, error: type[ValueError], hint: str = "") -> dict:
-    """The mapping in a YAML file, or `error` naming the file: missing, not YAML, or not a mapping."""
-    if os.path.isdir(path):
-        inside = sorted(name for name in os.listdir(path) if name.endswith((".yaml", ".yml")))
-        shown = f" (it holds {', '.join(inside[:6])}{', ...' if len(inside) > 6 else ''})" if inside else ""
-        raise error(f"{path!r} is a folder, not a YAML file; name a file in it{shown}.{hint}")
-    if not os.path.isfile(path):
-        raise error(f"File {path!r} does not exist.{hint}")
-    with open(path) as handle:
-        try:
-            values = load_yaml(handle) or {}
-        except yaml.YAMLError as problem:
-            raise error(f"{path}: not valid YAML: {_one_line(problem)}") from None
-    if not isinstance(values, dict):
-        raise error(f"{path}: expected a mapping of keys to values, got {type(values).__name__}.")
-    return values
-
-
-def _one_line(problem: yaml.YAMLError) -> str:
-    """A YAML error as one line: what is wrong and where (PyYAML's own text spans several lines)."""
-    mark = getattr(problem, "problem_mark", None)
-    what = " ".join(str(part) for part in (getattr(problem, "context", None), getattr(problem, "problem", None))
-                    if part) or str(problem).splitlines()[0]
-    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark else what
-
-
 def load_recipe(path: str, overrides: list[str] | None = None, portable: bool = False) -> Recipe:
     """Read, merge and validate a recipe. Raises `RecipeError` before any model or dataset is loaded."""
-    hint = did_you_mean(path[:-5] if path.endswith(".yaml") else path, shipped("recipe"))
-    values = read_yaml_mapping(path, RecipeError, f"{hint or ''} `kd-train list` shows the shipped recipes.")
-    for text in overrides or []:
-        key, value = parse_override(text)
-        _set_nested(values, key, value)
-    return validate_recipe(values, path, portable=portable)
+    return validate_recipe(read_recipe_values(path, overrides), path, portable=portable)
 
 
 HARDWARE_FLAGS = ("bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval")
@@ -240,9 +148,8 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
     """The `Recipe` of merged recipe values. `portable=True` checks a recipe meant for other hardware (bf16 on a GPU
     machine) on this one: precision flags this machine cannot honour are switched off for the check only, and the
     switched-off flags are listed in `recipe.hardware_notes`."""
+    refuse_study(values, path)
     method = values.get("method")
-    if method is None and ("base_recipe" in values or "grid" in values):
-        raise RecipeError(f"{path}: this is a study (it has base_recipe/grid): run it with kd-study {path}.")
     methods = available_methods()
     if method not in methods:
         hint = did_you_mean(str(method), methods) if isinstance(method, str) else ""

@@ -43,7 +43,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
-from ..recipe.schema import read_yaml_mapping
+from ..recipe.yaml_files import read_yaml_mapping
 from ..stats import COMPARE_METHODS, CORRECTIONS
 from ..suggest import did_you_mean
 
