@@ -475,6 +475,8 @@ SERVER_CASES = [
     ("a server that answers fewer log-probabilities", "capped", str, SERVED,
      "gave no usable answer to a prompt_logprobs request at teacher_server_k=8 (InvalidAnswer: prompt 0, position 1: "),
     ("a served model of another vocabulary", "other vocabulary", str, SERVED, "use different tokenizers"),
+    ("a temperature a server cannot serve", "limited", str, {**SERVED, "kd_temperature": 2.0},
+     "kd_temperature=2.0 with teacher_url='http://127.0.0.1:"),
     ("a teachers entry whose path 404s", "limited", lambda url: url.replace("/v1", "/x/v1"),
      {"teacher_model_name_or_path": None, "teacher_server_k": 8, "kd_temperature": 1.0},
      "teachers[0].url: 'http://127.0.0.1:"),

@@ -268,3 +268,32 @@ def test_the_demo_tasks_hold_the_demo_test_split_as_lm_eval_items(tmp_path):
     # The final answer in either case: the WordPiece tokenizer lowercases what its models write.
     for text in ("7 + 4 = 11. The answer is 11.", "7 + 4 = 11. the answer is 11."):
         assert re.search(pattern, text).group(1) == "11"
+
+
+@pytest.mark.slow
+def test_lm_evals_own_task_names_are_indexed_once_and_kept(tmp_path, monkeypatch):
+    """An unknown task makes lm-eval index its own 14,000 task files (about ten seconds): the names are kept in the
+    user cache, per lm-eval version, and the next check reads them instead of indexing again."""
+    import lm_eval.tasks
+
+    from kd_trainers.evaluation import harness
+
+    monkeypatch.setenv("KD_TRAINERS_CACHE", str(tmp_path / "cache"))
+    settings = harness_settings({"tasks": ["no_such_task_x"]}, "test", ValueError)
+    with pytest.raises(ValueError, match="'no_such_task_x' is not an lm-eval task"):
+        harness.check_harness(settings, "test", ValueError)
+    kept = list((tmp_path / "cache" / "lm_eval_tasks").glob("default_task_names-*.json"))
+    assert len(kept) == 1 and "arc_easy" in json.loads(kept[0].read_text())
+
+    def no_indexing(*args, **kwargs):
+        if kwargs.get("include_defaults", True):
+            raise AssertionError("lm-eval's own tasks were indexed again")
+        return real_manager(*args, **kwargs)
+
+    real_manager = lm_eval.tasks.TaskManager
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", no_indexing)
+    harness._MANAGERS.clear()
+    with pytest.raises(ValueError, match="'no_such_task_y' is not an lm-eval task"):
+        harness.check_harness(harness_settings({"tasks": ["no_such_task_y"]}, "test", ValueError), "test",
+                              ValueError)
+    harness.check_harness(harness_settings({"tasks": ["arc_easy"]}, "test", ValueError), "test", ValueError)

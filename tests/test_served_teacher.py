@@ -325,6 +325,7 @@ def test_faults_are_retried_and_a_server_that_stays_down_stops_the_run_resumably
         message = str(error.value)
         checkpoint = os.path.join(output_dir, "checkpoint-1")
         assert url in message and "teacher_server_max_wait=2 s" in message and "HTTP 503" in message
+        assert "_Retryable" not in message  # the server's words, not an internal class name
         assert f"Training stopped in step 2, which was not trained; {checkpoint} holds the state" in message
         assert os.path.isfile(os.path.join(checkpoint, "trainer_state.json"))
         assert not os.path.exists(os.path.join(output_dir, "checkpoint-2"))

@@ -83,17 +83,25 @@ def harness_settings(block, where: str, error: type[ValueError], base_dir: str |
 _MANAGERS: dict[tuple[tuple[str, ...], bool], object] = {}  # (include paths, with lm-eval's own tasks) -> index
 
 
+def _local_task_manager(settings: dict):
+    """`(manager, paths)`: lm-eval's task index of the demo's and the include path's tasks alone (fast)."""
+    from lm_eval.tasks import TaskManager  # lazy: lm-eval is optional (the eval extra) and takes seconds to import
+
+    paths = (demo_task_folder(user_cache_dir("lm_eval_tasks")), *(settings.get("include_path") or []))
+    if (paths, False) not in _MANAGERS:
+        _MANAGERS[(paths, False)] = TaskManager(include_path=list(paths), include_defaults=False)
+    return _MANAGERS[(paths, False)], paths
+
+
 def _task_manager(settings: dict):
     """lm-eval's task index: of the demo's and the include path's tasks alone when they are all the settings name
     (indexing lm-eval's own 14,000 task YAMLs takes about ten seconds), else of lm-eval's tasks too; built once per
     process and include path."""
     from lm_eval.tasks import TaskManager  # lazy: lm-eval is optional (the eval extra) and takes seconds to import
 
-    paths = (demo_task_folder(user_cache_dir("lm_eval_tasks")), *(settings.get("include_path") or []))
-    if (paths, False) not in _MANAGERS:
-        _MANAGERS[(paths, False)] = TaskManager(include_path=list(paths), include_defaults=False)
-    if all(task in _MANAGERS[(paths, False)].all_tasks for task in settings["tasks"]):
-        return _MANAGERS[(paths, False)]
+    local, paths = _local_task_manager(settings)
+    if all(task in local.all_tasks for task in settings["tasks"]):
+        return local
     if (paths, True) not in _MANAGERS:
         _MANAGERS[(paths, True)] = TaskManager(include_path=list(paths))
     return _MANAGERS[(paths, True)]
@@ -122,7 +130,7 @@ def check_harness(settings: dict, where: str, error: type[ValueError]) -> None:
     """lm-eval is installed and knows every task named (the harness's own, the demo's, the include path's): one line
     naming the unknown task and the closest known one, before any model is loaded."""
     try:
-        manager = _task_manager(settings)
+        manager = _local_task_manager(settings)[0]
     except ImportError:
         raise error(f"{where}: evaluation.metrics has lm_eval, which needs the lm-eval package: {INSTALL}.") from None
     known = set(manager.all_tasks)

@@ -183,14 +183,20 @@ def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
 
 
 def _student_tokenizer(recipe: Recipe):
-    """The student's tokenizer as the trainer fingerprints it (SFTTrainer's pad token set), or None when it does not
-    load here yet (a model not downloaded: noted elsewhere)."""
-    options = recipe.options
+    """The student's tokenizer as the trainer will hold it (SFTTrainer's `eos_token` and pad token set), or None when
+    it does not load here yet (a model not downloaded: noted elsewhere) or when the trainer will change it further
+    (`chat_template_path` may add tokens): the trainer checks it then."""
+    options, config = recipe.options, recipe.config
+    if getattr(config, "chat_template_path", None) is not None:
+        return None
     try:
         tokenizer = resolve_tokenizer(options["tokenizer_name_or_path"] or options["model_name_or_path"])
     except (OSError, ValueError):
         return None
-    pad = getattr(recipe.config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    eos = getattr(config, "eos_token", None)
+    if eos is not None and eos in tokenizer.get_vocab():
+        tokenizer.eos_token = eos
+    pad = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
     if pad is not None and pad in tokenizer.get_vocab():
         tokenizer.pad_token = pad
     return tokenizer
@@ -248,6 +254,11 @@ def check_server_answers(recipe: Recipe, field: str, url: str, tokenizer_name: s
     `--max-logprobs`, a server that answers fewer, another vocabulary."""
     config, where = recipe.config, f"{recipe.path}: {field}: {public_url(url)!r}"
     student = _student_tokenizer(recipe)
+    if student is not None:  # a temperature a server cannot serve exactly: refused before it is asked anything
+        try:
+            config.check_served_temperature(f"{field}={public_url(url)!r}", len(student))
+        except ValueError as error:
+            raise RecipeError(f"{recipe.path}: {error}") from None
     client = TeacherClient(url, config.teacher_server_k, len(student) if student is not None else 2**31,
                            timeout=config.teacher_server_timeout, max_wait=0)
     try:
