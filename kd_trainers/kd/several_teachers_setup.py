@@ -21,6 +21,7 @@ from ..teacher import freeze, load_teacher
 from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, targets_from_batch,
                              tokenizer_fingerprint)
 from ..teacher_cache.cache import RECORD_COLUMNS
+from ..teacher_cache.integrity import check_whole
 from .teacher_setup import TeacherPlan
 
 
@@ -77,10 +78,11 @@ class SeveralTeachersMixin:
                                                             student_tokenizer, model)
                 members.append(PlannedMember(entry, tokenizer, client=client))
             else:
-                cache = TeacherCache.open(entry.source, whole=True)
+                cache = TeacherCache.open(entry.source)
                 if cache is None:
                     raise ValueError(f"{where}: cache={entry.source!r} holds no complete teacher cache: write it "
                                      "first (kd-train cache-teacher RECIPE teacher_cache=PATH with that teacher).")
+                check_whole(cache.path, cache.info)  # a damaged block: named, with the pass that rewrites it
                 members.append(PlannedMember(entry, student_tokenizer, cache=cache))
         self.teacher_processing_class = student_tokenizer
         how = f"routed by the column {args.teacher_column!r}" if args.teacher_column else "mixed per token"

@@ -307,6 +307,8 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
     """Each teacher of a `teachers:` block: a model and its adapter exist, a cache is complete, a server answers."""
     for index, entry in enumerate(recipe.options.get("teachers") or []):
         where = f"teachers[{index}]"
+        if isinstance(entry.get("tokenizer"), str):
+            check_model_reference(f"{where}.tokenizer", entry["tokenizer"], recipe.path, pending=pending)
         if entry.get("model") is not None:
             check_model_reference(f"{where}.model", entry["model"], recipe.path, pending=pending)
             check_model_reference(f"{where}.adapter", entry.get("adapter"), recipe.path, adapter=True,
