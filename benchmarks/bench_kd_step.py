@@ -352,8 +352,9 @@ def run_cell(script: str, cell: list, gpu: bool) -> dict:
     if gpu:  # CUDA counts allocated memory exactly
         return timed
     measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
-    return {**timed, "memory_growth_mb": measured["memory_growth_mb"], "peak_mb": measured["peak_mb"],
-            "note": timed["note"] or measured["note"]}
+    # The memory of the measuring run: every figure it took (a script's cells may not all take a peak).
+    memory = {key: measured[key] for key in ("memory_growth_mb", "peak_mb") if key in measured}
+    return {**timed, **memory, "note": timed["note"] or measured["note"]}
 
 
 def _run_cell_process(script: str, cell: list, env: dict) -> dict:

@@ -2,7 +2,7 @@
 
     kd-eval --model outputs/vanilla_kd --dataset demo --split test --metrics ngram reasoning \\
             --answer-extractor demo --output outputs/vanilla_kd/eval
-    kd-eval --model demo:llama/student/bpe ... --teacher-predictions outputs/teacher/eval/predictions.jsonl
+    kd-eval --model demo:llama/student/bpe ... --teacher-predictions outputs/teacher-eval/predictions.jsonl
 
 Writes `predictions.jsonl` (inputs, references, predictions), `generation.json` (the generation settings and the
 model), `scores.csv` (one row per example, one column per metric) and `summary.json` (means and corpus scores).

@@ -1,8 +1,9 @@
 """Statistics for KD studies, on pingouin: paired tests per metric, multiple-comparison correction, effect sizes with
 confidence intervals, ANOVA, Spearman correlation, and the count of metrics that reject the null.
 
-Results keep pingouin's own column names (`p_val`, `cohen_d`, `W_val`, `CI95`, ...), so that a reader who knows
-pingouin reads them directly. Per-example scores come as pandas DataFrames, one row per example and one column per
+`paired_test` keeps pingouin's own names (`W_val`, `T`, `p_val`, `RBC`, ...), so that a reader who knows pingouin
+reads them directly; `compare` puts every test's statistic in one `statistic` column beside `p_val`, `p_corr` and
+`cohen_d`. Per-example scores come as pandas DataFrames, one row per example and one column per
 metric (what `kd_trainers.evaluation.score` returns); two configurations are paired row by row, or by an
 `example_id` column when both have one.
 """

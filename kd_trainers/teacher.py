@@ -23,6 +23,21 @@ def model_name(model) -> str:
     return name or f"<in-memory {type(model).__name__}>"
 
 
+def load_student_tokenizer(model):
+    """The tokenizer of a student given without `processing_class`: loaded from its name or path, as TRL's
+    SFTTrainer does; a model built in memory has none to load, and the error says what to pass."""
+    name = model_name(model)
+    if name.startswith("<in-memory "):
+        raise ValueError(f"processing_class is missing: the student {name} was built in memory, so there is no name "
+                         "or path to load its tokenizer from. Pass processing_class=<the student's tokenizer>.")
+    try:
+        return load_tokenizer(name)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"processing_class is missing, and the student's tokenizer does not load from {name!r} "
+                         f"({' '.join(str(error).split())[:200]}). Pass processing_class=<the student's "
+                         "tokenizer>.") from None
+
+
 def _dtype_from_init_kwargs(init_kwargs: dict) -> dict:
     init_kwargs = dict(init_kwargs)
     dtype = init_kwargs.get("dtype", init_kwargs.pop("torch_dtype", None))

@@ -283,3 +283,17 @@ def test_drop_in_replacement_of_sft_trainer(tmp_path):
     assert trainer.args.max_steps == 3 and trainer.args.output_dir == str(tmp_path / "kd")
     assert len(losses_of(trainer, "kd_loss")) == 3
     assert isinstance(sft_namespace["trainer"].args, SFTConfig)
+
+
+def test_a_student_built_in_memory_without_processing_class_is_told_what_to_pass(tmp_path, student, teacher,
+                                                                               demo_data):
+    """TRL loads the tokenizer from the model's name; a model built in memory has none, and the error says so."""
+    from kd_trainers import GKDConfig, GKDTrainer
+
+    rows = demo_data["train"].select(range(8))
+    with pytest.raises(ValueError, match=r"processing_class is missing: the student <in-memory LlamaForCausalLM> was "
+                                         r"built in memory.*Pass processing_class=<the student's tokenizer>"):
+        KDTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path), train_dataset=rows)
+    with pytest.raises(ValueError, match="processing_class is missing: the student <in-memory LlamaForCausalLM>"):
+        GKDTrainer(model=student, teacher_model=teacher, train_dataset=rows,
+                   args=GKDConfig(output_dir=str(tmp_path / "gkd"), report_to=[], bf16=False))

@@ -17,8 +17,7 @@ from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..kd.teacher_setup import TeacherSetupMixin
-from ..teacher import model_name
-from ..tokenizer import load_tokenizer
+from ..teacher import load_student_tokenizer
 from .config import GKDConfig
 from .data import PromptCompletionCollator
 
@@ -67,7 +66,7 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
         trl_kwargs.update(zip(_TRL_GKD_POSITIONAL_NAMES, trl_args))
         self._refuse_compute_loss_func(args, trl_kwargs.get("compute_loss_func"))
         if processing_class is None:
-            processing_class = load_tokenizer(model_name(model))
+            processing_class = load_student_tokenizer(model)
         # TRL's GKD script passes the teacher as a model and no teacher tokenizer: the student's is then assumed
         # (with a warning) for a teacher that has none of its own, as TRL does, after checking what can be checked.
         plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, processing_class)

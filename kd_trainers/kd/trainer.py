@@ -11,8 +11,7 @@ from trl import SFTTrainer
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
 from ..several_teachers import teacher_entries
-from ..teacher import model_name
-from ..tokenizer import load_tokenizer
+from ..teacher import load_student_tokenizer
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
 from .several_teachers_setup import SeveralTeachersMixin
@@ -78,7 +77,7 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Severa
         self._teacher_entries = None if teacher_models is None else teacher_entries(teacher_models)
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
         if sft_kwargs.get("processing_class") is None:
-            sft_kwargs["processing_class"] = load_tokenizer(model_name(model))
+            sft_kwargs["processing_class"] = load_student_tokenizer(model)
         # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
         plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, sft_kwargs["processing_class"])
         sft_kwargs = self._prepare_training_data(plan, args, sft_kwargs)
