@@ -13,14 +13,19 @@ from .schema import Recipe
 DEMO_PREFIX = "demo:"
 
 
+def _demo_spec(name: str) -> list[str]:
+    """`[ARCH, SIZE, TOKENIZER]` of a `demo:ARCH/SIZE/TOKENIZER` spec."""
+    parts = name[len(DEMO_PREFIX):].split("/")
+    if len(parts) != 3:
+        raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
+    return parts
+
+
 def resolve_model(name: str, tokenizer_name: str | None = None):
     """`(model or name, tokenizer)`. `demo:ARCH/SIZE/TOKENIZER` (e.g. `demo:llama/student/bpe`) builds a demo model;
     anything else is a Hub id or a local path, loaded by the trainer (with `model_init_kwargs`)."""
     if name.startswith(DEMO_PREFIX):
-        parts = name[len(DEMO_PREFIX):].split("/")
-        if len(parts) != 3:
-            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
-        arch, size, tokenizer_kind = parts
+        arch, size, tokenizer_kind = _demo_spec(name)
         tokenizer = demo_tokenizer(tokenizer_kind)
         seed = {"student": 2, "teacher": 1}.get(size, 0)
         return demo_model(arch, tokenizer, size, seed=seed), tokenizer
@@ -30,10 +35,7 @@ def resolve_model(name: str, tokenizer_name: str | None = None):
 def resolve_tokenizer(name: str):
     """The tokenizer of a model named as a recipe names models (a demo spec builds only its tokenizer)."""
     if name.startswith(DEMO_PREFIX):
-        parts = name[len(DEMO_PREFIX):].split("/")
-        if len(parts) != 3:
-            raise ValueError(f"{name!r}: a demo model is demo:ARCH/SIZE/TOKENIZER, e.g. demo:llama/student/bpe.")
-        return demo_tokenizer(parts[2])
+        return demo_tokenizer(_demo_spec(name)[2])
     return load_tokenizer(name)
 
 

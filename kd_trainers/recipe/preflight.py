@@ -182,6 +182,11 @@ def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
     check_cache_fits(recipe, "teacher_cache", path, info, repair)
 
 
+# A demo spec's tokenizer is trained when it is built (about a second): built once per process for the checks (a study
+# checks every cell, a recipe may check a cache and servers), and only read by them.
+_DEMO_TOKENIZERS: dict = {}
+
+
 def _student_tokenizer(recipe: Recipe):
     """The student's tokenizer as the trainer will hold it (SFTTrainer's `eos_token` and pad token set), or None when
     it does not load here yet (a model not downloaded: noted elsewhere) or when the trainer will change it further
@@ -189,16 +194,22 @@ def _student_tokenizer(recipe: Recipe):
     options, config = recipe.options, recipe.config
     if getattr(config, "chat_template_path", None) is not None:
         return None
+    name = options["tokenizer_name_or_path"] or options["model_name_or_path"]
+    key = (name, getattr(config, "eos_token", None), getattr(config, "pad_token", None))
+    if key in _DEMO_TOKENIZERS:
+        return _DEMO_TOKENIZERS[key]
     try:
-        tokenizer = resolve_tokenizer(options["tokenizer_name_or_path"] or options["model_name_or_path"])
+        tokenizer = resolve_tokenizer(name)
     except (OSError, ValueError):
         return None
-    eos = getattr(config, "eos_token", None)
+    eos, pad = key[1:]
     if eos is not None and eos in tokenizer.get_vocab():
         tokenizer.eos_token = eos
-    pad = getattr(config, "pad_token", None) or tokenizer.pad_token or tokenizer.eos_token
+    pad = pad or tokenizer.pad_token or tokenizer.eos_token
     if pad is not None and pad in tokenizer.get_vocab():
         tokenizer.pad_token = pad
+    if name.startswith(DEMO_PREFIX):
+        _DEMO_TOKENIZERS[key] = tokenizer
     return tokenizer
 
 
@@ -277,7 +288,7 @@ def check_server_answers(recipe: Recipe, field: str, url: str, tokenizer_name: s
             teacher_tokenizer = resolve_tokenizer(name)
         except (OSError, ValueError) as error:
             raise RecipeError(f"{where} serves {served_name!r}, whose tokenizer does not load here "
-                              f"({one_line_of(error)}); name the teacher's Hub id or local path (teacher_model_name_"
+                              f"({' '.join(str(error).split())[:200]}); name the teacher's Hub id or local path (teacher_model_name_"
                               "or_path, or the entry's tokenizer), which gives its tokenizer and is not loaded.") \
                 from None
         try:
@@ -297,10 +308,6 @@ def check_server_answers(recipe: Recipe, field: str, url: str, tokenizer_name: s
                           f"{config.teacher_server_k} ({last}). A server that answers fewer log-probabilities than "
                           "asked caps them: restart it with --max-logprobs at least teacher_server_k, or lower "
                           "teacher_server_k.") from None
-
-
-def one_line_of(error: BaseException) -> str:
-    return " ".join(str(error).split())[:200]
 
 
 def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:

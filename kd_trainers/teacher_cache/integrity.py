@@ -17,7 +17,7 @@ import json
 import math
 import os
 
-from .layout import BLOCK_ROWS, FORMAT_VERSION, INFO, PLAN, block_name, cache_key
+from .layout import BLOCK_ROWS, FORMAT_VERSION, INFO, PLAN, block_name, cache_key, digest
 from .format import id_bytes_for, raw_size
 
 
@@ -60,11 +60,7 @@ def write_block_checksum(folder: str, rows: int, label_tokens: int, record_bytes
     entry = {"rows": rows, "label_tokens": label_tokens, "record_bytes": record_bytes, "files": _block_files(folder)}
     with open(os.path.join(folder, BLOCK_CHECKSUM), "w") as handle:
         json.dump(entry, handle, indent=1, sort_keys=True)
-    return block_digest(entry)
-
-
-def block_digest(entry: dict) -> str:
-    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(entry)
 
 
 def read_block_checksum(folder: str) -> dict | None:
@@ -84,7 +80,7 @@ def block_problem(folder: str, expected_digest: str | None = None) -> str | None
     entry = read_block_checksum(folder)
     if entry is None:
         return f"has no readable {BLOCK_CHECKSUM} (written by an interrupted or older pass)"
-    if expected_digest is not None and block_digest(entry) != expected_digest:
+    if expected_digest is not None and digest(entry) != expected_digest:
         return f"is not the block {INFO} records (its {BLOCK_CHECKSUM} differs)"
     present = {os.path.relpath(os.path.join(root, name), folder)
                for root, _, names in os.walk(folder) for name in names} - {BLOCK_CHECKSUM}
@@ -180,8 +176,8 @@ def damaged_blocks(path: str, info: dict) -> list[str]:
     """`"<split> block-NNNNNN <what is wrong>"` for every block of a complete cache that is not as written."""
     found = []
     for split, entry in info["splits"].items():
-        for index, digest in enumerate(entry["block_digests"]):
-            problem = block_problem(os.path.join(path, split, block_name(index)), digest)
+        for index, expected in enumerate(entry["block_digests"]):
+            problem = block_problem(os.path.join(path, split, block_name(index)), expected)
             if problem:
                 found.append(f"{split}/{block_name(index)} {problem}")
     return found

@@ -34,8 +34,8 @@ from ..losses.noise import mix_seed
 from ..losses.sparse import sampled_targets, tail_log_masses, top_k_targets
 from .cache import CacheSettings, TeacherCache, differences, label_token_count, quiet_datasets, read_json
 from .format import encode, id_bytes_for, raw_size
-from .integrity import CacheProblem, block_digest, block_problem, read_block_checksum, write_block_checksum
-from .layout import BLOCK_ROWS, INFO, PLAN, block_name, cache_key
+from .integrity import CacheProblem, block_problem, read_block_checksum, write_block_checksum
+from .layout import BLOCK_ROWS, INFO, PLAN, block_name, cache_key, digest
 
 LOCK = ".lock"
 # Windows has no advisory locks: two passes into one folder there still end with one whole cache (a block published
@@ -224,7 +224,7 @@ def _write(path, teacher, splits, hashes, components, settings, pad_id, accelera
                                      "label_tokens": tokens,
                                      "record_bytes": sum(entry["record_bytes"] for entry in entries),
                                      "raw_bytes": raw_size(tokens, settings.k, id_bytes, len(settings.temperatures)),
-                                     "block_digests": [block_digest(entry) for entry in entries]}
+                                     "block_digests": [digest(entry) for entry in entries]}
         write_atomically(os.path.join(path, INFO), json.dumps(info, indent=2))
         cache = TeacherCache(path, info)
         log(f"teacher cache complete: {path} (key {key}; {cache.bytes_per_token():.1f} bytes a label token; "
