@@ -110,6 +110,7 @@ def run_evaluation(options) -> dict:
     from .files import DONE
     from .recipe.output import RUN_INFO, is_finished
     from .recipe.preflight import check_model_reference
+    from .smoke import capped_limit
     from .teacher import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
@@ -145,6 +146,7 @@ def run_evaluation(options) -> dict:
         _, dataset = load_recipe_datasets({"dataset_name": options.dataset, "dataset_config": options.dataset_config,
                                            "dataset_train_split": options.split, "dataset_test_split": options.split,
                                            "columns": options.columns, "prompt_template": options.prompt_template})
+    options.limit = capped_limit(options.limit)  # a smoke run scores a few examples
     if options.limit and dataset is not None:
         dataset = dataset.select(range(min(options.limit, len(dataset))))
     teacher = None

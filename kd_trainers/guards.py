@@ -17,6 +17,7 @@ from accelerate.utils import DistributedType
 from transformers.trainer_utils import get_last_checkpoint
 
 from .errors import NonFiniteTrainingError, TeacherServerError
+from .smoke import capped_steps
 
 
 class DroppedExamplesWarning(UserWarning):
@@ -151,8 +152,10 @@ class RunGuardsMixin:
     # ---- a served teacher that stops answering ----------------------------------------------------------------
 
     def train(self, *args, **kwargs):
-        """`Trainer.train`; when a served teacher gives no valid answer within its bound, the step it was for is not
-        trained, and the run stops with a checkpoint of the last completed step to resume from."""
+        """`Trainer.train`, capped at a few steps in a smoke run (`kd_trainers.smoke`); when a served teacher gives
+        no valid answer within its bound, the step it was for is not trained, and the run stops with a checkpoint of
+        the last completed step to resume from."""
+        self.args.max_steps = capped_steps(self.args.max_steps)  # KD_TRAINERS_SMOKE=1: a few steps
         try:
             return super().train(*args, **kwargs)
         except TeacherServerError as error:

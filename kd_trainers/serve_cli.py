@@ -4,6 +4,9 @@
 MODEL is named as a recipe names models: a local path, a Hub id, or a `demo:ARCH/SIZE/TOKENIZER` spec. It listens on
 127.0.0.1 unless told otherwise (it has no authentication: put it behind one before opening it to a network). For a
 teacher on a GPU, vLLM serves the same API faster (the README gives the command line).
+
+`kd-serve-teacher --wait URL [--wait-timeout S]` waits until a server (this one started in the background, or vLLM)
+answers `GET URL/models`, for scripts that start a server and then train from it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import errno
 import importlib.util
 import socket
 import sys
+import time
+import urllib.error
+import urllib.request
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -30,8 +36,35 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def wait_for_server(url: str, timeout: float) -> int:
+    """0 once `GET url/models` answers 200 (polled every half second), 1 when `timeout` seconds pass first."""
+    deadline, last = time.monotonic() + timeout, "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=5) as answer:
+                if answer.status == 200:
+                    print(f"kd-serve-teacher: {url} answers.", flush=True)
+                    return 0
+                last = f"HTTP {answer.status}"
+        except urllib.error.HTTPError as error:
+            last = f"HTTP {error.code}"
+        except (urllib.error.URLError, OSError) as error:
+            last = str(getattr(error, "reason", error))
+        if time.monotonic() > deadline:
+            print(f"kd-serve-teacher: --wait: {url} did not answer GET /models within {timeout:g} s (last: {last}); "
+                  "is the server running, and is the URL its /v1 address?", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--wait" in argv:  # a mode of its own: no model, no server
+        waiter = argparse.ArgumentParser(prog="kd-serve-teacher --wait")
+        waiter.add_argument("--wait", required=True, metavar="URL", help="the server's /v1 address")
+        waiter.add_argument("--wait-timeout", type=float, default=300.0, help="seconds; default 300")
+        options = waiter.parse_args(argv)
+        return wait_for_server(options.wait, options.wait_timeout)
     parser = argparse.ArgumentParser(prog="kd-serve-teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="a local path, a Hub id or demo:ARCH/SIZE/TOKENIZER")
@@ -45,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the largest prompt_logprobs answered (vLLM's --max-logprobs); default 128")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward; default 8")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--wait", metavar="URL", help="instead of serving: wait until the server at URL answers "
+                        "(GET URL/models), at most --wait-timeout seconds (default 300); exit 0 then, 1 if not")
     options = parser.parse_args(argv)
     for name in ("port", "max_logprobs", "batch_size"):
         value = getattr(options, name)

@@ -10,7 +10,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "kd_trainers")
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
-    ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|suggest|distributed|tokenizer|recipe\.errors))?"),
+    ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|smoke|suggest|distributed|tokenizer|recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
     ("helpers", r"kd_trainers\.(generation|progress|real_models|teacher|teacher_cache(\..+)?|served_teacher(\..+)?|"
                 r"several_teachers|hidden_states|"

@@ -33,6 +33,7 @@ from peft import PeftModel
 from ..demo.harness_tasks import demo_task_folder
 from ..files import user_cache_dir, write_atomically
 from ..progress import libraries_quieted
+from ..smoke import capped_limit
 from ..suggest import did_you_mean
 
 
@@ -77,6 +78,7 @@ def harness_settings(block, where: str, error: type[ValueError], base_dir: str |
                 raise error(f"{where}: evaluation.lm_eval.include_path: {path!r} is not a folder (a relative path is "
                             f"taken from {base_dir or 'the current folder'}).")
         settings["include_path"] = [os.path.abspath(path) for path in paths]
+    settings["limit"] = capped_limit(settings["limit"])  # a smoke run scores a few items of each task
     return settings
 
 

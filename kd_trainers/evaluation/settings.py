@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..smoke import capped_limit
 from ..suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge", "lm_eval")
@@ -63,6 +64,7 @@ def evaluation_settings(block: dict | None, where: str, error: type[ValueError])
         resolve_metrics(generation_metrics(settings["metrics"]))
     except ValueError as problem:
         raise error(f"{where}: evaluation.metrics: {problem}") from None
+    settings["limit"] = capped_limit(settings["limit"])  # a smoke run scores a few examples
     return settings
 
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..checkpointing import STAGING_DIR
-from ..files import DONE, write_done
+from ..files import is_done, write_done
 from ..redaction import redact
 from .errors import RecipeError
 from .launch import launched_by_kd_train
@@ -52,11 +52,11 @@ def run_settings(recipe) -> dict:
 
 def is_finished(output_dir: str) -> bool:
     """Whether `output_dir` holds a finished run (its final save is complete)."""
-    return os.path.isfile(os.path.join(output_dir, DONE))
+    return is_done(output_dir)
 
 
 def evaluation_finished(output_dir: str) -> bool:
-    return os.path.isfile(os.path.join(output_dir, "eval", DONE))
+    return is_done(os.path.join(output_dir, "eval"))
 
 
 def holds_training(output_dir: str) -> bool:

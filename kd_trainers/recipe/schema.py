@@ -25,6 +25,7 @@ from ..evaluation.settings import evaluation_settings
 from ..guards import check_training_args
 from ..methods import available_methods, get_method
 from ..several_teachers import check_routing, teacher_entries
+from ..smoke import capped_steps
 from ..suggest import did_you_mean
 from .errors import RecipeError
 from .fields import FieldValueError, RecipeFields
@@ -228,6 +229,10 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         check_training_args(config)
     except ValueError as error:
         raise RecipeError(f"{path}: {error}") from None
+    try:
+        config.max_steps = capped_steps(config.max_steps)  # a smoke run: resolved, so recorded and keyed as such
+    except ValueError as error:
+        raise RecipeError(str(error)) from None
     return Recipe(path=path, method=method, config=config, options=options, raw=values, hardware_notes=notes)
 
 

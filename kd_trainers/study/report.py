@@ -18,7 +18,7 @@ from scipy import stats as scipy_stats
 
 from .. import stats
 from ..evaluation.harness import is_task_item
-from ..files import DONE
+from ..files import is_done
 from .analyses import anova_across_levels, gain_table, metric_correlation
 from .spec import DEFAULT_TEST, Cell, Study, cell_dir, reference_dir, references_file
 from .tasks import task_sections
@@ -45,7 +45,7 @@ def collect_scores(study: Study) -> pd.DataFrame:
     for cell in study.cells:
         for seed in study.seeds:
             directory = cell_dir(study, cell, seed)
-            if not os.path.exists(os.path.join(directory, DONE)):
+            if not is_done(directory):
                 continue
             frame = _read_scores(directory)
             frame.insert(0, "seed", seed)
@@ -306,7 +306,7 @@ def empty_answers_table(study: Study) -> pd.DataFrame:
 
 def _summary_value(directory: str, key: str):
     path = os.path.join(directory, "summary.json")
-    if not os.path.exists(os.path.join(directory, DONE)) or not os.path.exists(path):
+    if not is_done(directory) or not os.path.exists(path):
         return None
     with open(path) as handle:
         return json.load(handle).get(key)
@@ -318,7 +318,7 @@ def collect_references(study: Study) -> pd.DataFrame:
     frames = []
     for name in reference_names(study):
         directory = reference_dir(study, name)
-        if os.path.exists(os.path.join(directory, DONE)):
+        if is_done(directory):
             frame = _read_scores(directory)
             frame.insert(0, "cell", name)
             frames.append(frame)

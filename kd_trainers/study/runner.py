@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..files import DONE, user_cache_dir, write_atomically, write_done
+from ..files import is_done, user_cache_dir, write_atomically, write_done
 from ..progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
 from ..evaluation.harness import check_harness
 from ..generation import load_predictions
@@ -108,7 +108,7 @@ def check_study(study: Study) -> list[tuple[str, object]]:
         prepared = prepare_folders(study)
     except RecipeError as error:
         raise StudyError(f"{study.path}: prepare: {error}") from None
-    pending = tuple(folder for folder in prepared.values() if not os.path.exists(os.path.join(folder, DONE)))
+    pending = tuple(folder for folder in prepared.values() if not is_done(folder))
     runs = [(f"prepare {step['name']}", step_recipe(study, step),
              {**step.get("overrides", {}), "output_dir": prepared[step["name"]]}) for step in study.prepare]
     runs += [(f"cell {cell.name} seed {seed}", cell.recipe or study.base_recipe, cell_values(study, cell, seed))
@@ -181,7 +181,7 @@ def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[s
     lines = [f"Plan of study {study.name!r} (output: {os.path.abspath(study.output_dir)}):"]
     for step, (_, recipe) in zip(study.prepare, checked):
         folder = prepared[step["name"]]
-        done = os.path.exists(os.path.join(folder, DONE))
+        done = is_done(folder)
         if step.get("cache"):
             state = " (cached: found, skipped)" if done else f" (cached in {folder})"
         else:
@@ -194,7 +194,7 @@ def study_plan(study: Study, checked: list[tuple[str, object]], prepared: dict[s
                         else ""))
     first_seeds = checked[len(study.prepare)::len(study.seeds)]  # each cell's recipe at its first seed
     for cell, (_, recipe) in zip(study.cells, first_seeds):
-        done = sum(os.path.exists(os.path.join(cell_dir(study, cell, seed), DONE)) for seed in study.seeds)
+        done = sum(is_done(cell_dir(study, cell, seed)) for seed in study.seeds)
         state = f" ({done} done, skipped)" if done else ""
         lines.append(f"  {cell.name}: {len(study.seeds)} seed(s), train {recipe.method} for {_steps(recipe)} each, "
                      f"then evaluate{state}")
@@ -293,18 +293,17 @@ def _stages(study: Study, prepared: dict[str, str], teachers: list[tuple[str, st
             ) -> list[list[_Stage]]:
     """The study's stages in groups that may run side by side: the prepare steps (one after another when a step uses
     an earlier one's folder), the references (prepare steps' models, then the cells' other teachers), the cells."""
-    finished = lambda folder: os.path.exists(os.path.join(folder, DONE))  # noqa: E731
     steps = [_Stage(f"prepare {step['name']}", "training", _prepare_step, (study, step, prepared),
-                    finished(prepared[step["name"]])) for step in study.prepare]
+                    is_done(prepared[step["name"]])) for step in study.prepare]
     chained = any("{prepare." in json.dumps(step.get("overrides", {})) for step in study.prepare)
     groups = [[stage] for stage in steps] if chained else [steps]
     groups.append([_Stage(f"reference {step['name']}", "evaluating", _reference, (study, step, prepared),
-                          finished(reference_dir(study, step["name"]))) for step in study.prepare]
+                          is_done(reference_dir(study, step["name"]))) for step in study.prepare]
                   + [_Stage(f"reference {name}", "evaluating", _teacher_reference,
-                            (study, name, recipe_path, values, prepared), finished(reference_dir(study, name)))
+                            (study, name, recipe_path, values, prepared), is_done(reference_dir(study, name)))
                      for name, recipe_path, values in teachers])
     groups.append([_Stage(f"{cell.name} seed {seed}", "training, then evaluating", _cell, (study, cell, seed, prepared),
-                          finished(cell_dir(study, cell, seed))) for cell in study.cells for seed in study.seeds])
+                          is_done(cell_dir(study, cell, seed))) for cell in study.cells for seed in study.seeds])
     return [group for group in groups if group]
 
 

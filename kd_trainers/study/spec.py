@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
 from ..recipe.yaml_files import read_yaml_mapping
+from ..smoke import capped_seeds
 from ..stats import COMPARE_METHODS, CORRECTIONS
 from ..suggest import did_you_mean
 
@@ -157,6 +158,7 @@ def load_study(path: str) -> Study:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(seed, int) and not isinstance(seed, bool)
                                                             for seed in seeds) or len(set(seeds)) != len(seeds):
         raise StudyError(f"{path}: seeds: {seeds!r} should be a list of distinct integers, e.g. [0, 1, 2].")
+    seeds = capped_seeds(seeds)  # a smoke run trains the first only
     alpha = values.get("alpha", 0.05)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < 1:
         raise StudyError(f"{path}: alpha: {alpha!r} should be a number between 0 and 1, e.g. 0.05.")
