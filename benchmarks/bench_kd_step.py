@@ -53,6 +53,8 @@ import sys
 import tempfile
 import time
 
+from kd_trainers.smoke import announce, smoke_run
+
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma")
@@ -237,11 +239,18 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
 
             served = _serve(teacher, tokenizer, device)
             del teacher
+            # At T = 2 as the other cells: a server's tempered tail is approximated (accepted by name), which costs
+            # the same time as the exact one.
             config = KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5,
                               loss_memory_budget_mb=budget_mb, teacher_url=served[1],
-                              teacher_server_prefetch=method == "kd_served")
-            trainer = KDTrainer(model=student, args=config, train_dataset=dataset, processing_class=tokenizer,
-                                teacher_processing_class=tokenizer, data_collator=_Collator(), callbacks=[timer])
+                              teacher_server_prefetch=method == "kd_served",
+                              teacher_server_approximate_temperature=True)
+            try:
+                trainer = KDTrainer(model=student, args=config, train_dataset=dataset, processing_class=tokenizer,
+                                    teacher_processing_class=tokenizer, data_collator=_Collator(), callbacks=[timer])
+            except BaseException:  # the server would outlive this process and hold its output open
+                served[0].terminate()
+                raise
         elif method == "kd":
             from kd_trainers import KDConfig, KDTrainer
 
@@ -349,7 +358,7 @@ def run_cell(script: str, cell: list, gpu: bool) -> dict:
         if written["note"]:
             return written
     timed = _run_cell_process(script, cell, {})
-    if gpu:  # CUDA counts allocated memory exactly
+    if gpu or smoke_run():  # CUDA counts allocated memory exactly; a smoke run measures nothing
         return timed
     measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
     # The memory of the measuring run: every figure it took (a script's cells may not all take a peak).
@@ -384,7 +393,10 @@ def result_row(fixed: dict, cell: dict, baselines: dict[str, dict]) -> dict:
 
 
 def write_results(rows: list[dict], path: str) -> None:
-    """`path`.csv (every column) and `path`.md (a table without the device column)."""
+    """`path`.csv (every column) and `path`.md (a table without the device column); in a smoke run under
+    `results/smoke/`, so that it never replaces a measurement."""
+    if smoke_run():
+        path = os.path.join(os.path.dirname(path), "smoke", os.path.basename(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row if key != "note")) + ["note"]
     with open(path + ".csv", "w", newline="") as handle:
@@ -397,6 +409,10 @@ def write_results(rows: list[dict], path: str) -> None:
         for row in rows:
             handle.write("| " + " | ".join(str(row.get(column, "")) for column in columns) + " |\n")
     print(f"wrote {path}.csv and {path}.md")
+    failed = [row for row in rows if str(row.get("note", "")).startswith("failed")]
+    if failed:  # written, so that the other cells are kept, but never a success
+        sys.exit(f"{len(failed)} of {len(rows)} cells failed (their error is printed above): "
+                 + ", ".join(str(row.get("method")) for row in failed))
 
 
 def parse_options(parser: argparse.ArgumentParser, measure_cell, steps: int):
@@ -411,6 +427,25 @@ def parse_options(parser: argparse.ArgumentParser, measure_cell, steps: int):
     if options.cell:
         print("RESULT " + json.dumps(measure_cell(*json.loads(options.cell))), flush=True)
         return None
+    return smallest_cell(options)
+
+
+def smallest_cell(options: argparse.Namespace) -> argparse.Namespace:
+    """In a smoke run (`KD_TRAINERS_SMOKE=1`), the options cut to the smallest cell of each axis, measured once with
+    one step: every method still runs, in its own process, through the same code."""
+    if not smoke_run():
+        return options
+    announce()
+    for axis in ("vocab", "seq", "ks"):
+        if getattr(options, axis, None):
+            setattr(options, axis, [min(getattr(options, axis))])
+    if getattr(options, "seq", None):
+        options.seq = [min(options.seq[0], 64)]
+    if getattr(options, "divergences", None):
+        options.divergences = options.divergences[:1]
+    for count, value in (("repeats", 1), ("steps", 1), ("tokens", 64)):
+        if getattr(options, count, None):
+            setattr(options, count, min(getattr(options, count), value))
     return options
 
 

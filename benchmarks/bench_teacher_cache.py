@@ -39,7 +39,7 @@ import math
 import os
 
 import torch
-from bench_kd_step import RESULTS, write_results  # noqa: E402  (benchmarks/ is the script's own folder)
+from bench_kd_step import RESULTS, smallest_cell, write_results  # noqa: E402  (benchmarks/ is the script's own folder)
 
 
 TEMPERATURES = (1.0, 2.0)
@@ -107,7 +107,7 @@ def loss_and_head_grad(hidden, head, labels, temperature, teacher=None, targets=
 
 
 def measure(case, ks, modes):
-    from kd_trainers.losses.sparse import reconstruct_log_probs, sampled_targets, top_k_targets
+    from kd_trainers.losses.sparse import reconstruct_log_probs, sampled_targets, tail_log_masses, top_k_targets
     from kd_trainers.teacher_cache import format as record_format
 
     teacher, hidden, head, name = case
@@ -125,16 +125,28 @@ def measure(case, ks, modes):
             if k >= vocab:
                 continue
             exact = top_k_targets(teacher, k) if mode == "top_k" else sampled_targets(teacher, k, generator)
-            record = record_format.encode(exact.ids, exact.log_probs, exact.tail_log_mass, id_bytes)
-            stored = record_format.decode(record, teacher.size(0), k, id_bytes, mode)
-            variants = [("stored", stored)] + ([("exact_top_k_uniform", exact)] if mode == "top_k" else [])
+            # A top-k record stores the tail's mass at every temperature measured, as a cache written for them does
+            # (`teacher_cache_temperatures`); the targets at T carry the tail at T (exact: `top_k_targets(..., T)`).
+            tails = torch.stack(tail_log_masses(teacher, exact.ids, TEMPERATURES)) if mode == "top_k" \
+                else exact.tail_log_mass
+            record = record_format.encode(exact.ids, exact.log_probs, tails, id_bytes)
+
+            def stored_at(temperature: float):
+                if mode != "top_k":
+                    return record_format.decode(record, teacher.size(0), k, id_bytes, mode)
+                return record_format.decode(record, teacher.size(0), k, id_bytes, mode, num_tails=len(TEMPERATURES),
+                                            tempered_index=TEMPERATURES.index(temperature), temperature=temperature)
+
+            stored = stored_at(1.0)
+            variants = [("stored", stored_at)] + ([("exact_top_k_uniform", lambda temperature: top_k_targets(
+                teacher, k, temperature))] if mode == "top_k" else [])
             kl = ("inf", "inf")
             if mode == "top_k":
                 per_token = (log_p.exp() * (log_p - reconstruct_log_probs(stored, vocab))).sum(-1)
                 kl = (round(per_token.mean().item(), 5), round(per_token.quantile(0.99).item(), 5))
-            for variant, targets in variants:
+            for variant, targets_at in variants:
                 if variant != "stored":
-                    per_token = (log_p.exp() * (log_p - reconstruct_log_probs(targets, vocab))).sum(-1)
+                    per_token = (log_p.exp() * (log_p - reconstruct_log_probs(targets_at(1.0), vocab))).sum(-1)
                     kl = (round(per_token.mean().item(), 5), round(per_token.quantile(0.99).item(), 5))
                 for temperature in TEMPERATURES:
                     dense_loss, dense_grad = dense[temperature]
@@ -144,7 +156,8 @@ def measure(case, ks, modes):
                            "raw_bytes_per_token": record_format.raw_size(1, k, id_bytes) if variant == "stored" else "",
                            "kl_mean": kl[0], "kl_p99": kl[1]}
                     for tail in (("bucket", "spread") if mode == "top_k" else ("bucket",)):
-                        loss, grad = loss_and_head_grad(hidden, head, labels, temperature, targets=targets, tail=tail)
+                        loss, grad = loss_and_head_grad(hidden, head, labels, temperature,
+                                                        targets=targets_at(temperature), tail=tail)
                         row[f"loss_rel_error_{tail}"] = round(abs(loss - dense_loss) / dense_loss, 5)
                         row[f"grad_cosine_{tail}"] = round(torch.nn.functional.cosine_similarity(  # fp64: 136M terms
                             grad.double(), dense_grad.double(), dim=0).item(), 5)
@@ -161,7 +174,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--teachers", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--name", default="teacher_cache_storage")
-    options = parser.parse_args()
+    options = smallest_cell(parser.parse_args())
     torch.manual_seed(0)
     rows = []
     for teacher in options.teachers:

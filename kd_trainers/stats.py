@@ -75,9 +75,11 @@ def is_binary(values: Sequence[float]) -> bool:
 
 
 def effect_size(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) -> dict:
-    """Paired Cohen's d of `a` against `b` with its confidence interval (pingouin's `compute_effsize`/`compute_esci`)."""
+    """Paired Cohen's d of `a` against `b` with its confidence interval (pingouin's `compute_effsize`/`compute_esci`).
+    Both without variance (every score equal: a metric nobody scores on) is NaN, without numpy's division warning."""
     a, b = _as_array(a), _as_array(b)
-    d = float(pg.compute_effsize(a, b, paired=True, eftype="cohen"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        d = float(pg.compute_effsize(a, b, paired=True, eftype="cohen"))
     if not math.isfinite(d):
         return {"cohen_d": d, "ci_low": math.nan, "ci_high": math.nan}
     # decimals: pingouin rounds the interval to 2 decimals by default; the report rounds for display itself.

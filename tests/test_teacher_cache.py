@@ -225,6 +225,13 @@ def test_interrupted_pass_resumes_to_the_same_cache(tmp_path, monkeypatch, stude
     for split in ("train", "eval"):
         assert TeacherCache.open(str(tmp_path / "cache")).split(split)["teacher_record"] == \
             TeacherCache.open(str(tmp_path / "whole")).split(split)["teacher_record"]
+    # A run without an eval split reads the train split alone: the eval rows it does not read do not bind it.
+    trainer = KDTrainer(model=student, args=cache_args(tmp_path, tmp_path / "cache"), processing_class=bpe_tokenizer,
+                        train_dataset=train_rows)
+    assert trainer.teacher_cache.key == resumed["key"] and trainer.eval_dataset is None
+    with pytest.raises(ValueError, match=r"data.eval.rows: stored 40, now 39"):  # a split it reads still must match
+        KDTrainer(model=student, args=cache_args(tmp_path, tmp_path / "cache"), processing_class=bpe_tokenizer,
+                  train_dataset=train_rows, eval_dataset=demo_data["test"].select(range(39)))
 
 
 def test_a_stale_cache_is_refused_naming_what_differs(tmp_path, student, teacher, bpe_tokenizer, train_rows):

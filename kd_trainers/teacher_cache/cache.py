@@ -186,6 +186,9 @@ class TeacherCache:
         stored = dict(self.info["components"])
         # Temperatures are checked apart: a cache that stores more of them than a run asks for serves it.
         stored["settings"] = {k: v for k, v in stored["settings"].items() if k != "temperatures"}
+        # A split the run does not have (no eval_dataset) is not read, so the rows stored for it do not bind it.
+        stored["data"] = {split: rows for split, rows in stored["data"].items() if data.get(split) is not None}
+        data = {split: rows for split, rows in data.items() if rows is not None}
         wanted = {"tokenizer": tokenizer, "data": data,
                   "settings": {k: v for k, v in settings.as_dict().items() if k != "temperatures"}}
         found = differences({key: stored[key] for key in wanted}, wanted)
