@@ -68,6 +68,24 @@ class DSKDTrainer(KDTrainer):
     DeepSpeed synchronise and checkpoint them) and are saved beside it as `dskd_projectors.safetensors`, never inside
     the saved student. Logged: `ce_loss`, `t2s_ce_loss`, `t2s_kd_loss`, `s2t_kd_loss`, `t2s_accuracy`,
     `s2t_accuracy`, `mean_token_accuracy`.
+
+    Example (a Llama student with the demo's BPE tokenizer, a Qwen2 teacher with its WordPiece one):
+
+        >>> import tempfile
+        >>> from kd_trainers import DSKDConfig, DSKDTrainer
+        >>> from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
+        >>> student_tokenizer, teacher_tokenizer = demo_tokenizer("bpe"), demo_tokenizer("wordpiece")
+        >>> student = demo_model("llama", student_tokenizer, "student")
+        >>> teacher = demo_model("qwen2", teacher_tokenizer, "teacher")
+        >>> args = DSKDConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4,
+        ...                   report_to=[], save_strategy="no", bf16=False)
+        >>> trainer = DSKDTrainer(student, teacher, args=args, train_dataset=load_demo_dataset()["train"].select(range(8)),
+        ...                       processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer)
+        >>> trainer.cross_model_attention   # the tokenizers differ token by token
+        True
+        >>> trainer.train().global_step   # the trainer prints the run's metrics, then
+        {'train_runtime': ..., 'ce_loss': ..., 't2s_ce_loss': ..., 't2s_kd_loss': ..., 's2t_kd_loss': ..., ...}
+        2
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "dskd"]

@@ -39,6 +39,21 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
     Takes TRL's `GKDTrainer` arguments in TRL's order (`model, teacher_model, args, ...`), plus
     `teacher_processing_class`. The data may be prompt/completion or messages; it is tokenized per batch by
     `PromptCompletionCollator` unless a `data_collator` is given.
+
+    Example (on-policy: every batch is the student's own samples, `lmbda=1`):
+
+        >>> import tempfile
+        >>> from kd_trainers import GKDConfig, GKDTrainer
+        >>> from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
+        >>> tokenizer = demo_tokenizer("bpe")
+        >>> teacher, student = demo_model("llama", tokenizer, "teacher"), demo_model("llama", tokenizer, "student")
+        >>> args = GKDConfig(output_dir=tempfile.mkdtemp(), lmbda=1.0, max_new_tokens=8, max_steps=2,
+        ...                  per_device_train_batch_size=4, report_to=[], save_strategy="no", bf16=False)
+        >>> trainer = GKDTrainer(student, teacher, args=args, processing_class=tokenizer,
+        ...                      train_dataset=load_demo_dataset()["train"].select(range(8)))
+        >>> trainer.train().global_step   # the trainer prints the run's metrics, then
+        {'train_runtime': ..., 'ce_loss': ..., 'kd_loss': ..., ...}
+        2
     """
 
     _tag_names = ["trl", "gkd", "kd_trainers", "knowledge-distillation"]

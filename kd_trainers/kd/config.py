@@ -128,6 +128,19 @@ class KDConfig(SFTConfig):
     `compute_loss`: DFT, label smoothing, the MoE router loss all apply). With `kd_weight > 0` the CE term is plain
     cross-entropy, so `loss_type='dft'` and `label_smoothing_factor > 0` are refused; an MoE student's router loss is
     added exactly as `SFTTrainer` adds it.
+
+    Example:
+
+        >>> from kd_trainers import KDConfig
+        >>> args = KDConfig(output_dir="kd-student", divergence="reverse_kl", kd_temperature=2.0, kd_weight=0.5,
+        ...                 bf16=False)
+        >>> settings = args.loss_settings()   # what the loss runs with
+        >>> settings.divergence, settings.temperature, settings.kd_weight, settings.temperature_squared
+        ('reverse_kl', 2.0, 0.5, True)
+        >>> KDConfig(output_dir="kd-student", kd_weight=1.5, bf16=False)
+        Traceback (most recent call last):
+        ...
+        ValueError: kd_weight must be in [0, 1], got 1.5.
     """
 
     teacher_model_name_or_path: str | None = field(

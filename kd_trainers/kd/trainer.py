@@ -50,6 +50,21 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Severa
     The loss is computed from both models' last hidden states and output heads, in chunks of label tokens
     (`kd_trainers.losses.chunked_distillation_loss`), so neither model's `[B, T, V]` logits are ever held. The logs
     carry `ce_loss`, `kd_loss` and `mean_token_accuracy` beside `loss`.
+
+    Example (the demo's tiny models; any causal LM and SFT dataset in their place):
+
+        >>> import tempfile
+        >>> from kd_trainers import KDConfig, KDTrainer
+        >>> from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
+        >>> tokenizer = demo_tokenizer("bpe")
+        >>> teacher, student = demo_model("llama", tokenizer, "teacher"), demo_model("llama", tokenizer, "student")
+        >>> args = KDConfig(output_dir=tempfile.mkdtemp(), kd_temperature=2.0, kd_weight=0.5, max_steps=2,
+        ...                 per_device_train_batch_size=4, report_to=[], save_strategy="no", bf16=False)
+        >>> trainer = KDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tokenizer,
+        ...                     train_dataset=load_demo_dataset()["train"].select(range(8)))
+        >>> trainer.train().global_step   # the trainer prints the run's metrics, then
+        {'train_runtime': ..., 'ce_loss': ..., 'kd_loss': ..., ...}
+        2
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation"]

@@ -624,7 +624,27 @@ def chunked_distillation_loss(student_hidden, student_lm_head, teacher_hidden, t
                               ) -> tuple[DistillationLoss, torch.Tensor]:
     """`chunked_distillation_terms` for vanilla KD: returns `(DistillationLoss(loss, ce_loss, kd_loss), num_correct)`,
     where `num_correct` counts label tokens whose student argmax is right (for the token-accuracy metric). Takes the
-    same arguments."""
+    same arguments.
+
+    Example: the reference's loss and gradient, from hidden states and heads, two tokens at a time.
+
+        >>> import torch
+        >>> from kd_trainers.losses import LossSettings, chunked_distillation_loss, distillation_loss
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> student_hidden = torch.randn(6, 8, generator=generator, requires_grad=True)   # [N, D_S]
+        >>> teacher_hidden = torch.randn(6, 16, generator=generator)                      # [N, D_T]
+        >>> student_head, teacher_head = torch.nn.Linear(8, 50, bias=False), torch.nn.Linear(16, 50, bias=False)
+        >>> labels = torch.tensor([3, 7, -100, 1, 0, 9])                                  # [N], -100: not a label
+        >>> settings = LossSettings(divergence="jsd", temperature=2.0, kd_weight=0.5)
+        >>> fused, _ = chunked_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, labels,
+        ...                                      settings, chunk_size=2)
+        >>> fused_grad, = torch.autograd.grad(fused.loss, student_hidden)
+        >>> full = distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden), labels,
+        ...                          divergence="jsd", temperature=2.0, kd_weight=0.5)
+        >>> full_grad, = torch.autograd.grad(full.loss, student_hidden)
+        >>> bool(torch.allclose(fused.loss, full.loss)), bool(torch.allclose(fused_grad, full_grad, atol=1e-6))
+        (True, True)
+    """
     out = chunked_distillation_terms(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels,
                                      settings, **kwargs)
     return DistillationLoss(out.loss, out.ce_loss, out.kd_loss), out.num_correct

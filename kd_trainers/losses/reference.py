@@ -108,6 +108,17 @@ def distillation_loss(
         temperature_squared: multiply the KD term by T².
         noise_seed: seed of the noise; the row at position (b, t) depends on `(noise_seed, b, t)` alone.
         other_divergence_settings: the settings of a registered divergence other than `jsd_beta` and `skew_alpha`.
+
+    Example:
+
+        >>> import torch
+        >>> from kd_trainers.losses import distillation_loss
+        >>> logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]])   # [N=2, V=3]
+        >>> out = distillation_loss(logits, logits, torch.tensor([0, 1]), temperature=2.0, kd_weight=0.5)
+        >>> round(float(out.kd_loss), 6)   # the student is the teacher: nothing to distil
+        0.0
+        >>> bool(torch.isclose(out.loss, 0.5 * out.ce_loss))   # (1 - w)·ce + w·kd
+        True
     """
     divergence_settings = {"jsd_beta": jsd_beta, "skew_alpha": skew_alpha, **other_divergence_settings}
     check_loss_settings(divergence=divergence, temperature=temperature, noise_std=noise_std, kd_weight=kd_weight,
