@@ -431,8 +431,9 @@ def parse_options(parser: argparse.ArgumentParser, measure_cell, steps: int):
 
 
 def smallest_cell(options: argparse.Namespace) -> argparse.Namespace:
-    """In a smoke run (`KD_TRAINERS_SMOKE=1`), the options cut to the smallest cell of each axis, measured once with
-    one step: every method still runs, in its own process, through the same code."""
+    """In a smoke run (`KD_TRAINERS_SMOKE=1`), the options cut to the smallest cell of each axis (the first divergence,
+    the first teacher), measured once with one step: every method still runs, in its own process, through the same
+    code."""
     if not smoke_run():
         return options
     announce()
@@ -441,8 +442,9 @@ def smallest_cell(options: argparse.Namespace) -> argparse.Namespace:
             setattr(options, axis, [min(getattr(options, axis))])
     if getattr(options, "seq", None):
         options.seq = [min(options.seq[0], 64)]
-    if getattr(options, "divergences", None):
-        options.divergences = options.divergences[:1]
+    for axis in ("divergences", "teachers"):  # the first of each
+        if getattr(options, axis, None):
+            setattr(options, axis, getattr(options, axis)[:1])
     for count, value in (("repeats", 1), ("steps", 1), ("tokens", 64)):
         if getattr(options, count, None):
             setattr(options, count, min(getattr(options, count), value))

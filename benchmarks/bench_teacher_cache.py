@@ -130,6 +130,7 @@ def measure(case, ks, modes):
             tails = torch.stack(tail_log_masses(teacher, exact.ids, TEMPERATURES)) if mode == "top_k" \
                 else exact.tail_log_mass
             record = record_format.encode(exact.ids, exact.log_probs, tails, id_bytes)
+            num_tails = tails.size(0) if tails.dim() == 2 else 1
 
             def stored_at(temperature: float):
                 if mode != "top_k":
@@ -153,7 +154,8 @@ def measure(case, ks, modes):
                     row = {"device": "cpu", "teacher": name, "teacher_entropy": entropy, "mode": mode, "k": k,
                            "variant": variant, "temperature": temperature,
                            "bytes_per_token": round(len(record) / teacher.size(0), 1) if variant == "stored" else "",
-                           "raw_bytes_per_token": record_format.raw_size(1, k, id_bytes) if variant == "stored" else "",
+                           "raw_bytes_per_token": record_format.raw_size(1, k, id_bytes, num_tails)
+                           if variant == "stored" else "",
                            "kl_mean": kl[0], "kl_p99": kl[1]}
                     for tail in (("bucket", "spread") if mode == "top_k" else ("bucket",)):
                         loss, grad = loss_and_head_grad(hidden, head, labels, temperature,
