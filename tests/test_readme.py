@@ -134,6 +134,7 @@ def test_the_readmes_run_as_written(tmp_path):
     clone.mkdir()
     cache.mkdir()
     _fresh_copy(str(clone))
+    os.makedirs(REAL_CACHE, exist_ok=True)  # on a new machine this tier builds them first, for the real tier too
     os.symlink(REAL_CACHE, cache / "real_models")  # the pretrained models the real tier built, not built again
     environment = _overlay_environment(str(tmp_path / "venv"))
     env = {key: value for key, value in os.environ.items() if not key.startswith(("KD_TRAINERS_", "PYTEST_"))}
