@@ -59,15 +59,9 @@ def wait_for_server(url: str, timeout: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--wait" in argv:  # a mode of its own: no model, no server
-        waiter = argparse.ArgumentParser(prog="kd-serve-teacher --wait")
-        waiter.add_argument("--wait", required=True, metavar="URL", help="the server's /v1 address")
-        waiter.add_argument("--wait-timeout", type=float, default=300.0, help="seconds; default 300")
-        options = waiter.parse_args(argv)
-        return wait_for_server(options.wait, options.wait_timeout)
     parser = argparse.ArgumentParser(prog="kd-serve-teacher", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a local path, a Hub id or demo:ARCH/SIZE/TOKENIZER")
+    parser.add_argument("model", nargs="?", help="a local path, a Hub id or demo:ARCH/SIZE/TOKENIZER")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--adapter", default=None, help="a PEFT adapter merged into the model")
@@ -79,8 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward; default 8")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--wait", metavar="URL", help="instead of serving: wait until the server at URL answers "
-                        "(GET URL/models), at most --wait-timeout seconds (default 300); exit 0 then, 1 if not")
+                        "(GET URL/models), at most --wait-timeout seconds; exit 0 then, 1 if not")
+    parser.add_argument("--wait-timeout", type=float, default=300.0, help="seconds; default 300")
     options = parser.parse_args(argv)
+    if options.wait:  # a mode of its own: no model, no server
+        return wait_for_server(options.wait, options.wait_timeout)
+    if options.model is None:
+        parser.error("the following arguments are required: model")
     for name in ("port", "max_logprobs", "batch_size"):
         value = getattr(options, name)
         if value < (0 if name == "port" else 1) or (name == "port" and value > 65535):
