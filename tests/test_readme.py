@@ -95,6 +95,7 @@ def test_the_recipes_tagged_blocks_name_still_validate(tmp_path):
         assert done.returncode == 0, f"{recipe}: {done.stderr}"
 
 
+@pytest.mark.slow  # the trainers' examples train (a few seconds each): kept out of the fast subset
 @pytest.mark.parametrize("module", DOCUMENTED_API)
 def test_the_docstring_examples_of_the_public_api_run(module):
     importlib.import_module("deepspeed")  # its one notice at import ("Setting accelerator to CPU") is not an example's
