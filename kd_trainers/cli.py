@@ -115,23 +115,26 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(recipe_path: str, overrides: list[str]) -> int:
     """`kd-train validate`: the recipe, what it names on this machine, its data and its output folder."""
-    from .recipe.data import load_recipe_datasets
     from .recipe.evaluate import check_evaluation_splits
     from .recipe.output import is_finished
     from .recipe.preflight import preflight
     from .recipe.schema import load_recipe
 
+    from .recipe.training_rows import describe_training_rows, training_data
+
     recipe = load_recipe(recipe_path, overrides, portable=True)
     not_yet: list[str] = []
     preflight(recipe, output=False, notes=not_yet)
-    dataset = recipe.options["dataset_name"]
+    dataset, rows = recipe.options["dataset_name"], None
     if dataset == "demo" or os.path.exists(dataset):  # local data (not a Hub id): splits, columns and rows too
         try:
-            load_recipe_datasets(recipe.options)
+            rows = describe_training_rows(recipe, training_data(recipe))
             check_evaluation_splits(recipe)
         except ValueError as error:
             raise RecipeError(f"{recipe_path}: {error}") from None
     print(f"{recipe_path}: valid ({recipe.method}, output_dir {recipe.config.output_dir}).")
+    if rows:
+        print(f"  {rows}")
     for note in [*recipe.hardware_notes, *(one_line(message).removeprefix(f"{recipe_path}: ") for message in not_yet)]:
         print(f"  note: not runnable on this machine as is: {note}")
     try:

@@ -17,6 +17,59 @@ def is_conversational(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
 
 
+def has_completion(example: dict) -> bool:
+    """Whether a row carries its label: a `completion` (not null), or `messages` ending on the assistant's turn, or
+    `text` (all of which SFT trains on). A row with a `prompt` and none of these is a prompt-only row."""
+    if example.get("completion") is not None or example.get("text") is not None:
+        return True
+    messages = example.get("messages")
+    return bool(messages) and messages[-1].get("role") == "assistant"
+
+
+def as_prompt(example: dict):
+    """The prompt of any row with one: a `prompt` (its completion, if any, is not read), or `messages` up to the
+    assistant's last turn (all of them in a prompt-only row)."""
+    if example.get("prompt") is not None:
+        return example["prompt"]
+    messages = example.get("messages")
+    if messages:
+        return messages[:-1] if messages[-1].get("role") == "assistant" else messages
+    raise ValueError(f"A row needs a 'prompt' or 'messages' to be asked anything, got columns {sorted(example)}.")
+
+
+PROMPT_READERS = "seqkd (the teacher completes every prompt) and gkd at lmbda=1 (the student samples, the teacher scores)"
+
+
+def unlabelled_rows(dataset) -> list[int]:
+    """Indices of the rows without a label (`has_completion` false), read column by column (no row decoding)."""
+    columns = set(dataset.column_names)
+    if "text" in columns:
+        texts = dataset["text"]
+        unlabelled = [i for i, text in enumerate(texts) if text is None]
+    elif "completion" in columns:
+        unlabelled = [i for i, completion in enumerate(dataset["completion"]) if completion is None]
+    elif "messages" in columns:
+        unlabelled = [i for i, messages in enumerate(dataset["messages"])
+                      if not messages or messages[-1].get("role") != "assistant"]
+    else:
+        unlabelled = list(range(len(dataset)))
+    return unlabelled
+
+
+def require_labels(dataset, method: str, where: str = "train_dataset") -> None:
+    """Refuse data with prompt-only rows for a method that trains on labels, naming the rows and the methods and
+    arguments that take prompts alone. Called before any model is loaded."""
+    if dataset is None or not hasattr(dataset, "column_names"):
+        return
+    rows = unlabelled_rows(dataset)
+    if rows:
+        raise ValueError(
+            f"{method} trains on labels, but {where} has {len(rows)} of {len(dataset)} rows with a prompt and no "
+            f"completion (first: row {rows[0]}). Prompts alone train with {PROMPT_READERS}; beside labelled rows "
+            "they are the teacher's to complete: prompt_dataset= in Python, `prompts:` in a recipe (kd, rev_kd, "
+            "dskd, seqkd).")
+
+
 def as_prompt_completion(example: dict, method: str = "DSKD") -> tuple[Any, Any]:
     """`(prompt, completion)` of one example in any of the SFT formats that carry a response boundary."""
     if "prompt" in example and "completion" in example:

@@ -211,9 +211,10 @@ CASES = [
      "'recipes' is a folder, not a YAML file; name a file in it (it holds a.yaml, b.yml)"),
     ("a data file of blank lines", "train", ["recipe.yaml"], {"recipe.yaml": recipe(), "data.jsonl": "\n\n  \n"},
      "dataset_name: 'data.jsonl' holds only blank lines"),
-    ("splits of different columns", "train", ["recipe.yaml"],
-     {"recipe.yaml": recipe(dataset_name="data"), "data/train.jsonl": jsonl(ROWS),
-      "data/test.jsonl": jsonl([{**ROWS[0], "source": "web"}])},
+    # Splits of different columns load (prompts alone beside a labelled test split); files of one split must agree.
+    ("files of one split with different columns", "train", ["recipe.yaml"],
+     {"recipe.yaml": recipe(dataset_name="data"), "data/train-0.jsonl": jsonl(ROWS),
+      "data/train-1.jsonl": jsonl([{**ROWS[0], "source": "web"}])},
      "dataset_name: 'data' cannot be read (CastError: "),
     ("a routing column that is not one", "train", ["recipe.yaml"],
      {"recipe.yaml": recipe(teacher_model_name_or_path=None, teacher_column="nope",

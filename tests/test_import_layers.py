@@ -12,7 +12,7 @@ PACKAGE = os.path.join(ROOT, "kd_trainers")
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
     ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|smoke|suggest|distributed|tokenizer|recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
-    ("helpers", r"kd_trainers\.(generation|progress|real_models|teacher|teacher_cache(\..+)?|served_teacher(\..+)?|"
+    ("helpers", r"kd_trainers\.(generation|teacher_completions|progress|real_models|teacher|teacher_cache(\..+)?|served_teacher(\..+)?|"
                 r"several_teachers|hidden_states|"
                 r"guards|checkpointing|"
                 r"prompt_completion|demo(\..+)?)"),

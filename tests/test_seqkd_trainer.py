@@ -9,7 +9,7 @@ from datasets import load_from_disk
 
 from kd_trainers import SeqKDConfig, SeqKDTrainer
 from kd_trainers import generation
-from kd_trainers.seqkd import generate as seqkd_generate
+from kd_trainers import teacher_completions as seqkd_generate
 
 
 def seqkd_args(tmp_path, **overrides):

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
-from ..prompt_completion import as_prompt_completion, tokenize_prompt_completion
+from ..prompt_completion import (as_prompt, as_prompt_completion, has_completion, prompt_token_ids,
+                                 tokenize_prompt_completion)
 
 
 @dataclass
@@ -19,7 +20,8 @@ class PromptCompletionCollator:
     Returns `input_ids`, `attention_mask`, `labels` (`[B, T]`, right-padded, `-100` on prompt and padding) and
     `prompts`, `prompt_attention_mask` (`[B, P]`, left-padded, so generation continues right after each prompt).
     Sequences longer than `max_length` lose the end of their completion; an example whose prompt alone fills
-    `max_length` is an error.
+    `max_length` is an error. A prompt-only example (no completion: on-policy data, where the student's sample
+    replaces it) gets the end-of-sequence token as its placeholder completion.
     """
 
     tokenizer: Any
@@ -28,8 +30,12 @@ class PromptCompletionCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         rows = []
         for example in examples:
-            prompt, completion = as_prompt_completion(example, "GKD")
-            ids, prompt_length = tokenize_prompt_completion(self.tokenizer, prompt, completion)
+            if has_completion(example):
+                prompt, completion = as_prompt_completion(example, "GKD")
+                ids, prompt_length = tokenize_prompt_completion(self.tokenizer, prompt, completion)
+            else:
+                ids = prompt_token_ids(self.tokenizer, as_prompt(example))
+                ids, prompt_length = ids + [self.tokenizer.eos_token_id], len(ids)
             if self.max_length is not None:
                 ids = ids[: self.max_length]
             if prompt_length >= len(ids):

@@ -17,6 +17,7 @@ from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..kd.teacher_setup import TeacherSetupMixin
+from ..prompt_completion import require_labels
 from ..teacher import load_student_tokenizer
 from .config import GKDConfig
 from .data import PromptCompletionCollator
@@ -37,8 +38,9 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
     TRL's own GKD loss (tested).
 
     Takes TRL's `GKDTrainer` arguments in TRL's order (`model, teacher_model, args, ...`), plus
-    `teacher_processing_class`. The data may be prompt/completion or messages; it is tokenized per batch by
-    `PromptCompletionCollator` unless a `data_collator` is given.
+    `teacher_processing_class`. The data may be prompt/completion or messages, or prompts alone at `lmbda=1` (or
+    with `seq_kd`), where no batch reads a label; it is tokenized per batch by `PromptCompletionCollator` unless a
+    `data_collator` is given.
 
     Example (on-policy: every batch is the student's own samples, `lmbda=1`):
 
@@ -80,6 +82,8 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
         # Positional arguments after `processing_class` mean what they mean to TRL's GKDTrainer.
         trl_kwargs.update(zip(_TRL_GKD_POSITIONAL_NAMES, trl_args))
         self._refuse_compute_loss_func(args, trl_kwargs.get("compute_loss_func"))
+        if self.reads_labels(args):  # before anything loads
+            require_labels(train_dataset, f"GKD at lmbda={args.lmbda} (off-policy batches)")
         if processing_class is None:
             processing_class = load_student_tokenizer(model)
         # TRL's GKD script passes the teacher as a model and no teacher tokenizer: the student's is then assumed
@@ -99,6 +103,12 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
             disable_dropout_in_model(self.model)
         self._init_on_policy(args)
         self._init_distillation(args, teacher)
+
+    @classmethod
+    def reads_labels(cls, args) -> bool:
+        """At `lmbda=1` every batch's completions are the student's samples, and with `seq_kd` the off-policy ones
+        are the teacher's: the dataset's completions are then never read, and prompts alone are data."""
+        return args.lmbda < 1 and not args.seq_kd
 
     def _init_on_policy(self, args: GKDConfig) -> None:
         """What TRL's `GKDTrainer` keeps for its on-policy step: λ, β, the sampling temperature, `seq_kd`, and the

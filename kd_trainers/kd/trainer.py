@@ -14,16 +14,17 @@ from ..several_teachers import teacher_entries
 from ..teacher import load_student_tokenizer
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
+from .prompt_rows import PromptRowsMixin
 from .several_teachers_setup import SeveralTeachersMixin
-from .teacher_setup import TeacherPlan, TeacherSetupMixin
+from .teacher_setup import TeacherSetupMixin
 
 
 # SFTTrainer's parameters after (self, model, args), in order.
 _SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
 
 
-class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, SeveralTeachersMixin, DistillationLossMixin,
-                SFTTrainer):
+class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, PromptRowsMixin, TeacherSetupMixin, SeveralTeachersMixin,
+                DistillationLossMixin, SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
@@ -84,29 +85,25 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Severa
     def __init__(self, model, args: KDConfig | TrainingArguments | None = None, *sft_args,
                  teacher_model: PreTrainedModel | str | None = None, teacher_processing_class=None,
                  teacher_cache: str | None = None, teacher_url: str | None = None, teacher_models: list | None = None,
-                 **sft_kwargs):
+                 prompt_dataset=None, **sft_kwargs):
         args = self._with_teacher_source(self._as_kd_config(model, args), teacher_cache=teacher_cache,
                                          teacher_url=teacher_url)
         # Positional arguments after `args` mean what they mean to SFTTrainer (data_collator, train_dataset, ...).
         sft_kwargs.update(zip(_SFT_POSITIONAL_NAMES, sft_args))
         self._teacher_entries = None if teacher_models is None else teacher_entries(teacher_models)
         self._refuse_compute_loss_func(args, sft_kwargs.get("compute_loss_func"))
+        self._check_training_rows(args, sft_kwargs.get("train_dataset"), prompt_dataset)  # before anything loads
         if sft_kwargs.get("processing_class") is None:
             sft_kwargs["processing_class"] = load_student_tokenizer(model)
         # Tokenizers first: a vocabulary mismatch must fail before the dataset is tokenized or the teacher loaded.
         plan = self._plan_teacher(model, args, teacher_model, teacher_processing_class, sft_kwargs["processing_class"])
-        sft_kwargs = self._prepare_training_data(plan, args, sft_kwargs)
+        sft_kwargs = self._prepare_training_data(plan, args, sft_kwargs, prompt_dataset)
         if sft_kwargs.get("data_collator") is None:
             sft_kwargs["data_collator"] = self._default_data_collator(sft_kwargs["processing_class"], args)
         super().__init__(model, args, **sft_kwargs)
         self._init_distillation(args, self._set_up_teacher(plan, args))
 
     _config_class = KDConfig
-
-    def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict) -> dict:
-        """SFTTrainer's keyword arguments, with the data the student trains on: as given (Seq-KD replaces it by the
-        teacher's completions)."""
-        return sft_kwargs
 
     def _default_data_collator(self, processing_class, args):
         """None: SFTTrainer's own collator. A subclass with other batches (DSKD's two tokenizations) returns its own."""

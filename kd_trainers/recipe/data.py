@@ -15,6 +15,7 @@ import os
 import string
 
 from datasets import Dataset, DatasetDict, Features, ReadInstruction, Value, concatenate_datasets, load_dataset
+from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.exceptions import DatasetGenerationError
 
 from ..demo import load_demo_dataset
@@ -64,10 +65,24 @@ def _load_files(name: str, config: str | None):
                                 features=Features({column: Value("string") for column in header}))
         return load_dataset(LOCAL_FORMATS[extension], data_files=name)
     if os.path.isdir(name):
-        return load_dataset(name, config)
+        return _load_folder(name, config)
     if extension in LOCAL_FORMATS:
         raise ValueError(f"dataset_name: {name!r} does not exist (a local {extension} file was expected).")
     return load_dataset(name, config)
+
+
+def _load_folder(name: str, config: str | None):
+    """A data folder, split by split when its splits have different columns: the natural layout of prompts alone
+    for training beside a labelled test split (`datasets` reads a folder as one table and refuses that)."""
+    try:
+        return load_dataset(name, config)
+    except DatasetGenerationError as error:
+        cause = error.__cause__ or error.__context__
+        if config is not None or "column names don't match" not in str(cause):
+            raise
+    files = DataFilesDict.from_patterns(get_data_patterns(name), base_path=name)
+    return DatasetDict({str(split): load_dataset(name, data_files={str(split): list(paths)}, split=str(split))
+                        for split, paths in files.items()})
 
 
 def _map_columns(dataset: Dataset, columns: dict | None, prompt_template: str | None, split: str) -> Dataset:
@@ -137,6 +152,42 @@ def select_split(splits: DatasetDict, spec: str, key: str, dataset_name: str) ->
     return concatenate_datasets([splits[part.splitname].select(range(part.from_, part.to)) for part in parts])
 
 
+PROMPTS_KEYS = ("dataset_name", "dataset_config", "split", "columns", "prompt_template")
+
+
+def prompts_source(options: dict) -> dict | None:
+    """A recipe's `prompts:` in full: a split of the recipe's dataset (`prompts: train[240:]`), or a mapping of
+    `PROMPTS_KEYS`; another dataset does not inherit the recipe's `dataset_config`, `columns` or `prompt_template`."""
+    block = options.get("prompts")
+    if block is None:
+        return None
+    block = {"split": block} if isinstance(block, str) else dict(block)
+    same = block.get("dataset_name", options["dataset_name"]) == options["dataset_name"]
+    inherited = {key: options[key] if same else None for key in ("dataset_config", "columns", "prompt_template")}
+    return {"dataset_name": options["dataset_name"], **inherited, "split": "train", **block}
+
+
+def load_recipe_prompts(options: dict) -> Dataset | None:
+    """The rows of a recipe's `prompts:` source (None without one): their prompts are all that is read."""
+    source = prompts_source(options)
+    if source is None:
+        return None
+    name = source["dataset_name"]
+    loaded = _load(name, source["dataset_config"])
+    splits = loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    dataset = _map_columns(select_split(splits, source["split"], "prompts.split", name), source["columns"],
+                           source["prompt_template"], source["split"])
+    column = next((c for c in ("prompt", "messages") if c in dataset.column_names), None)
+    if column is None:
+        raise ValueError(f"prompts: the {source['split']!r} split of {name!r} has columns {dataset.column_names} and "
+                         "no 'prompt' or 'messages'; map one with prompts.columns or prompts.prompt_template.")
+    missing, _ = _text_problems(dataset[column])
+    if missing:
+        raise ValueError(f"prompts: column {column!r} of the {source['split']!r} split of {name!r} is null (or not "
+                         f"text) in {len(missing)} of {len(dataset)} rows (first: row {missing[0]}); fill or drop them.")
+    return dataset
+
+
 def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
     """`(train, eval or None)` for a recipe's dataset options, with its columns mapped. Clear errors on bad input."""
     loaded = _load(options["dataset_name"], options["dataset_config"])
@@ -154,9 +205,9 @@ def load_recipe_datasets(options: dict) -> tuple[Dataset, Dataset | None]:
         check_rows(dataset, f"the {split!r} split of {options['dataset_name']!r}")
         result.append(dataset)
     train = result[0]
-    formats = ({"prompt", "completion"}, {"messages"}, {"text"})
+    formats = ({"prompt"}, {"messages"}, {"text"})  # a prompt alone: prompt-only rows, for the methods that take them
     if not any(needed <= set(train.column_names) for needed in formats):
         raise ValueError(f"The train split has columns {train.column_names}, but training needs 'prompt' and "
-                         "'completion', 'messages', or 'text'. Map yours with `columns: {completion: answer}` and "
-                         "`prompt_template: 'Q: {question}\\nA:'`.")
+                         "'completion', 'messages', or 'text' (or prompts alone, for seqkd and gkd at lmbda=1). Map "
+                         "yours with `columns: {completion: answer}` and `prompt_template: 'Q: {question}\\nA:'`.")
     return train, result[1]

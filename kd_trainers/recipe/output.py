@@ -38,10 +38,16 @@ NOT_MODEL_SETTINGS = re.compile(
     r"include_.*|ddp_backend|ddp_timeout|use_cpu|skip_memory_metrics)$")
 
 
+KEYS_ADDED_LATER = ("prompts",)
+
+
 def run_settings(recipe) -> dict:
     """The settings a run's model is made with: the recipe keys and config fields (defaults included), as JSON
     values, without those that only change logging, saving, evaluation or publishing."""
-    values = {name: value for name, value in recipe.options.items()}
+    # A recipe key added in a later version is left out where unset, so that the runs made without it (a cached
+    # teacher) keep their settings, and their keys.
+    values = {name: value for name, value in recipe.options.items()
+              if not (name in KEYS_ADDED_LATER and value is None)}
     with warnings.catch_warnings():  # deprecated aliases (gradient_checkpointing) warn when read
         warnings.simplefilter("ignore", FutureWarning)
         values.update({f.name: getattr(recipe.config, f.name) for f in dataclasses.fields(recipe.config) if f.init})

@@ -23,7 +23,7 @@ from ..evaluation.callbacks import AgreementCallback
 from ..files import write_atomically, write_done
 from ..publish import build_publish_folder, upload
 from ..redaction import redact, redact_arguments
-from .data import load_recipe_datasets
+from .training_rows import trainer_data_kwargs, training_data
 from .evaluate import TrainedModels, check_evaluation_splits, evaluate_trained, evaluation_split
 from .models import resolve_model, resolve_student, resolve_teacher, resolve_tokenizer, served_model_name
 from .output import (RUN_INFO, check_output_dir, intact_checkpoint, is_finished, run_settings, save_final,
@@ -77,7 +77,8 @@ def build_trainer(recipe: Recipe, callbacks=None):
     """The trainer of a recipe, with its models, tokenizers and data (heavy: loads everything)."""
     config, options = recipe.config, recipe.options
     apply_env(options)
-    train, evaluation = load_recipe_datasets(options)
+    data = training_data(recipe)  # refused here, before any model, where the method needs labels the rows lack
+    train, evaluation = data.train, data.evaluation
     if evaluation is not None and config.eval_strategy == "no":
         config.eval_strategy = "steps"
         config.eval_steps = config.eval_steps or config.logging_steps
@@ -100,7 +101,8 @@ def build_trainer(recipe: Recipe, callbacks=None):
             agreement_data, every_steps=settings["every_steps"], num_samples=settings["samples"],
             max_new_tokens=settings["max_new_tokens"], batch_size=settings["batch_size"],
             answer_extractor=settings["answer_extractor"]))
-    kwargs = dict(train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer, callbacks=callbacks)
+    kwargs = dict(**trainer_data_kwargs(recipe, data), eval_dataset=evaluation, processing_class=tokenizer,
+                  callbacks=callbacks)
     if options["peft"]:
         kwargs["peft_config"] = LoraConfig(**options["peft"])
     if options["teachers"]:  # several: the models a recipe names as objects or names, as for one teacher

@@ -28,6 +28,7 @@ from ..several_teachers import check_routing, teacher_entries
 from ..smoke import capped_steps
 from ..suggest import did_you_mean
 from .errors import RecipeError
+from .data import PROMPTS_KEYS
 from .fields import FieldValueError, RecipeFields
 from .launch import accelerate_config_path
 from .yaml_files import read_recipe_values, read_yaml_mapping, refuse_study
@@ -53,6 +54,10 @@ class RecipeOptions:
                                       "prompt_completion)")
     dataset_train_split: str = _key("train", "split to train on")
     dataset_test_split: str | None = _key(None, "split to evaluate on (sets eval_strategy='steps' unless set)")
+    prompts: Any = _key(None, "prompts without labels beside the labelled rows: a split of dataset_name ('train', "
+                        "'train[240:]') or {dataset_name, dataset_config, split, columns, prompt_template}; the teacher "
+                        "completes them (kd, dskd, seqkd) or the student samples on them (gkd at lmbda 1); their "
+                        "completions, if any, are never read")
     columns: dict | None = _key(None, "renames: {new_name: existing column}, e.g. {completion: answer}")
     prompt_template: str | None = _key(None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'")
     peft: dict | None = _key(None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, "
@@ -225,6 +230,7 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: agreement: method {method!r} holds no teacher while training ({why}); remove the "
                           f"block and score agreement after training (evaluation: metrics: [agreement]), or {fix}.")
     _check_teacher_metrics(options, config, method, path)
+    _check_prompts(options, config, method, path)
     try:
         check_training_args(config)
     except ValueError as error:
@@ -274,6 +280,28 @@ def _check_teacher_metrics(options: dict, config, method: str, path: str) -> Non
                 f"Drop {versus}: several teachers give no one teacher's answers." if options.get("teachers") else
                 "Name the teacher there (a cache or a server still serves the training; the model loads only to "
                 f"answer), or drop {versus}."))
+
+
+def _check_prompts(options: dict, config, method: str, path: str) -> None:
+    """A `prompts:` source: well formed, and for a method that reads prompts (`recipe.training_rows`)."""
+    block = options["prompts"]
+    if block is None:
+        return
+    if isinstance(block, dict):
+        for key, value in block.items():
+            if key not in PROMPTS_KEYS:
+                raise RecipeError(f"{path}: prompts.{key}: unknown key (value {value!r}).{did_you_mean(key, PROMPTS_KEYS)}")
+    elif not isinstance(block, str) or not block.strip():
+        raise RecipeError(f"{path}: prompts: {block!r} should be a split of dataset_name (e.g. train or train[240:]) "
+                          f"or a mapping of {list(PROMPTS_KEYS)}.")
+    from .training_rows import prompts_refusal  # lazy: imports the method's trainer, only for a recipe with prompts
+
+    why = prompts_refusal(method, get_method(method).trainer_class, config)
+    if why:
+        raise RecipeError(f"{path}: prompts: {why}")
+    if options["teachers"] is not None:
+        raise RecipeError(f"{path}: prompts: the teacher completes the prompts, and teachers: lists several; name one "
+                          "teacher (teacher_model_name_or_path) or drop prompts.")
 
 
 def _check_teachers(options: dict, config_values: dict, method: str, path: str) -> None:

@@ -1,11 +1,11 @@
 """Seq-KD: the teacher completes the training prompts (cached, resumable), the student trains on its completions.
 
-`config.py` (SeqKDConfig), `generate.py` (the cached generated dataset), `trainer.py` (SeqKDTrainer).
+`config.py` (SeqKDConfig), `trainer.py` (SeqKDTrainer); the cached generated dataset is `kd_trainers.teacher_completions`.
 """
 
 from ..lazy import lazy_getattr
 
 # Loaded on first use; `method.py` registers the method for recipes.
-_EXPORTS = {"SeqKDConfig": ".config", "SeqKDTrainer": ".trainer", "teacher_generated_dataset": ".generate"}
+_EXPORTS = {"SeqKDConfig": ".config", "SeqKDTrainer": ".trainer", "teacher_generated_dataset": "..teacher_completions"}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)

@@ -8,16 +8,14 @@ on the teacher's text.
 
 from __future__ import annotations
 
-import gc
 import textwrap
 
-from accelerate import PartialState
+from datasets import concatenate_datasets
 
+from ..kd.prompt_rows import new_prompt_rows
 from ..kd.teacher_setup import TeacherPlan
 from ..kd.trainer import KDTrainer
-from ..teacher import freeze, model_name
 from .config import SeqKDConfig
-from .generate import teacher_generated_dataset
 
 
 class SeqKDTrainer(KDTrainer):
@@ -26,7 +24,8 @@ class SeqKDTrainer(KDTrainer):
     Before training, the teacher completes every training prompt (`teacher_generated_dataset`: batched, cached on disk
     by content, resumable); the student then trains on those completions, by SFT alone (`kd_weight=0`: no teacher in
     memory while training) or with logit KD on top. Arguments are `KDTrainer`'s; `train_dataset` is the prompts'
-    dataset (its completions are replaced). `self.seqkd_dataset_dir` is the generated set's folder
+    dataset: prompts alone, or labelled rows whose completions are never read (the teacher's replace them), and
+    `prompt_dataset` more prompts. `self.seqkd_dataset_dir` is the generated set's folder
     (`datasets.load_from_disk`): to run the two steps yourself, generate it once and give it to any SFT trainer.
     """
 
@@ -49,26 +48,27 @@ class SeqKDTrainer(KDTrainer):
         # SFT on the teacher's text needs no shared vocabulary; logit KD on top does.
         return args.kd_weight > 0
 
-    def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict) -> dict:
-        """Step one: the teacher's completions of the training prompts replace the dataset's."""
-        if sft_kwargs.get("train_dataset") is None:
-            raise ValueError("SeqKDTrainer needs a train_dataset: its prompts are what the teacher completes.")
-        teacher = freeze(super()._load_teacher_model(plan.teacher, args))
-        state = PartialState()
-        generated, self.seqkd_dataset_dir = teacher_generated_dataset(
-            teacher, plan.tokenizer, sft_kwargs["train_dataset"], args.generation_settings(), args.seqkd_cache_dir,
-            teacher_id=f"{model_name(plan.teacher)}|{args.teacher_adapter_name_or_path}",
-            batch_size=args.seqkd_batch_size, state=state if state.num_processes > 1 else None,
-            log=lambda message: print(message, flush=True) if state.is_main_process else None)
-        # Logit KD on top reuses the loaded teacher; SFT alone lets it go now.
-        self._generation_teacher = teacher if args.kd_weight > 0 else None
-        del teacher
-        gc.collect()
-        return {**sft_kwargs, "train_dataset": generated}
+    @classmethod
+    def reads_labels(cls, args) -> bool:
+        return False  # every prompt is completed by the teacher: the dataset's own completions are never read
 
-    def _load_teacher_model(self, teacher, args):
-        loaded, self._generation_teacher = self._generation_teacher, None
-        return loaded  # loaded (with its adapter merged) before generating
+    def _completion_settings(self, args) -> tuple[dict, int, str | None]:
+        return args.generation_settings(), args.seqkd_batch_size, args.seqkd_cache_dir
+
+    def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict, prompt_dataset=None) -> dict:
+        """Step one: the teacher's completions of every prompt (the training rows', labelled or not, and the
+        `prompt_dataset`'s not already among them) are the training set."""
+        train = sft_kwargs.get("train_dataset")
+        if train is None and prompt_dataset is None:
+            raise ValueError("SeqKDTrainer needs a train_dataset (or a prompt_dataset): its prompts are what the "
+                             "teacher completes.")
+        prompts = new_prompt_rows(None, train, keep_repeats=True) if train is not None else None
+        if prompt_dataset is not None:
+            extra = new_prompt_rows(prompts, prompt_dataset)
+            prompts = extra if prompts is None else concatenate_datasets([prompts, extra]) if len(extra) else prompts
+        generated = self._teacher_completions(plan, args, prompts)
+        self.seqkd_dataset_dir = self.completions_dir
+        return {**sft_kwargs, "train_dataset": generated}
 
     def _set_up_teacher(self, plan: TeacherPlan, args):
         """Step two: the teacher beside the student only when logit KD is on top; at `kd_weight=0` there is none."""

@@ -1,4 +1,5 @@
-"""The teacher's completions of the training prompts, as a reusable dataset folder, cached and resumable.
+"""The teacher's completions of prompts, as a reusable dataset folder, cached and resumable: Seq-KD's training set, and
+the prompt-only rows (`prompt_dataset`, a recipe's `prompts:`) that KD, Rev-KD and DSKD train on beside labelled rows.
 
     <cache>/<key>/parts/part-00000.jsonl ...   written block by block (atomically), so an interrupted run resumes
     <cache>/<key>/dataset/                     `datasets.load_from_disk` folder: prompt, completion (+ the rest)
@@ -19,10 +20,11 @@ import shutil
 
 import torch
 from datasets import Dataset, load_from_disk
+from filelock import FileLock
 
-from ..files import DONE, user_cache_dir, write_atomically, write_done
-from ..generation import generate_predictions
-from ..prompt_completion import as_prompt_completion, completion_text, is_conversational, prompt_token_ids
+from .files import DONE, user_cache_dir, write_atomically, write_done
+from .generation import generate_predictions
+from .prompt_completion import as_prompt, completion_text, is_conversational, prompt_token_ids
 
 
 BLOCK_BATCHES = 8  # generation batches per part file: the unit of resumption
@@ -44,27 +46,32 @@ def teacher_generated_dataset(teacher, tokenizer, dataset: Dataset, settings: di
 
     Args:
         teacher: the (frozen) teacher model; `tokenizer` its tokenizer.
-        dataset: prompt/completion or messages data; its other columns are kept.
+        dataset: prompt/completion, prompt-only or messages data (a row's own completion is never read); its other
+            columns are kept.
         settings: `SeqKDConfig.generation_settings()` (max_new_tokens, do_sample, temperature, top_p, seed).
         batch_size: prompts per generation batch (not part of the cache key).
         teacher_id: what identifies the teacher in the cache key (name and adapter).
         state: an accelerate `PartialState` for multi-process runs (None: one process).
     """
-    pairs = [as_prompt_completion(example, "Seq-KD") for example in dataset]
-    prompts = [prompt for prompt, _ in pairs]
+    prompts = [as_prompt(example) for example in dataset]
     # Keyed by the prompts as the teacher reads them (its chat template applied): another template is another set.
     material = json.dumps({"teacher": teacher_id, "settings": settings,
                            "prompts": [prompt_token_ids(tokenizer, prompt) for prompt in prompts]}, sort_keys=True)
     key = hashlib.sha256(material.encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir or user_cache_dir("seqkd"), key)
-    if not os.path.exists(os.path.join(folder, DONE)):
-        _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, folder, state, log)
-        if state is None or state.is_main_process:
-            _assemble(dataset, pairs, prompts, settings, teacher_id, folder)
-        if state is not None:
-            state.wait_for_everyone()
-    elif state is None or state.is_main_process:
-        log(f"[seqkd] reusing the teacher's completions in {folder}")
+    # One process at a time per set (a study's cells side by side ask for the same one): the second finds it done.
+    # Ranks of one run share the work instead, so they take no lock (it would deadlock their barrier).
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    lock = FileLock(folder + ".lock") if state is None else contextlib.nullcontext()
+    with lock:
+        if not os.path.exists(os.path.join(folder, DONE)):
+            _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, folder, state, log)
+            if state is None or state.is_main_process:
+                _assemble(dataset, prompts, settings, teacher_id, folder)
+            if state is not None:
+                state.wait_for_everyone()
+        elif state is None or state.is_main_process:
+            log(f"[completions] reusing the teacher's completions in {folder}")
     generated = load_from_disk(os.path.join(folder, "dataset"))
     _refuse_mostly_empty(generated, folder)
     return generated, folder
@@ -76,7 +83,7 @@ def _refuse_mostly_empty(generated: Dataset, folder: str) -> None:
     empty = sum(not completion_text(completion).strip() for completion in generated["completion"])
     if empty * 2 > len(generated):
         raise ValueError(
-            f"Seq-KD: the teacher answered {empty} of {len(generated)} training prompts with nothing (it ended its "
+            f"The teacher answered {empty} of {len(generated)} prompts with nothing (it ended its "
             "answer at once), so the student would learn to say nothing. Usually an instruct teacher given plain "
             "prompts: use conversational data (prompt as chat messages, or messages) so that its chat template is "
             f"applied, or a prompt_template it answers. The completions are in {folder}.")
@@ -98,12 +105,12 @@ def _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, f
             completions = generate_predictions(teacher, tokenizer, prompts[start:start + block],
                                                batch_size=batch_size, strip=False, **generation)
             write_atomically(path, "".join(json.dumps({"completion": c}) + "\n" for c in completions))
-            log(f"[seqkd] teacher completions {start + len(completions)}/{len(prompts)}")
+            log(f"[completions] teacher completions {start + len(completions)}/{len(prompts)}")
     if state is not None:
         state.wait_for_everyone()
 
 
-def _assemble(dataset, pairs, prompts, settings, teacher_id, folder) -> None:
+def _assemble(dataset, prompts, settings, teacher_id, folder) -> None:
     completions = []
     for name in sorted(os.listdir(os.path.join(folder, "parts"))):
         if name.endswith(".jsonl"):
@@ -113,7 +120,7 @@ def _assemble(dataset, pairs, prompts, settings, teacher_id, folder) -> None:
         raise RuntimeError(f"{folder}: {len(completions)} completions for {len(prompts)} prompts; delete the folder "
                            "and run again.")
     rows = []
-    for example, (prompt, completion), generated in zip(dataset, pairs, completions):
+    for example, prompt, generated in zip(dataset, prompts, completions):
         row = {k: v for k, v in example.items() if k != "messages"}
         if is_conversational(prompt):
             row.update(prompt=prompt, completion=[{"role": "assistant", "content": generated.strip()}])
