@@ -162,3 +162,34 @@ def test_auto_picks_mcnemar_for_right_or_wrong_items_and_wilcoxon_otherwise_and_
     np.testing.assert_allclose(table["p_corr"], pg.multicomp(list(table["p_val"]), method="holm")[1])
     with pytest.raises(ValueError, match="method must be one of"):
         stats.compare(a, b, method="mcnemr")
+
+
+def test_the_minimum_detectable_effect_is_the_paired_t_tests_at_80_percent_power():
+    from statsmodels.stats.power import TTestPower
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.5, 0.2, 60)
+    b = a + rng.normal(0.0, 0.1, 60)
+    spread = (b - a).std(ddof=1)
+    d = TTestPower().solve_power(nobs=60, alpha=0.01, power=0.8, alternative="two-sided")
+    assert stats.minimum_detectable_effect(a, b, alpha=0.01) == pytest.approx(d * spread, rel=1e-3)
+    # What it claims, checked by simulation: a true shift of that size is found about 80 % of the time.
+    shift = stats.minimum_detectable_effect(a, b, alpha=0.05)
+    found = [sps.ttest_rel(x + shift + rng.normal(0, spread, 60), x).pvalue < 0.05
+             for x in (rng.normal(0.5, 0.2, 60) for _ in range(2000))]
+    assert 0.77 < np.mean(found) < 0.83
+    assert math.isnan(stats.minimum_detectable_effect([1, 2], [1, 3], alpha=0.05))  # too few pairs
+    assert math.isnan(stats.minimum_detectable_effect([1, 2, 3], [2, 3, 4], alpha=0.05))  # differences without spread
+
+
+def test_compare_gives_each_metric_its_detectable_effect_at_the_corrected_level():
+    rng = np.random.default_rng(1)
+    a = pd.DataFrame({"x": rng.normal(0, 1, 40), "y": rng.normal(0, 1, 40)})
+    b = a + rng.normal(0.1, 0.5, (40, 2))
+    table = stats.compare(a, b, method="ttest", correction="holm", alpha=0.05).set_index("metric")
+    for metric in ("x", "y"):
+        assert table.loc[metric, "mde"] == pytest.approx(
+            stats.minimum_detectable_effect(a[metric], b[metric], alpha=0.025))  # α / 2 metrics
+    none = stats.compare(a, b, method="ttest", correction="none").set_index("metric")
+    assert none.loc["x", "mde"] == pytest.approx(stats.minimum_detectable_effect(a["x"], b["x"], alpha=0.05))
+    assert none.loc["x", "mde"] < table.loc["x", "mde"]

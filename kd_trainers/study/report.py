@@ -364,7 +364,10 @@ def headline_line(hypothesis: dict, table: pd.DataFrame, metric: str, alpha: flo
     if metric in set(rows["metric"]):
         row = rows.set_index("metric").loc[metric]
         line += (f"; {metric} {format_value(row['mean_b'])} vs {format_value(row['mean_a'])} (Δ {row['delta']:+.3g}, "
-                 f"95% CI [{row['delta_ci_low']:+.3g}, {row['delta_ci_high']:+.3g}])")
+                 f"95% CI [{row['delta_ci_low']:+.3g}, {row['delta_ci_high']:+.3g}]")
+        if "mde" in row and math.isfinite(row["mde"]):
+            line += f"; n = {int(row['n'])} detects |Δ| ≥ {row['mde']:.3g} at 80% power"
+        line += ")"
     return line + "."
 
 
@@ -376,7 +379,9 @@ def hypothesis_display(hypothesis: dict, table: pd.DataFrame) -> pd.DataFrame:
         "metric": table["metric"], "test": table["method"], treatment: table["mean_b"], baseline: table["mean_a"],
         "Δ": table["delta"].map(lambda v: f"{v:+.3g}"),
         "Δ 95% CI": [f"[{low:+.3g}, {high:+.3g}]" for low, high in zip(table["delta_ci_low"], table["delta_ci_high"])],
-        "p (corrected)": table["p_corr"], "significant": table["reject"],
+        "p (corrected)": table["p_corr"], "significant": table["reject"], "n": table["n"],
+        "detectable |Δ| (80% power)": [f"{v:.3g}" if math.isfinite(v) else "" for v in
+                                       table.get("mde", pd.Series([math.nan] * len(table)))],
         "Cohen's d": [f"{d:+.3g} [{low:+.3g}, {high:+.3g}]" if math.isfinite(d) else ""
                       for d, low, high in zip(table["cohen_d"], table["ci_low"], table["ci_high"])],
     })
