@@ -59,8 +59,8 @@ def unlabelled_rows(dataset) -> list[int]:
 def require_labels(dataset, method: str, where: str = "train_dataset") -> None:
     """Refuse data with prompt-only rows for a method that trains on labels, naming the rows and the methods and
     arguments that take prompts alone. Called before any model is loaded."""
-    if dataset is None or not hasattr(dataset, "column_names"):
-        return
+    if not getattr(dataset, "column_names", None) or not hasattr(dataset, "__len__"):
+        return  # no data, or a stream (an IterableDataset): its rows are not read ahead of training
     rows = unlabelled_rows(dataset)
     if rows:
         raise ValueError(

@@ -7,6 +7,7 @@ cost. With the variable set to `1`:
   resolved `max_steps` says so, so a cached prepare step or an output folder never mixes with a real run's);
 - every evaluation scores at most `EXAMPLES` examples of its split, and at most `EXAMPLES` items of each
   lm-evaluation-harness task;
+- the teacher answers at most `PROMPTS` prompts before training (Seq-KD, a `prompt_dataset`, a recipe's `prompts:`);
 - a study trains the first of its seeds only;
 - the benchmarks run their smallest cell once, into `benchmarks/results/smoke/`.
 
@@ -23,6 +24,7 @@ import sys
 SMOKE_ENV = "KD_TRAINERS_SMOKE"
 STEPS = 2
 EXAMPLES = 4
+PROMPTS = 32  # what 2 steps of 16 rows read
 
 _announced = False
 
@@ -61,6 +63,14 @@ def capped_limit(limit: int | None) -> int | None:
         return limit
     announce()
     return EXAMPLES if limit is None else min(limit, EXAMPLES)
+
+
+def capped_prompts(count: int) -> int:
+    """How many prompts the teacher answers before training: `count`, at most `PROMPTS` in a smoke run."""
+    if not smoke_run() or count <= PROMPTS:
+        return count
+    announce()
+    return PROMPTS
 
 
 def capped_seeds(seeds: list) -> list:

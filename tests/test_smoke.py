@@ -99,3 +99,18 @@ def test_serve_cli_waits_for_a_server_and_says_when_none_answers(capsys):
         server.server_close()
     assert serve_cli.main(["--wait", url, "--wait-timeout", "0.3"]) == 1
     assert f"--wait: {url} did not answer GET /models within 0.3 s" in capsys.readouterr().err
+
+
+def test_a_smoke_run_has_the_teacher_answer_the_prompts_two_steps_read(monkeypatch, tmp_path, bpe_tokenizer, teacher,
+                                                                      student, demo_data):
+    from kd_trainers import SeqKDConfig, SeqKDTrainer
+
+    monkeypatch.setenv(SMOKE_ENV, "1")
+    prompts = demo_data["train"].select(range(50)).remove_columns("completion")
+    args = SeqKDConfig(output_dir=str(tmp_path / "out"), bf16=False, max_steps=5, report_to=[], save_strategy="no",
+                       seqkd_max_new_tokens=4, seqkd_cache_dir=str(tmp_path / "cache"))
+    trainer = SeqKDTrainer(student, args, train_dataset=prompts, processing_class=bpe_tokenizer,
+                           teacher_model=teacher, teacher_processing_class=bpe_tokenizer)
+    assert len(trainer.train_dataset) == smoke.PROMPTS == 32
+    monkeypatch.setenv(SMOKE_ENV, "0")
+    assert smoke.capped_prompts(50) == 50

@@ -22,6 +22,7 @@ from accelerate import PartialState
 from datasets import Dataset
 
 from ..prompt_completion import as_prompt, as_prompt_completion, require_labels
+from ..smoke import capped_prompts
 from ..teacher import freeze, model_name
 from ..teacher_completions import teacher_generated_dataset
 
@@ -99,7 +100,9 @@ class PromptRowsMixin:
         return {"max_new_tokens": args.max_length or 1024, "do_sample": False}, args.per_device_eval_batch_size, None
 
     def _teacher_completions(self, plan, args, prompts: Dataset) -> Dataset:
-        """The teacher (loaded now, kept for the loss when the method needs it) completes `prompts`."""
+        """The teacher (loaded now, kept for the loss when the method needs it) completes `prompts` (the first
+        `kd_trainers.smoke.PROMPTS` in a smoke run)."""
+        prompts = prompts.select(range(capped_prompts(len(prompts))))
         teacher = freeze(self._load_teacher_model(plan.teacher, args))
         state = PartialState()
         settings, batch_size, cache_dir = self._completion_settings(args)
