@@ -37,7 +37,8 @@ def as_prompt(example: dict):
     raise ValueError(f"A row needs a 'prompt' or 'messages' to be asked anything, got columns {sorted(example)}.")
 
 
-PROMPT_READERS = "seqkd (the teacher completes every prompt) and gkd at lmbda=1 (the student samples, the teacher scores)"
+PROMPT_READERS = ("seqkd (the teacher completes every prompt) and gkd at lmbda=1 (the student samples, the teacher "
+                  "scores)")
 
 
 def unlabelled_rows(dataset) -> list[int]:

@@ -7,9 +7,13 @@ It writes its recipes and its study into `<output>/recipes/` (so that every step
    with the demo's BPE tokenizer, and a Qwen2 of the same size with its WordPiece tokenizer (lowercase, no BOS,
    another EOS). Both are cached by their settings (`$KD_TRAINERS_CACHE/prepare/`): a later quickstart reuses them;
 2. a smaller student (Llama, 2 layers, width 64, BPE) with a label budget: a quarter of the train split
-   (`train[:25%]`, 240 rows, 300 steps), trained three ways from one initialisation per seed and on one data order:
-   by SFT alone, by vanilla KD from the BPE teacher, and by DSKD with cross-model attention from the WordPiece teacher
-   (forward KL, T = 2, kd_weight 0.5); three seeds each;
+   (`train[:25%]`, 240 rows, 300 steps), and all 960 training prompts without their labels (`prompts: train`): the
+   channel distillation works by, in practice (many prompts, few labels, a teacher that answers). Trained three
+   ways from one initialisation per seed: by SFT on the 240 labels alone (the baseline); by Seq-KD, SFT on the BPE
+   teacher's greedy answers to all 960 prompts (Kim & Rush; no label is read); and by DSKD with cross-model attention
+   from the WordPiece teacher on the 240 labelled rows plus its answers to the other 720 prompts (forward KL, T = 2,
+   kd_weight 0.5, the DSKD paper's settings); three seeds each. The teachers' answers are cached by content
+   (`$KD_TRAINERS_CACHE/seqkd/`), as the teachers are;
 3. the teachers (the ceiling) and every student evaluated on the test split (n-gram, embedding and final-answer exact
    match) and on the demo's lm-evaluation-harness tasks (`kd_demo`: glossary multiple choice by log-likelihood,
    arithmetic by generation), paired tests of each KD student against the SFT student on every metric (Wilcoxon on
@@ -70,30 +74,33 @@ def write_quickstart_study(output_dir: str, teacher_steps: int = 800, student_st
     # The label budget: the students see a quarter of the labelled rows the teachers learned from.
     student = {"model_name_or_path": "demo:llama/student/bpe", **common, "dataset_train_split": STUDENT_SPLIT,
                **steps(student_steps), "learning_rate": 3.0e-3}
-    kd = {"kd_temperature": 2.0, "kd_weight": 0.5, "divergence": "forward_kl"}
+    # The prompts without labels: every training prompt (the 240 labelled ones among them are not asked twice).
+    prompts = {"prompts": "train", "per_device_eval_batch_size": 64}  # the teacher answers 64 prompts at a time
     _recipe(os.path.join(folder, "student_sft.yaml"), {"method": "sft", **student},
-            "Student by SFT alone (the baseline).")
-    _recipe(os.path.join(folder, "student_kd.yaml"),
-            {"method": "kd", **student, **kd,
-             "teacher_model_name_or_path": cached["teacher"]},
-            "Student by vanilla KD from the BPE teacher.")
+            "Student by SFT on its 240 labels alone (the baseline).")
+    _recipe(os.path.join(folder, "student_seqkd.yaml"),
+            {"method": "seqkd", **student, **prompts, "kd_weight": 0.0, "seqkd_max_new_tokens": 48,
+             "seqkd_batch_size": 64, "teacher_model_name_or_path": cached["teacher"]},
+            "Student by Seq-KD: SFT on the BPE teacher's greedy answers to all 960 training prompts.")
     _recipe(os.path.join(folder, "student_dskd_cma.yaml"),
-            {"method": "dskd", **student, **kd, "projector_lr": 3.0e-3,
+            {"method": "dskd", **student, **prompts, "kd_temperature": 2.0, "kd_weight": 0.5,
+             "divergence": "forward_kl", "projector_lr": 3.0e-3,
              "teacher_model_name_or_path": cached["teacher_wordpiece"]},
-            "Student by DSKD with cross-model attention from the WordPiece teacher.")
+            "Student by DSKD with cross-model attention from the WordPiece teacher, on the 240 labelled rows plus "
+            "the teacher's answers to the other 720 prompts.")
     study = {
-        "name": "quickstart", "base_recipe": "student_kd.yaml", "output_dir": study_dir,
+        "name": "quickstart", "base_recipe": "student_seqkd.yaml", "output_dir": study_dir,
         # Cached by their settings: a quickstart in another folder, or a study training the same teacher, reuses them.
         "prepare": [{"name": "teacher", "recipe": "teacher_sft.yaml", "cache": True},
                     {"name": "teacher_wordpiece", "recipe": "teacher_wordpiece_sft.yaml", "cache": True}],
-        "grid": {"student": {"sft": {"recipe": "student_sft.yaml"}, "kd": {},
+        "grid": {"student": {"sft": {"recipe": "student_sft.yaml"}, "seqkd": {},
                              "dskd_cma": {"recipe": "student_dskd_cma.yaml"}}},
         "seeds": [seed + offset for offset in range(seeds)], "headline_metric": "exact_match",
         "evaluation": {"metrics": ["ngram", "embedding", "exact_match", "lm_eval"], "answer_extractor": "demo",
                        "split": "test", "limit": eval_limit, "max_new_tokens": 40, "batch_size": 32,
                        # The demo as lm-evaluation-harness tasks: glossary multiple choice, arithmetic generation.
                        "lm_eval": {"tasks": ["kd_demo"], "limit": eval_limit, "batch_size": 32}},
-        "hypotheses": [{"name": "KD student vs SFT student", "a": {"student": "sft"}, "b": {"student": "kd"}},
+        "hypotheses": [{"name": "Seq-KD student vs SFT student", "a": {"student": "sft"}, "b": {"student": "seqkd"}},
                        {"name": "DSKD-CMA student vs SFT student", "a": {"student": "sft"},
                         "b": {"student": "dskd_cma"}}],
     }
@@ -102,6 +109,33 @@ def write_quickstart_study(output_dir: str, teacher_steps: int = 800, student_st
         handle.write(f"# The quickstart study. Launch: kd-study {path}\n")
         yaml.safe_dump(study, handle, sort_keys=False)
     return path
+
+
+SHOWN_METRICS = ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match",
+                 "kd_demo_glossary_mc/acc", "kd_demo_arithmetic/exact_match,strict-match")
+
+
+def format_figure(value: float) -> str:
+    """A figure as the quickstart prints it (and the README shows it): 3 significant digits."""
+    return f"{value:.3g}"
+
+
+def results_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The quickstart's results: one row per model (the references marked), its mean per shown metric."""
+    columns = [c for c in SHOWN_METRICS if c in summary]
+    table = summary[["cell", *columns]].copy()
+    table["cell"] = [f"{cell} (reference)" if reference else cell
+                     for cell, reference in zip(summary["cell"], summary["reference"])]
+    return table
+
+
+def printed_results(report: str) -> str:
+    """What the quickstart prints at its end from its report folder: the table of means, then the headline."""
+    table = results_table(pd.read_csv(os.path.join(report, "summary.csv")))
+    with open(os.path.join(report, "headline.txt")) as handle:
+        headline = handle.read().strip()
+    return ("Test split, mean per model (higher is better; the references are the teachers):\n"
+            + table.to_string(index=False, float_format=format_figure) + "\n\n" + headline)
 
 
 def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, student_steps: int = 300,
@@ -113,15 +147,7 @@ def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, stud
     study_file = write_quickstart_study(output_dir, teacher_steps, student_steps, seed, eval_limit, seeds)
     print(f"Recipes and study written to {os.path.dirname(study_file)}")
     report = run_study(load_study(study_file), log=lambda message: print(message, flush=True), workers=workers)
-    summary = pd.read_csv(os.path.join(report, "summary.csv"))
-    columns = [c for c in ("rouge_l", "bleu_4", "chrf", "embedding_cosine", "bertscore_f1", "exact_match",
-                           "kd_demo_glossary_mc/acc", "kd_demo_arithmetic/exact_match,strict-match") if c in summary]
-    summary["cell"] = [f"{cell} (reference)" if reference else cell
-                       for cell, reference in zip(summary["cell"], summary["reference"])]
-    print("\nTest split, mean per model (higher is better; the references are the teachers):")
-    print(summary[["cell", *columns]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-    with open(os.path.join(report, "headline.txt")) as handle:
-        print("\n" + handle.read().strip())
+    print("\n" + printed_results(report))
     print(f"\nReport: {os.path.abspath(report)}/report.md and report.html (total {time.time() - start:.0f} s)")
     print("What these numbers mean on the demo, and why: README, section 'What the demo shows'.")
     return report

@@ -76,3 +76,20 @@ def test_the_quickstart_teacher_is_far_better_than_its_sft_student(tmp_path):
         scores[name] = exact_match(trainer.model, trainer.processing_class, load_demo_dataset()["test"])
     assert scores["teacher_sft"] > 0.6, scores  # measured 0.71 (README)
     assert scores["teacher_sft"] - scores["student_sft"] > 0.4, scores  # measured 0.71 vs 0.1
+
+
+def test_the_domain_text_is_prose_without_questions_or_test_answers():
+    """The telecom study's pretraining text: every glossary fact and the training problems' reasoning, no question,
+    no "The answer is", and no test problem's reasoning; its test split is the task's, to score the base models."""
+    data = load_demo_dataset("domain_text")
+    texts = data["train"]["text"]
+    assert not any("?" in text or "answer is" in text.lower() for text in texts)
+    assert all(any(text.startswith(f"{acronym} stands for {expansion}.") for text in texts)
+               for acronym, expansion, _ in GLOSSARY)
+    pairs = demo_pairs()
+    test_reasoning = {row["completion"].split(" The answer is")[0] for row in pairs["test"]
+                      if row["kind"] == "arithmetic"}
+    train_reasoning = {row["completion"].split(" The answer is")[0] for row in pairs["train"]
+                       if row["kind"] == "arithmetic"}
+    assert set(texts) & test_reasoning <= train_reasoning  # only what training teaches anyway
+    assert data["test"]["prompt"] == load_demo_dataset()["test"]["prompt"]

@@ -20,20 +20,20 @@ def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, caps
     printed = capsys.readouterr().out
     # The plan first, then each stage with its progress.
     assert printed.index("Plan of study 'quickstart'") < printed.index("(1/10) prepare teacher: training")
-    assert "student=kd: 2 seed(s), train kd for 2 steps each, then evaluate" in printed
+    assert "student=seqkd: 2 seed(s), train seqkd for 2 steps each, then evaluate" in printed
     assert "training: 2/2 steps (100%)" in printed and "generating: 6/6 prompts (100%)" in printed
     assert "{'loss'" not in printed  # the trainer's per-log dictionaries are replaced by the progress lines
-    assert "KD student vs SFT student: student=kd better than student=sft on" in printed
+    assert "Seq-KD student vs SFT student: student=seqkd better than student=sft on" in printed
     assert "DSKD-CMA student vs SFT student: student=dskd_cma better than student=sft on" in printed
     assert "Reference (the ceiling): teacher exact_match" in printed and "**" not in printed
     assert f"Report: {os.path.abspath(report)}/report.md" in printed
     summary = pd.read_csv(os.path.join(report, "summary.csv"))
-    assert sorted(summary.loc[~summary["reference"], "cell"]) == ["student=dskd_cma", "student=kd", "student=sft"]
+    assert sorted(summary.loc[~summary["reference"], "cell"]) == ["student=dskd_cma", "student=seqkd", "student=sft"]
     assert sorted(summary.loc[summary["reference"], "cell"]) == ["teacher", "teacher_wordpiece"]  # the ceilings
     assert {"rouge_l", "bleu_4", "embedding_cosine", "bertscore_f1", "exact_match"} <= set(summary.columns)
     assert (summary["n"] == 6).all()
     # The teachers are trained into the package cache (a temporary folder in the tests), keyed by their settings.
-    for student in ("student_kd", "student_dskd_cma"):
+    for student in ("student_seqkd", "student_dskd_cma"):
         with open(tmp_path / "recipes" / f"{student}.yaml") as handle:
             teacher = yaml.safe_load(handle)["teacher_model_name_or_path"]
         assert os.path.dirname(teacher) == os.path.join(package_cache, "prepare")
@@ -42,7 +42,14 @@ def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, caps
                           "dskd_projectors.safetensors")
     assert os.path.exists(os.path.join(report, "report.html"))
     # The written recipes are ordinary recipes.
-    for recipe in ("teacher_sft", "teacher_wordpiece_sft", "student_sft", "student_kd", "student_dskd_cma"):
+    # The students see 240 labels and 960 prompts: Seq-KD the teacher's answers to all, DSKD 240 labels and 720 answers.
+    seqkd = yaml.safe_load(open(tmp_path / "recipes" / "student_seqkd.yaml"))
+    assert (seqkd["dataset_train_split"], seqkd["prompts"]) == ("train[:25%]", "train")
+    generated = [line for line in printed.splitlines() if line.startswith("[completions] the teacher completes")]
+    assert "[completions] the teacher completes 720 prompts (240 of 960 already asked by a labelled row or repeated)" \
+        in generated
+    # The written recipes are ordinary recipes.
+    for recipe in ("teacher_sft", "teacher_wordpiece_sft", "student_sft", "student_seqkd", "student_dskd_cma"):
         assert kd_train(["validate", str(tmp_path / "recipes" / f"{recipe}.yaml")]) == 0
 
 

@@ -162,18 +162,39 @@ def demo_pairs(seed: int = 0, num_arithmetic_train: int = 600, num_arithmetic_te
     return {"train": train, "test": test}
 
 
+def demo_domain_text(seed: int = 0) -> list[str]:
+    """Unlabelled text of the demo's domain, for pretraining a "base" model that knows its language: each glossary
+    fact as prose ("RAN stands for Radio Access Network. RAN is the part of ..."), and the reasoning of each training
+    arithmetic problem as a sentence ("12 sent minus 4 lost is 12 - 4 = 8."), with no question and no answer to one
+    (no test problem, no question phrasing), shuffled."""
+    rng = random.Random(seed)
+    facts = [f"{acronym} stands for {expansion}. {acronym} is {definition}."
+             for acronym, expansion, definition in GLOSSARY]
+    reasoning = [row["completion"].split(" The answer is")[0] for row in demo_pairs(seed=seed)["train"]
+                 if row["kind"] == "arithmetic"]
+    texts = facts + reasoning
+    rng.shuffle(texts)
+    return texts
+
+
 def load_demo_dataset(format: str = "prompt_completion", seed: int = 0, **sizes) -> DatasetDict:
     """The demo task as a `DatasetDict` with `train` and `test`, in a format `SFTTrainer` accepts.
 
     Args:
         format: `"prompt_completion"` (columns `prompt`, `completion`), `"messages"` (conversational `messages`:
             a user turn and an assistant turn), `"conversational_prompt_completion"` (`prompt` and `completion` as
-            message lists) or `"text"` (one `text` column, question and answer joined; SFT trains on all of it).
+            message lists), `"text"` (one `text` column, question and answer joined; SFT trains on all of it) or
+            `"domain_text"` (train: the domain's prose, no question/answer pairs, `demo_domain_text`, for pretraining
+            the telecom study's base models; test: the task's prompt/completion test split, to score them on).
         seed: the generator's seed.
         sizes: `num_arithmetic_train`, `num_arithmetic_test`.
     Each row also keeps `kind` (glossary or arithmetic) and `answer` (the final answer, for exact match).
     """
     splits = demo_pairs(seed=seed, **sizes)
+    if format == "domain_text":  # train: prose, no questions or answers; test: the task's, to score the model on
+        test = load_demo_dataset("prompt_completion", seed, **sizes)["test"]
+        return DatasetDict({"train": Dataset.from_list([{"text": text} for text in demo_domain_text(seed)]),
+                            "test": test})
 
     def convert(row: dict) -> dict:
         extra = {"kind": row["kind"], "answer": row["answer"]}
@@ -188,7 +209,7 @@ def load_demo_dataset(format: str = "prompt_completion", seed: int = 0, **sizes)
         if format == "text":
             return {"text": f"{row['prompt']} {row['completion']}", **extra}
         raise ValueError(f"Unknown demo dataset format {format!r}; use prompt_completion, messages, "
-                         "conversational_prompt_completion or text.")
+                         "conversational_prompt_completion, text or domain_text.")
 
     return DatasetDict({name: Dataset.from_list([convert(row) for row in rows]) for name, rows in splits.items()})
 

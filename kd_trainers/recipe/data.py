@@ -184,7 +184,8 @@ def load_recipe_prompts(options: dict) -> Dataset | None:
     missing, _ = _text_problems(dataset[column])
     if missing:
         raise ValueError(f"prompts: column {column!r} of the {source['split']!r} split of {name!r} is null (or not "
-                         f"text) in {len(missing)} of {len(dataset)} rows (first: row {missing[0]}); fill or drop them.")
+                         f"text) in {len(missing)} of {len(dataset)} rows (first: row {missing[0]}); fill or drop "
+                         "them.")
     return dataset
 
 

@@ -55,9 +55,9 @@ class RecipeOptions:
     dataset_train_split: str = _key("train", "split to train on")
     dataset_test_split: str | None = _key(None, "split to evaluate on (sets eval_strategy='steps' unless set)")
     prompts: Any = _key(None, "prompts without labels beside the labelled rows: a split of dataset_name ('train', "
-                        "'train[240:]') or {dataset_name, dataset_config, split, columns, prompt_template}; the teacher "
-                        "completes them (kd, dskd, seqkd) or the student samples on them (gkd at lmbda 1); their "
-                        "completions, if any, are never read")
+                        "'train[240:]') or {dataset_name, dataset_config, split, columns, prompt_template}; the "
+                        "teacher completes them (kd, dskd, seqkd) or the student samples on them (gkd at lmbda 1); "
+                        "their completions, if any, are never read")
     columns: dict | None = _key(None, "renames: {new_name: existing column}, e.g. {completion: answer}")
     prompt_template: str | None = _key(None, "builds the 'prompt' column from others, e.g. 'Q: {question}\\nA:'")
     peft: dict | None = _key(None, "LoRA settings (peft.LoraConfig fields): r, lora_alpha, lora_dropout, "
@@ -290,7 +290,8 @@ def _check_prompts(options: dict, config, method: str, path: str) -> None:
     if isinstance(block, dict):
         for key, value in block.items():
             if key not in PROMPTS_KEYS:
-                raise RecipeError(f"{path}: prompts.{key}: unknown key (value {value!r}).{did_you_mean(key, PROMPTS_KEYS)}")
+                raise RecipeError(f"{path}: prompts.{key}: unknown key (value {value!r})."
+                                  f"{did_you_mean(key, PROMPTS_KEYS)}")
     elif not isinstance(block, str) or not block.strip():
         raise RecipeError(f"{path}: prompts: {block!r} should be a split of dataset_name (e.g. train or train[240:]) "
                           f"or a mapping of {list(PROMPTS_KEYS)}.")

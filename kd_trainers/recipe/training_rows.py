@@ -56,7 +56,8 @@ def training_data(recipe) -> TrainingData:
     train, evaluation = load_recipe_datasets(recipe.options)
     prompts = load_recipe_prompts(recipe.options)
     if recipe.trainer_class.reads_labels(recipe.config):
-        require_labels(train, f"method {recipe.method}", f"dataset_train_split {recipe.options['dataset_train_split']!r}")
+        split = recipe.options["dataset_train_split"]
+        require_labels(train, f"method {recipe.method}", f"dataset_train_split {split!r}")
     return TrainingData(train, evaluation, prompts)
 
 
@@ -84,7 +85,8 @@ def describe_training_rows(recipe, data: TrainingData) -> str:
         extra = (f" and {new} prompts of {source['split']!r} ({len(data.prompts) - new} of its {len(data.prompts)} "
                  "already asked by a row above or repeated)")
     if completes_prompts(recipe.trainer_class) and not recipe.trainer_class.reads_labels(recipe.config):
-        return f"trains on: the teacher's completions of the prompts of {rows}{extra}; no completion of the data is read."
+        return (f"trains on: the teacher's completions of the prompts of {rows}{extra}; no completion of the data is "
+                "read.")
     if not recipe.trainer_class.reads_labels(recipe.config):
         return (f"trains on: the prompts of {rows}{extra}, each completed by the student's own sample and scored by "
                 "the teacher; no completion of the data is read.")

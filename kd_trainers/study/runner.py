@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -263,11 +264,30 @@ def _prepare_step(study: Study, step: dict, prepared: dict[str, str]) -> None:
     write_done(prepared[step["name"]], {"recipe": recipe_path})
 
 
+def _cached_reference(study: Study, step: dict, prepared: dict[str, str]) -> str | None:
+    """Where a cached prepare step keeps its evaluation by a study's settings (`<its folder>/references/<key>`): the
+    model and the evaluation are fixed, so the scores are too, and another study (or quickstart) reuses them."""
+    if not step.get("cache"):
+        return None
+    key = json.dumps({"evaluation": study.evaluation, "kd_trainers": __version__}, sort_keys=True, default=str)
+    return os.path.join(prepared[step["name"]], "references", hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
 def _reference(study: Study, step: dict, prepared: dict[str, str]) -> None:
     directory = reference_dir(study, step["name"])
+    cached = _cached_reference(study, step, prepared)
+    if cached is not None and is_done(cached):
+        shutil.copytree(cached, directory, dirs_exist_ok=True)
+        return
     os.makedirs(directory, exist_ok=True)
     evaluate_reference(study, step, prepared, directory)
     write_done(directory, {"reference": step["name"]})
+    if cached is not None:  # whole or not at all: copied beside it, then moved into place
+        staging = f"{cached}.{os.getpid()}.tmp"
+        shutil.copytree(directory, staging, dirs_exist_ok=True)
+        with contextlib.suppress(OSError):  # another process put the same scores there first
+            os.replace(staging, cached)
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _cell(study: Study, cell: Cell, seed: int, prepared: dict[str, str]) -> None:
