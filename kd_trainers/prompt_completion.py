@@ -18,12 +18,15 @@ def is_conversational(value) -> bool:
 
 
 def has_completion(example: dict) -> bool:
-    """Whether a row carries its label: a `completion` (not null), or `messages` ending on the assistant's turn, or
-    `text` (all of which SFT trains on). A row with a `prompt` and none of these is a prompt-only row."""
-    if example.get("completion") is not None or example.get("text") is not None:
+    """Whether a row carries its label: a `completion` (not null), `messages` ending on the assistant's turn, or any
+    other format SFT trains on whole (`text`, tokenized `input_ids`). A row with a `prompt` (or `messages`) and none
+    of these is a prompt-only row."""
+    if "input_ids" in example or example.get("text") is not None or example.get("completion") is not None:
         return True
     messages = example.get("messages")
-    return bool(messages) and messages[-1].get("role") == "assistant"
+    if messages is not None:
+        return bool(messages) and messages[-1].get("role") == "assistant"
+    return "prompt" not in example
 
 
 def as_prompt(example: dict):
@@ -42,19 +45,17 @@ PROMPT_READERS = ("seqkd (the teacher completes every prompt) and gkd at lmbda=1
 
 
 def unlabelled_rows(dataset) -> list[int]:
-    """Indices of the rows without a label (`has_completion` false), read column by column (no row decoding)."""
+    """Indices of the prompt-only rows (`has_completion` false), read column by column (no row decoding): none in a
+    `text` or tokenized dataset."""
     columns = set(dataset.column_names)
-    if "text" in columns:
-        texts = dataset["text"]
-        unlabelled = [i for i, text in enumerate(texts) if text is None]
-    elif "completion" in columns:
-        unlabelled = [i for i, completion in enumerate(dataset["completion"]) if completion is None]
-    elif "messages" in columns:
-        unlabelled = [i for i, messages in enumerate(dataset["messages"])
-                      if not messages or messages[-1].get("role") != "assistant"]
-    else:
-        unlabelled = list(range(len(dataset)))
-    return unlabelled
+    if "input_ids" in columns or "text" in columns:
+        return []
+    if "completion" in columns:
+        return [i for i, completion in enumerate(dataset["completion"]) if completion is None]
+    if "messages" in columns:
+        return [i for i, messages in enumerate(dataset["messages"])
+                if not messages or messages[-1].get("role") != "assistant"]
+    return list(range(len(dataset))) if "prompt" in columns else []
 
 
 def require_labels(dataset, method: str, where: str = "train_dataset") -> None:

@@ -14,6 +14,7 @@ from kd_trainers import GKDConfig, GKDTrainer, KDConfig, KDTrainer, SeqKDConfig,
 from kd_trainers.demo import demo_model
 from kd_trainers.generation import generate_predictions
 from kd_trainers.kd.prompt_rows import new_prompt_rows
+from kd_trainers.prompt_completion import unlabelled_rows
 from kd_trainers.sft import SFTConfig, SFTTrainer
 
 
@@ -143,6 +144,10 @@ def test_prompt_rows_drop_prompts_already_labelled_and_never_keep_a_completion(d
                                                 {"role": "assistant", "content": "secret"}]}])
     rows = new_prompt_rows(None, messages)
     assert rows["prompt"] == [[{"role": "user", "content": "Hi?"}], [{"role": "user", "content": "Yo?"}]]
+    assert unlabelled_rows(messages) == [0]
+    # What SFT trains on whole is labelled: text rows, and data tokenized beforehand (even beside a prompt).
+    assert unlabelled_rows(Dataset.from_list([{"text": "Q A"}])) == []
+    assert unlabelled_rows(Dataset.from_list([{"prompt": "Q", "input_ids": [1, 2]}])) == []
 
 
 def test_prompts_with_a_teacher_cache_are_refused_before_loading(tmp_path, bpe_tokenizer, rows):
