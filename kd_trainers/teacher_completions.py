@@ -83,10 +83,10 @@ def _refuse_mostly_empty(generated: Dataset, folder: str) -> None:
     empty = sum(not completion_text(completion).strip() for completion in generated["completion"])
     if empty * 2 > len(generated):
         raise ValueError(
-            f"The teacher answered {empty} of {len(generated)} prompts with nothing (it ended its "
-            "answer at once), so the student would learn to say nothing. Usually an instruct teacher given plain "
-            "prompts: use conversational data (prompt as chat messages, or messages) so that its chat template is "
-            f"applied, or a prompt_template it answers. The completions are in {folder}.")
+            f"Teacher completions: the teacher answered {empty} of {len(generated)} training prompts with nothing (it "
+            "ended its answer at once), so the student would learn to say nothing. Usually an instruct teacher given "
+            "plain prompts: use conversational data (prompt as chat messages, or messages) so that its chat template "
+            f"is applied, or a prompt_template it answers. The completions are in {folder}.")
 
 
 def _generate_missing_parts(teacher, tokenizer, prompts, settings, batch_size, folder, state, log) -> None:

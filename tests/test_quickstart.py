@@ -54,11 +54,12 @@ def test_quickstart_writes_its_recipes_runs_the_study_and_reports(tmp_path, caps
 
 
 def test_a_second_quickstart_elsewhere_reuses_the_cached_teachers(tmp_path, capsys, package_cache):
-    run(str(tmp_path / "first"), teacher_steps=4, student_steps=1, eval_limit=2, seeds=1)
+    # The first test's teacher settings: in one session its teachers and their answers are found already.
+    run(str(tmp_path / "first"), teacher_steps=3, student_steps=1, eval_limit=2, seeds=1)
     capsys.readouterr()
-    run(str(tmp_path / "second"), teacher_steps=4, student_steps=1, eval_limit=2, seeds=1)
+    run(str(tmp_path / "second"), teacher_steps=3, student_steps=1, eval_limit=2, seeds=1)
     printed = capsys.readouterr().out
-    assert "prepare teacher: train sft for 4 steps (cached: found, skipped)" in printed
+    assert "prepare teacher: train sft for 3 steps (cached: found, skipped)" in printed
     assert "prepare teacher_wordpiece: done, skipped" in printed and "prepare teacher: training" not in printed
     # Another teacher setting is another cache entry, to be trained anew: the plan of a third quickstart says so
     # (checked, not run: its training is what the first run did).
@@ -66,11 +67,11 @@ def test_a_second_quickstart_elsewhere_reuses_the_cached_teachers(tmp_path, caps
     from kd_trainers.study import load_study
     from kd_trainers.study.runner import check_study, study_plan
 
-    study = load_study(write_quickstart_study(str(tmp_path / "third"), teacher_steps=5, student_steps=1,
+    study = load_study(write_quickstart_study(str(tmp_path / "third"), teacher_steps=4, student_steps=1,
                                               eval_limit=2, seeds=1))
     checked = check_study(study)
     prepared = {step["name"]: recipe.config.output_dir for step, (_, recipe) in zip(study.prepare, checked)}
     plan = "\n".join(study_plan(study, checked, prepared))
     first = next(line for line in printed.splitlines() if "prepare teacher: train sft" in line)
-    assert "prepare teacher: train sft for 5 steps (cached in " in plan
+    assert "prepare teacher: train sft for 4 steps (cached in " in plan
     assert prepared["teacher"] not in first and os.path.isdir(os.path.dirname(prepared["teacher"]))

@@ -99,7 +99,8 @@ def test_study_runs_resumes_after_an_interruption_and_reports(tmp_path, monkeypa
     assert row["delta"] == pytest.approx(row["mean_b"] - row["mean_a"])
     assert "**" not in headline and headline in markdown.replace("- ", "")
     assert "## noise: sigma=5 − sigma=0" in markdown
-    assert "| metric | sigma=5 | sigma=0 | Δ | Δ 95% CI | p (corrected) | significant | Cohen's d |" in markdown
+    assert ("| metric | sigma=5 | sigma=0 | Δ | Δ 95% CI | p (corrected) | significant | n | detectable Δ (80% power) "
+            "| Cohen's d |") in markdown
     # The teacher (the prepare step) is a reference row and a line in the plots, scored like the students.
     summary_rows = pd.read_csv(os.path.join(report, "summary.csv")).set_index("cell")
     references = pd.read_csv(os.path.join(study.output_dir, "references", "teacher", "scores.csv"))
@@ -180,7 +181,8 @@ def shrunk(study, tmp_path):
     study.output_dir = str(tmp_path / study.name)
     study.seeds = [0]
     study.overrides = {**study.overrides, "max_steps": 3, "save_steps": 3, "logging_steps": 1,
-                       "per_device_train_batch_size": 8, "max_length": 64}
+                       "per_device_train_batch_size": 8, "max_length": 64,
+                       "per_device_eval_batch_size": 64}  # the teacher answers the prompts 64 at a time
     for step in study.prepare:
         step["overrides"] = {**step["overrides"], "max_steps": 3, "save_steps": 3}
     for cell in study.cells:
@@ -214,11 +216,14 @@ def test_the_methods_study_runs_on_the_demo_task_and_reports_its_analyses(tmp_pa
                   "## Correlation between metrics"):
         assert title in markdown, title
     assert os.path.exists(os.path.join(report, "plots", "scatter_agreement_exact_match.png"))
-    # The Seq-KD cell's generated set is a reusable dataset folder.
+    # The teacher's answers to the prompts (Seq-KD's set; KD's and Rev-KD's, generated with other settings) are
+    # reusable dataset folders: the whole train split's prompts for Seq-KD, the 720 unlabelled ones for KD.
     from datasets import load_from_disk
 
-    (folder,) = os.listdir(os.path.join(os.environ["KD_TRAINERS_CACHE"], "seqkd"))
-    assert len(load_from_disk(os.path.join(os.environ["KD_TRAINERS_CACHE"], "seqkd", folder, "dataset"))) > 100
+    cache = os.path.join(os.environ["KD_TRAINERS_CACHE"], "seqkd")
+    folders = [name for name in os.listdir(cache) if os.path.isdir(os.path.join(cache, name))]
+    sizes = sorted(len(load_from_disk(os.path.join(cache, name, "dataset"))) for name in folders)
+    assert sizes == [720, 960], sizes
 
 
 def test_the_student_size_study_reports_the_kd_gain_against_size(tmp_path):

@@ -380,8 +380,8 @@ def hypothesis_display(hypothesis: dict, table: pd.DataFrame) -> pd.DataFrame:
         "Δ": table["delta"].map(lambda v: f"{v:+.3g}"),
         "Δ 95% CI": [f"[{low:+.3g}, {high:+.3g}]" for low, high in zip(table["delta_ci_low"], table["delta_ci_high"])],
         "p (corrected)": table["p_corr"], "significant": table["reject"], "n": table["n"],
-        "detectable |Δ| (80% power)": [f"{v:.3g}" if math.isfinite(v) else "" for v in
-                                       table.get("mde", pd.Series([math.nan] * len(table)))],
+        "detectable Δ (80% power)": [f"±{v:.3g}" if math.isfinite(v) else "" for v in
+                                     table.get("mde", pd.Series([math.nan] * len(table)))],
         "Cohen's d": [f"{d:+.3g} [{low:+.3g}, {high:+.3g}]" if math.isfinite(d) else ""
                       for d, low, high in zip(table["cohen_d"], table["ci_low"], table["ci_high"])],
     })
