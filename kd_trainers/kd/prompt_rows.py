@@ -19,7 +19,7 @@ import gc
 import json
 
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 
 from ..prompt_completion import as_prompt, as_prompt_completion, require_labels
 from ..smoke import capped_prompts
@@ -47,6 +47,17 @@ def new_prompt_rows(labelled: Dataset | None, prompts: Dataset, keep_repeats: bo
         rows.append({**{k: v for k, v in row.items() if k not in ("prompt", "completion", "messages")},
                      "prompt": prompt})
     return Dataset.from_list(rows)
+
+
+def every_prompt_row(train: Dataset | None, prompts: Dataset | None) -> Dataset:
+    """Every prompt to train on, as prompt-only rows: those of `train` (labelled or not, repeats kept), then those of
+    `prompts` that `train` does not ask, with the columns both have (what Seq-KD completes and on-policy GKD samples
+    on)."""
+    parts = [part for part in (new_prompt_rows(None, train, keep_repeats=True) if train is not None else None,
+                               new_prompt_rows(train, prompts) if prompts is not None else None)
+             if part is not None and len(part)]
+    common = [name for name in parts[0].column_names if all(name in part.column_names for part in parts)]
+    return concatenate_datasets([part.select_columns(common) for part in parts]) if len(parts) > 1 else parts[0]
 
 
 def joined_rows(labelled: Dataset | None, completed: Dataset) -> Dataset:
@@ -138,4 +149,4 @@ class PromptRowsMixin:
         return loaded if loaded is not None else super()._load_teacher_model(teacher, args)
 
 
-__all__ = ["PromptRowsMixin", "joined_rows", "new_prompt_rows", "prompt_key"]
+__all__ = ["PromptRowsMixin", "every_prompt_row", "joined_rows", "new_prompt_rows", "prompt_key"]

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset
 
-from ..kd.prompt_rows import PromptRowsMixin, new_prompt_rows
+from ..kd.prompt_rows import PromptRowsMixin, every_prompt_row, new_prompt_rows
 from ..prompt_completion import require_labels, unlabelled_rows
 from .data import load_recipe_datasets, load_recipe_prompts, prompts_source
 
@@ -68,9 +68,7 @@ def trainer_data_kwargs(recipe, data: TrainingData) -> dict:
     if completes_prompts(recipe.trainer_class):
         return {"train_dataset": data.train, "prompt_dataset": data.prompts}
     # On-policy GKD: every row is a prompt; labelled rows give theirs, and the labels are not read.
-    rows = [new_prompt_rows(None, data.train, keep_repeats=True), new_prompt_rows(data.train, data.prompts)]
-    common = [name for name in rows[0].column_names if name in rows[1].column_names]
-    return {"train_dataset": concatenate_datasets([part.select_columns(common) for part in rows if len(part)])}
+    return {"train_dataset": every_prompt_row(data.train, data.prompts)}
 
 
 def describe_training_rows(recipe, data: TrainingData) -> str:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import textwrap
 
-from datasets import concatenate_datasets
-
-from ..kd.prompt_rows import new_prompt_rows
+from ..kd.prompt_rows import every_prompt_row
 from ..kd.teacher_setup import TeacherPlan
 from ..kd.trainer import KDTrainer
 from .config import SeqKDConfig
@@ -62,11 +60,7 @@ class SeqKDTrainer(KDTrainer):
         if train is None and prompt_dataset is None:
             raise ValueError("SeqKDTrainer needs a train_dataset (or a prompt_dataset): its prompts are what the "
                              "teacher completes.")
-        prompts = new_prompt_rows(None, train, keep_repeats=True) if train is not None else None
-        if prompt_dataset is not None:
-            extra = new_prompt_rows(prompts, prompt_dataset)
-            prompts = extra if prompts is None else concatenate_datasets([prompts, extra]) if len(extra) else prompts
-        generated = self._teacher_completions(plan, args, prompts)
+        generated = self._teacher_completions(plan, args, every_prompt_row(train, prompt_dataset))
         self.seqkd_dataset_dir = self.completions_dir
         return {**sft_kwargs, "train_dataset": generated}
 
