@@ -111,7 +111,7 @@ def run_evaluation(options) -> dict:
     from .recipe.output import RUN_INFO, is_finished
     from .recipe.preflight import check_model_reference
     from .smoke import capped_limit
-    from .teacher import load_teacher
+    from .teachers.loading import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
     check_model_reference("--tokenizer", options.tokenizer, "kd-eval")

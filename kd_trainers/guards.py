@@ -163,9 +163,9 @@ class RunGuardsMixin:
 
     def _save_after_teacher_failure(self) -> str:
         step = self.state.global_step
-        client = getattr(self, "teacher_client", None)
-        if client is not None:
-            client.close()  # the other requests in flight stop retrying
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.close()  # a server's other requests in flight stop retrying
         if self.accelerator.num_processes > 1:
             # Saving is collective and the other processes may be anywhere in their step: the regular checkpoints.
             return f"Training stopped in step {step + 1}. {last_good_checkpoint(self.args.output_dir)}"

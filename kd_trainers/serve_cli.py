@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from .progress import quiet_libraries
     from .recipe.models import resolve_model
     from .served_teacher.server import PromptScorer, create_app
-    from .teacher import freeze, load_teacher
+    from .teachers.loading import freeze, load_teacher
 
     quiet_libraries()
     try:

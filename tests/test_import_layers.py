@@ -12,8 +12,8 @@ PACKAGE = os.path.join(ROOT, "kd_trainers")
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
     ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|smoke|suggest|distributed|tokenizer|recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
-    ("helpers", r"kd_trainers\.(generation|teacher_completions|progress|real_models|teacher|teacher_cache(\..+)?|served_teacher(\..+)?|"
-                r"several_teachers|hidden_states|"
+    ("helpers", r"kd_trainers\.(generation|teacher_completions|progress|real_models|teachers(\..+)?|teacher_cache(\..+)?|"
+                r"served_teacher(\..+)?|hidden_states|"
                 r"guards|checkpointing|"
                 r"prompt_completion|demo(\..+)?)"),
     ("methods", r"kd_trainers\.(kd|dskd|gkd|seqkd|sft)(\..+)?"),

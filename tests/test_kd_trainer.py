@@ -164,7 +164,7 @@ def test_in_memory_teacher_without_tokenizer_uses_the_students_with_one_warning(
                                                                               bpe_tokenizer, demo_data):
     """TRL's call (`teacher_model=<model>`, no teacher tokenizer) is accepted: the student's tokenizer is assumed, after
     the checks, with one warning that says so; the loss is the one with the tokenizer given explicitly."""
-    from kd_trainers.teacher import AssumedTeacherTokenizer
+    from kd_trainers.teachers.loading import AssumedTeacherTokenizer
 
     with pytest.warns(AssumedTeacherTokenizer, match=r"assuming it uses the student's .* 640 tokens") as caught:
         trainer = KDTrainer(model=student, teacher_model=teacher, args=kd_args(tmp_path),

@@ -93,7 +93,7 @@ def test_on_policy_gkd_trains_on_prompts_alone_and_never_reads_a_completion(tmp_
 ], ids=["sft", "kd", "rev_kd", "gkd_lmbda_0.5"])
 def test_methods_that_train_on_labels_refuse_prompts_alone_naming_rows_and_methods(tmp_path, bpe_tokenizer, rows,
                                                                                  make, monkeypatch):
-    import kd_trainers.teacher as teacher_module
+    import kd_trainers.teachers.resident as teacher_module
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a teacher was loaded before the data was refused")

@@ -116,7 +116,7 @@ def test_sft_alone_is_two_steps_generation_then_sfttrainer_without_the_teacher(t
     from trl import SFTConfig
 
     from kd_trainers.demo import demo_model
-    from kd_trainers.kd import teacher_setup
+    from kd_trainers.teachers import resident as teacher_setup
     from kd_trainers.sft import SFTTrainer
 
     folder = tmp_path / "teacher"

@@ -132,7 +132,7 @@ def test_moe_student_keeps_its_router_loss_beside_kd(tmp_path, bpe_tokenizer, de
 
 def test_gkd_takes_trls_call_with_an_in_memory_teacher(tmp_path, student, teacher, bpe_tokenizer, demo_data):
     """The call of TRL's GKD documentation: model and teacher objects, the student's tokenizer, nothing else."""
-    from kd_trainers.teacher import AssumedTeacherTokenizer
+    from kd_trainers.teachers.loading import AssumedTeacherTokenizer
 
     args = GKDConfig(output_dir=str(tmp_path / "gkd"), lmbda=0.0, **COMMON)
     with pytest.warns(AssumedTeacherTokenizer):

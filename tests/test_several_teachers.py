@@ -13,7 +13,7 @@ from kd_trainers import KDTrainer
 from kd_trainers.demo import demo_model
 from kd_trainers.losses import distillation_loss
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
-from kd_trainers.several_teachers import ROUTE_KEY, teacher_entries
+from kd_trainers.teachers.entries import ROUTE_KEY, teacher_entries
 
 
 def args(tmp_path, **overrides):
@@ -166,7 +166,7 @@ def test_a_recipe_with_teachers_trains_from_both(tmp_path):
                      {"model": "demo:qwen2/teacher/bpe", "weight": 0.7, "name": "qwen"}]}))
     import warnings
 
-    from kd_trainers.teacher import AssumedTeacherTokenizer
+    from kd_trainers.teachers.loading import AssumedTeacherTokenizer
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

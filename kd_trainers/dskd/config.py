@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..kd.config import KDConfig
 from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
+from ..teachers.needs import TeacherNeeds
 
 T2S_TARGETS = ("gold", "teacher_argmax")
 PROJECTOR_INITS = ("default", "pinv")
@@ -104,17 +105,6 @@ class DSKDConfig(KDConfig):
         for name, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}.")
-        if self.teacher_cache is not None:
-            raise ValueError(
-                f"teacher_cache={self.teacher_cache!r}: DSKD needs the teacher's hidden states (its projectors and "
-                "cross-model attention map them into the student's space), which a cache of the teacher's "
-                "distribution does not hold. Drop teacher_cache and give teacher_model_name_or_path, or use "
-                "method kd with a teacher of the student's vocabulary.")
-        if self.teacher_url is not None:
-            raise ValueError(
-                f"teacher_url={self.teacher_url!r}: DSKD needs the teacher's hidden states (its projectors and "
-                "cross-model attention map them into the student's space), which a server's top-k log-probabilities "
-                "do not hold. Drop teacher_url and give teacher_model_name_or_path, or use method kd.")
         if self.fp16:
             raise ValueError(
                 "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "
@@ -122,6 +112,17 @@ class DSKDConfig(KDConfig):
                 "bf16=True, or neither for fp32."
             )
         super().__post_init__()
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """The teacher's hidden states: its projectors and cross-model attention map them into the student's space."""
+        why = ("DSKD needs the teacher's hidden states (its projectors and cross-model attention map them into the "
+               "student's space), which {holder}. Drop {field} and give teacher_model_name_or_path, or use method kd{with_}.")
+        return TeacherNeeds({
+            "cache": why.format(holder="a cache of the teacher's distribution does not hold", field="teacher_cache",
+                                with_=" with a teacher of the student's vocabulary"),
+            "url": why.format(holder="a server's top-k log-probabilities do not hold", field="teacher_url", with_=""),
+            "mixture": why.format(holder="several teachers mixed per token do not give", field="teacher_models",
+                                  with_=" with them")})
 
     def _loss_setting_values(self) -> dict:
         return {**super()._loss_setting_values(), "teacher_temperature": self.teacher_temperature}

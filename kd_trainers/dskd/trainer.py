@@ -11,13 +11,12 @@ import torch
 from transformers import TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from ..hidden_states import last_hidden_state
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.chunked import chunk_length
 from ..losses.reference import loss_normalizer
 from ..teacher_cache.cache import tokenizer_fingerprint
-from ..teacher import model_name, output_head_shape
+from ..teachers.loading import model_name, output_head_shape
 from ..tokenizer import load_tokenizer
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
@@ -227,14 +226,8 @@ class DSKDTrainer(KDTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
 
-    def _teacher_hidden(self, inputs: dict) -> torch.Tensor:
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            return self._forward_redirection(self.teacher_model, unwrapped_teacher, last_hidden_state,
-                                             unwrapped_teacher, inputs)
-
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        teacher = self.accelerator.unwrap_model(self.teacher.model)  # a model in memory: its hidden states are read
         student_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
         teacher_inputs = self._teacher_inputs(inputs) if self.cross_model_attention else student_inputs
@@ -244,7 +237,7 @@ class DSKDTrainer(KDTrainer):
         projectors = getattr(student, PROJECTORS_ATTRIBUTE)
         if self.cross_model_attention:
             teacher_labels = inputs["teacher_labels"][:, 1:]
-            teacher_hidden = self._teacher_hidden(teacher_inputs)[:, :-1]
+            teacher_hidden = self.teacher.hidden_states(self, teacher_inputs)[:, :-1]
             t2s_hidden, s2t_hidden = cross_model_attention(
                 projectors, student_hidden, student.get_input_embeddings(), student_inputs["input_ids"][:, :-1],
                 labels, student_inputs["attention_mask"][:, :-1].bool(), teacher_hidden,
@@ -253,7 +246,7 @@ class DSKDTrainer(KDTrainer):
             )
         else:
             teacher_labels = labels
-            teacher_hidden = self._teacher_hidden(student_inputs)[:, :-1]
+            teacher_hidden = self.teacher.hidden_states(self, student_inputs)[:, :-1]
             t2s_hidden, s2t_hidden = same_vocabulary_projection(projectors, student_hidden, teacher_hidden)
         t2s_labels = None
         if self.args.t2s_target == "teacher_argmax":
@@ -266,7 +259,7 @@ class DSKDTrainer(KDTrainer):
             num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
             teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb,
-            student_transform=student_transform, teacher_transform=self.teacher_logit_transform,
+            student_transform=student_transform, teacher_transform=self.teacher.transform,
             noise_seed=self._noise_seed(mode),
         )
         num_tokens = (labels != -100).sum()
@@ -288,7 +281,7 @@ class DSKDTrainer(KDTrainer):
     def _head_checks(self, model, inputs: dict) -> list[tuple]:
         checks = super()._head_checks(model, inputs)
         if self.cross_model_attention:  # the teacher reads its own tokenization, in its own vocabulary
-            checks[1] = ("teacher", self.teacher_model, self._teacher_inputs(inputs), self.teacher_logit_transform,
+            checks[1] = ("teacher", self.teacher.model, self._teacher_inputs(inputs), self.teacher.transform,
                          self.teacher_vocab_size)
         return checks
 

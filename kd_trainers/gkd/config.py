@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl.experimental.gkd import GKDConfig as TRLGKDConfig
 
 from ..kd.config import KDConfig
+from ..teachers.needs import TeacherNeeds
 
 
 @dataclass
@@ -42,18 +43,18 @@ class GKDConfig(KDConfig, TRLGKDConfig):
         if self.jsd_beta is not None and self.jsd_beta != self.beta:
             raise ValueError(f"jsd_beta ({self.jsd_beta}) and beta ({self.beta}) are the same setting in GKDConfig: "
                              "set beta only.")
-        if self.teacher_cache is not None:
-            raise ValueError(
-                f"teacher_cache={self.teacher_cache!r}: GKD scores the student's own samples, drawn while training, "
-                "which no cache written beforehand holds, and its off-policy batches are tokenized per batch, not "
-                "by the trainer's dataset preparation the cache is keyed to. Drop teacher_cache, or use method kd "
-                "(off-policy distillation on the dataset's completions) with it.")
-        if self.teacher_url is not None:
-            raise ValueError(
-                f"teacher_url={self.teacher_url!r}: on-policy GKD with a served teacher is not supported yet (the "
-                "student's samples would be scored by the server inside each step). Drop teacher_url, or use method "
-                "kd (off-policy distillation on the dataset's completions) with it.")
         super().__post_init__()
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """A teacher in memory, which scores the student's own samples inside each step."""
+        return TeacherNeeds({
+            "cache": "GKD scores the student's own samples, drawn while training, which no cache written beforehand "
+                     "holds, and its off-policy batches are tokenized per batch, not by the trainer's dataset "
+                     "preparation the cache is keyed to. Drop teacher_cache, or use method kd (off-policy "
+                     "distillation on the dataset's completions) with it.",
+            "url": "on-policy GKD with a served teacher is not supported yet (the student's samples would be scored "
+                   "by the server inside each step). Drop teacher_url, or use method kd (off-policy distillation on "
+                   "the dataset's completions) with it."})
 
     _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}
 

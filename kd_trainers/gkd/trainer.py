@@ -18,7 +18,7 @@ from ..guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..kd.teacher_setup import TeacherSetupMixin
 from ..prompt_completion import require_labels
-from ..teacher import load_student_tokenizer
+from ..teachers.loading import load_student_tokenizer
 from .config import GKDConfig
 from .data import PromptCompletionCollator
 
@@ -98,11 +98,11 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
         # (`generate_on_policy_outputs`) are used as they are, with the state it sets up (`_init_on_policy`).
         SFTTrainer.__init__(self, model, args, data_collator, train_dataset, eval_dataset, processing_class,
                             **trl_kwargs)
-        teacher = self._set_up_teacher(plan, args)
+        self._set_up_teacher(plan, args)
         if args.disable_dropout:
             disable_dropout_in_model(self.model)
         self._init_on_policy(args)
-        self._init_distillation(args, teacher)
+        self._init_distillation(args)
 
     @classmethod
     def reads_labels(cls, args) -> bool:
@@ -144,7 +144,7 @@ class GKDTrainer(RunGuardsMixin, AtomicCheckpointMixin, TeacherSetupMixin, Disti
             generator, extra = self.model_wrapped, {"gradient_checkpointing_kwargs":
                                                     self.args.gradient_checkpointing_kwargs}
         elif self.seq_kd:
-            generator, extra = self.teacher_model, {}
+            generator, extra = self.teacher.model, {}
         else:
             return inputs
         with warnings.catch_warnings():

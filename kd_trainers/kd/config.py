@@ -13,6 +13,7 @@ from ..guards import check_training_args
 from ..losses.chunked import LossSettings
 from ..losses.divergences import DIVERGENCES
 from ..losses.sparse import TAIL_TREATMENTS, check_sparse_settings
+from ..teachers.needs import TeacherNeeds
 
 
 @dataclass
@@ -223,6 +224,10 @@ class KDConfig(SFTConfig):
         metadata={"help": "Add the teacher-logit noise to evaluation losses too (off: eval losses are noise-free)."},
     )
 
+    def teacher_needs(self) -> TeacherNeeds:
+        """What the method needs of its teacher (`kd_trainers.teachers.needs`): vanilla KD takes every kind."""
+        return TeacherNeeds()
+
     def __post_init__(self):
         # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
         if self.divergence not in DIVERGENCES:
@@ -244,6 +249,7 @@ class KDConfig(SFTConfig):
         if budget is not None and self.loss_chunk_size is not None:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
                              "the loss's chunks: set one of them.")
+        self.teacher_needs().check_config(self)  # a teacher kind the method cannot use: refused first
         self._check_teacher_cache_settings()
         self._check_teacher_server_settings()
         self._refuse_sft_only_losses()

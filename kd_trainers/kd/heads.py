@@ -16,7 +16,7 @@ import torch
 from ..hidden_states import last_hidden_state
 from ..losses import LogitTransform
 from ..losses.chunked import _maybe_gather, _weight_and_bias
-from ..teacher import model_name
+from ..teachers.loading import model_name
 
 
 NUM_POSITIONS = 4

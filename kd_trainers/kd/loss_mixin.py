@@ -1,7 +1,7 @@
 """The distillation loss shared by the trainers on a shared vocabulary (KD, Seq-KD, GKD): the fused chunked loss,
-teacher-logit noise, pooled metrics and the model card's KD section. The trainer provides `self.teacher_model` (prepared
-by accelerate or DeepSpeed; `kd_trainers.kd.teacher_setup`) and calls `_init_distillation(args, teacher)` at the end of its
-`__init__`."""
+teacher-logit noise, pooled metrics and the model card's KD section. The trainer holds `self.teacher` (any kind,
+`kd_trainers.teachers`; set up by `kd_trainers.kd.teacher_setup`) and calls `_init_distillation(args)` at the end of
+its `__init__`."""
 
 from __future__ import annotations
 
@@ -16,13 +16,11 @@ from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
 from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
-from ..losses import LogitTransform, LossSettings, chunked_distillation_loss, sparse_distillation_terms
+from ..losses import LogitTransform, LossSettings, teacher_distillation_terms
 from ..losses.reference import loss_normalizer
-from ..losses.sparse import SparseTargets
 from ..served_teacher import TARGETS_KEY
-from ..teacher import model_name
-from ..teacher_cache import BATCH_KEYS, targets_from_batch
-from ..teacher_cache.cache import RECORD_COLUMNS
+from ..teacher_cache import BATCH_KEYS
+from ..teachers.loading import model_name
 from .heads import check_engine_logits
 
 
@@ -70,11 +68,9 @@ class DistillationLossMixin:
                 "SFT, where it applies)."
             )
 
-    def _init_distillation(self, args, teacher) -> None:
-        """`teacher`: the unwrapped, frozen teacher (its config gives its logit scale and softcap), or None when the
-        trainer holds none (Seq-KD at `kd_weight=0`, which is SFT on the teacher's completions)."""
-        self.teacher_logit_transform = LogitTransform.from_config(teacher.config) if teacher is not None \
-            else LogitTransform()
+    def _init_distillation(self, args) -> None:
+        """After the teacher's set-up (`self.teacher`; None when the trainer holds none: Seq-KD at `kd_weight=0`,
+        which is SFT on the teacher's completions)."""
         # Every loss field of the config, through one method per config class: a field the loss reads is in it.
         self.loss_settings: LossSettings = args.loss_settings()
         self.distilled_vocab_size = len(self.processing_class)
@@ -134,13 +130,8 @@ class DistillationLossMixin:
         model_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         student_transform = LogitTransform.from_config(self.accelerator.unwrap_model(model).config)
         checks = [("student", model, model_inputs, student_transform, self.distilled_vocab_size)]
-        if self.teacher_model is not None:  # a cached teacher has no head here
-            checks.append(("teacher", self.teacher_model, model_inputs, self.teacher_logit_transform,
-                           self.distilled_vocab_size))
-        for member in getattr(self, "teacher_members", None) or []:
-            if member.unwrapped is not None:
-                checks.append((f"teacher {member.entry.name}", member.wrapped, model_inputs, member.transform,
-                               self.distilled_vocab_size))
+        if self.teacher is not None:  # the teachers in memory (a cached or served one has no head here)
+            checks += self.teacher.head_checks(model_inputs, self.distilled_vocab_size)
         return checks
 
     def _check_heads_once(self, model, inputs: dict) -> None:
@@ -163,16 +154,6 @@ class DistillationLossMixin:
                     check_engine_logits(role, unwrapped, inputs_, transform, vocab)
         self._heads_checked = True
 
-    def _sparse_teacher(self, inputs: dict) -> tuple[SparseTargets, str] | None:
-        """`(the batch's sparse targets, their tail treatment)` from a teacher cache or server; None for a teacher in
-        memory."""
-        if getattr(self, "teacher_cache", None) is not None:
-            return (targets_from_batch(inputs, self.teacher_cache.mode, temperature=self.args.kd_temperature),
-                    self.args.teacher_cache_tail)
-        if getattr(self, "teacher_client", None) is not None:
-            return inputs[TARGETS_KEY].get(), self.args.teacher_server_tail
-        return None
-
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
         """Runs inside the student wrapper's forward. Returns `(loss, metrics)`, metrics `{name: (sum, count)}` for
         the logs (per-token means whatever `num_items_in_batch` is)."""
@@ -184,33 +165,20 @@ class DistillationLossMixin:
         engine = dict(num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
                       chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
                       student_transform=student_transform, noise_seed=self._noise_seed(mode))
-        member_metrics = {}
-        if getattr(self, "teacher_members", None):  # several teachers, mixed or routed per example
-            out = self._mixture_terms(student_hidden, student, inputs, model_inputs, labels, mode, engine)
-            losses, num_correct = out, out.num_correct
-            for member, value, count in zip(self.teacher_members, out.member_kd_sums, out.member_token_counts):
-                member_metrics[f"kd_loss_{member.entry.name}"] = (value, count)
-        elif (sparse := self._sparse_teacher(inputs)) is not None:  # stored or served targets: no teacher forward
-            targets, tail = sparse
-            out = sparse_distillation_terms(
-                student_hidden, student.get_output_embeddings(), targets.to(student_hidden.device), labels,
-                self._settings_for(mode), tail=tail, **engine)
-            losses, num_correct = out, out.num_correct
-        else:
-            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-            with torch.no_grad():
-                teacher_hidden = self._forward_redirection(
-                    self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, model_inputs
-                )[:, :-1]
-            losses, num_correct = chunked_distillation_loss(
-                student_hidden, student.get_output_embeddings(), teacher_hidden,
-                unwrapped_teacher.get_output_embeddings(), labels, self._settings_for(mode),
-                teacher_transform=self.teacher_logit_transform, **engine)
+        # The teacher's side of the batch, whatever its kind: a model's hidden states and head, sparse targets (a
+        # cache's or a server's, no teacher forward), or several of them mixed.
+        source = self.teacher.engine_source(self, inputs, model_inputs)
+        losses = teacher_distillation_terms(student_hidden, student.get_output_embeddings(), source, labels,
+                                            self._settings_for(mode), **engine)
         num_tokens = (labels != -100).sum()
         normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the engine divided by: back to sums
         metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
                    "kd_loss": (losses.kd_loss * normalizer, num_tokens),
-                   "mean_token_accuracy": (num_correct, num_tokens), **member_metrics}
+                   "mean_token_accuracy": (losses.num_correct, num_tokens)}
+        # Several teachers: each one's own KD term against the student.
+        for name, value, count in zip(self.teacher.member_names, getattr(losses, "member_kd_sums", ()),
+                                      getattr(losses, "member_token_counts", ())):
+            metrics[f"kd_loss_{name}"] = (value, count)
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
     def _with_router_loss(self, loss, metrics: dict, aux_loss, num_items_in_batch):
@@ -228,11 +196,7 @@ class DistillationLossMixin:
             sft_inputs = {k: v for k, v in inputs.items() if k == "labels" or k not in self._non_model_keys}
             return SFTTrainer.compute_loss(self, model, sft_inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        if self.teacher_model is not None:
-            self.teacher_model.eval()
-        for member in getattr(self, "teacher_members", None) or []:
-            if member.unwrapped is not None:
-                member.wrapped.eval()
+        self.teacher.eval_()  # the trainer's train() may have switched a teacher model to training mode
         self._check_heads_once(model, inputs)
         student = self.accelerator.unwrap_model(model)
         loss, metrics = self._forward_redirection(
@@ -279,7 +243,7 @@ class DistillationLossMixin:
             "method": "vanilla logit KD",
             "teacher": self.teacher_name,
             "teacher_adapter": args.teacher_adapter_name_or_path,
-            **self._teacher_source_settings(),
+            **(self.teacher.describe().card if self.teacher is not None else {}),
             "divergence": settings.divergence,
             "kd_temperature": settings.temperature,
             "kd_temperature_squared": settings.temperature_squared,
@@ -292,32 +256,10 @@ class DistillationLossMixin:
             "loss_memory_budget_mb": args.loss_memory_budget_mb,
         }
 
-    def _teacher_source_settings(self) -> dict[str, object]:
-        """The model card's rows of a cached or served teacher (none for a teacher in memory)."""
-        cache, client = getattr(self, "teacher_cache", None), getattr(self, "teacher_client", None)
-        members = getattr(self, "teacher_members", None)
-        if members:
-            routed = self.args.teacher_column is not None
-            total = sum(member.entry.weight for member in members)
-            return {"teachers": "; ".join(
-                f"{member.entry.name}: {member.entry.describe()}" + ("" if routed else
-                                                                     f" (weight {member.entry.weight / total:.4g})")
-                for member in members), "teacher_column": self.args.teacher_column}
-        if client is not None:
-            return {"teacher_url": client.public_url, "teacher_server_model": client.model,
-                    "teacher_server_k": client.k, "teacher_server_tail": self.args.teacher_server_tail}
-        if cache is None:
-            return {}
-        return {"teacher_cache_key": cache.key, "teacher_cache_mode": cache.mode, "teacher_cache_k": cache.k,
-                "teacher_cache_tail": self.args.teacher_cache_tail if cache.mode == "top_k" else None,
-                "teacher_cache_bytes_per_token": round(cache.bytes_per_token(), 1)}
-
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if getattr(self, "teacher_cache", None) is not None:  # the rows' teacher records reach the collator
-            self._signature_columns = [*self._signature_columns, *RECORD_COLUMNS]
-        # Several teachers: their caches' records and the routing column reach their collators.
-        self._signature_columns = [*self._signature_columns, *getattr(self, "_member_columns", [])]
+        if self.teacher is not None:  # the columns its collators read (a cache's records, a routing column)
+            self._signature_columns = [*self._signature_columns, *self.teacher.columns]
 
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)

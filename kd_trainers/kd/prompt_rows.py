@@ -23,7 +23,7 @@ from datasets import Dataset, concatenate_datasets
 
 from ..prompt_completion import as_prompt, as_prompt_completion, require_labels
 from ..smoke import capped_prompts
-from ..teacher import freeze, model_name
+from ..teachers.loading import freeze, model_name
 from ..teacher_completions import teacher_generated_dataset
 
 
@@ -114,12 +114,12 @@ class PromptRowsMixin:
         """The teacher (loaded now, kept for the loss when the method needs it) completes `prompts` (the first
         `kd_trainers.smoke.PROMPTS` in a smoke run)."""
         prompts = prompts.select(range(capped_prompts(len(prompts))))
-        teacher = freeze(self._load_teacher_model(plan.teacher, args))
+        teacher = freeze(self._load_teacher_model(plan.source, args))
         state = PartialState()
         settings, batch_size, cache_dir = self._completion_settings(args)
         generated, self.completions_dir = teacher_generated_dataset(
             teacher, plan.tokenizer, prompts, settings, cache_dir,
-            teacher_id=f"{model_name(plan.teacher)}|{args.teacher_adapter_name_or_path}",
+            teacher_id=f"{model_name(plan.source)}|{args.teacher_adapter_name_or_path}",
             batch_size=batch_size, state=state if state.num_processes > 1 else None,
             log=lambda message: print(message, flush=True) if state.is_main_process else None)
         # The loss reuses the loaded teacher; a method that trains on text alone lets it go now.

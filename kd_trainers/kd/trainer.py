@@ -10,12 +10,11 @@ from trl import SFTTrainer
 
 from ..checkpointing import AtomicCheckpointMixin
 from ..guards import RunGuardsMixin
-from ..several_teachers import teacher_entries
-from ..teacher import load_student_tokenizer
+from ..teachers.entries import teacher_entries
+from ..teachers.loading import load_student_tokenizer
 from .config import KDConfig
 from .loss_mixin import DistillationLossMixin
 from .prompt_rows import PromptRowsMixin
-from .several_teachers_setup import SeveralTeachersMixin
 from .teacher_setup import TeacherSetupMixin
 
 
@@ -23,8 +22,8 @@ from .teacher_setup import TeacherSetupMixin
 _SFT_POSITIONAL_NAMES = list(inspect.signature(SFTTrainer.__init__).parameters)[3:]
 
 
-class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, PromptRowsMixin, TeacherSetupMixin, SeveralTeachersMixin,
-                DistillationLossMixin, SFTTrainer):
+class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, PromptRowsMixin, TeacherSetupMixin, DistillationLossMixin,
+                SFTTrainer):
     """Knowledge distillation from a frozen teacher into the student, on top of TRL's `SFTTrainer`.
 
     Takes exactly `SFTTrainer`'s arguments, in the same order, plus the teacher: switching a TRL script from
@@ -43,7 +42,7 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, PromptRowsMixin, TeacherS
         teacher_url: a vLLM-compatible server of the teacher's top-k log-probabilities, `http://HOST:PORT/v1`, in
             place of a teacher in memory (`KDConfig.teacher_url`).
         teacher_models: several teachers at once, each a model (or its name), or `{model | cache | url: ...,
-            weight: 1.0, name: ..., adapter: ...}` (`kd_trainers.several_teachers`): per token the target is the
+            weight: 1.0, name: ..., adapter: ...}` (`kd_trainers.teachers.entries`): per token the target is the
             weighted mixture of their distributions, or, with `args.teacher_column`, the distribution of the one
             teacher each example's column names. The logs carry each teacher's `kd_loss_<name>`.
         Every other argument is `SFTTrainer`'s.
@@ -101,7 +100,8 @@ class KDTrainer(RunGuardsMixin, AtomicCheckpointMixin, PromptRowsMixin, TeacherS
         if sft_kwargs.get("data_collator") is None:
             sft_kwargs["data_collator"] = self._default_data_collator(sft_kwargs["processing_class"], args)
         super().__init__(model, args, **sft_kwargs)
-        self._init_distillation(args, self._set_up_teacher(plan, args))
+        self._set_up_teacher(plan, args)
+        self._init_distillation(args)
 
     _config_class = KDConfig
 

@@ -4,7 +4,8 @@ Where things go: a new divergence is one function registered in `divergences.py`
 second one under `@closed_form`; both `distillation_loss` and `chunked_distillation_loss` pick it up by name. DSKD's
 dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space. A teacher given
 as a sparse distribution per token (a teacher cache) goes through the same engine (`sparse.py`,
-`sparse_distillation_terms`), and several teachers mixed per token too (`mixture.py`, `mixture_distillation_terms`).
+`sparse_distillation_terms`), and several teachers mixed per token too (`mixture.py`, `mixture_distillation_terms`);
+`sources.py`'s `teacher_distillation_terms` takes any of them as one teacher source, which is what the trainers call.
 """
 
 from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms, chunked_distillation_loss,
@@ -13,6 +14,7 @@ from .divergences import DIVERGENCES, closed_form, get_divergence, register_dive
 from .dual_space import DualSpaceLoss, dual_space_loss
 from .mixture import DenseMember, MixtureDistillationOutput, SparseMember, mixture_distillation_terms
 from .reference import DistillationLoss, distillation_loss
+from .sources import MixedTeachers, teacher_distillation_terms
 from .sparse import SparseTargets
 
 
@@ -24,6 +26,7 @@ __all__ = [
     "DualSpaceLoss",
     "LogitTransform",
     "LossSettings",
+    "MixedTeachers",
     "MixtureDistillationOutput",
     "SparseMember",
     "SparseTargets",
@@ -37,4 +40,5 @@ __all__ = [
     "mixture_distillation_terms",
     "register_divergence",
     "sparse_distillation_terms",
+    "teacher_distillation_terms",
 ]

@@ -21,7 +21,7 @@ from ..evaluation.settings import generates_answers
 from ..files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 from ..prompt_completion import check_generation_format
-from ..teacher import _dtype_from_init_kwargs, load_teacher
+from ..teachers.loading import dtype_from_init_kwargs, load_teacher
 from ..tokenizer import load_tokenizer
 from .data import load_recipe_datasets
 from .models import resolve_student, resolve_teacher
@@ -58,7 +58,7 @@ class TrainedModels:
             # A LoRA run saved only its adapter: put it back on the base it trained from.
             model = load_teacher(base, init_kwargs if isinstance(base, str) else None, output)
         else:
-            model = AutoModelForCausalLM.from_pretrained(output, **_dtype_from_init_kwargs(init_kwargs))
+            model = AutoModelForCausalLM.from_pretrained(output, **dtype_from_init_kwargs(init_kwargs))
         if os.path.exists(os.path.join(output, "tokenizer_config.json")):
             tokenizer = load_tokenizer(output)
 

@@ -20,7 +20,7 @@ from ..demo.tokenizers import TOKENIZER_KINDS
 from ..errors import TeacherServerError
 from ..served_teacher import TeacherClient
 from ..served_teacher.client import ServerRefused, public_url, refusal_hint
-from ..teacher import check_same_vocabulary
+from ..teachers.loading import check_same_vocabulary
 from ..evaluation.harness import check_harness
 from ..teacher_cache.cache import tokenizer_fingerprint
 from ..teacher_cache.integrity import CacheProblem, check_whole, has_partial_pass, read_info

@@ -55,21 +55,10 @@ def write_run_info(recipe: Recipe, resumed_from: str | None, trainer=None) -> No
                      "datasets": datasets.__version__},
         "settings": redact(run_settings(recipe)),
     }
-    cache = getattr(trainer, "teacher_cache", None)
     if getattr(trainer, "teacher_name", None):
         info["teacher"] = trainer.teacher_name
-    if cache is not None:
-        info["teacher_cache"] = {"path": os.path.abspath(cache.path), "key": cache.key,
-                                 **cache.info["components"]["settings"], "teacher": cache.info["components"]["teacher"],
-                                 "bytes_per_token": round(cache.bytes_per_token(), 2)}
-    members = getattr(trainer, "teacher_members", None)
-    if members:
-        info["teachers"] = [{"name": member.entry.name, "kind": member.entry.kind, "teacher": member.entry.describe(),
-                             "weight": member.entry.weight} for member in members]
-    client = getattr(trainer, "teacher_client", None)
-    if client is not None:
-        info["teacher_server"] = {"url": client.public_url, "model": client.model, "k": client.k,
-                                  "tail": recipe.config.teacher_server_tail}
+    if getattr(trainer, "teacher", None) is not None:  # a cache's key and settings, a server's, several teachers
+        info.update(trainer.teacher.describe().run_info)
     write_atomically(os.path.join(output_dir, RUN_INFO), json.dumps(info, indent=2))
 
 
@@ -150,7 +139,7 @@ def write_recipe_teacher_cache(recipe: Recipe) -> None:
     (or checks it against the recipe's data when it is), and nothing is trained."""
     trainer = build_trainer(recipe)
     if trainer.is_world_process_zero():
-        cache = trainer.teacher_cache
+        cache = trainer.teacher.cache
         print(f"Teacher cache ready: {cache.describe()}; {cache.bytes_per_token():.1f} bytes a label token.",
               flush=True)
 

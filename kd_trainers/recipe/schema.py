@@ -24,7 +24,7 @@ from ..evaluation.score import METRICS, SUITES
 from ..evaluation.settings import evaluation_settings
 from ..guards import check_training_args
 from ..methods import available_methods, get_method
-from ..several_teachers import check_routing, teacher_entries
+from ..teachers.entries import check_routing, teacher_entries
 from ..smoke import capped_steps
 from ..suggest import did_you_mean
 from .errors import RecipeError
@@ -306,7 +306,7 @@ def _check_prompts(options: dict, config, method: str, path: str) -> None:
 
 
 def _check_teachers(options: dict, config_values: dict, method: str, path: str) -> None:
-    """A `teachers:` block: method kd, each entry checked (`several_teachers.teacher_entries`), no other teacher."""
+    """A `teachers:` block: method kd, each entry checked (`teachers.entries.teacher_entries`), no other teacher."""
     if method != "kd":
         raise RecipeError(f"{path}: teachers: method {method!r} takes one teacher; several teachers are for method "
                           "kd.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..kd.config import KDConfig
+from ..teachers.needs import TeacherNeeds
 
 
 @dataclass
@@ -46,16 +47,21 @@ class SeqKDConfig(KDConfig):
         if self.seqkd_temperature <= 0 or not 0 < self.seqkd_top_p <= 1:
             raise ValueError(f"seqkd_temperature must be > 0 and seqkd_top_p in (0, 1], got {self.seqkd_temperature} "
                              f"and {self.seqkd_top_p}.")
-        if self.teacher_cache is not None and self.kd_weight == 0:
-            raise ValueError(f"teacher_cache={self.teacher_cache!r} with kd_weight=0: Seq-KD is then SFT on the "
-                             "teacher's completions and reads no teacher distribution. Drop teacher_cache, or set "
-                             "kd_weight > 0 for logit KD on top from the cache.")
-        if self.teacher_url is not None:
-            raise ValueError(
-                f"teacher_url={self.teacher_url!r}: Seq-KD generates its training set with the teacher in memory, "
-                "which a server of log-probabilities does not replace. Drop teacher_url (a teacher_cache serves "
-                "Seq-KD's KD term), or use method kd with it.")
         super().__post_init__()
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """A teacher in memory to generate the training set; a cache only for logit KD on top."""
+        refused = {
+            "url": "Seq-KD generates its training set with the teacher in memory, which a server of log-probabilities "
+                   "does not replace. Drop teacher_url (a teacher_cache serves Seq-KD's KD term), or use method kd "
+                   "with it.",
+            "mixture": "Seq-KD generates its training set with one teacher in memory, which several teachers at once "
+                       "do not give. Name that teacher with teacher_model, or use method kd with them."}
+        if self.kd_weight == 0:
+            refused["cache"] = ("with kd_weight=0, Seq-KD is then SFT on the teacher's completions and reads no "
+                                "teacher distribution. Drop teacher_cache, or set kd_weight > 0 for logit KD on top "
+                                "from the cache.")
+        return TeacherNeeds(refused)
 
     def holds_teacher_while_training(self) -> bool:
         """At `kd_weight=0` the teacher is released once it has generated: training is SFT on its completions."""

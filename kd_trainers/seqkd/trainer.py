@@ -11,7 +11,7 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.prompt_rows import every_prompt_row
-from ..kd.teacher_setup import TeacherPlan
+from ..teachers import Teacher
 from ..kd.trainer import KDTrainer
 from .config import SeqKDConfig
 
@@ -53,7 +53,7 @@ class SeqKDTrainer(KDTrainer):
     def _completion_settings(self, args) -> tuple[dict, int, str | None]:
         return args.generation_settings(), args.seqkd_batch_size, args.seqkd_cache_dir
 
-    def _prepare_training_data(self, plan: TeacherPlan, args, sft_kwargs: dict, prompt_dataset=None) -> dict:
+    def _prepare_training_data(self, plan: Teacher, args, sft_kwargs: dict, prompt_dataset=None) -> dict:
         """Step one: the teacher's completions of every prompt (the training rows', labelled or not, and the
         `prompt_dataset`'s not already among them) are the training set."""
         train = sft_kwargs.get("train_dataset")
@@ -64,13 +64,12 @@ class SeqKDTrainer(KDTrainer):
         self.seqkd_dataset_dir = self.completions_dir
         return {**sft_kwargs, "train_dataset": generated}
 
-    def _set_up_teacher(self, plan: TeacherPlan, args):
+    def _set_up_teacher(self, plan: Teacher, args) -> None:
         """Step two: the teacher beside the student only when logit KD is on top; at `kd_weight=0` there is none."""
         if args.kd_weight == 0:
-            self.teacher_model = None
-            return None
+            return
         try:
-            return super()._set_up_teacher(plan, args)
+            super()._set_up_teacher(plan, args)
         finally:
             self._generation_teacher = None  # a cache read in its place must not keep it alive
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .teacher import model_name
+from .loading import model_name
 
 
 KINDS = ("model", "cache", "url")

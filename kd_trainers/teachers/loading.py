@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from .tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer
 
 
 def model_name(model) -> str:
@@ -38,7 +38,7 @@ def load_student_tokenizer(model):
                          "tokenizer>.") from None
 
 
-def _dtype_from_init_kwargs(init_kwargs: dict) -> dict:
+def dtype_from_init_kwargs(init_kwargs: dict) -> dict:
     init_kwargs = dict(init_kwargs)
     dtype = init_kwargs.get("dtype", init_kwargs.pop("torch_dtype", None))
     if isinstance(dtype, str) and dtype != "auto":
@@ -52,7 +52,7 @@ def load_teacher(teacher: str | PreTrainedModel, init_kwargs: dict | None = None
                  adapter_name_or_path: str | None = None) -> PreTrainedModel:
     """The teacher model: loaded when given by name, with a PEFT adapter merged in when one is named."""
     if isinstance(teacher, str):
-        teacher = AutoModelForCausalLM.from_pretrained(teacher, **_dtype_from_init_kwargs(init_kwargs or {}))
+        teacher = AutoModelForCausalLM.from_pretrained(teacher, **dtype_from_init_kwargs(init_kwargs or {}))
     elif init_kwargs:
         raise ValueError(
             "teacher_model_init_kwargs only apply when the teacher is loaded from a name or path, but the teacher "

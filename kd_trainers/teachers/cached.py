@@ -1,0 +1,177 @@
+"""A teacher read from a cache on disk (`teacher_cache`): its sparse distribution at every label token, written once by
+the teacher (here, first, when the cache is not complete and the run names its teacher) and joined to the trainer's
+tokenized data row by row; the collator turns each batch's records into sparse targets. The cache's format, key and
+integrity are `kd_trainers.teacher_cache`."""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+from ..losses import SparseMember
+from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, cache_components,
+                             split_fingerprint, targets_from_batch, teacher_files_fingerprint, teacher_fingerprint,
+                             tokenizer_fingerprint, write_teacher_cache)
+from ..teacher_cache.cache import RECORD_COLUMNS
+from ..teacher_cache.integrity import CacheProblem, check_whole
+from ..teacher_cache.integrity import fix as integrity_fix
+from .base import Teacher, TeacherDescription, register_teacher_kind
+from .loading import freeze, model_name
+from .resident import checked_heads
+
+
+def cache_splits(host) -> dict:
+    """`{name: tokenized dataset}` the loss reads: `train`, and `eval` (or `eval_<name>` for a dict of them)."""
+    splits = {"train": host.train_dataset}
+    if isinstance(host.eval_dataset, dict):
+        splits.update({f"eval_{name}": dataset for name, dataset in host.eval_dataset.items()})
+    elif host.eval_dataset is not None:
+        splits["eval"] = host.eval_dataset
+    return splits
+
+
+def split_fingerprints(host) -> tuple[dict, dict]:
+    """`({split: {rows, fingerprint}}, {split: row hashes})` of the splits a cache is keyed to."""
+    data, hashes = {}, {}
+    for name, dataset in cache_splits(host).items():
+        data[name], hashes[name] = split_fingerprint(dataset)
+    return data, hashes
+
+
+def attach_cache(host, cache: TeacherCache, hashes: dict, suffix: str = "") -> None:
+    """The cache's records joined to the host's train and eval splits, row by row."""
+    attached = {name: cache.attach(dataset, name, hashes[name], suffix) for name, dataset in cache_splits(host).items()}
+    host.train_dataset = attached.pop("train")
+    if isinstance(host.eval_dataset, dict):
+        host.eval_dataset = {name[len("eval_"):]: dataset for name, dataset in attached.items()}
+    elif host.eval_dataset is not None:
+        host.eval_dataset = attached["eval"]
+
+
+def open_complete(path: str, where: str) -> TeacherCache:
+    """The complete, whole cache at `path`, else a `ValueError` / `CacheProblem` naming `where` and the pass that
+    writes or mends it (a teacher among several, and a run that names no teacher, cannot write one)."""
+    cache = TeacherCache.open(path)
+    if cache is None:
+        raise ValueError(f"{where} holds no complete teacher cache: write it first (kd-train cache-teacher RECIPE "
+                         "teacher_cache=PATH with that teacher).")
+    check_whole(cache.path, cache.info)  # a damaged block: named, with the pass that rewrites it
+    return cache
+
+
+@register_teacher_kind
+class CachedTeacher(Teacher):
+    """The teacher's stored sparse targets. `member`: its name among several teachers (read only; its batch keys and
+    columns carry the suffix `_<index>`), else the trainer's one teacher (written first when need be, by `source`)."""
+
+    kind = "cache"
+
+    def __init__(self, path: str, source, tokenizer, name, assumes_student_tokenizer=False, *, tail: str,
+                 cache: TeacherCache | None = None, member: str | None = None, suffix: str = ""):
+        super().__init__(source, tokenizer, name, assumes_student_tokenizer)
+        self.path, self.tail, self.cache, self.member, self.suffix = path, tail, cache, member, suffix
+        if suffix:
+            self.batch_keys = tuple(key + suffix for key in BATCH_KEYS)
+            self.columns = tuple(column + suffix for column in RECORD_COLUMNS)
+        else:  # the trainer keeps the unsuffixed keys away from the models already
+            self.columns = RECORD_COLUMNS
+
+    @classmethod
+    def chosen_by(cls, args, entries) -> bool:
+        return not entries and getattr(args, "teacher_cache", None) is not None
+
+    @classmethod
+    def plan(cls, host, model, args, teacher_model, teacher_processing_class, student_tokenizer, entries=None):
+        teacher = host._required_teacher(teacher_model, args)
+        if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
+            return cls(args.teacher_cache, None, student_tokenizer, None, True, tail=args.teacher_cache_tail)
+        # A teacher named to write it: checked as a teacher in memory is, before anything loads.
+        tokenizer, assumed = host._checked_teacher_tokenizer(model, args, teacher, teacher_processing_class,
+                                                             student_tokenizer)
+        return cls(args.teacher_cache, teacher, tokenizer, model_name(teacher), assumed, tail=args.teacher_cache_tail)
+
+    @classmethod
+    def member_of(cls, entry, index: int, args, student_tokenizer) -> "CachedTeacher":
+        """One of several teachers (`teacher_models[index]`): a complete cache, opened and checked whole now."""
+        cache = open_complete(entry.source, f"teacher_models[{index}] ({entry.name}): cache={entry.source!r}")
+        return cls(entry.source, None, student_tokenizer, None, tail=args.teacher_cache_tail, cache=cache,
+                   member=entry.name, suffix=f"_{index}")
+
+    def set_up(self, host, args) -> None:
+        """The cache checked against the trainer's own tokenized data (written first by the named teacher when it is
+        not complete), and joined to it: each row carries its teacher record, which the collator turns into the
+        batch's sparse targets."""
+        data, hashes = split_fingerprints(host)
+        vocab = len(host.processing_class)
+        tokenizer = tokenizer_fingerprint(host.processing_class)
+        if self.member is not None:
+            cache = self.cache
+            cache.check(tokenizer, data, CacheSettings(cache.mode, cache.k, vocab), None)
+        else:
+            cache = self._written(host, args, data, hashes, tokenizer, vocab)
+        cache.tempered_index(args.kd_temperature)  # a temperature the cache does not store: refused now
+        attach_cache(host, cache, hashes, self.suffix)
+        host.data_collator = SparseTeacherCollator(host.data_collator, cache, self.suffix, args.kd_temperature)
+        self.cache, self.temperature = cache, args.kd_temperature
+        if self.member is None:
+            self.name = host.teacher_name = cache.describe()
+
+    def _written(self, host, args, data: dict, hashes: dict, tokenizer: str, vocab: int) -> TeacherCache:
+        """The trainer's one cache: opened whole, else written (or mended) by the named teacher, and checked against
+        this run's tokenizer, data, settings and teacher."""
+        settings = CacheSettings.for_run(args.teacher_cache_mode, args.teacher_cache_k, vocab, args.kd_temperature,
+                                         args.teacher_cache_temperatures)
+        try:
+            cache = TeacherCache.open(self.path)
+            if cache is not None:
+                check_whole(cache.path, cache.info)
+        except CacheProblem:
+            if self.source is None:  # nothing here can rewrite it: the problem, with its fix
+                raise
+            cache = None  # the pass below rewrites what is damaged
+        if cache is None and self.source is None:
+            raise CacheProblem(f"teacher_cache={self.path!r} holds no complete, whole teacher cache, and no teacher "
+                               f"is named to write it; {integrity_fix(self.path)}.")
+        named = None if self.source is None else {  # what a run that names its teacher can check without loading it
+            "name": model_name(self.source), "adapter": args.teacher_adapter_name_or_path,
+            "files": teacher_files_fingerprint(self.source)}
+        if cache is None:
+            cache = self._write(host, args, data, hashes, tokenizer, settings, named)
+        cache.check(tokenizer, data, settings, named)
+        return cache
+
+    def _write(self, host, args, data, hashes, tokenizer, settings, named) -> TeacherCache:
+        teacher = checked_heads(host, freeze(host._load_teacher_model(self.source, args)), self.tokenizer,
+                                self.assumes_student_tokenizer, args)
+        if any(hasattr(param, "ds_id") for param in teacher.parameters()):
+            raise ValueError(
+                f"teacher_cache={self.path!r} is written by the teacher whole on each process, and DeepSpeed ZeRO-3 "
+                "has partitioned it. Write the cache first without ZeRO-3 (kd-train cache-teacher RECIPE "
+                "accelerate.config=multi_process), then train from it under ZeRO-3.")
+        teacher.to(host.accelerator.device)
+        components = cache_components({**named, "weights": teacher_fingerprint(teacher)}, tokenizer, data, settings)
+        pad_id = host.processing_class.pad_token_id
+        cache = write_teacher_cache(
+            self.path, teacher, cache_splits(host), hashes, components, settings,
+            host.processing_class.eos_token_id if pad_id is None else pad_id, host.accelerator,
+            batch_size=args.teacher_cache_batch_size, seed=args.seed, log=lambda message: print(message, flush=True))
+        del teacher
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return cache
+
+    def engine_source(self, host, inputs: dict, model_inputs: dict) -> SparseMember:
+        return SparseMember(targets_from_batch(inputs, self.cache.mode, self.suffix, self.temperature), self.tail)
+
+    def describe(self) -> TeacherDescription:
+        cache = self.cache
+        card = {"teacher_cache_key": cache.key, "teacher_cache_mode": cache.mode, "teacher_cache_k": cache.k,
+                "teacher_cache_tail": self.tail if cache.mode == "top_k" else None,
+                "teacher_cache_bytes_per_token": round(cache.bytes_per_token(), 1)}
+        run_info = {"teacher_cache": {
+            "path": os.path.abspath(cache.path), "key": cache.key, **cache.info["components"]["settings"],
+            "teacher": cache.info["components"]["teacher"], "bytes_per_token": round(cache.bytes_per_token(), 2)}}
+        return TeacherDescription(card, run_info)

@@ -1,0 +1,36 @@
+"""What a method needs of its teacher, stated once by the method (its config's `teacher_needs()`), and the one check
+that compares need and kind: a kind the method cannot use is refused before anything loads, with one message shape,
+`<field>=<value>: <why, and what to do instead>`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+# The argument that chooses each kind that can be refused (a teacher in memory serves every method).
+KIND_FIELDS = {"cache": "teacher_cache", "url": "teacher_url", "mixture": "teacher_models"}
+
+
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """`refused`: `{kind: why}` for each teacher kind (`cache`, `url`, `mixture`) the method cannot use, e.g. DSKD's
+    projectors need a model's hidden states, which a cache or a server does not hold."""
+
+    refused: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.refused) - set(KIND_FIELDS))
+        if unknown:
+            raise ValueError(f"TeacherNeeds refuses unknown teacher kinds {unknown}; the kinds are {list(KIND_FIELDS)}.")
+
+    def check(self, kind: str, value) -> None:
+        """Refuses a teacher of `kind`, given as `value` (the field's value), when the method cannot use it."""
+        if kind in self.refused:
+            raise ValueError(f"{KIND_FIELDS[kind]}={value!r}: {self.refused[kind]}")
+
+    def check_config(self, config) -> None:
+        """The kinds a config's own fields choose (`teacher_cache`, `teacher_url`)."""
+        for kind in ("cache", "url"):
+            value = getattr(config, KIND_FIELDS[kind], None)
+            if value is not None:
+                self.check(kind, value)
