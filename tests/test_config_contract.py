@@ -31,7 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from kd_trainers import DSKDConfig, DSKDTrainer, GKDConfig, KDConfig, KDTrainer, SeqKDConfig
 from kd_trainers.demo import demo_model, load_demo_dataset
 from kd_trainers.losses import LossSettings, distillation_loss
-from kd_trainers.losses.chunked import chunk_rows, working_buffers
+from kd_trainers.losses.settings import chunk_rows, working_buffers
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 

@@ -371,7 +371,8 @@ CLOSED_FORM_CASES = [
 def test_every_divergence_has_a_closed_form_equal_to_autograd(divergence, case, sharpness):
     """Each divergence's in-place closed-form chunk gradient (with CE mixing, T, the teacher temperature, the KD gate
     and the student's logit scale or softcap) equals autograd's on the same chunk, computed in float64."""
-    from kd_trainers.losses.chunked import autograd_value_and_grad, closed_form_value_and_grad, working_buffers
+    from kd_trainers.losses.chunk_terms import autograd_value_and_grad, closed_form_value_and_grad
+    from kd_trainers.losses.settings import working_buffers
 
     temperature, weight, teacher_temperature, transform, gated = CLOSED_FORM_CASES[case]
     settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=weight, jsd_beta=0.3,
@@ -400,7 +401,7 @@ def test_autograd_path_still_serves_a_divergence_without_a_closed_form():
     """A registered divergence without `closed_form` goes through autograd, chunk by chunk, and matches the naive loss
     (a copy of forward KL under another name)."""
     from kd_trainers.losses import register_divergence
-    from kd_trainers.losses.chunked import working_buffers
+    from kd_trainers.losses.settings import working_buffers
     from kd_trainers.losses.divergences import AUTOGRAD_BUFFERS
 
     @register_divergence("test_plain_kl")
@@ -427,7 +428,7 @@ def test_autograd_path_still_serves_a_divergence_without_a_closed_form():
 def test_values_and_gradients_do_not_depend_on_chunk_size_or_budget(divergence):
     """Every divergence's loss and gradients equal the naive reference whether the chunks are set by a token count
     (1, 7, all) or by a memory budget (one token, a few, all of them)."""
-    from kd_trainers.losses.chunked import chunk_rows, working_buffers
+    from kd_trainers.losses.settings import chunk_rows, working_buffers
 
     hs, ws, bs, ht, wt, bt, labels = make_inputs()
     settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.6, jsd_beta=0.3, skew_alpha=0.2)
@@ -478,7 +479,7 @@ def test_a_chunk_works_in_its_budgeted_buffers_whatever_the_divergence(divergenc
     """The engine creates exactly `working_buffers` vocabulary-sized tensors for the whole loss, forward and backward
     (every chunk reuses them), and they fit the memory budget: the loss's working memory is the budget whatever the
     divergence, the vocabulary or the number of tokens."""
-    from kd_trainers.losses.chunked import working_buffers
+    from kd_trainers.losses.settings import working_buffers
 
     hs, ws, bs, ht, wt, bt, labels = make_inputs(T=80, Ds=8, Dt=9, V=1000)  # [V, D] below the threshold
     settings = LossSettings(divergence=divergence, temperature=temperature, kd_weight=kd_weight, jsd_beta=0.3,
@@ -499,7 +500,7 @@ def test_builtin_autograd_forms_stay_within_the_autograd_buffer_allowance(diverg
     """`AUTOGRAD_BUFFERS` sizes the chunks of a divergence that has no closed form; the built-in divergences' autograd
     forms (the same functions, through autograd) never hold more vocabulary-sized tensors at once than it allows, so
     it is a true bound for a divergence of their kind."""
-    from kd_trainers.losses.chunked import autograd_value_and_grad
+    from kd_trainers.losses.chunk_terms import autograd_value_and_grad
     from kd_trainers.losses.divergences import AUTOGRAD_BUFFERS
 
     settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=0.5, jsd_beta=0.3, skew_alpha=0.2)
@@ -552,7 +553,8 @@ def test_no_gradient_is_built_under_no_grad():
 def test_an_unreported_ce_is_skipped_and_changes_nothing_else(divergence):
     """At kd_weight = 1 the CE only feeds the log; report_ce=False (DSKD's teacher space) skips it, and one buffer at
     T != 1, and leaves the loss and its gradients as they were."""
-    from kd_trainers.losses.chunked import chunked_distillation_terms, working_buffers
+    from kd_trainers.losses.chunked import chunked_distillation_terms
+    from kd_trainers.losses.settings import working_buffers
 
     hs, ws, bs, ht, wt, bt, labels = make_inputs()
     settings = LossSettings(divergence=divergence, temperature=2.0, kd_weight=1.0)

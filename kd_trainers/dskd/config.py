@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ..kd.config import KDConfig
-from ..losses.chunked import LossSettings
+from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES
 from ..teachers.needs import TeacherNeeds
 

@@ -13,7 +13,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
-from ..losses.chunked import chunk_length
+from ..losses.settings import chunk_length
 from ..losses.reference import loss_normalizer
 from ..teacher_cache.cache import tokenizer_fingerprint
 from ..teachers.loading import model_name, output_head_shape

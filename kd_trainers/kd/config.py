@@ -10,7 +10,7 @@ from typing import Any
 from trl import SFTConfig
 
 from ..guards import check_training_args
-from ..losses.chunked import LossSettings
+from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES
 from ..losses.sparse import TAIL_TREATMENTS, check_sparse_settings
 from ..teachers.needs import TeacherNeeds

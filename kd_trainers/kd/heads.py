@@ -15,7 +15,7 @@ import torch
 
 from ..hidden_states import last_hidden_state
 from ..losses import LogitTransform
-from ..losses.chunked import _maybe_gather, _weight_and_bias
+from ..losses.heads import maybe_gather, weight_and_bias
 from ..teachers.loading import model_name
 
 
@@ -86,8 +86,8 @@ def check_engine_logits(role: str, model: torch.nn.Module, inputs: dict, transfo
             own = _own_logits(model, row, positions)[:, :vocab].float()
         with _same_random_state(0):
             hidden = last_hidden_state(model, row)[0, positions]
-        weight, bias = _weight_and_bias(model.get_output_embeddings())
-        with _maybe_gather(weight, bias):
+        weight, bias = weight_and_bias(model.get_output_embeddings())
+        with maybe_gather(weight, bias):
             engine = hidden.float() @ weight[:vocab].float().T
             if bias is not None:
                 engine = engine + bias[:vocab].float()

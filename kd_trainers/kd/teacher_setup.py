@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..teacher_cache import TeacherCache
 from ..teachers import Teacher, plan_teacher
 from ..teachers.loading import check_same_head_size, check_same_vocabulary, load_teacher_tokenizer, model_name
 from ..teachers.resident import load_model_teacher
@@ -35,16 +34,8 @@ class TeacherSetupMixin:
     def _required_teacher(cls, teacher_model, args):
         """The teacher given, else the config's name for it; a clear error when there is neither."""
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if getattr(args, "teacher_url", None) is not None:
-            return teacher  # None too: the server is the teacher
-        cache = getattr(args, "teacher_cache", None)
-        if teacher is None and cache is not None:
-            if TeacherCache.open(cache) is None:
-                raise ValueError(
-                    f"teacher_cache={cache!r} holds no complete teacher cache, and no teacher is given to write it: "
-                    f"set teacher_model_name_or_path (the cache is written there first), or run `kd-train "
-                    "cache-teacher RECIPE` with the teacher.")
-            return None
+        if getattr(args, "teacher_url", None) is not None or getattr(args, "teacher_cache", None) is not None:
+            return teacher  # None too: the server is the teacher, or a complete cache is (`CachedTeacher.plan`)
         if teacher is None:
             raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "
                              f"{type(args).__name__}.teacher_model_name_or_path.")

@@ -8,12 +8,13 @@ as a sparse distribution per token (a teacher cache) goes through the same engin
 `sources.py`'s `teacher_distillation_terms` takes any of them as one teacher source, which is what the trainers call.
 """
 
-from .chunked import (ChunkedDistillationOutput, LogitTransform, LossSettings, TeacherTerms, chunked_distillation_loss,
-                      chunked_distillation_terms, sparse_distillation_terms)
+from .chunked import chunked_distillation_loss, chunked_distillation_terms, sparse_distillation_terms
 from .divergences import DIVERGENCES, closed_form, get_divergence, register_divergence
 from .dual_space import DualSpaceLoss, dual_space_loss
+from .fused import ChunkedDistillationOutput, TeacherTerms
 from .mixture import DenseMember, MixtureDistillationOutput, SparseMember, mixture_distillation_terms
 from .reference import DistillationLoss, distillation_loss
+from .settings import LogitTransform, LossSettings
 from .sources import MixedTeachers, teacher_distillation_terms
 from .sparse import SparseTargets
 

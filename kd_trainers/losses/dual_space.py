@@ -21,8 +21,10 @@ from typing import NamedTuple
 import torch
 
 from .noise import mix_seed
-from .chunked import (LogitTransform, LossSettings, TeacherTerms, _maybe_gather, _weight_and_bias,
-                      chunked_distillation_terms)
+from .chunked import chunked_distillation_terms
+from .fused import TeacherTerms
+from .heads import maybe_gather, weight_and_bias
+from .settings import LogitTransform, LossSettings
 
 
 class DualSpaceLoss(NamedTuple):
@@ -39,7 +41,7 @@ class DualSpaceLoss(NamedTuple):
 
 
 def _detached(head):
-    weight, bias = _weight_and_bias(head)
+    weight, bias = weight_and_bias(head)
     return weight.detach(), None if bias is None else bias.detach()
 
 
@@ -90,7 +92,7 @@ def dual_space_loss(
     common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
                   memory_budget_mb=memory_budget_mb)
     # Under ZeRO-3 both heads are gathered here, once: the detached copies below must see the full weights.
-    with _maybe_gather(*_weight_and_bias(student_lm_head), *_weight_and_bias(teacher_lm_head)):
+    with maybe_gather(*weight_and_bias(student_lm_head), *weight_and_bias(teacher_lm_head)):
         return _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden,
                                 teacher_lm_head, s2t_hidden, teacher_labels, settings, weight, common,
                                 s2t_divergence=s2t_divergence, gate_t2s_kd=gate_t2s_kd, t2s_labels=t2s_labels,

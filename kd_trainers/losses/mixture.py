@@ -12,8 +12,9 @@ from typing import NamedTuple
 
 import torch
 
-from .chunked import (LogitTransform, LossSettings, TeacherTerms, _engine_terms, _maybe_gather, _project_into,
-                      _weight_and_bias)
+from .fused import TeacherTerms, engine_terms
+from .heads import maybe_gather, project_into, weight_and_bias
+from .settings import LogitTransform, LossSettings
 from .divergences import get_divergence
 from .noise import grid_positions
 from .sparse import SparseTargets, check_sparse_settings, fill_teacher_logits_
@@ -68,7 +69,7 @@ class Mixture:
             else:  # the head's first V rows: the distilled vocabulary, the buffers' width
                 rows, (weight, bias), transform = member
                 vocab = member_logits.size(1)
-                _project_into(member_logits, rows[chunk], weight[:vocab], None if bias is None else bias[:vocab])
+                project_into(member_logits, rows[chunk], weight[:vocab], None if bias is None else bias[:vocab])
                 transform.apply_(member_logits)
             torch.log_softmax(member_logits.div_(temperature), -1, out=member_logits)
             log_weight = self.log_weights[chunk, index: index + 1]
@@ -156,14 +157,14 @@ def mixture_distillation_terms(
         else:
             # Its label rows, and its head as (weight, bias): the parameters themselves, which the gather below fills
             # under ZeRO-3 (a detached copy taken now would stay empty; the engine's forward builds no graph).
-            weight, bias = _weight_and_bias(member.lm_head)
+            weight, bias = weight_and_bias(member.lm_head)
             heads += [weight, bias]
             prepared.append(DenseMember(member.hidden.reshape(-1, member.hidden.size(-1))[mask].detach(),
                                         (weight, bias), member.transform))
     mixture = Mixture(prepared, log_weights)
     # Gathered around the engine (ZeRO-3), which reads the heads' rows (`Mixture.head_rows`) for the vocabulary.
-    with _maybe_gather(*heads):
-        out = _engine_terms(student_hidden, student_lm_head, labels, settings, None, None, ignore_index=ignore_index,
+    with maybe_gather(*heads):
+        out = engine_terms(student_hidden, student_lm_head, labels, settings, None, None, ignore_index=ignore_index,
                             num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
                             memory_budget_mb=memory_budget_mb, student_transform=student_transform,
                             teacher_transform=LogitTransform(), noise_seed=noise_seed, teacher_terms=TeacherTerms(),

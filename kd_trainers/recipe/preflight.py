@@ -23,7 +23,8 @@ from ..served_teacher.client import ServerRefused, public_url, refusal_hint
 from ..teachers.loading import check_same_vocabulary
 from ..evaluation.harness import check_harness
 from ..teacher_cache.cache import tokenizer_fingerprint
-from ..teacher_cache.integrity import CacheProblem, check_whole, has_partial_pass, read_info
+from ..teacher_cache.integrity import CacheProblem, check_whole
+from ..teachers.cached import MEMBER_NOT_WRITTEN, NO_WRITER_IN_RECIPE, complete_cache_info
 from .data import LOCAL_FORMATS, load_recipe_datasets
 from .errors import NotAvailableYet, RecipeError
 from .models import DEMO_PREFIX, resolve_tokenizer
@@ -155,18 +156,14 @@ def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
         return
     writer = config.teacher_model_name_or_path is not None
     try:
-        info = read_info(path)
+        info = complete_cache_info(path, f"teacher_cache: {path!r}", None if writer else NO_WRITER_IN_RECIPE)
     except CacheProblem as error:
         if repair and writer:
             return
         raise RecipeError(f"{recipe.path}: {error}") from None
-    if info is None or not info["complete"]:
-        if not writer:
-            what = "holds an unfinished pass" if info is not None or has_partial_pass(path) else \
-                "holds no complete teacher cache"
-            raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} {what}, and teacher_model_name_or_path is "
-                              "null, so nothing can write it. Name the teacher (the cache is written first), or run "
-                              "kd-train cache-teacher with it.")
+    except ValueError as error:
+        raise RecipeError(f"{recipe.path}: {error}") from None
+    if info is None:  # the named teacher writes it first
         return
     stored = info["components"]["settings"]
     wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
@@ -322,12 +319,11 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
                                   pending=pending)
         elif entry.get("cache") is not None:
             try:
-                info = read_info(entry["cache"])
+                info = complete_cache_info(entry["cache"], f"{where}.cache: {entry['cache']!r}", MEMBER_NOT_WRITTEN)
             except CacheProblem as error:
                 raise RecipeError(f"{recipe.path}: {where}.cache: {error}") from None
-            if info is None or not info["complete"]:
-                raise RecipeError(f"{recipe.path}: {where}.cache: {entry['cache']!r} holds no complete teacher cache; "
-                                  "write it first (kd-train cache-teacher RECIPE teacher_cache=PATH).")
+            except ValueError as error:  # not complete: the message names where
+                raise RecipeError(f"{recipe.path}: {error}") from None
             check_cache_fits(recipe, f"{where}.cache", entry["cache"], info)
         else:
             check_server_answers(recipe, f"{where}.url", entry["url"], entry.get("tokenizer"))

@@ -29,7 +29,8 @@ import torch
 
 from ..files import write_atomically
 from ..hidden_states import last_hidden_state
-from ..losses.chunked import LogitTransform, _weight_and_bias
+from ..losses.heads import weight_and_bias
+from ..losses.settings import LogitTransform
 from ..losses.noise import mix_seed
 from ..losses.sparse import sampled_targets, tail_log_masses, top_k_targets
 from .cache import CacheSettings, TeacherCache, differences, label_token_count, quiet_datasets, read_json
@@ -66,7 +67,7 @@ def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transfor
                 generator: torch.Generator | None = None):
     """`(ids [n, k], log_probs [n, k], tail log-masses [m, n])` of the teacher at hidden states `[n, D]`, the tails
     at each of `settings.temperatures` (1 first)."""
-    weight, bias = _weight_and_bias(teacher.get_output_embeddings())
+    weight, bias = weight_and_bias(teacher.get_output_embeddings())
     rows = max(1, PROJECTION_BUDGET_BYTES // (4 * settings.vocab))
     parts = []
     for start in range(0, hidden.size(0), rows):

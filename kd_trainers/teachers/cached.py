@@ -15,7 +15,7 @@ from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, T
                              split_fingerprint, targets_from_batch, teacher_files_fingerprint, teacher_fingerprint,
                              tokenizer_fingerprint, write_teacher_cache)
 from ..teacher_cache.cache import RECORD_COLUMNS
-from ..teacher_cache.integrity import CacheProblem, check_whole
+from ..teacher_cache.integrity import CacheProblem, check_whole, has_partial_pass, read_info
 from ..teacher_cache.integrity import fix as integrity_fix
 from .base import Teacher, TeacherDescription, register_teacher_kind
 from .loading import freeze, model_name
@@ -50,13 +50,33 @@ def attach_cache(host, cache: TeacherCache, hashes: dict, suffix: str = "") -> N
         host.eval_dataset = attached["eval"]
 
 
-def open_complete(path: str, where: str) -> TeacherCache:
-    """The complete, whole cache at `path`, else a `ValueError` / `CacheProblem` naming `where` and the pass that
-    writes or mends it (a teacher among several, and a run that names no teacher, cannot write one)."""
-    cache = TeacherCache.open(path)
-    if cache is None:
-        raise ValueError(f"{where} holds no complete teacher cache: write it first (kd-train cache-teacher RECIPE "
-                         "teacher_cache=PATH with that teacher).")
+# What follows "<where> holds no complete teacher cache" when nothing can write it, said for each entry point.
+NO_WRITER = ", and no teacher is given to write it: set teacher_model_name_or_path (the cache is written there first), " \
+    "or run `kd-train cache-teacher RECIPE` with the teacher."
+NO_WRITER_IN_RECIPE = ", and teacher_model_name_or_path is null, so nothing can write it. Name the teacher (the " \
+    "cache is written first), or run kd-train cache-teacher with it."
+MEMBER_NOT_WRITTEN = ": write it first (kd-train cache-teacher RECIPE teacher_cache=PATH with that teacher)."
+
+
+def complete_cache_info(path: str, where: str, then: str | None) -> dict | None:
+    """The one completeness check of a cache, for the trainers and the recipes' checks: `cache_info.json` of the
+    complete cache at `path` (its schema checked: a broken field raises `CacheProblem`, naming it). When it is not
+    complete: None if a named teacher writes it first (`then` None), else a `ValueError` `<where> holds no complete
+    teacher cache<then>` (or "holds an unfinished pass")."""
+    info = read_info(path)
+    if info is not None and info["complete"]:
+        return info
+    if then is None:
+        return None
+    what = "holds an unfinished pass" if info is not None or has_partial_pass(path) else \
+        "holds no complete teacher cache"
+    raise ValueError(f"{where} {what}{then}")
+
+
+def open_complete(path: str, where: str, then: str = MEMBER_NOT_WRITTEN) -> TeacherCache:
+    """The complete, whole cache at `path`, else an error naming `where` and the pass that writes or mends it (a
+    teacher among several, and a run that names no teacher, cannot write one)."""
+    cache = TeacherCache(path, complete_cache_info(path, where, then))
     check_whole(cache.path, cache.info)  # a damaged block: named, with the pass that rewrites it
     return cache
 
@@ -86,6 +106,7 @@ class CachedTeacher(Teacher):
     def plan(cls, host, model, args, teacher_model, teacher_processing_class, student_tokenizer, entries=None):
         teacher = host._required_teacher(teacher_model, args)
         if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
+            complete_cache_info(args.teacher_cache, f"teacher_cache={args.teacher_cache!r}", NO_WRITER)
             return cls(args.teacher_cache, None, student_tokenizer, None, True, tail=args.teacher_cache_tail)
         # A teacher named to write it: checked as a teacher in memory is, before anything loads.
         tokenizer, assumed = host._checked_teacher_tokenizer(model, args, teacher, teacher_processing_class,
