@@ -120,6 +120,7 @@ CONTRACT: dict[str, object] = {
     "divergence": KDLoss({"divergence": "reverse_kl"}),
     "jsd_beta": KDLoss({"divergence": "jsd", "jsd_beta": 0.2}),
     "skew_alpha": KDLoss({"divergence": "skew_forward_kl", "skew_alpha": 0.4}),
+    "divergence_params": TestedIn("test_config_contract.py::test_divergence_params_reach_a_registered_divergence"),
     "kd_temperature": KDLoss({"kd_temperature": 3.0}),
     "kd_temperature_squared": KDLoss({"kd_temperature": 3.0, "kd_temperature_squared": False}),
     "kd_weight": KDLoss({"kd_weight": 0.8}),
@@ -415,7 +416,7 @@ def test_kd_loss_fields_change_the_loss_as_the_reference_says(tmp_path, bpe_toke
     kind = KD_LOSS[name]
     dataset = datasets["prompt_completion"]
     chunk_sizes = []
-    from kd_trainers.losses import chunked as chunked_module
+    from kd_trainers.losses import fused as chunked_module
 
     original = chunked_module._FusedDistillationFunction.apply
     monkeypatch.setattr(chunked_module._FusedDistillationFunction, "apply",
@@ -437,6 +438,59 @@ def test_kd_loss_fields_change_the_loss_as_the_reference_says(tmp_path, bpe_toke
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Method fields without a test elsewhere
+
+
+def test_divergence_params_reach_a_registered_divergence(tmp_path, bpe_tokenizer, datasets):
+    """A divergence registered with a setting of its own gets it from `KDConfig.divergence_params`: the trainer's loss
+    equals an independent power-divergence loss at that γ and differs at another; a name it does not read, or a value
+    its checks refuse, is refused when the config is made."""
+    from kd_trainers.losses import register_divergence
+    from kd_trainers.losses.divergences import DIVERGENCES
+
+    @register_divergence("contract_power", checks={"gamma": (lambda g: g > 0, "> 0")})
+    def contract_power(student_log_probs, teacher_log_probs, *, gamma):
+        log_ratio = teacher_log_probs - student_log_probs
+        return ((teacher_log_probs + gamma * log_ratio).exp().sum(-1) - 1.0) / (gamma * (gamma + 1.0))
+
+    try:
+        dataset = datasets["prompt_completion"]
+        values = {"divergence": "contract_power", "divergence_params": {"gamma": 0.5}, "kd_weight": 1.0}
+
+        def loss_and_reference(gamma):
+            """The trainer's loss on one batch, and the power divergence's from probabilities: T² · the mean over
+            label tokens of (Σ p_T (p_T/p_S)^γ − 1) / (γ(γ + 1))."""
+            student = demo_model("llama", bpe_tokenizer, "student", seed=2)
+            teacher = demo_model("llama", bpe_tokenizer, "teacher", seed=1)
+            args = KDConfig(output_dir=str(tmp_path / f"kd{gamma}"), **{**BASE, "kd_temperature": 2.0, **values,
+                                                                       "divergence_params": {"gamma": gamma}})
+            trainer = KDTrainer(student, args, train_dataset=dataset, processing_class=bpe_tokenizer,
+                                teacher_model=teacher, teacher_processing_class=bpe_tokenizer)
+            batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+            loss = trainer.compute_loss(trainer.model, batch)
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            with torch.no_grad():
+                p_s = torch.softmax(student(**inputs).logits[:, :-1].double() / 2.0, -1)
+                p_t = torch.softmax(teacher(**inputs).logits[:, :-1].double() / 2.0, -1)
+            per_token = ((p_t * (p_t / p_s) ** gamma).sum(-1) - 1.0) / (gamma * (gamma + 1.0))
+            return trainer, loss, 4.0 * per_token[batch["labels"][:, 1:] != -100].mean()
+
+        trainer, loss, expected = loss_and_reference(0.5)
+        torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-4, atol=1e-6)
+        _, other, other_expected = loss_and_reference(2.0)
+        torch.testing.assert_close(other.detach().double(), other_expected, rtol=1e-4, atol=1e-6)
+        assert abs(other.item() - loss.item()) > 1e-4, "gamma changed nothing"
+        assert trainer.kd_settings()["gamma"] == 0.5  # and the model card says so
+        with pytest.raises(ValueError, match=r"divergence_params has \['delta'\], which divergence='contract_power' "
+                                             r"does not read \(it reads \['gamma'\]\)"):
+            KDConfig(output_dir=str(tmp_path / "x"), **{**BASE, **values, "divergence_params": {"gamma": 1.0,
+                                                                                              "delta": 1.0}})
+        with pytest.raises(ValueError, match="gamma must be > 0, got -1.0"):
+            KDConfig(output_dir=str(tmp_path / "x"), **{**BASE, **values, "divergence_params": {"gamma": -1.0}})
+        with pytest.raises(ValueError, match=r"needs the setting\(s\) gamma \(in a KDConfig or a recipe: "
+                                             r"divergence_params: \{gamma: ...\}\)"):
+            KDConfig(output_dir=str(tmp_path / "x"), **{**BASE, "divergence": "contract_power"})
+    finally:
+        DIVERGENCES.pop("contract_power")
 
 
 def test_teacher_model_init_kwargs_load_the_teacher(tmp_path, bpe_tokenizer, datasets):

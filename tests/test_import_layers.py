@@ -9,6 +9,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "kd_trainers")
+# The method folders, found as the registry finds them (`kd_trainers.methods`: a folder with a `method.py`), so that a
+# new method needs no edit here.
+METHOD_FOLDERS = sorted(entry for entry in os.listdir(PACKAGE)
+                        if os.path.isfile(os.path.join(PACKAGE, entry, "method.py")))
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
     ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|smoke|suggest|distributed|tokenizer|recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
@@ -16,7 +20,7 @@ LAYERS = [  # (name, modules), bottom first; a module may import its own layer a
                 r"served_teacher(\..+)?|hidden_states|"
                 r"guards|checkpointing|"
                 r"prompt_completion|demo(\..+)?)"),
-    ("methods", r"kd_trainers\.(kd|dskd|gkd|seqkd|sft)(\..+)?"),
+    ("methods", rf"kd_trainers\.({'|'.join(METHOD_FOLDERS)})(\..+)?"),
     ("evaluation", r"kd_trainers\.(evaluation(\..+)?|stats)"),
     ("recipes", r"kd_trainers\.(recipe(\..+)?|publish)"),
     ("studies", r"kd_trainers\.study(\..+)?"),
@@ -91,6 +95,10 @@ def test_no_import_cycles():
         if node not in state:
             visit(node, [node])
     assert cycles == []
+
+
+def test_the_method_folders_are_found_by_their_method_file():
+    assert {"kd", "dskd", "gkd", "seqkd", "sft"} <= set(METHOD_FOLDERS)
 
 
 def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from trl import SFTConfig
 
 from ..guards import check_training_args
 from ..losses.settings import LossSettings
-from ..losses.divergences import DIVERGENCES
+from ..losses.divergences import DIVERGENCES, get_divergence
 from ..losses.sparse import TAIL_TREATMENTS, check_sparse_settings
 from ..teachers.needs import TeacherNeeds
 
@@ -98,6 +98,10 @@ class KDConfig(SFTConfig):
         β of the generalised JSD, mixture m = β·p_T + (1 − β)·p_S; in (0, 1).
     skew_alpha (`float`, *optional*, defaults to `0.1`):
         α of the skewed KLs (DistiLLM), in [0, 1).
+    divergence_params (`dict[str, float]`, *optional*, defaults to `None`):
+        The settings of a registered divergence beyond `jsd_beta` and `skew_alpha`, by name: `{"gamma": 2.0}` for
+        a divergence registered with `*, gamma` (`kd_trainers.losses.register_divergence`). Each is checked by the
+        divergence's own `checks`; a name the chosen divergence does not read is refused.
     kd_temperature (`float`, *optional*, defaults to `1.0`):
         Temperature dividing both models' logits in the KD term. The CE term always uses temperature 1.
     kd_temperature_squared (`bool`, *optional*, defaults to `True`):
@@ -199,6 +203,8 @@ class KDConfig(SFTConfig):
     )
     jsd_beta: float = field(default=0.5, metadata={"help": "β of the generalised JSD, in (0, 1)."})
     skew_alpha: float = field(default=0.1, metadata={"help": "α of the skewed KL divergences, in [0, 1)."})
+    divergence_params: dict[str, float] | None = field(
+        default=None, metadata={"help": "Settings of a registered divergence beyond jsd_beta and skew_alpha, by name."})
     kd_temperature: float = field(
         default=1.0, metadata={"help": "Temperature dividing both models' logits in the KD term; > 0."}
     )
@@ -232,6 +238,7 @@ class KDConfig(SFTConfig):
         # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
+        self._check_divergence_params()
         try:
             self.loss_settings()
         except ValueError as error:
@@ -271,7 +278,27 @@ class KDConfig(SFTConfig):
         """`LossSettings` keyword arguments from this config's fields; a subclass maps its own fields here."""
         return dict(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
                     skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
-                    temperature_squared=self.kd_temperature_squared)
+                    temperature_squared=self.kd_temperature_squared,
+                    other_divergence_settings=tuple(sorted((self.divergence_params or {}).items())))
+
+    def _check_divergence_params(self) -> None:
+        """`divergence_params` names only settings the chosen divergence reads, and not the ones with fields here;
+        their values are checked by the divergence's own checks (in `loss_settings`)."""
+        params = self.divergence_params
+        if params is None:
+            return
+        if not isinstance(params, dict) or not all(isinstance(name, str) for name in params) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in params.values()):
+            raise ValueError(f"divergence_params must map setting names to numbers, got {params!r}.")
+        fielded = sorted(set(params) & {"jsd_beta", "skew_alpha"})
+        if fielded:
+            raise ValueError(f"divergence_params has {fielded}, which are fields of the config: set "
+                             f"{', '.join(f'{name}=...' for name in fielded)} instead.")
+        reads = get_divergence(self.divergence).params
+        unread = sorted(set(params) - set(reads))
+        if unread:
+            raise ValueError(f"divergence_params has {unread}, which divergence={self.divergence!r} does not read (it "
+                             f"reads {list(reads) or 'none'}): remove them, or choose the divergence that reads them.")
 
     def _check_teacher_cache_settings(self) -> None:
         if self.teacher_cache_mode not in ("top_k", "sampled"):

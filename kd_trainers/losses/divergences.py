@@ -103,7 +103,8 @@ def divergence_params(name: str, settings: Mapping[str, float]) -> dict[str, flo
     fn = get_divergence(name)
     missing = [param for param in fn.params if param not in settings]
     if missing:
-        raise ValueError(f"Divergence {name!r} needs the setting(s) {', '.join(missing)}.")
+        raise ValueError(f"Divergence {name!r} needs the setting(s) {', '.join(missing)} (in a KDConfig or a recipe: "
+                         f"divergence_params: {{{', '.join(f'{param}: ...' for param in missing)}}}).")
     return {param: settings[param] for param in fn.params}
 
 
