@@ -28,10 +28,31 @@ from __future__ import annotations
 
 import torch
 
-from .fused import ChunkedDistillationOutput, TeacherTerms, engine_terms
+from .fused import ChunkedDistillationOutput, EngineOptions, TeacherTerms, engine_terms
 from .reference import DistillationLoss
 from .settings import LogitTransform, LossSettings
-from .sparse import SparseTargets, check_sparse_settings
+from .sources import DenseMember, SparseMember
+from .sparse import SparseTargets
+
+
+def teacher_distillation_terms(student_hidden: torch.Tensor,
+                               student_lm_head: torch.nn.Module | tuple[torch.Tensor, torch.Tensor | None], source,
+                               labels: torch.Tensor, settings: LossSettings = LossSettings(), **options):
+    """`(1 − w)·CE + w·KD` of the student against a teacher given as a source, whatever it is: a model's hidden states
+    and head (`DenseMember`), a sparse distribution per label token (`SparseMember`), or several mixed
+    (`MixedTeachers`). What the trainers call.
+
+    Args:
+        student_hidden: `[B, T, D_S]` or `[N, D_S]` student last hidden states (after the final norm).
+        student_lm_head: the student's output layer (`nn.Linear`, weight `[V_S, D_S]`) or a `(weight, bias)` pair.
+        labels: `[B, T]` or `[N]` next-token ids aligned with the hidden states (already shifted).
+        options: the engine's options (`EngineOptions`: `ignore_index`, `num_items_in_batch`, `vocab_size`,
+            `chunk_size`, `memory_budget_mb`, `student_transform`, `noise_seed`).
+
+    Returns `ChunkedDistillationOutput` (`loss`, `ce_loss`, `kd_loss`, `num_correct`, ...), or for a mixture
+    `MixtureDistillationOutput`, which adds each teacher's own `member_kd_sums` and `member_token_counts`.
+    """
+    return engine_terms(student_hidden, student_lm_head, labels, settings, source, EngineOptions(**options))
 
 
 def chunked_distillation_terms(
@@ -42,17 +63,11 @@ def chunked_distillation_terms(
     labels: torch.Tensor,
     settings: LossSettings = LossSettings(),
     *,
-    ignore_index: int = -100,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    vocab_size: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget_mb: float | None = None,
-    student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
-    noise_seed: int | None = None,
     teacher_terms: TeacherTerms = TeacherTerms(),
     teacher_labels: torch.Tensor | None = None,
     report_ce: bool = True,
+    **options,
 ) -> ChunkedDistillationOutput:
     """The loss of `reference.distillation_loss`, from hidden states and output heads, in token chunks.
 
@@ -64,28 +79,26 @@ def chunked_distillation_terms(
         teacher_lm_head: the teacher's output layer, weight `[V_T, D_T]`; never given a gradient.
         labels: `[B, T]` or `[N]` next-token ids aligned with the hidden states (already shifted).
         settings: divergence, temperature, noise, KD weight (see `LossSettings`).
-        num_items_in_batch: global label-token count of the accumulated batch, as in the reference.
-        vocab_size: use only the first `vocab_size` rows of both heads (the shared vocabulary when one head is padded,
-            e.g. Qwen2.5-0.5B's 151,936 rows against Qwen2.5-7B's 152,064). Defaults to the smaller head.
-        chunk_size: tokens per chunk, when set; otherwise sized from `memory_budget_mb` (`chunk_rows`).
-        memory_budget_mb: MiB for the chunk's `[n, V]` fp32 working buffers (`working_buffers` of them); default
-            `default_memory_budget_mb(device)`. Only one of `chunk_size` and `memory_budget_mb` may be given.
-        student_transform / teacher_transform: logit scale and soft-capping of each model.
-        noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`). The noise at position
-            (b, t) of `labels` depends on `(noise_seed, b, t)` alone, as in the reference: not on the chunk size nor on
-            which other positions are masked.
+        teacher_transform: logit scale and soft-capping of the teacher (the student's is an engine option).
         teacher_terms: the teacher-side cross-entropy and KD gate of DSKD (off by default).
         teacher_labels: `[B, T]` or `[N]` targets of those teacher-side terms; defaults to `labels`. Only positions
             where `labels != ignore_index` count.
         report_ce: at `kd_weight=1` the CE is only reported (`ce_loss`); False skips it (`ce_loss` is then 0), as
             DSKD's teacher-space term does, whose CE nobody reads.
+        options: the engine's options (`EngineOptions`):
+            ignore_index (-100); num_items_in_batch: global label-token count of the accumulated batch, as in the
+            reference; vocab_size: use only the first `vocab_size` rows of both heads (the shared vocabulary when one
+            head is padded, e.g. Qwen2.5-0.5B's 151,936 rows against Qwen2.5-7B's 152,064), default the smaller head;
+            chunk_size: tokens per chunk, when set, otherwise sized from memory_budget_mb: MiB for the chunk's
+            `[n, V]` fp32 working buffers (`working_buffers` of them), default `default_memory_budget_mb(device)`
+            (only one of the two may be given); student_transform: the student's logit scale and soft-capping;
+            noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`). The noise at position
+            (b, t) of `labels` depends on `(noise_seed, b, t)` alone, as in the reference: not on the chunk size nor
+            on which other positions are masked.
     """
-    return engine_terms(student_hidden, student_lm_head, labels, settings, (teacher_hidden, teacher_lm_head), None,
-                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
-                         chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
-                         student_transform=student_transform, teacher_transform=teacher_transform,
-                         noise_seed=noise_seed, teacher_terms=teacher_terms, teacher_labels=teacher_labels,
-                         report_ce=report_ce)
+    return engine_terms(student_hidden, student_lm_head, labels, settings,
+                        DenseMember(teacher_hidden, teacher_lm_head, teacher_transform), EngineOptions(**options),
+                        teacher_terms, teacher_labels, report_ce)
 
 
 def sparse_distillation_terms(
@@ -96,13 +109,7 @@ def sparse_distillation_terms(
     settings: LossSettings = LossSettings(),
     *,
     tail: str = "bucket",
-    vocab_size: int | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    memory_budget_mb: float | None = None,
-    student_transform: LogitTransform = LogitTransform(),
-    noise_seed: int | None = None,
+    **options,
 ) -> ChunkedDistillationOutput:
     """`chunked_distillation_terms` with the teacher given as a sparse distribution per label token
     (`kd_trainers.losses.sparse`): no teacher model, no teacher head, the same chunks, divergences, temperature, noise
@@ -111,15 +118,11 @@ def sparse_distillation_terms(
     Args:
         targets: the teacher at the `N` label tokens of `labels` (`labels != ignore_index`, row-major order).
         tail: `bucket` or `spread`, what a `top_k` target's tail is (see `kd_trainers.losses.sparse`).
-        vocab_size: the teacher's vocabulary (V of the tail's V − k tokens); defaults to the student head's rows.
-        The others as in `chunked_distillation_terms`.
+        options: the engine's options, as in `chunked_distillation_terms`; `vocab_size` is the teacher's vocabulary
+            (V of the tail's V − k tokens), defaulting to the student head's rows.
     """
-    check_sparse_settings(targets.kind, tail, settings.divergence)
-    return engine_terms(student_hidden, student_lm_head, labels, settings, None, (targets, tail),
-                         ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size,
-                         chunk_size=chunk_size, memory_budget_mb=memory_budget_mb,
-                         student_transform=student_transform, teacher_transform=LogitTransform(),
-                         noise_seed=noise_seed, teacher_terms=TeacherTerms(), teacher_labels=None, report_ce=True)
+    return teacher_distillation_terms(student_hidden, student_lm_head, SparseMember(targets, tail), labels, settings,
+                                      **options)
 
 
 def chunked_distillation_loss(student_hidden, student_lm_head, teacher_hidden, teacher_lm_head, labels,

@@ -14,7 +14,7 @@ from .heads import maybe_gather, project_into, vocabulary_rows, weight_and_bias
 from .noise import grid_positions, position_noise_
 from .reference import loss_normalizer
 from .settings import LogitTransform, LossSettings, chunk_length, uses_closed_form, working_buffers
-from .sparse import SparseTargets, fill_teacher_logits_, takes_sparse_forward_kl
+from .sources import EngineTeacher
 
 
 @dataclass(frozen=True)
@@ -43,24 +43,42 @@ class ChunkedDistillationOutput(NamedTuple):
                                        # teacher terms are on)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs, whatever the teacher (one object from the entry points down):
+
+    ignore_index: label value of positions that are not label tokens.
+    num_items_in_batch: global label-token count of the accumulated batch, as in the reference.
+    vocab_size: use only the first `vocab_size` rows of the heads (the shared vocabulary when one head is padded);
+        defaults to the smallest head.
+    chunk_size: tokens per chunk, when set; otherwise sized from `memory_budget_mb` (`chunk_rows`).
+    memory_budget_mb: MiB for a chunk's `[n, V]` fp32 working buffers; default `default_memory_budget_mb(device)`.
+    student_transform: the student's logit scale and soft-capping.
+    noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`).
+    """
+
+    ignore_index: int = -100
+    num_items_in_batch: int | torch.Tensor | None = None
+    vocab_size: int | None = None
+    chunk_size: int | None = None
+    memory_budget_mb: float | None = None
+    student_transform: LogitTransform = LogitTransform()
+    noise_seed: int | None = None
+
+
 class _ChunkPlan(NamedTuple):
     """What the fused function reads besides the four inputs that may take a gradient (rows are label tokens only)."""
 
-    teacher_weight: torch.Tensor         # [V, D_T], detached
-    teacher_bias: torch.Tensor | None    # [V], detached
+    teacher: EngineTeacher               # fills each chunk's teacher logits (`sources.py`, `mixture.py`)
     labels: torch.Tensor                 # [N]
     teacher_labels: torch.Tensor         # [N], targets of the teacher-side terms
     normalizer: torch.Tensor             # scalar: the N the sums are divided by
     settings: LossSettings
     student_transform: LogitTransform
-    teacher_transform: LogitTransform
     teacher_terms: TeacherTerms
     chunk_size: int
     noise: tuple | None                  # (seed, rows [N], columns [N]) when settings.noise_std > 0
     report_ce: bool                      # False: the CE at w = 1 feeds nothing, so skip it
-    sparse: tuple[SparseTargets, str] | None = None  # (targets [N, k], tail treatment): the teacher, in place of
-                                                     # teacher_hidden and its head
-    mixture: object | None = None  # several teachers (`mixture.Mixture`): fills each chunk's teacher logits itself
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -68,8 +86,8 @@ class _FusedDistillationFunction(torch.autograd.Function):
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, plan: _ChunkPlan):
         """student_hidden `[N, D_S]`, student_weight `[V, D_S]`, student_bias `[V]` or None, teacher_hidden `[N, D_T]`
         (differentiable only for the teacher-side CE); returns the terms of `ChunkedDistillationOutput`."""
-        teacher_weight, teacher_bias, labels, teacher_labels, normalizer, settings = plan[:6]
-        student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce, sparse, mixture = plan[6:]
+        teacher, labels, teacher_labels, normalizer, settings, student_transform, teacher_terms = plan[:7]
+        chunk_size, noise, report_ce = plan[7:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
         # Under no_grad (evaluation) nothing needs a gradient, and none is built.
@@ -92,45 +110,33 @@ class _FusedDistillationFunction(torch.autograd.Function):
         closed_form = uses_closed_form(settings)
         count = working_buffers(settings, student_transform, report_ce) if closed_form else 3
         buffers = [torch.empty(min(chunk_size, num_tokens), vocab, dtype=torch.float32, device=device)
-                   for _ in range(count + (mixture.buffers if mixture is not None else 0))]
+                   for _ in range(count + teacher.extra_buffers)]
 
         for start in range(0, num_tokens, chunk_size):
             chunk = slice(start, min(start + chunk_size, num_tokens))
             hidden = student_hidden[chunk]
             chunk_labels, chunk_teacher_labels = labels[chunk], teacher_labels[chunk]
             student_logits, teacher_logits, *scratch = (buffer[: hidden.size(0)] for buffer in buffers)
-            sparse_target = None
-            if mixture is not None:  # several teachers: their tempered mixture, as logits (the bucket tail reads the
-                project_into(student_logits, hidden, student_weight, student_bias)  # student's)
-                mixture.fill_(teacher_logits, chunk, student_logits, settings, student_transform,
-                              scratch[-mixture.buffers:])
-            elif sparse is not None:  # the teacher from its stored distribution (the bucket tail reads the student's)
-                project_into(student_logits, hidden, student_weight, student_bias)
-                if takes_sparse_forward_kl(settings) and closed_form:
-                    sparse_target = (sparse[0].rows(chunk), sparse[1])
-                else:
-                    fill_teacher_logits_(teacher_logits, sparse[0].rows(chunk), settings.temperature, sparse[1],
-                                         student_logits, scratch[0], student_transform)
-            else:
-                project_into(teacher_logits, teacher_hidden[chunk], teacher_weight, teacher_bias)
+            project_into(student_logits, hidden, student_weight, student_bias)
+            # The teacher's raw logits, or the sparse target the closed form takes directly.
+            sparse_target = teacher.fill_(teacher_logits, chunk, student_logits, settings, student_transform, scratch,
+                                          closed_form)
             if teacher_ce_on or teacher_terms.gate_kd:
                 # The transforms are monotone: the argmax of the raw logits is the model's prediction.
                 teacher_correct = teacher_logits.argmax(-1) == chunk_teacher_labels
                 counts[1] += teacher_correct.sum()
             if teacher_ce_on:
                 teacher_ce, teacher_grad = teacher_ce_value_and_grad(teacher_logits, chunk_teacher_labels,
-                                                                     teacher_transform, scratch[0])
+                                                                     teacher.transform, scratch[0])
                 sums[2] += teacher_ce
                 if grad_teacher_hidden is not None:
                     teacher_grad = teacher_grad.to(teacher_hidden.dtype)
-                    torch.mm(teacher_grad, teacher_weight, out=grad_teacher_hidden[chunk])
-            teacher_transform.apply_(teacher_logits)
+                    torch.mm(teacher_grad, teacher.weight, out=grad_teacher_hidden[chunk])
+            teacher.transform.apply_(teacher_logits)
             if settings.noise_std > 0:
                 seed, rows, columns = noise
                 position_noise_(scratch[0], seed, rows[chunk], columns[chunk])
                 teacher_logits.add_(scratch[0], alpha=settings.noise_std)
-            if sparse is None and mixture is None:
-                project_into(student_logits, hidden, student_weight, student_bias)
             counts[0] += (student_logits.argmax(-1) == chunk_labels).sum()
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
             if closed_form:
@@ -188,65 +194,45 @@ class _FusedDistillationFunction(torch.autograd.Function):
         return (*gradients, None)
 
 
-def engine_terms(student_hidden, student_lm_head, labels, settings, dense_teacher, sparse_teacher, *, ignore_index,
-                  num_items_in_batch, vocab_size, chunk_size, memory_budget_mb, student_transform, teacher_transform,
-                  noise_seed, teacher_terms, teacher_labels, report_ce, mixture=None) -> ChunkedDistillationOutput:
-    """The engine's set-up for any teacher: `dense_teacher` `(hidden, head)`, `sparse_teacher` `(targets, tail)`,
-    or a `mixture` of them (`kd_trainers.losses.mixture`), which fills each chunk's teacher logits itself in
-    `mixture.buffers` more buffers."""
+def engine_terms(student_hidden: torch.Tensor, student_lm_head, labels: torch.Tensor, settings: LossSettings,
+                 source, options: EngineOptions, teacher_terms: TeacherTerms = TeacherTerms(),
+                 teacher_labels: torch.Tensor | None = None, report_ce: bool = True):
+    """The engine against any teacher `source` (`DenseMember`, `SparseMember`, `MixedTeachers`: each prepares its own
+    side, `sources.py`); returns `source`'s output of the terms (`ChunkedDistillationOutput`, or a mixture's)."""
     student_weight, student_bias = weight_and_bias(student_lm_head)
-    teacher_hidden, teacher_weight, teacher_bias = None, None, None
-    if dense_teacher is not None:
-        teacher_hidden = dense_teacher[0]
-        teacher_weight, teacher_bias = weight_and_bias(dense_teacher[1])
-    with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
+    with maybe_gather(student_weight, student_bias, *source.head_params()):
         # Read inside the gather: under ZeRO-3 a partitioned head has 0 rows until it is gathered.
-        head_rows = [weight.size(0) for weight in (student_weight, teacher_weight) if weight is not None]
-        if mixture is not None:
-            head_rows += mixture.head_rows()
-        vocab = min(head_rows) if vocab_size is None else vocab_size
+        head_rows = [student_weight.size(0), *source.head_rows()]
+        vocab = min(head_rows) if options.vocab_size is None else options.vocab_size
         if vocab > min(head_rows):
             rows = ", ".join(f"{count} {'teacher' if index else 'student'} rows"
                              for index, count in enumerate(head_rows))
             raise ValueError(f"vocab_size={vocab} exceeds an output head ({rows}).")
         positions = grid_positions(labels)  # (b, t) of every label entry, for the noise
-        labels = labels.reshape(-1)
-        mask = labels != ignore_index
-        if mask.any() and int(labels[mask].max()) >= vocab:
-            raise ValueError(f"A label id ({int(labels[mask].max())}) is outside the distilled vocabulary of {vocab}.")
+        flat_labels = labels.reshape(-1)
+        mask = flat_labels != options.ignore_index
+        if mask.any() and int(flat_labels[mask].max()) >= vocab:
+            raise ValueError(f"A label id ({int(flat_labels[mask].max())}) is outside the distilled vocabulary of "
+                             f"{vocab}.")
         noise = None
         if settings.noise_std > 0:
-            if noise_seed is None:
+            if options.noise_seed is None:
                 raise ValueError("settings.noise_std > 0 needs a noise_seed (an int): the noise is drawn from it.")
-            noise = (noise_seed, *(index[mask] for index in positions))
-        teacher_labels = labels if teacher_labels is None else teacher_labels.reshape(-1)
-        normalizer = loss_normalizer(mask.sum(), num_items_in_batch)
+            noise = (options.noise_seed, *(index[mask] for index in positions))
+        teacher_labels = flat_labels if teacher_labels is None else teacher_labels.reshape(-1)
+        normalizer = loss_normalizer(mask.sum(), options.num_items_in_batch)
         # Boolean indexing keeps the autograd link: the gradient is scattered back to [B, T, D].
         student_rows = student_hidden.reshape(-1, student_hidden.size(-1))[mask]
-        if dense_teacher is not None:
-            teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.size(-1))[mask]
-            if teacher_terms.ce_weight == 0:
-                teacher_rows = teacher_rows.detach()
-            teacher_weight = teacher_weight[:vocab].detach()
-            teacher_bias = None if teacher_bias is None else teacher_bias[:vocab].detach()
-        elif mixture is not None:
-            teacher_rows = student_rows.new_zeros(student_rows.size(0), 0)  # the members hold their own
-        else:
-            targets, tail = sparse_teacher
-            if targets.ids.size(0) != student_rows.size(0):
-                raise ValueError(f"The sparse teacher has {targets.ids.size(0)} rows for {student_rows.size(0)} label "
-                                 "tokens: it must hold one row per label token, in order.")
-            sparse_teacher = (targets.to(student_hidden.device), tail)
-            teacher_rows = student_rows.new_zeros(student_rows.size(0), 0)  # no teacher hidden states
-        buffers = working_buffers(settings, student_transform, report_ce) + (mixture.buffers if mixture else 0)
-        chunk_size = chunk_length(vocab, buffers, student_hidden.device, chunk_size, memory_budget_mb)
-        plan = _ChunkPlan(teacher_weight, teacher_bias, labels[mask], teacher_labels[mask], normalizer, settings,
-                          student_transform, teacher_transform, teacher_terms, chunk_size, noise, report_ce,
-                          sparse_teacher, mixture)
-        inputs = [student_rows, vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab), teacher_rows]
+        teacher = source.prepare(labels, mask, vocab, settings, student_rows, keeps_grad=teacher_terms.ce_weight > 0)
+        buffers = working_buffers(settings, options.student_transform, report_ce) + teacher.extra_buffers
+        chunk_size = chunk_length(vocab, buffers, student_hidden.device, options.chunk_size, options.memory_budget_mb)
+        plan = _ChunkPlan(teacher, flat_labels[mask], teacher_labels[mask], normalizer, settings,
+                          options.student_transform, teacher_terms, chunk_size, noise, report_ce)
+        inputs = [student_rows, vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
+                  teacher.rows]
         if not torch.is_grad_enabled():
             # Evaluation: an autograd.Function's inputs still say they need gradients under no_grad, so detach them,
             # and the engine builds none (half its matrix products).
             inputs = [None if tensor is None else tensor.detach() for tensor in inputs]
         outputs = _FusedDistillationFunction.apply(*inputs, plan)
-    return ChunkedDistillationOutput(*outputs)
+    return teacher.finish(ChunkedDistillationOutput(*outputs))
