@@ -69,6 +69,32 @@ def test_bad_calls_are_refused_clearly():
         score(["a"], ["a"], metrics=["exact_match"], answer_extractor="regex")
 
 
+def test_a_metric_is_one_module_file_with_its_registration(tmp_path):
+    """The registry reads each module's `KD_METRICS` (and options) from its text; a new file registers its columns and
+    suite with no other edit; a column registered twice, or a bad entry, is refused naming the file."""
+    import shutil
+
+    from kd_trainers.evaluation.registry import METRICS, MODULES_DIR, SUITES, discover
+
+    assert METRICS["agreement"] == ("final_answer_match", "match", "teacher_predictions")
+    assert SUITES["reasoning"] == ["exact_match", "agreement", "fidelity"]
+    folder = tmp_path / "modules"
+    shutil.copytree(MODULES_DIR, folder)
+    (folder / "length_ratio.py").write_text(
+        "import evaluate\n\nKD_METRICS = {'length_ratio': {'key': 'ratio', 'against': 'references', "
+        "'suite': 'shape'}}\nKD_OPTIONS = {'unit': 'answer_extractor'}\n")
+    found = discover(str(folder))
+    assert found["length_ratio"].metrics["length_ratio"]["suite"] == "shape"
+    assert found["length_ratio"].options == {"unit": "answer_extractor"}
+    assert set(found) == {"embedding", "final_answer_match", "ngram", "reasoning_fidelity", "length_ratio"}
+    (folder / "twice.py").write_text("KD_METRICS = {'rouge_l': {'key': 'r', 'against': 'references', 'suite': 'x'}}\n")
+    with pytest.raises(ValueError, match="The metric 'rouge_l' is registered by both ngram and twice"):
+        discover(str(folder))
+    (folder / "twice.py").write_text("KD_METRICS = {'other': {'key': 'r', 'against': 'gold'}}\n")
+    with pytest.raises(ValueError, match=r"twice.py: KD_METRICS\['other'\] must be \{key, against, suite\}"):
+        discover(str(folder))
+
+
 def test_kd_eval_generates_saves_and_scores_with_teacher_predictions(tmp_path):
     import json
 

@@ -1,4 +1,5 @@
-"""`score`: per-example metric scores of predictions, as a pandas DataFrame, from the local `evaluate` modules."""
+"""`score`: per-example metric scores of predictions, as a pandas DataFrame, from the local `evaluate` modules (what
+each gives is its own registration, `registry.py`)."""
 
 from __future__ import annotations
 
@@ -7,27 +8,7 @@ from functools import lru_cache
 
 import pandas as pd
 
-MODULES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "modules")
-
-# metric column -> (module, key in its output, what it compares against)
-METRICS: dict[str, tuple[str, str, str]] = {
-    **{f"bleu_{n}": ("ngram", f"bleu_{n}", "references") for n in (1, 2, 3, 4)},
-    "chrf": ("ngram", "chrf", "references"),
-    "rouge_l": ("ngram", "rouge_l", "references"),
-    "embedding_cosine": ("embedding", "embedding_cosine", "references"),
-    "bertscore_precision": ("embedding", "bertscore_precision", "references"),
-    "bertscore_recall": ("embedding", "bertscore_recall", "references"),
-    "bertscore_f1": ("embedding", "bertscore_f1", "references"),
-    "exact_match": ("final_answer_match", "match", "references"),
-    "agreement": ("final_answer_match", "match", "teacher_predictions"),
-    "fidelity": ("reasoning_fidelity", "fidelity", "teacher_predictions"),
-}
-SUITES: dict[str, list[str]] = {
-    "ngram": ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "chrf", "rouge_l"],
-    "embedding": ["embedding_cosine", "bertscore_precision", "bertscore_recall", "bertscore_f1"],
-    "reasoning": ["exact_match", "agreement", "fidelity"],
-}
-CORPUS_METRICS = ("corpus_bleu", "corpus_chrf")  # from the ngram module, in `frame.attrs["corpus"]`
+from .registry import METRICS, MODULES, MODULES_DIR, SUITES
 
 
 @lru_cache(maxsize=None)
@@ -72,20 +53,20 @@ def score(predictions: list[str], references: list[str], metrics: str | list[str
     if teacher_predictions is not None and len(teacher_predictions) != len(predictions):
         raise ValueError(f"{len(predictions)} predictions but {len(teacher_predictions)} teacher predictions.")
 
+    options = {"answer_extractor": answer_extractor, "embedding_model": embedding_model}
     frame = pd.DataFrame({"example_id": range(len(predictions))})
     computed: dict[tuple[str, str], dict] = {}
     corpus = {}
     for name in names:
         module, key, target = METRICS[name]
         if (module, target) not in computed:
-            kwargs = {"final_answer_match": {"answer_extractor": answer_extractor},
-                      "embedding": {"model_name_or_path": embedding_model}}.get(module, {})
-            computed[(module, target)] = load_module(module).compute(predictions=list(predictions),
-                                                                     references=list(against[target]), **kwargs)
-            corpus.update({k: computed[(module, target)][k] for k in CORPUS_METRICS
-                           if k in computed[(module, target)]})
-            if "embedding_model" in computed[(module, target)]:
-                frame.attrs["embedding_model"] = computed[(module, target)]["embedding_model"]
+            registration = MODULES[module]  # what the module takes from here and gives beside its columns
+            kwargs = {keyword: options[option] for keyword, option in registration.options.items()}
+            output = load_module(module).compute(predictions=list(predictions), references=list(against[target]),
+                                                 **kwargs)
+            computed[(module, target)] = output
+            corpus.update({k: output[k] for k in registration.corpus if k in output})
+            frame.attrs.update({k: output[k] for k in registration.attrs if k in output})
         frame[name] = computed[(module, target)][key]
     frame.attrs["corpus"] = corpus
     return frame

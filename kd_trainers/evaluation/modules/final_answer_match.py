@@ -10,6 +10,16 @@ from kd_trainers.evaluation.answers import get_extractor
 from kd_trainers.evaluation.module_info import text_pair_info
 
 
+# Its registration, read from this file's text without importing it (`kd_trainers.evaluation.registry`): the metric
+# columns it gives `score`, each as {key: its output key, against: references | teacher_predictions, suite: name}; its
+# `compute` keyword from `score`'s (`KD_OPTIONS`).
+KD_METRICS = {
+    "exact_match": {"key": "match", "against": "references", "suite": "reasoning"},
+    "agreement": {"key": "match", "against": "teacher_predictions", "suite": "reasoning"},
+}
+KD_OPTIONS = {"answer_extractor": "answer_extractor"}
+
+
 class FinalAnswerMatch(evaluate.Metric):
     def _info(self):
         return text_pair_info(__doc__)

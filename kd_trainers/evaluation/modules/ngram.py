@@ -10,6 +10,20 @@ from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
 from kd_trainers.evaluation.module_info import text_pair_info
 
+
+# Its registration, read from this file's text without importing it (`kd_trainers.evaluation.registry`): the metric
+# columns it gives `score`, each as {key: its output key, against: references | teacher_predictions, suite: name}, and
+# `corpus`: corpus-level keys of its output, kept in the frame's `attrs["corpus"]`.
+KD_METRICS = {
+    "bleu_1": {"key": "bleu_1", "against": "references", "suite": "ngram"},
+    "bleu_2": {"key": "bleu_2", "against": "references", "suite": "ngram"},
+    "bleu_3": {"key": "bleu_3", "against": "references", "suite": "ngram"},
+    "bleu_4": {"key": "bleu_4", "against": "references", "suite": "ngram"},
+    "chrf": {"key": "chrf", "against": "references", "suite": "ngram"},
+    "rouge_l": {"key": "rouge_l", "against": "references", "suite": "ngram"},
+}
+KD_CORPUS = ["corpus_bleu", "corpus_chrf"]
+
 _WEIGHTS = {1: (1.0,), 2: (0.5, 0.5), 3: (1 / 3, 1 / 3, 1 / 3), 4: (0.25, 0.25, 0.25, 0.25)}
 
 

@@ -10,6 +10,11 @@ from kd_trainers.evaluation.answers import reasoning_text
 from kd_trainers.evaluation.module_info import text_pair_info
 
 
+# Its registration, read from this file's text without importing it (`kd_trainers.evaluation.registry`): the metric
+# columns it gives `score`, each as {key: its output key, against: references | teacher_predictions, suite: name}.
+KD_METRICS = {"fidelity": {"key": "fidelity", "against": "teacher_predictions", "suite": "reasoning"}}
+
+
 class ReasoningFidelity(evaluate.Metric):
     def _info(self):
         return text_pair_info(__doc__, "predictions: student texts; references: teacher texts")
