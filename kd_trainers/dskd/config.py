@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
-from ..kd.config import KDConfig
+from ..kd.config import DistillationConfig
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES
 from ..teachers.needs import TeacherNeeds
@@ -15,9 +15,11 @@ PROJECTOR_INITS = ("default", "pinv")
 
 
 @dataclass
-class DSKDConfig(KDConfig):
+class DSKDConfig(DistillationConfig):
     r"""
-    Configuration class for [`DSKDTrainer`]: every field of `KDConfig`, plus the DSKD settings below. Defaults follow
+    Configuration class for [`DSKDTrainer`]: every field of `KDConfig` but those of a teacher cache, a served teacher
+    and several teachers (DSKD reads one model's hidden states: `teacher_cache` or `teacher_url` is refused, with the
+    reason), plus the DSKD settings below. Defaults follow
     the official DSKD scripts (`kd_temperature=2.0`, no T² scaling, `kd_weight=0.5`, `projector_lr=1e-3`).
 
     loss = (1 − w)·CE + w·(t2s_CE + t2s_KD + s2t_KD), each term summed over tokens and divided by the number of
@@ -85,8 +87,12 @@ class DSKDConfig(KDConfig):
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Prompt tokens kept per tokenizer under cross-model attention."}
     )
+    # Teacher kinds this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).
+    teacher_cache: InitVar[str | None] = None
+    teacher_url: InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, teacher_cache=None, teacher_url=None):
+        self.refuse_teacher_kinds(teacher_cache=teacher_cache, teacher_url=teacher_url)
         checks = [
             ("projector_lr", self.projector_lr, isinstance(self.projector_lr, (int, float)) and self.projector_lr > 0,
              "a number > 0"),

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from trl.experimental.gkd import GKDConfig as TRLGKDConfig
 
-from ..kd.config import KDConfig
+from ..kd.config import DistillationConfig
 from ..teachers.needs import TeacherNeeds
 
 
 @dataclass
-class GKDConfig(KDConfig, TRLGKDConfig):
+class GKDConfig(DistillationConfig, TRLGKDConfig):
     r"""
     Configuration class for [`GKDTrainer`]: every field of TRL's `GKDConfig` (`lmbda`, `beta`, `seq_kd`,
     `max_new_tokens`, the sampling `temperature`, ...) and of `KDConfig` (`divergence`, `kd_temperature`, `kd_weight`,
@@ -36,8 +36,12 @@ class GKDConfig(KDConfig, TRLGKDConfig):
     divergence: str = field(default="jsd", metadata={"help": "Divergence between the two distributions."})
     jsd_beta: float | None = field(default=None, metadata={"help": "Follows `beta`; leave unset."})
     kd_weight: float = field(default=1.0, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."})
+    # Teacher kinds this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).
+    teacher_cache: InitVar[str | None] = None
+    teacher_url: InitVar[str | None] = None
 
-    def __post_init__(self):
+    def __post_init__(self, teacher_cache=None, teacher_url=None):
+        self.refuse_teacher_kinds(teacher_cache=teacher_cache, teacher_url=teacher_url)
         # No field is rewritten here (β = 0 or 1 is mapped in `loss_settings`), so `dataclasses.replace` and a
         # round trip through `to_dict` give back the config that was written.
         if self.jsd_beta is not None and self.jsd_beta != self.beta:
@@ -56,7 +60,7 @@ class GKDConfig(KDConfig, TRLGKDConfig):
                    "by the server inside each step). Drop teacher_url, or use method kd (off-policy distillation on "
                    "the dataset's completions) with it."})
 
-    _loss_setting_names = {**KDConfig._loss_setting_names, "jsd_beta": "beta"}
+    _loss_setting_names = {**DistillationConfig._loss_setting_names, "jsd_beta": "beta"}
 
     def _loss_setting_values(self) -> dict:
         """KD's settings with β = `beta`. TRL's generalised JSD at its ends: β = 0 is KL(p_T ‖ p_S), β = 1 is

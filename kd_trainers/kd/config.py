@@ -12,12 +12,183 @@ from trl import SFTConfig
 from ..guards import check_training_args
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES, get_divergence
-from ..losses.sparse import TAIL_TREATMENTS, check_sparse_settings
-from ..teachers.needs import TeacherNeeds
+from ..teachers.cached import TeacherCacheFields
+from ..teachers.mixture import SeveralTeachersFields
+from ..teachers.needs import KIND_FIELDS, TeacherNeeds
+from ..teachers.served import TeacherServerFields
 
 
 @dataclass
-class KDConfig(SFTConfig):
+class DistillationConfig(SFTConfig):
+    """The settings every distillation method shares: `SFTConfig`'s, the teacher model's and the loss's (each
+    documented on `KDConfig`). A method's config subclasses it together with the field classes of the teacher kinds it
+    can use (`kd_trainers.teachers`: a cache's, a server's, several teachers'), so that it has no field it would refuse.
+    """
+
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the teacher, used when no teacher model is passed to the trainer."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when loading the teacher."},
+    )
+    teacher_adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation."},
+    )
+    divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence between the student's and the teacher's distributions.",
+                  "choices": sorted(DIVERGENCES)},
+    )
+    jsd_beta: float = field(default=0.5, metadata={"help": "β of the generalised JSD, in (0, 1)."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "α of the skewed KL divergences, in [0, 1)."})
+    divergence_params: dict[str, float] | None = field(
+        default=None, metadata={"help": "Settings of a registered divergence beyond jsd_beta and skew_alpha, by name."})
+    kd_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature dividing both models' logits in the KD term; > 0."}
+    )
+    kd_temperature_squared: bool = field(
+        default=True, metadata={"help": "Multiply the KD term by the squared temperature (Hinton et al., 2015)."}
+    )
+    kd_weight: float = field(
+        default=0.5, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."}
+    )
+    teacher_logit_noise_std: float = field(
+        default=0.0, metadata={"help": "Std of Gaussian noise added to the teacher's logits before the softmax; >= 0."}
+    )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Label tokens per chunk of the fused loss; None sizes chunks from loss_memory_budget_mb."},
+    )
+    loss_memory_budget_mb: float | None = field(
+        default=None,
+        metadata={"help": "MiB for the fused loss's [chunk, vocab] working buffers; None: 96 on CPU, 512 on a GPU."},
+    )
+    teacher_logit_noise_in_eval: bool = field(
+        default=False,
+        metadata={"help": "Add the teacher-logit noise to evaluation losses too (off: eval losses are noise-free)."},
+    )
+
+    def teacher_needs(self) -> TeacherNeeds:
+        """What the method needs of its teacher (`kd_trainers.teachers.needs`): vanilla KD takes every kind."""
+        return TeacherNeeds()
+
+    def __post_init__(self):
+        # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
+        self._check_divergence_params()
+        try:
+            self.loss_settings()
+        except ValueError as error:
+            message = str(error)
+            for loss_name, field_name in self._loss_setting_names.items():
+                if message.startswith(loss_name + " "):
+                    message = field_name + message[len(loss_name):]
+            raise ValueError(message) from None
+        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
+            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
+        budget = self.loss_memory_budget_mb
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not 0 < budget < float("inf")):
+            raise ValueError(f"loss_memory_budget_mb must be a finite number of MiB > 0 or None, got {budget!r}.")
+        if budget is not None and self.loss_chunk_size is not None:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
+                             "the loss's chunks: set one of them.")
+        self.teacher_needs().check_config(self)  # a teacher kind the method cannot use: refused first
+        self._check_teacher_sources()
+        self._refuse_sft_only_losses()
+        with warnings.catch_warnings():
+            # transformers 5 renamed gradient checkpointing, and TRL's configs still set it by its old name: a notice
+            # about TRL's default, not about anything the user wrote.
+            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+            super().__post_init__()
+        check_training_args(self)  # settings that would train nothing are refused here, before any model loads
+
+    # LossSettings' names -> this config's fields, for error messages.
+    _loss_setting_names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
+
+    def loss_settings(self) -> LossSettings:
+        """The `LossSettings` the trainer's loss runs with: every loss field of this config, and nothing else."""
+        return LossSettings(**self._loss_setting_values())
+
+    def _loss_setting_values(self) -> dict:
+        """`LossSettings` keyword arguments from this config's fields; a subclass maps its own fields here."""
+        return dict(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
+                    skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
+                    temperature_squared=self.kd_temperature_squared,
+                    other_divergence_settings=tuple(sorted((self.divergence_params or {}).items())))
+
+    def _check_divergence_params(self) -> None:
+        """`divergence_params` names only settings the chosen divergence reads, and not the ones with fields here;
+        their values are checked by the divergence's own checks (in `loss_settings`)."""
+        params = self.divergence_params
+        if params is None:
+            return
+        if not isinstance(params, dict) or not all(isinstance(name, str) for name in params) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in params.values()):
+            raise ValueError(f"divergence_params must map setting names to numbers, got {params!r}.")
+        fielded = sorted(set(params) & {"jsd_beta", "skew_alpha"})
+        if fielded:
+            raise ValueError(f"divergence_params has {fielded}, which are fields of the config: set "
+                             f"{', '.join(f'{name}=...' for name in fielded)} instead.")
+        reads = get_divergence(self.divergence).params
+        unread = sorted(set(params) - set(reads))
+        if unread:
+            raise ValueError(f"divergence_params has {unread}, which divergence={self.divergence!r} does not read (it "
+                             f"reads {list(reads) or 'none'}): remove them, or choose the divergence that reads them.")
+
+    def _check_positive_integers(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+    def _check_teacher_sources(self) -> None:
+        """The settings of the teacher kinds this config has fields for (a cache's, a server's): none here."""
+
+    def refuse_teacher_kinds(self, **given) -> None:
+        """A teacher kind this config has no field for, given by its field's name (`teacher_cache=...`, an `InitVar`
+        of a method that cannot use it), refused with the method's reason (`teacher_needs`)."""
+        kinds = {field_name: kind for kind, field_name in KIND_FIELDS.items()}
+        for name, value in given.items():
+            if value is not None:
+                self.teacher_needs().check(kinds[name], value)
+
+    def holds_teacher_while_training(self) -> bool:
+        """Whether a teacher model sits beside the student while training (not with a teacher cache or server)."""
+        return getattr(self, "teacher_cache", None) is None and getattr(self, "teacher_url", None) is None
+
+    def _refuse_sft_only_losses(self) -> None:
+        """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD
+        loss has plain cross-entropy only, so beside a KD term they are refused rather than silently dropped."""
+        if self.kd_weight == 0:
+            return
+        if getattr(self, "loss_type", "nll") != "nll":
+            raise ValueError(
+                f"loss_type={self.loss_type!r} changes SFT's cross-entropy, which the distillation loss "
+                f"(kd_weight={self.kd_weight}) does not implement: its CE term is the plain negative log-likelihood. "
+                "Set loss_type='nll', or kd_weight=0 for plain SFT with it."
+            )
+        if getattr(self, "label_smoothing_factor", 0) > 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} smooths SFT's cross-entropy, which the "
+                f"distillation loss (kd_weight={self.kd_weight}) does not implement (the teacher's distribution is "
+                "already a soft target). Set label_smoothing_factor=0, or kd_weight=0 for plain SFT with it."
+            )
+
+    @classmethod
+    def from_sft_config(cls, args: SFTConfig, **overrides) -> "DistillationConfig":
+        """This config with every field of an existing `SFTConfig` (the drop-in path) and the KD defaults."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+        return cls(**{**values, **overrides})
+
+
+@dataclass
+class KDConfig(TeacherCacheFields, TeacherServerFields, SeveralTeachersFields, DistillationConfig):
     r"""
     Configuration class for [`KDTrainer`]: every field of `trl.SFTConfig`, plus the knowledge-distillation settings
     below. The loss is `(1 − kd_weight)·CE + kd_weight·KD`, with CE the student's cross-entropy on the labels and KD
@@ -148,238 +319,6 @@ class KDConfig(SFTConfig):
         ValueError: kd_weight must be in [0, 1], got 1.5.
     """
 
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub id or local path of the teacher, used when no teacher model is passed to the trainer."},
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for `AutoModelForCausalLM.from_pretrained` when loading the teacher."},
-    )
-    teacher_adapter_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A PEFT (LoRA) adapter applied to the teacher and merged into it before distillation."},
-    )
-    teacher_cache: str | None = field(
-        default=None,
-        metadata={"help": "Folder of the teacher's cached sparse distributions, read in place of a teacher in memory "
-                  "(written there first by the teacher when it holds no complete cache)."},
-    )
-    teacher_cache_mode: str = field(
-        default="top_k", metadata={"help": "What the cache stores per token: top_k or sampled.",
-                                   "choices": ["top_k", "sampled"]})
-    teacher_cache_k: int = field(default=32, metadata={"help": "Ids stored per label token (top-k, or draws)."})
-    teacher_cache_tail: str = field(
-        default="bucket", metadata={"help": "A top_k target's tail: bucket (one category) or spread (evenly).",
-                                    "choices": ["bucket", "spread"]})
-    teacher_cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward in the cache pass."})
-    teacher_cache_temperatures: list[float] | None = field(
-        default=None, metadata={"help": "More temperatures (besides 1 and kd_temperature) at which a top_k cache "
-                                "stores the tail's mass, for exact tempered targets."})
-    teacher_url: str | None = field(
-        default=None,
-        metadata={"help": "Base URL (http://HOST:PORT/v1) of a vLLM-compatible server answering the teacher's top-k "
-                  "log-probabilities, in place of a teacher in memory."})
-    teacher_server_k: int = field(default=20, metadata={"help": "Top-k ids asked of the served teacher per position."})
-    teacher_server_tail: str = field(
-        default="bucket", metadata={"help": "The served target's tail: bucket (one category) or spread (evenly).",
-                                    "choices": ["bucket", "spread"]})
-    teacher_server_batch_size: int = field(default=8, metadata={"help": "Sequences per request to the server."})
-    teacher_server_concurrency: int = field(default=4, metadata={"help": "Requests in flight at once."})
-    teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds to wait for one answer."})
-    teacher_server_max_wait: float = field(
-        default=120.0, metadata={"help": "Seconds a request may take with its retries before the run stops."})
-    teacher_server_approximate_temperature: bool = field(
-        default=False, metadata={"help": "Allow kd_temperature != 1 with a served teacher, its tempered tail "
-                                 "approximated (the server returns temperature-1 log-probabilities only)."})
-    teacher_column: str | None = field(
-        default=None, metadata={"help": "With several teachers: the column naming each example's one teacher."})
-    teacher_server_prefetch: bool = field(
-        default=True, metadata={"help": "Ask for a batch's targets before the step that uses it (overlapped)."})
-    divergence: str = field(
-        default="forward_kl",
-        metadata={"help": "Divergence between the student's and the teacher's distributions.",
-                  "choices": sorted(DIVERGENCES)},
-    )
-    jsd_beta: float = field(default=0.5, metadata={"help": "β of the generalised JSD, in (0, 1)."})
-    skew_alpha: float = field(default=0.1, metadata={"help": "α of the skewed KL divergences, in [0, 1)."})
-    divergence_params: dict[str, float] | None = field(
-        default=None, metadata={"help": "Settings of a registered divergence beyond jsd_beta and skew_alpha, by name."})
-    kd_temperature: float = field(
-        default=1.0, metadata={"help": "Temperature dividing both models' logits in the KD term; > 0."}
-    )
-    kd_temperature_squared: bool = field(
-        default=True, metadata={"help": "Multiply the KD term by the squared temperature (Hinton et al., 2015)."}
-    )
-    kd_weight: float = field(
-        default=0.5, metadata={"help": "Weight w in loss = (1 - w) * CE + w * KD, in [0, 1]."}
-    )
-    teacher_logit_noise_std: float = field(
-        default=0.0, metadata={"help": "Std of Gaussian noise added to the teacher's logits before the softmax; >= 0."}
-    )
-    loss_chunk_size: int | None = field(
-        default=None,
-        metadata={"help": "Label tokens per chunk of the fused loss; None sizes chunks from loss_memory_budget_mb."},
-    )
-    loss_memory_budget_mb: float | None = field(
-        default=None,
-        metadata={"help": "MiB for the fused loss's [chunk, vocab] working buffers; None: 96 on CPU, 512 on a GPU."},
-    )
-    teacher_logit_noise_in_eval: bool = field(
-        default=False,
-        metadata={"help": "Add the teacher-logit noise to evaluation losses too (off: eval losses are noise-free)."},
-    )
-
-    def teacher_needs(self) -> TeacherNeeds:
-        """What the method needs of its teacher (`kd_trainers.teachers.needs`): vanilla KD takes every kind."""
-        return TeacherNeeds()
-
-    def __post_init__(self):
-        # Checked before the parent's set-up so that a typo fails at once, naming the field and the value.
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
-        self._check_divergence_params()
-        try:
-            self.loss_settings()
-        except ValueError as error:
-            message = str(error)
-            for loss_name, field_name in self._loss_setting_names.items():
-                if message.startswith(loss_name + " "):
-                    message = field_name + message[len(loss_name):]
-            raise ValueError(message) from None
-        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
-            raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
-        budget = self.loss_memory_budget_mb
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                                   or not 0 < budget < float("inf")):
-            raise ValueError(f"loss_memory_budget_mb must be a finite number of MiB > 0 or None, got {budget!r}.")
-        if budget is not None and self.loss_chunk_size is not None:
-            raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
-                             "the loss's chunks: set one of them.")
-        self.teacher_needs().check_config(self)  # a teacher kind the method cannot use: refused first
+    def _check_teacher_sources(self) -> None:
         self._check_teacher_cache_settings()
         self._check_teacher_server_settings()
-        self._refuse_sft_only_losses()
-        with warnings.catch_warnings():
-            # transformers 5 renamed gradient checkpointing, and TRL's configs still set it by its old name: a notice
-            # about TRL's default, not about anything the user wrote.
-            warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-            super().__post_init__()
-        check_training_args(self)  # settings that would train nothing are refused here, before any model loads
-
-    # LossSettings' names -> this config's fields, for error messages.
-    _loss_setting_names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
-
-    def loss_settings(self) -> LossSettings:
-        """The `LossSettings` the trainer's loss runs with: every loss field of this config, and nothing else."""
-        return LossSettings(**self._loss_setting_values())
-
-    def _loss_setting_values(self) -> dict:
-        """`LossSettings` keyword arguments from this config's fields; a subclass maps its own fields here."""
-        return dict(divergence=self.divergence, temperature=self.kd_temperature, jsd_beta=self.jsd_beta,
-                    skew_alpha=self.skew_alpha, noise_std=self.teacher_logit_noise_std, kd_weight=self.kd_weight,
-                    temperature_squared=self.kd_temperature_squared,
-                    other_divergence_settings=tuple(sorted((self.divergence_params or {}).items())))
-
-    def _check_divergence_params(self) -> None:
-        """`divergence_params` names only settings the chosen divergence reads, and not the ones with fields here;
-        their values are checked by the divergence's own checks (in `loss_settings`)."""
-        params = self.divergence_params
-        if params is None:
-            return
-        if not isinstance(params, dict) or not all(isinstance(name, str) for name in params) or not all(
-                isinstance(value, (int, float)) and not isinstance(value, bool) for value in params.values()):
-            raise ValueError(f"divergence_params must map setting names to numbers, got {params!r}.")
-        fielded = sorted(set(params) & {"jsd_beta", "skew_alpha"})
-        if fielded:
-            raise ValueError(f"divergence_params has {fielded}, which are fields of the config: set "
-                             f"{', '.join(f'{name}=...' for name in fielded)} instead.")
-        reads = get_divergence(self.divergence).params
-        unread = sorted(set(params) - set(reads))
-        if unread:
-            raise ValueError(f"divergence_params has {unread}, which divergence={self.divergence!r} does not read (it "
-                             f"reads {list(reads) or 'none'}): remove them, or choose the divergence that reads them.")
-
-    def _check_teacher_cache_settings(self) -> None:
-        if self.teacher_cache_mode not in ("top_k", "sampled"):
-            raise ValueError(f"teacher_cache_mode must be 'top_k' or 'sampled', got {self.teacher_cache_mode!r}.")
-        self._check_positive_integers("teacher_cache_k", "teacher_cache_batch_size")
-        if self.teacher_cache is None:
-            return
-        check_sparse_settings(self.teacher_cache_mode, self.teacher_cache_tail, self.divergence)
-        temperatures = self.teacher_cache_temperatures
-        if temperatures is not None and (not isinstance(temperatures, (list, tuple)) or not all(
-                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf")
-                for t in temperatures)):
-            raise ValueError(f"teacher_cache_temperatures must be a list of temperatures > 0, got {temperatures!r}.")
-        if getattr(self, "packing", False):
-            raise ValueError(f"packing=True with teacher_cache={self.teacher_cache!r}: a packed row mixes examples "
-                             "whose cached targets were written one example at a time. Set packing=False (or "
-                             "padding_free=True, which a cache supports).")
-
-    def _check_positive_integers(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-    def _check_teacher_server_settings(self) -> None:
-        self._check_positive_integers("teacher_server_k", "teacher_server_batch_size", "teacher_server_concurrency")
-        for name in ("teacher_server_timeout", "teacher_server_max_wait"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
-        if self.teacher_server_tail not in TAIL_TREATMENTS:
-            raise ValueError(f"teacher_server_tail must be one of {list(TAIL_TREATMENTS)}, got "
-                             f"{self.teacher_server_tail!r}.")
-        if self.teacher_url is None:
-            return
-        if not isinstance(self.teacher_url, str) or not self.teacher_url.startswith(("http://", "https://")):
-            raise ValueError(f"teacher_url must be an http(s) URL ending in /v1, e.g. http://127.0.0.1:8000/v1, got "
-                             f"{self.teacher_url!r}.")
-        if self.teacher_cache is not None:
-            raise ValueError(f"teacher_url={self.teacher_url!r} and teacher_cache={self.teacher_cache!r} are two "
-                             "teachers in place of one: set one of them.")
-        if getattr(self, "packing", False) or getattr(self, "padding_free", False):
-            raise ValueError(f"packing/padding_free with teacher_url={self.teacher_url!r}: the served teacher scores "
-                             "one example a row. Set packing=False and padding_free=False.")
-
-    def check_served_temperature(self, teacher: str, vocab: int) -> None:
-        """A served teacher (named by `teacher`) at kd_temperature ≠ 1 only with the approximation asked for, unless
-        it is asked for the whole vocabulary (`teacher_server_k` ≥ `vocab`: no tail, exact at any temperature)."""
-        if self.kd_temperature != 1.0 and not self.teacher_server_approximate_temperature and \
-                self.teacher_server_k < vocab:
-            raise ValueError(
-                f"kd_temperature={self.kd_temperature} with {teacher}: a server returns the teacher's "
-                "log-probabilities at temperature 1 only, so its tempered tail (the mass outside the top-k) is not "
-                "known and could only be approximated. Use a teacher cache (exact at its stored temperatures) or a "
-                "teacher in memory, or set teacher_server_approximate_temperature=true to accept the approximation "
-                "(its measured error is in the README, \"Real models\").")
-
-    def holds_teacher_while_training(self) -> bool:
-        """Whether a teacher model sits beside the student while training (not with a teacher cache or server)."""
-        return self.teacher_cache is None and self.teacher_url is None
-
-    def _refuse_sft_only_losses(self) -> None:
-        """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD
-        loss has plain cross-entropy only, so beside a KD term they are refused rather than silently dropped."""
-        if self.kd_weight == 0:
-            return
-        if getattr(self, "loss_type", "nll") != "nll":
-            raise ValueError(
-                f"loss_type={self.loss_type!r} changes SFT's cross-entropy, which the distillation loss "
-                f"(kd_weight={self.kd_weight}) does not implement: its CE term is the plain negative log-likelihood. "
-                "Set loss_type='nll', or kd_weight=0 for plain SFT with it."
-            )
-        if getattr(self, "label_smoothing_factor", 0) > 0:
-            raise ValueError(
-                f"label_smoothing_factor={self.label_smoothing_factor} smooths SFT's cross-entropy, which the "
-                f"distillation loss (kd_weight={self.kd_weight}) does not implement (the teacher's distribution is "
-                "already a soft target). Set label_smoothing_factor=0, or kd_weight=0 for plain SFT with it."
-            )
-
-    @classmethod
-    def from_sft_config(cls, args: SFTConfig, **overrides) -> "KDConfig":
-        """A `KDConfig` with every field of an existing `SFTConfig` (the drop-in path) and the KD defaults."""
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
-        return cls(**{**values, **overrides})

@@ -46,16 +46,16 @@ class DistillationLossMixin:
         argument must not disagree), checked as the config checks them."""
         changed = False
         for name, value in given.items():
-            if value is None or value == getattr(args, name):
+            if value is None or value == getattr(args, name, None):
                 continue
-            if getattr(args, name) is not None:
+            if getattr(args, name, None) is not None:
                 raise ValueError(f"{name}={value!r} is passed to the trainer and the config has "
                                  f"{name}={getattr(args, name)!r}: give one.")
             setattr(args, name, value)
             changed = True
-        if changed:
-            args._check_teacher_cache_settings()
-            args._check_teacher_server_settings()
+        if changed:  # checked as the config checks its own fields: the method's needs first, then the kind's settings
+            args.teacher_needs().check_config(args)
+            args._check_teacher_sources()
         return args
 
     @staticmethod

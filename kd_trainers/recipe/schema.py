@@ -9,6 +9,7 @@ file; their values are read as YAML (`max_steps=10`, `bf16=false`, `peft.r=16` f
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import functools
 import math
 import os
@@ -162,10 +163,15 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: method: {method!r} is not a method; use one of {sorted(methods)}.{hint}")
     config_class = methods[method].config_class
     fields, option_fields = recipe_fields(config_class)
+    # What the config takes only to refuse (a teacher kind its method cannot use): handed to it, which says why.
+    refused_here = set(inspect.signature(config_class).parameters) - {f.name for f in dataclasses.fields(config_class)}
     config_values, options = {}, dataclasses.asdict(RecipeOptions())
     for key, value in values.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise RecipeError(f"{path}: {key}: {value!r} is not a finite number; give a finite value.")
+        if key in refused_here:
+            config_values[key] = value
+            continue
         if key not in option_fields and key not in fields:
             hint = did_you_mean(key, set(fields) | set(RECIPE_KEYS))
             raise RecipeError(f"{path}: unknown key {key!r} (value {value!r}) for method {method!r}.{hint}")

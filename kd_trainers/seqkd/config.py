@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
-from ..kd.config import KDConfig
+from ..kd.config import DistillationConfig
+from ..teachers.cached import TeacherCacheFields
 from ..teachers.needs import TeacherNeeds
 
 
 @dataclass
-class SeqKDConfig(KDConfig):
+class SeqKDConfig(TeacherCacheFields, DistillationConfig):
     r"""
-    Configuration class for [`SeqKDTrainer`]: every field of `KDConfig`, plus how the teacher generates the training
+    Configuration class for [`SeqKDTrainer`]: every field of `KDConfig` but those of a served teacher and several
+    teachers (Seq-KD generates with one teacher in memory: `teacher_url` is refused, with the reason), plus how the teacher generates the training
     completions. The student then trains on the teacher's completions: by SFT alone (`kd_weight=0`, the default; the
     teacher's tokenizer may then differ from the student's) or with logit KD on top (`kd_weight > 0`, same vocabulary).
 
@@ -39,7 +41,11 @@ class SeqKDConfig(KDConfig):
     seqkd_batch_size: int = field(default=16, metadata={"help": "Prompts per generation batch."})
     seqkd_cache_dir: str | None = field(default=None, metadata={"help": "Cache of generated sets; None: the user cache."})
 
-    def __post_init__(self):
+    # A teacher kind this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).
+    teacher_url: InitVar[str | None] = None
+
+    def __post_init__(self, teacher_url=None):
+        self.refuse_teacher_kinds(teacher_url=teacher_url)
         for name in ("seqkd_max_new_tokens", "seqkd_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -66,6 +72,9 @@ class SeqKDConfig(KDConfig):
     def holds_teacher_while_training(self) -> bool:
         """At `kd_weight=0` the teacher is released once it has generated: training is SFT on its completions."""
         return self.kd_weight > 0 and super().holds_teacher_while_training()
+
+    def _check_teacher_sources(self) -> None:
+        self._check_teacher_cache_settings()
 
     def generation_settings(self) -> dict:
         settings = {"max_new_tokens": self.seqkd_max_new_tokens, "do_sample": self.seqkd_do_sample}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import gc
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 from ..losses import SparseMember
+from ..losses.sparse import check_sparse_settings
 from ..teacher_cache import (BATCH_KEYS, CacheSettings, SparseTeacherCollator, TeacherCache, cache_components,
                              split_fingerprint, targets_from_batch, teacher_files_fingerprint, teacher_fingerprint,
                              tokenizer_fingerprint, write_teacher_cache)
@@ -20,6 +22,46 @@ from ..teacher_cache.integrity import fix as integrity_fix
 from .base import Teacher, TeacherDescription, register_teacher_kind
 from .loading import freeze, model_name
 from .resident import checked_heads
+
+
+@dataclass
+class TeacherCacheFields:
+    """The config fields of a teacher cache (documented on `KDConfig`), for the configs of the methods that can read
+    one, with their checks."""
+
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of the teacher's cached sparse distributions, read in place of a teacher in memory "
+                  "(written there first by the teacher when it holds no complete cache)."},
+    )
+    teacher_cache_mode: str = field(
+        default="top_k", metadata={"help": "What the cache stores per token: top_k or sampled.",
+                                   "choices": ["top_k", "sampled"]})
+    teacher_cache_k: int = field(default=32, metadata={"help": "Ids stored per label token (top-k, or draws)."})
+    teacher_cache_tail: str = field(
+        default="bucket", metadata={"help": "A top_k target's tail: bucket (one category) or spread (evenly).",
+                                    "choices": ["bucket", "spread"]})
+    teacher_cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward in the cache pass."})
+    teacher_cache_temperatures: list[float] | None = field(
+        default=None, metadata={"help": "More temperatures (besides 1 and kd_temperature) at which a top_k cache "
+                                "stores the tail's mass, for exact tempered targets."})
+
+    def _check_teacher_cache_settings(self) -> None:
+        if self.teacher_cache_mode not in ("top_k", "sampled"):
+            raise ValueError(f"teacher_cache_mode must be 'top_k' or 'sampled', got {self.teacher_cache_mode!r}.")
+        self._check_positive_integers("teacher_cache_k", "teacher_cache_batch_size")
+        if self.teacher_cache is None:
+            return
+        check_sparse_settings(self.teacher_cache_mode, self.teacher_cache_tail, self.divergence)
+        temperatures = self.teacher_cache_temperatures
+        if temperatures is not None and (not isinstance(temperatures, (list, tuple)) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < float("inf")
+                for t in temperatures)):
+            raise ValueError(f"teacher_cache_temperatures must be a list of temperatures > 0, got {temperatures!r}.")
+        if getattr(self, "packing", False):
+            raise ValueError(f"packing=True with teacher_cache={self.teacher_cache!r}: a packed row mixes examples "
+                             "whose cached targets were written one example at a time. Set packing=False (or "
+                             "padding_free=True, which a cache supports).")
 
 
 def cache_splits(host) -> dict:

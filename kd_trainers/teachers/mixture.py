@@ -5,6 +5,8 @@ of them by a dataset column (`teacher_column`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..losses import MixedTeachers
@@ -14,6 +16,14 @@ from .cached import CachedTeacher, cache_splits
 from .loading import model_name
 from .resident import ResidentTeacher
 from .served import ServedTeacher
+
+
+@dataclass
+class SeveralTeachersFields:
+    """The config field of several teachers (documented on `KDConfig`): the routing column."""
+
+    teacher_column: str | None = field(
+        default=None, metadata={"help": "With several teachers: the column naming each example's one teacher."})
 
 
 @register_teacher_kind

@@ -4,10 +4,71 @@ them as sparse targets. The protocol, client and server are `kd_trainers.served_
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ..losses import SparseMember
+from ..losses.sparse import TAIL_TREATMENTS
 from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
 from .base import Teacher, TeacherDescription, register_teacher_kind
 from .loading import load_teacher_tokenizer, model_name
+
+
+@dataclass
+class TeacherServerFields:
+    """The config fields of a served teacher (documented on `KDConfig`), for the configs of the methods that can ask
+    one, with their checks."""
+
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL (http://HOST:PORT/v1) of a vLLM-compatible server answering the teacher's top-k "
+                  "log-probabilities, in place of a teacher in memory."})
+    teacher_server_k: int = field(default=20, metadata={"help": "Top-k ids asked of the served teacher per position."})
+    teacher_server_tail: str = field(
+        default="bucket", metadata={"help": "The served target's tail: bucket (one category) or spread (evenly).",
+                                    "choices": ["bucket", "spread"]})
+    teacher_server_batch_size: int = field(default=8, metadata={"help": "Sequences per request to the server."})
+    teacher_server_concurrency: int = field(default=4, metadata={"help": "Requests in flight at once."})
+    teacher_server_timeout: float = field(default=60.0, metadata={"help": "Seconds to wait for one answer."})
+    teacher_server_max_wait: float = field(
+        default=120.0, metadata={"help": "Seconds a request may take with its retries before the run stops."})
+    teacher_server_approximate_temperature: bool = field(
+        default=False, metadata={"help": "Allow kd_temperature != 1 with a served teacher, its tempered tail "
+                                 "approximated (the server returns temperature-1 log-probabilities only)."})
+    teacher_server_prefetch: bool = field(
+        default=True, metadata={"help": "Ask for a batch's targets before the step that uses it (overlapped)."})
+
+    def _check_teacher_server_settings(self) -> None:
+        self._check_positive_integers("teacher_server_k", "teacher_server_batch_size", "teacher_server_concurrency")
+        for name in ("teacher_server_timeout", "teacher_server_max_wait"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
+        if self.teacher_server_tail not in TAIL_TREATMENTS:
+            raise ValueError(f"teacher_server_tail must be one of {list(TAIL_TREATMENTS)}, got "
+                             f"{self.teacher_server_tail!r}.")
+        if self.teacher_url is None:
+            return
+        if not isinstance(self.teacher_url, str) or not self.teacher_url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher_url must be an http(s) URL ending in /v1, e.g. http://127.0.0.1:8000/v1, got "
+                             f"{self.teacher_url!r}.")
+        if getattr(self, "teacher_cache", None) is not None:
+            raise ValueError(f"teacher_url={self.teacher_url!r} and teacher_cache={self.teacher_cache!r} are two "
+                             "teachers in place of one: set one of them.")
+        if getattr(self, "packing", False) or getattr(self, "padding_free", False):
+            raise ValueError(f"packing/padding_free with teacher_url={self.teacher_url!r}: the served teacher scores "
+                             "one example a row. Set packing=False and padding_free=False.")
+
+    def check_served_temperature(self, teacher: str, vocab: int) -> None:
+        """A served teacher (named by `teacher`) at kd_temperature ≠ 1 only with the approximation asked for, unless
+        it is asked for the whole vocabulary (`teacher_server_k` ≥ `vocab`: no tail, exact at any temperature)."""
+        if self.kd_temperature != 1.0 and not self.teacher_server_approximate_temperature and \
+                self.teacher_server_k < vocab:
+            raise ValueError(
+                f"kd_temperature={self.kd_temperature} with {teacher}: a server returns the teacher's "
+                "log-probabilities at temperature 1 only, so its tempered tail (the mass outside the top-k) is not "
+                "known and could only be approximated. Use a teacher cache (exact at its stored temperatures) or a "
+                "teacher in memory, or set teacher_server_approximate_temperature=true to accept the approximation "
+                "(its measured error is in the README, \"Real models\").")
 
 
 def served_client(host, args, url: str, teacher, teacher_processing_class, student_tokenizer, model):
