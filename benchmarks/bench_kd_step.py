@@ -53,7 +53,7 @@ import sys
 import tempfile
 import time
 
-from kd_trainers.smoke import announce, smoke_run
+from kd_trainers.runtime.smoke import announce, smoke_run
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

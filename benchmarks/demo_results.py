@@ -93,7 +93,7 @@ def _detectable_r(n: int, alpha: float) -> float:
 def quickstart_design(output_dir: str) -> dict[str, str]:
     """The recipes and study a quickstart wrote, with its folders written as `<output>` and `<cache>`: what
     `write_quickstart_study` writes today must equal the recorded run's."""
-    from kd_trainers.files import user_cache_dir
+    from kd_trainers.runtime.files import user_cache_dir
 
     folder = os.path.join(output_dir, "recipes")
     design = {}

@@ -3,7 +3,7 @@
 import sys
 
 from .cli import main
-from .distributed import exit_launched_worker
+from .runtime.distributed import exit_launched_worker
 
 status = main()
 exit_launched_worker(status)  # a launched worker ends here (see kd_trainers.distributed); one process goes on

@@ -75,7 +75,7 @@ def _copy(argv: list[str]) -> int:
 
 def one_line(error: BaseException) -> str:
     """An error's message on one line (library messages often span several), without the credentials of any URL."""
-    from .redaction import redact_urls
+    from .runtime.redaction import redact_urls
 
     return redact_urls(" ".join(str(error).split())) or type(error).__name__
 
@@ -163,7 +163,7 @@ def _cache_teacher(recipe_path: str, overrides: list[str]) -> int:
     apply_env(recipe.options)
     if recipe.options["accelerate"] and not already_launched():
         return relaunch(recipe_path, overrides, recipe.options["accelerate"], command_name="cache-teacher")
-    from .distributed import end_process_group
+    from .runtime.distributed import end_process_group
 
     try:
         write_recipe_teacher_cache(recipe)
@@ -197,7 +197,7 @@ def _main(argv: list[str]) -> int:
         recipe_path, overrides = resolve(argv[0]), argv[1:]
     # The file's own problems (missing, a folder, not YAML, a study) at once, before the heavy imports below.
     read_recipe_values(recipe_path, overrides)
-    from .progress import quiet_libraries
+    from .runtime.progress import quiet_libraries
 
     quiet_libraries(transformers_warnings=True)  # the plan, progress, results and real warnings: not the libraries' bars and notices
     if command == "cache-teacher":
@@ -233,7 +233,7 @@ def _main(argv: list[str]) -> int:
             # Here, after every launched process has ended: evaluation needs one process and the saved model.
             evaluate_recipe(recipe)
         return code
-    from .distributed import end_process_group
+    from .runtime.distributed import end_process_group
     from .publish import PublishError
     from .recipe.run import run_recipe
 
@@ -253,7 +253,7 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from .distributed import exit_launched_worker
+    from .runtime.distributed import exit_launched_worker
 
     status = main()
     exit_launched_worker(status)

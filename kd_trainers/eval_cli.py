@@ -107,10 +107,10 @@ def run_evaluation(options) -> dict:
     from .generation import load_predictions
     from .recipe.data import load_recipe_datasets
     from .recipe.models import resolve_model
-    from .files import DONE
+    from .runtime.files import DONE
     from .recipe.output import RUN_INFO, is_finished
     from .recipe.preflight import check_model_reference
-    from .smoke import capped_limit
+    from .runtime.smoke import capped_limit
     from .teachers.loading import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
@@ -176,7 +176,7 @@ def run_evaluation(options) -> dict:
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     from .cli import one_line
-    from .progress import quiet_libraries
+    from .runtime.progress import quiet_libraries
 
     quiet_libraries()
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from .progress import progress_line
+from .runtime.progress import progress_line
 from .prompt_completion import prompt_token_ids
 
 

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, help="stages side by side in N processes (default: 2 on a machine "
                         "without CUDA and with 2 or more cores, where the tiny models train faster so; else 1)")
     options = parser.parse_args(argv)
-    from .progress import quiet_libraries
+    from .runtime.progress import quiet_libraries
 
     quiet_libraries()
     import torch

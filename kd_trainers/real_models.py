@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .files import DONE, user_cache_dir, write_done
+from .runtime.files import DONE, user_cache_dir, write_done
 
 
 @dataclass(frozen=True)

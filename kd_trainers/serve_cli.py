@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .cli import one_line
-    from .progress import quiet_libraries
+    from .runtime.progress import quiet_libraries
     from .recipe.models import resolve_model
     from .served_teacher.server import PromptScorer, create_app
     from .teachers.loading import freeze, load_teacher

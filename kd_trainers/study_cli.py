@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Study error: --workers: {options.workers} should be 1 or more.", file=sys.stderr)
         return 2
     from .cli import one_line
-    from .progress import quiet_libraries
+    from .runtime.progress import quiet_libraries
     from .recipe.catalog import resolve
     from .recipe.schema import RecipeError
     from .study import StudyError, load_study, run_study

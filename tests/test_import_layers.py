@@ -14,11 +14,11 @@ PACKAGE = os.path.join(ROOT, "kd_trainers")
 METHOD_FOLDERS = sorted(entry for entry in os.listdir(PACKAGE)
                         if os.path.isfile(os.path.join(PACKAGE, entry, "method.py")))
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
-    ("base", r"kd_trainers(\.(errors|lazy|methods|redaction|files|smoke|suggest|distributed|tokenizer|recipe\.errors))?"),
+    ("base", r"kd_trainers(\.(errors|lazy|methods|runtime|runtime\.(redaction|files|smoke|distributed|checks)|suggest|tokenizer|"
+             r"recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
-    ("helpers", r"kd_trainers\.(generation|teacher_completions|progress|real_models|teachers(\..+)?|teacher_cache(\..+)?|"
-                r"served_teacher(\..+)?|hidden_states|"
-                r"guards|checkpointing|"
+    ("helpers", r"kd_trainers\.(generation|teacher_completions|real_models|teachers(\..+)?|teacher_cache(\..+)?|"
+                r"served_teacher(\..+)?|hidden_states|runtime\.(guards|checkpointing|progress)|"
                 r"prompt_completion|demo(\..+)?)"),
     ("methods", rf"kd_trainers\.({'|'.join(METHOD_FOLDERS)})(\..+)?"),
     ("evaluation", r"kd_trainers\.(evaluation(\..+)?|stats)"),

@@ -82,7 +82,7 @@ def test_the_wrappers_items_are_lm_evals_own_and_accuracy_is_the_likeliest_choic
     from lm_eval.tasks import TaskManager
 
     from kd_trainers.demo.harness_tasks import demo_task_folder
-    from kd_trainers.files import user_cache_dir
+    from kd_trainers.runtime.files import user_cache_dir
 
     model, tokenizer = resolve_model("demo:llama/student/bpe")
     names = ["tiny_mc", "tiny_gen", "kd_demo_glossary_mc", "kd_demo_arithmetic"]

@@ -1,7 +1,7 @@
 """Progress lines: quarters, elapsed time and ETA from the rate so far, silence without a reporter or when quick."""
 
-from kd_trainers import progress
-from kd_trainers.progress import ProgressLine, progress_line, reporting_to
+from kd_trainers.runtime import progress
+from kd_trainers.runtime.progress import ProgressLine, progress_line, reporting_to
 
 
 class Clock:

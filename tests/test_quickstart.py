@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from kd_trainers.cli import main as kd_train
-from kd_trainers.progress import ProgressLine
+from kd_trainers.runtime.progress import ProgressLine
 from kd_trainers.quickstart import run
 
 

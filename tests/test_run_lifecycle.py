@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from faults import StopAt, killed_during
 
 from kd_trainers import cli, eval_cli, study_cli
-from kd_trainers.guards import DroppedExamplesWarning, NonFiniteTrainingError
+from kd_trainers.runtime.guards import DroppedExamplesWarning, NonFiniteTrainingError
 from kd_trainers.recipe import load_recipe
 from kd_trainers.recipe.run import run_recipe
 
@@ -53,7 +53,7 @@ def test_a_finished_run_run_again_is_left_alone(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [
     "transformers:PreTrainedTokenizerBase.save_pretrained",  # the model is written, the tokenizer is not
-    "kd_trainers.files:write_atomically",  # every file is in place, done.json is not
+    "kd_trainers.runtime.files:write_atomically",  # every file is in place, done.json is not
 ])
 def test_a_run_killed_during_its_final_save_ends_the_same_when_run_again(tmp_path, target):
     # Both runs use the same output_dir (paths are recorded in the files): the straight one is moved aside first.

@@ -430,7 +430,7 @@ def test_a_password_in_the_teacher_url_reaches_no_file_of_the_run(tmp_path, scor
     assert password not in captured.out + captured.err
     info = json.loads((out / "run_info.json").read_text())
     assert info["settings"]["teacher_url"] == server.url.replace("http://", "http://<redacted>@")
-    from kd_trainers.redaction import redact_arguments  # the command line run_info.json records
+    from kd_trainers.runtime.redaction import redact_arguments  # the command line run_info.json records
 
     assert redact_arguments(["kd-train", "r.yaml", f"teacher_url={url}"])[2] == f"teacher_url={info['settings']['teacher_url']}"
     # The redacted record does not refuse the same run again (a finished run is left alone).

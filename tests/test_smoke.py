@@ -8,10 +8,11 @@ import threading
 
 import pytest
 
-from kd_trainers import cli, serve_cli, smoke
-from kd_trainers.files import is_done, write_done
+from kd_trainers import cli, serve_cli
+from kd_trainers.runtime import smoke
+from kd_trainers.runtime.files import is_done, write_done
 from kd_trainers.recipe import load_recipe
-from kd_trainers.smoke import SMOKE_ENV, capped_limit, capped_seeds, capped_steps
+from kd_trainers.runtime.smoke import SMOKE_ENV, capped_limit, capped_seeds, capped_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KD = os.path.join(ROOT, "recipes", "vanilla_kd.yaml")

@@ -420,7 +420,7 @@ def test_the_report_tests_and_correlates_lm_eval_tasks_as_computed_here(tmp_path
     from scipy import stats as sps
     from statsmodels.stats.multitest import multipletests
 
-    from kd_trainers.files import write_done
+    from kd_trainers.runtime.files import write_done
     from kd_trainers.study.report import write_report
 
     spec = {"name": "synthetic", "base_recipe": os.path.join(ROOT, "recipes", "vanilla_kd.yaml"),

@@ -8,6 +8,7 @@ from dataclasses import InitVar, dataclass, field
 from ..kd.config import DistillationConfig
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES
+from ..runtime.checks import is_positive_integer
 from ..teachers.needs import TeacherNeeds
 
 T2S_TARGETS = ("gold", "teacher_argmax")
@@ -105,7 +106,7 @@ class DSKDConfig(DistillationConfig):
             ("s2t_divergence", self.s2t_divergence, self.s2t_divergence in DIVERGENCES,
              f"one of {sorted(DIVERGENCES)}"),
             ("max_prompt_length", self.max_prompt_length,
-             self.max_prompt_length is None or (isinstance(self.max_prompt_length, int) and self.max_prompt_length > 0),
+             self.max_prompt_length is None or is_positive_integer(self.max_prompt_length),
              "a positive integer or None"),
         ]
         for name, value, ok, expected in checks:

@@ -19,6 +19,7 @@ from trl.models import unwrap_model_for_generation
 
 from ..generation import generate_predictions
 from ..prompt_completion import prompts_and_references
+from ..runtime.checks import is_positive_integer
 from .answers import ANSWER_EXTRACTORS
 from .score import score
 
@@ -38,7 +39,7 @@ class AgreementCallback(TrainerCallback):
         if missing:
             raise ValueError(f"AgreementCallback needs 'prompt' and 'completion' columns; missing {sorted(missing)} "
                              f"in {dataset.column_names}.")
-        if not isinstance(every_steps, int) or every_steps < 1:
+        if not is_positive_integer(every_steps):
             raise ValueError(f"AgreementCallback: every_steps must be a positive integer, got {every_steps!r}.")
         if answer_extractor not in ANSWER_EXTRACTORS:
             raise ValueError(f"AgreementCallback: answer_extractor {answer_extractor!r} is not one of "

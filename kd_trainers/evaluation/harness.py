@@ -31,9 +31,9 @@ import pandas as pd
 from peft import PeftModel
 
 from ..demo.harness_tasks import demo_task_folder
-from ..files import user_cache_dir, write_atomically
-from ..progress import libraries_quieted
-from ..smoke import capped_limit
+from ..runtime.files import user_cache_dir, write_atomically
+from ..runtime.progress import libraries_quieted
+from ..runtime.smoke import capped_limit
 from ..suggest import did_you_mean
 
 

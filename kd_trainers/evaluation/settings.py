@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from ..smoke import capped_limit
+from ..runtime.checks import is_positive_integer
+from ..runtime.smoke import capped_limit
 from ..suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge", "lm_eval")
@@ -35,8 +36,7 @@ def evaluation_settings(block: dict | None, where: str, error: type[ValueError])
                         "{model: PATH} or {url: http://..., endpoint_model: NAME}.")
     for key in ("limit", "max_new_tokens", "batch_size"):
         value = settings[key]
-        if not (value is None and key == "limit") and (not isinstance(value, int) or isinstance(value, bool)
-                                                       or value < 1):
+        if not (value is None and key == "limit") and not is_positive_integer(value):
             raise error(f"{where}: evaluation.{key}: {value!r} should be a positive integer"
                         f"{' (or null for every example)' if key == 'limit' else ''}.")
     if not isinstance(settings["split"], str) or not settings["split"]:

@@ -13,8 +13,8 @@ from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model
 
-from ..checkpointing import AtomicCheckpointMixin
-from ..guards import RunGuardsMixin
+from ..runtime.checkpointing import AtomicCheckpointMixin
+from ..runtime.guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..kd.teacher_setup import TeacherSetupMixin
 from ..prompt_completion import require_labels

@@ -9,9 +9,10 @@ from typing import Any
 
 from trl import SFTConfig
 
-from ..guards import check_training_args
+from ..runtime.guards import check_training_args
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES, get_divergence
+from ..runtime.checks import is_positive_integer
 from ..teachers.cached import TeacherCacheFields
 from ..teachers.mixture import SeveralTeachersFields
 from ..teachers.needs import KIND_FIELDS, TeacherNeeds
@@ -89,7 +90,7 @@ class DistillationConfig(SFTConfig):
                 if message.startswith(loss_name + " "):
                     message = field_name + message[len(loss_name):]
             raise ValueError(message) from None
-        if self.loss_chunk_size is not None and (not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1):
+        if self.loss_chunk_size is not None and not is_positive_integer(self.loss_chunk_size):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
         budget = self.loss_memory_budget_mb
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
@@ -144,7 +145,7 @@ class DistillationConfig(SFTConfig):
     def _check_positive_integers(self, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_integer(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
     def _check_teacher_sources(self) -> None:

@@ -22,7 +22,7 @@ from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 
 from ..prompt_completion import as_prompt, as_prompt_completion, require_labels
-from ..smoke import capped_prompts
+from ..runtime.smoke import capped_prompts
 from ..teachers.loading import freeze, model_name
 from ..teacher_completions import teacher_generated_dataset
 

@@ -8,8 +8,8 @@ import textwrap
 from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 
-from ..checkpointing import AtomicCheckpointMixin
-from ..guards import RunGuardsMixin
+from ..runtime.checkpointing import AtomicCheckpointMixin
+from ..runtime.guards import RunGuardsMixin
 from ..teachers.entries import teacher_entries
 from ..teachers.loading import load_student_tokenizer
 from .config import KDConfig

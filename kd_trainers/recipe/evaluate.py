@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from ..evaluation.pipeline import evaluate_model
 from ..evaluation.settings import generates_answers
-from ..files import DONE, write_done
+from ..runtime.files import DONE, write_done
 from ..generation import generate_predictions, save_predictions
 from ..prompt_completion import check_generation_format
 from ..teachers.loading import dtype_from_init_kwargs, load_teacher

@@ -21,9 +21,9 @@ import zipfile
 from safetensors import safe_open
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..checkpointing import STAGING_DIR
-from ..files import is_done, write_done
-from ..redaction import redact
+from ..runtime.checkpointing import STAGING_DIR
+from ..runtime.files import is_done, write_done
+from ..runtime.redaction import redact
 from .errors import RecipeError
 from .launch import launched_by_kd_train
 

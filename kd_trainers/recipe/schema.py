@@ -9,8 +9,8 @@ file; their values are read as YAML (`max_steps=10`, `bf16=false`, `peft.r=16` f
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import functools
+import inspect
 import math
 import os
 import warnings
@@ -23,10 +23,11 @@ from peft import LoraConfig
 from ..evaluation.answers import ANSWER_EXTRACTORS
 from ..evaluation.score import METRICS, SUITES
 from ..evaluation.settings import evaluation_settings
-from ..guards import check_training_args
+from ..runtime.checks import is_positive_integer
+from ..runtime.guards import check_training_args
 from ..methods import available_methods, get_method
 from ..teachers.entries import check_routing, teacher_entries
-from ..smoke import capped_steps
+from ..runtime.smoke import capped_steps
 from ..suggest import did_you_mean
 from .errors import RecipeError
 from .data import PROMPTS_KEYS
@@ -105,7 +106,7 @@ def _agreement_settings(block: dict | None, method: str, path: str) -> dict | No
         if key not in AGREEMENT_KEYS:
             raise RecipeError(f"{path}: agreement.{key}: unknown key.{did_you_mean(key, AGREEMENT_KEYS)}")
         expected = type(AGREEMENT_KEYS[key])
-        if not isinstance(value, expected) or (expected is int and (isinstance(value, bool) or value < 1)):
+        if not isinstance(value, expected) or (expected is int and not is_positive_integer(value)):
             raise RecipeError(f"{path}: agreement.{key}: {value!r} should be "
                               f"{'a positive integer' if expected is int else 'a string'}.")
 
@@ -355,7 +356,7 @@ def _check_accelerate(block: dict | None, path: str) -> None:
                               f"{did_you_mean(key, ACCELERATE_KEYS)}")
     config_path = accelerate_config_path(block.get("config", "single_process"), path)
     processes = block.get("num_processes", 1)
-    if not isinstance(processes, int) or isinstance(processes, bool) or processes < 1:
+    if not is_positive_integer(processes):
         raise RecipeError(f"{path}: accelerate.num_processes: {processes!r} should be a positive integer.")
     settings = read_yaml_mapping(config_path, RecipeError)
     if settings.get("distributed_type") == "MULTI_CPU" and max(processes, settings.get("num_processes", 1)) > 1:

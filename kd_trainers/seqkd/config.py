@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import InitVar, dataclass, field
 
 from ..kd.config import DistillationConfig
+from ..runtime.checks import is_positive_integer
 from ..teachers.cached import TeacherCacheFields
 from ..teachers.needs import TeacherNeeds
 
@@ -48,7 +49,7 @@ class SeqKDConfig(TeacherCacheFields, DistillationConfig):
         self.refuse_teacher_kinds(teacher_url=teacher_url)
         for name in ("seqkd_max_new_tokens", "seqkd_batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_positive_integer(value):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.seqkd_temperature <= 0 or not 0 < self.seqkd_top_p <= 1:
             raise ValueError(f"seqkd_temperature must be > 0 and seqkd_top_p in (0, 1], got {self.seqkd_temperature} "

@@ -3,8 +3,8 @@
 from trl import SFTConfig
 from trl import SFTTrainer as _TRLSFTTrainer
 
-from ..checkpointing import AtomicCheckpointMixin
-from ..guards import RunGuardsMixin
+from ..runtime.checkpointing import AtomicCheckpointMixin
+from ..runtime.guards import RunGuardsMixin
 from ..prompt_completion import require_labels
 
 

@@ -18,7 +18,7 @@ from scipy import stats as scipy_stats
 
 from .. import stats
 from ..evaluation.harness import is_task_item
-from ..files import is_done
+from ..runtime.files import is_done
 from .analyses import anova_across_levels, gain_table, metric_correlation
 from .spec import DEFAULT_TEST, Cell, Study, cell_dir, reference_dir, references_file
 from .tasks import task_sections

@@ -36,8 +36,8 @@ import pandas as pd
 import torch
 
 from .. import __version__
-from ..files import is_done, user_cache_dir, write_atomically, write_done
-from ..progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
+from ..runtime.files import is_done, user_cache_dir, write_atomically, write_done
+from ..runtime.progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
 from ..evaluation.harness import check_harness
 from ..generation import load_predictions
 from ..recipe.evaluate import (TrainedModels, evaluate_trained, load_recipe_teacher, store_teacher_predictions,
@@ -46,7 +46,7 @@ from ..recipe.output import is_finished, run_settings
 from ..recipe.preflight import preflight
 from ..recipe.run import run_recipe
 from ..recipe.schema import RecipeError, load_recipe
-from ..redaction import redact
+from ..runtime.redaction import redact
 from .report import write_report
 from .spec import Cell, Study, StudyError, cell_dir, reference_dir, references_file
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 from ..evaluation.settings import evaluation_settings
 from ..recipe.yaml_files import read_yaml_mapping
-from ..smoke import capped_seeds
+from ..runtime.smoke import capped_seeds
 from ..stats import COMPARE_METHODS, CORRECTIONS
 from ..suggest import did_you_mean
 

@@ -27,7 +27,7 @@ import zlib
 import datasets
 import torch
 
-from ..files import write_atomically
+from ..runtime.files import write_atomically
 from ..hidden_states import last_hidden_state
 from ..losses.heads import weight_and_bias
 from ..losses.settings import LogitTransform

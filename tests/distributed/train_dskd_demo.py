@@ -14,7 +14,7 @@ import torch
 
 from kd_trainers import DSKDConfig, DSKDTrainer
 from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
-from kd_trainers.distributed import end_process_group, exit_launched_worker
+from kd_trainers.runtime.distributed import end_process_group, exit_launched_worker
 
 
 def main(output, per_device, accumulation, steps):

@@ -16,7 +16,8 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers.trainer_utils import get_last_checkpoint
 
-from .errors import NonFiniteTrainingError, TeacherServerError
+from ..errors import NonFiniteTrainingError, TeacherServerError
+from .checks import is_positive_integer
 from .smoke import capped_steps
 
 
@@ -49,7 +50,7 @@ def check_training_args(args) -> None:
                          "positive number of epochs, or a positive max_steps.")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(args, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_positive_integer(value):
             raise ValueError(f"{name}: {value!r} should be a positive integer (1 or more).")
     if not isinstance(args.learning_rate, (int, float)) or not math.isfinite(args.learning_rate) \
             or args.learning_rate < 0:
