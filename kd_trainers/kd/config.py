@@ -82,14 +82,8 @@ class DistillationConfig(SFTConfig):
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {self.divergence!r}.")
         self._check_divergence_params()
-        try:
-            self.loss_settings()
-        except ValueError as error:
-            message = str(error)
-            for loss_name, field_name in self._loss_setting_names.items():
-                if message.startswith(loss_name + " "):
-                    message = field_name + message[len(loss_name):]
-            raise ValueError(message) from None
+        # The loss's own checks, naming this config's fields (handed down: no message is renamed on its way back).
+        LossSettings.check(self._loss_setting_names, **self._loss_setting_values())
         if self.loss_chunk_size is not None and not is_positive_integer(self.loss_chunk_size):
             raise ValueError(f"loss_chunk_size must be a positive integer or None, got {self.loss_chunk_size!r}.")
         budget = self.loss_memory_budget_mb
@@ -109,7 +103,7 @@ class DistillationConfig(SFTConfig):
             super().__post_init__()
         check_training_args(self)  # settings that would train nothing are refused here, before any model loads
 
-    # LossSettings' names -> this config's fields, for error messages.
+    # LossSettings' names -> this config's fields, for the loss's checks to name.
     _loss_setting_names = {"temperature": "kd_temperature", "noise_std": "teacher_logit_noise_std"}
 
     def loss_settings(self) -> LossSettings:

@@ -108,11 +108,12 @@ def divergence_params(name: str, settings: Mapping[str, float]) -> dict[str, flo
     return {param: settings[param] for param in fn.params}
 
 
-def check_divergence_params(name: str, params: Mapping[str, float]) -> None:
-    """Fail, naming the setting and the value, when a setting of divergence `name` is outside its valid values."""
+def check_divergence_params(name: str, params: Mapping[str, float], names: Mapping[str, str] | None = None) -> None:
+    """Fail, naming the setting (as `names` maps it: a config's field name) and the value, when a setting of divergence
+    `name` is outside its valid values."""
     for param, (valid, description) in get_divergence(name).checks.items():
         if not valid(params[param]):
-            raise ValueError(f"{param} must be {description}, got {params[param]}.")
+            raise ValueError(f"{(names or {}).get(param, param)} must be {description}, got {params[param]}.")
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

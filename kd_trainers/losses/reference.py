@@ -19,6 +19,8 @@ else 1 (the DSKD and GKD codebases use s = 1).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from typing import NamedTuple
 
 import torch
@@ -37,20 +39,22 @@ class DistillationLoss(NamedTuple):
 
 
 def check_loss_settings(*, divergence: str, temperature: float, noise_std: float, kd_weight: float,
-                        **divergence_settings: float) -> None:
+                        names: Mapping[str, str] | None = None, **divergence_settings: float) -> None:
     """Fail fast, naming the setting and the value, on settings that would give a meaningless loss.
 
     `divergence_settings` (`jsd_beta`, `skew_alpha`, ...) are checked only when `divergence` reads them: a β that the
-    loss never reads cannot make it meaningless.
+    loss never reads cannot make it meaningless. `names`: how the caller names a setting in its messages (a config's
+    field names: `{"temperature": "kd_temperature"}`), handed down so that no message is renamed on its way back.
     """
+    name = (names or {}).get
     get_divergence(divergence)
     if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}.")
-    check_divergence_params(divergence, divergence_params(divergence, divergence_settings))
+        raise ValueError(f"{name('temperature', 'temperature')} must be a finite number > 0, got {temperature}.")
+    check_divergence_params(divergence, divergence_params(divergence, divergence_settings), names)
     if not 0 <= noise_std < float("inf"):
-        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std}.")
+        raise ValueError(f"{name('noise_std', 'noise_std')} must be a finite number >= 0, got {noise_std}.")
     if not 0.0 <= kd_weight <= 1.0:
-        raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}.")
+        raise ValueError(f"{name('kd_weight', 'kd_weight')} must be in [0, 1], got {kd_weight}.")
 
 
 def loss_normalizer(num_label_tokens: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,8 @@ working buffers (`working_buffers` of them) fit the memory budget."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +109,20 @@ class LossSettings:
     other_divergence_settings: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
-        check_loss_settings(divergence=self.divergence, temperature=self.temperature, noise_std=self.noise_std,
-                            kd_weight=self.kd_weight, **self._divergence_settings())
-        if not 0 < self.teacher_temperature < float("inf"):
-            raise ValueError(f"teacher_temperature must be a finite number > 0, got {self.teacher_temperature}.")
+        self.check(**dataclasses.asdict(self))
+
+    @classmethod
+    def check(cls, names: Mapping[str, str] | None = None, **values) -> None:
+        """The checks of `LossSettings(**values)`, each setting named as `names` maps it (a config checks its own
+        fields with its own names before it builds the settings)."""
+        values = {**{item.name: item.default for item in dataclasses.fields(cls)}, **values}
+        other = dict(values["other_divergence_settings"])
+        check_loss_settings(divergence=values["divergence"], temperature=values["temperature"],
+                            noise_std=values["noise_std"], kd_weight=values["kd_weight"], names=names,
+                            jsd_beta=values["jsd_beta"], skew_alpha=values["skew_alpha"], **other)
+        if not 0 < values["teacher_temperature"] < float("inf"):
+            raise ValueError(f"{(names or {}).get('teacher_temperature', 'teacher_temperature')} must be a finite "
+                             f"number > 0, got {values['teacher_temperature']}.")
 
     def _divergence_settings(self) -> dict[str, float]:
         return {"jsd_beta": self.jsd_beta, "skew_alpha": self.skew_alpha, **dict(self.other_divergence_settings)}
