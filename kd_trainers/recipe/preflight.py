@@ -17,14 +17,9 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
-from ..errors import TeacherServerError
-from ..served_teacher import TeacherClient
-from ..served_teacher.client import ServerRefused, public_url, refusal_hint
-from ..teachers.loading import check_same_vocabulary
 from ..evaluation.harness import check_harness
-from ..teacher_cache.cache import tokenizer_fingerprint
-from ..teacher_cache.integrity import CacheProblem, check_whole
-from ..teachers.cached import MEMBER_NOT_WRITTEN, NO_WRITER_IN_RECIPE, complete_cache_info
+from ..teachers.cached import MEMBER_NOT_WRITTEN, NO_WRITER_IN_RECIPE, check_cache_before_loading
+from ..teachers.served import check_server_before_loading
 from .data import LOCAL_FORMATS, load_recipe_datasets
 from .errors import NotAvailableYet, RecipeError
 from .models import DEMO_PREFIX, resolve_tokenizer
@@ -146,37 +141,36 @@ def remote_code_warning(recipe: Recipe) -> str | None:
 
 
 def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
-    """The recipe's teacher cache, whole, before anything loads: its info file against the schema, written with the
-    recipe's cache settings, for its tokenizer and its data's rows, every block as written (checksums). A recipe
-    without a teacher needs a complete one (nothing could write it). `repair` (`kd-train cache-teacher`): a damaged
-    cache is left for the pass, which rewrites only what is damaged."""
+    """The recipe's teacher cache, checked by its kind before anything loads (`teachers.cached.
+    check_cache_before_loading`): complete (a recipe without a teacher needs one: nothing could write it), written
+    with the recipe's cache settings, for its tokenizer and its data's rows, every block as written. `repair`
+    (`kd-train cache-teacher`): a damaged cache is left for the pass, which rewrites only what is damaged."""
     config = recipe.config
     path = getattr(config, "teacher_cache", None)
     if path is None:
         return
-    writer = config.teacher_model_name_or_path is not None
+    _cache_before_loading(recipe, path, "teacher_cache", writer_named=config.teacher_model_name_or_path is not None,
+                          no_writer=NO_WRITER_IN_RECIPE, repair=repair,
+                          settings={"mode": config.teacher_cache_mode, "k": config.teacher_cache_k,
+                                    "temperature": config.kd_temperature})
+
+
+def _cache_before_loading(recipe: Recipe, path: str, field: str, **checks) -> None:
+    """`check_cache_before_loading` with what the recipe knows: the student's tokenizer and, for data on this machine,
+    its rows; a problem is the recipe's error."""
+    def rows() -> dict:
+        dataset = recipe.options["dataset_name"]
+        if not (dataset == "demo" or os.path.exists(dataset)):
+            return {}  # known once loaded: the trainer checks them then
+        train, evaluation = load_recipe_datasets(recipe.options)
+        return {"train": len(train), "eval": None if evaluation is None else len(evaluation)}
+
     try:
-        info = complete_cache_info(path, f"teacher_cache: {path!r}", None if writer else NO_WRITER_IN_RECIPE)
-    except CacheProblem as error:
-        if repair and writer:
-            return
-        raise RecipeError(f"{recipe.path}: {error}") from None
+        check_cache_before_loading(path, field, tokenizer=_student_tokenizer(recipe), rows=rows,
+                                   student_name=recipe.options["tokenizer_name_or_path"]
+                                   or recipe.options["model_name_or_path"], **checks)
     except ValueError as error:
         raise RecipeError(f"{recipe.path}: {error}") from None
-    if info is None:  # the named teacher writes it first
-        return
-    stored = info["components"]["settings"]
-    wanted = {"mode": config.teacher_cache_mode, "k": config.teacher_cache_k}
-    differ = [f"teacher_cache_{key}: {wanted[key]!r} where the cache has {stored[key]!r}" for key in wanted
-              if stored.get(key) != wanted[key]]
-    temperatures = stored["temperatures"]
-    if config.teacher_cache_mode == "top_k" and float(config.kd_temperature) not in temperatures:
-        differ.append(f"kd_temperature: {config.kd_temperature!r} where the cache stores the tail at "
-                      f"temperatures {temperatures}")
-    if differ:
-        raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} was written with other settings ("
-                          f"{'; '.join(differ)}); point teacher_cache at a new folder or match its settings.")
-    check_cache_fits(recipe, "teacher_cache", path, info, repair)
 
 
 # A demo spec's tokenizer is trained when it is built (about a second): built once per process for the checks (a study
@@ -210,34 +204,6 @@ def _student_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def check_cache_fits(recipe: Recipe, field: str, path: str, info: dict, repair: bool = False) -> None:
-    """A complete cache (`info`) was written for the recipe's tokenizer and its data's number of rows, and every block
-    is whole (`repair`: left to the pass that rewrites damaged blocks)."""
-    tokenizer = _student_tokenizer(recipe)
-    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != info["components"]["tokenizer"]:
-        raise RecipeError(f"{recipe.path}: {field}: {path!r} was written for another tokenizer than the student's "
-                          f"({recipe.options['tokenizer_name_or_path'] or recipe.options['model_name_or_path']}); "
-                          "point it at a cache written for this student, or a new folder.")
-    dataset = recipe.options["dataset_name"]
-    if dataset == "demo" or os.path.exists(dataset):
-        try:
-            train, evaluation = load_recipe_datasets(recipe.options)
-        except ValueError as error:
-            raise RecipeError(f"{recipe.path}: {error}") from None
-        for split, rows in (("train", len(train)), ("eval", None if evaluation is None else len(evaluation))):
-            stored = info["splits"].get(split, {}).get("rows")
-            if rows is not None and stored != rows:
-                raise RecipeError(f"{recipe.path}: {field}: {path!r} holds {stored} rows of the {split} split, and "
-                                  f"the recipe's data has {rows}: it was written for other data. Point {field} at a "
-                                  "new folder (or one written for this data).")
-    if not repair:
-        try:
-            check_whole(path, info)
-        except CacheProblem as error:
-            where = "" if field == "teacher_cache" else f"{field}: "  # the problem names teacher_cache=PATH itself
-            raise RecipeError(f"{recipe.path}: {where}{error}") from None
-
-
 def check_teacher_server(recipe: Recipe) -> None:
     """A recipe's `teacher_url` answers as the run will ask it, before anything loads (`check_server_answers`)."""
     url = getattr(recipe.config, "teacher_url", None)
@@ -245,66 +211,16 @@ def check_teacher_server(recipe: Recipe) -> None:
         check_server_answers(recipe, "teacher_url", url, recipe.config.teacher_model_name_or_path)
 
 
-def _probe_ids(tokenizer) -> list[int]:
-    """Two token ids of the student's vocabulary (a short text's), for a request that must have one scored position."""
-    if tokenizer is not None:
-        ids = tokenizer("The answer is 42.", add_special_tokens=False)["input_ids"]
-        if len(ids) >= 2:
-            return ids[:2]
-    return [0, 1]
-
-
 def check_server_answers(recipe: Recipe, field: str, url: str, tokenizer_name: str | None = None) -> None:
-    """The server at `url` (a recipe's `field`) answers, at the first try, what the run will ask of it: `GET /models`,
-    then a real `prompt_logprobs` request at the run's k for two of the student's tokens, its answer checked as a
-    step's would be. The served model's tokenizer (`tokenizer_name`, else the served model's name) must be the
-    student's. Each failure is refused with what it means: no server, a wrong path, a k above the server's
-    `--max-logprobs`, a server that answers fewer, another vocabulary."""
-    config, where = recipe.config, f"{recipe.path}: {field}: {public_url(url)!r}"
-    student = _student_tokenizer(recipe)
-    if student is not None:  # a temperature a server cannot serve exactly: refused before it is asked anything
-        try:
-            config.check_served_temperature(f"{field}={public_url(url)!r}", len(student))
-        except ValueError as error:
-            raise RecipeError(f"{recipe.path}: {error}") from None
-    client = TeacherClient(url, config.teacher_server_k, len(student) if student is not None else 2**31,
-                           timeout=config.teacher_server_timeout, max_wait=0)
+    """The server at `url` (a recipe's `field`) checked by its kind before anything loads (`teachers.served.
+    check_server_before_loading`), with the recipe's student tokenizer and settings; a problem is the recipe's
+    error."""
     try:
-        served = client.served_model()
-    except ServerRefused as error:
-        raise RecipeError(f"{where} refused GET /models: HTTP {error.status}: {error.text[:200]} "
-                          f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
-    except TeacherServerError as error:
-        last = getattr(error, "last", error)
-        raise RecipeError(f"{where} does not answer GET /models ({last}). Start the teacher's server first "
-                          "(kd-serve-teacher MODEL --port PORT, or vLLM; see the README), then run again.") from None
-    served_name = served.get("root") or served["id"]
-    if student is not None:
-        name = tokenizer_name or served_name
-        try:
-            teacher_tokenizer = resolve_tokenizer(name)
-        except (OSError, ValueError) as error:
-            raise RecipeError(f"{where} serves {served_name!r}, whose tokenizer does not load here "
-                              f"({' '.join(str(error).split())[:200]}); name the teacher's Hub id or local path (teacher_model_name_"
-                              "or_path, or the entry's tokenizer), which gives its tokenizer and is not loaded.") \
-                from None
-        try:
-            check_same_vocabulary(student, teacher_tokenizer, recipe.options["model_name_or_path"],
-                                  f"{served_name}, served at {public_url(url)}")
-        except ValueError as error:
-            raise RecipeError(f"{where}: {error}") from None
-    try:
-        client.probe(_probe_ids(student))
-    except ServerRefused as error:
-        raise RecipeError(f"{where} refused a prompt_logprobs request at teacher_server_k={config.teacher_server_k}: "
-                          f"HTTP {error.status}: {error.text[:200]} "
-                          f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
-    except TeacherServerError as error:
-        last = getattr(error, "last", error)
-        raise RecipeError(f"{where} gave no usable answer to a prompt_logprobs request at teacher_server_k="
-                          f"{config.teacher_server_k} ({last}). A server that answers fewer log-probabilities than "
-                          "asked caps them: restart it with --max-logprobs at least teacher_server_k, or lower "
-                          "teacher_server_k.") from None
+        check_server_before_loading(url, field, recipe.config, _student_tokenizer(recipe),
+                                    recipe.options["model_name_or_path"], tokenizer_name,
+                                    load_tokenizer=resolve_tokenizer)
+    except ValueError as error:
+        raise RecipeError(f"{recipe.path}: {error}") from None
 
 
 def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
@@ -317,14 +233,9 @@ def check_teachers(recipe: Recipe, pending: tuple[str, ...] = ()) -> None:
             check_model_reference(f"{where}.model", entry["model"], recipe.path, pending=pending)
             check_model_reference(f"{where}.adapter", entry.get("adapter"), recipe.path, adapter=True,
                                   pending=pending)
-        elif entry.get("cache") is not None:
-            try:
-                info = complete_cache_info(entry["cache"], f"{where}.cache: {entry['cache']!r}", MEMBER_NOT_WRITTEN)
-            except CacheProblem as error:
-                raise RecipeError(f"{recipe.path}: {where}.cache: {error}") from None
-            except ValueError as error:  # not complete: the message names where
-                raise RecipeError(f"{recipe.path}: {error}") from None
-            check_cache_fits(recipe, f"{where}.cache", entry["cache"], info)
+        elif entry.get("cache") is not None:  # read as it was written: its own settings
+            _cache_before_loading(recipe, entry["cache"], f"{where}.cache", writer_named=False,
+                                  no_writer=MEMBER_NOT_WRITTEN)
         else:
             check_server_answers(recipe, f"{where}.url", entry["url"], entry.get("tokenizer"))
 

@@ -93,8 +93,8 @@ def attach_cache(host, cache: TeacherCache, hashes: dict, suffix: str = "") -> N
 
 
 # What follows "<where> holds no complete teacher cache" when nothing can write it, said for each entry point.
-NO_WRITER = ", and no teacher is given to write it: set teacher_model_name_or_path (the cache is written there first), " \
-    "or run `kd-train cache-teacher RECIPE` with the teacher."
+NO_WRITER = (", and no teacher is given to write it: set teacher_model_name_or_path (the cache is written there "
+             "first), or run `kd-train cache-teacher RECIPE` with the teacher.")
 NO_WRITER_IN_RECIPE = ", and teacher_model_name_or_path is null, so nothing can write it. Name the teacher (the " \
     "cache is written first), or run kd-train cache-teacher with it."
 MEMBER_NOT_WRITTEN = ": write it first (kd-train cache-teacher RECIPE teacher_cache=PATH with that teacher)."
@@ -113,6 +113,52 @@ def complete_cache_info(path: str, where: str, then: str | None) -> dict | None:
     what = "holds an unfinished pass" if info is not None or has_partial_pass(path) else \
         "holds no complete teacher cache"
     raise ValueError(f"{where} {what}{then}")
+
+
+def check_cache_before_loading(path: str, field: str, *, writer_named: bool, no_writer: str, repair: bool = False,
+                               settings: dict | None = None, tokenizer=None, student_name: str = "the student",
+                               rows=None) -> None:
+    """What a run will ask of the cache at `path` (its `field`: `teacher_cache`, or a teacher's `teachers[i].cache`),
+    checked before anything loads (a recipe's checks): complete, unless a named teacher writes it first
+    (`writer_named`; else the error ends with `no_writer`); written with the run's `settings` (`{mode, k,
+    temperature}`; None for a teacher among several, read as it was written); for the student's `tokenizer` (None:
+    not known yet) and the data's rows (`rows()` -> `{split: count or None}`, None: not known before loading); every
+    block whole, unless `repair` (the pass that rewrites what is damaged comes next). Raises `CacheProblem` or
+    `ValueError` naming the field."""
+    where = f"{field}: {path!r}"
+    prefix = "" if field == "teacher_cache" else f"{field}: "  # a cache's own problem names teacher_cache=PATH
+    try:
+        info = complete_cache_info(path, where, None if writer_named else no_writer)
+    except CacheProblem as error:
+        if repair and writer_named:
+            return
+        raise CacheProblem(f"{prefix}{error}") from None
+    if info is None:  # the named teacher writes it first
+        return
+    if settings is not None:
+        stored = info["components"]["settings"]
+        differ = [f"teacher_cache_{key}: {settings[key]!r} where the cache has {stored[key]!r}" for key in ("mode", "k")
+                  if stored.get(key) != settings[key]]
+        if settings["mode"] == "top_k" and float(settings["temperature"]) not in stored["temperatures"]:
+            differ.append(f"kd_temperature: {settings['temperature']!r} where the cache stores the tail at "
+                          f"temperatures {stored['temperatures']}")
+        if differ:
+            raise ValueError(f"{where} was written with other settings ({'; '.join(differ)}); point teacher_cache "
+                             "at a new folder or match its settings.")
+    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != info["components"]["tokenizer"]:
+        raise ValueError(f"{where} was written for another tokenizer than the student's ({student_name}); point it "
+                         "at a cache written for this student, or a new folder.")
+    for split, count in (rows() if rows is not None else {}).items():
+        stored = info["splits"].get(split, {}).get("rows")
+        if count is not None and stored != count:
+            raise ValueError(f"{where} holds {stored} rows of the {split} split, and the recipe's data has {count}: "
+                             f"it was written for other data. Point {field} at a new folder (or one written for this "
+                             "data).")
+    if not repair:
+        try:
+            check_whole(path, info)
+        except CacheProblem as error:
+            raise CacheProblem(f"{prefix}{error}") from None
 
 
 def open_complete(path: str, where: str, then: str = MEMBER_NOT_WRITTEN) -> TeacherCache:

@@ -21,7 +21,8 @@ class TeacherNeeds:
     def __post_init__(self):
         unknown = sorted(set(self.refused) - set(KIND_FIELDS))
         if unknown:
-            raise ValueError(f"TeacherNeeds refuses unknown teacher kinds {unknown}; the kinds are {list(KIND_FIELDS)}.")
+            raise ValueError(f"TeacherNeeds refuses unknown teacher kinds {unknown}; the kinds are "
+                             f"{list(KIND_FIELDS)}.")
 
     def check(self, kind: str, value) -> None:
         """Refuses a teacher of `kind`, given as `value` (the field's value), when the method cannot use it."""

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from ..losses import SparseMember
 from ..losses.sparse import TAIL_TREATMENTS
+from ..errors import TeacherServerError
 from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
+from ..served_teacher.client import ServerRefused, public_url, refusal_hint
 from .base import Teacher, TeacherDescription, register_teacher_kind
-from .loading import load_teacher_tokenizer, model_name
+from .loading import check_same_vocabulary, load_teacher_tokenizer, model_name
 
 
 @dataclass
@@ -100,6 +102,65 @@ def served_client(host, args, url: str, teacher, teacher_processing_class, stude
         source = f"{served_name} (the model served at {client.public_url})"
     host._check_tokenizers(args, student_tokenizer, tokenizer, model_name(model), source)
     return client, tokenizer, served
+
+
+def _probe_ids(tokenizer) -> list[int]:
+    """Two token ids of the student's vocabulary (a short text's), for a request that must have one scored position."""
+    if tokenizer is not None:
+        ids = tokenizer("The answer is 42.", add_special_tokens=False)["input_ids"]
+        if len(ids) >= 2:
+            return ids[:2]
+    return [0, 1]
+
+
+def check_server_before_loading(url: str, field: str, config, student, student_name: str,
+                                tokenizer_name: str | None = None, load_tokenizer=load_teacher_tokenizer) -> None:
+    """The server at `url` (a run's `field`) answers, at the first try, what the run will ask of it: `GET /models`,
+    then a real `prompt_logprobs` request at the run's k for two of the `student` tokenizer's tokens (None: not known
+    yet), its answer checked as a step's would be. The served model's tokenizer (`tokenizer_name`, else the served
+    model's name, loaded by `load_tokenizer`) must be the student's. Each failure is a `ValueError` saying what it
+    means: no server, a wrong path, a k above the server's `--max-logprobs`, a server that answers fewer, another
+    vocabulary."""
+    where = f"{field}: {public_url(url)!r}"
+    if student is not None:  # a temperature a server cannot serve exactly: refused before it is asked anything
+        config.check_served_temperature(f"{field}={public_url(url)!r}", len(student))
+    client = TeacherClient(url, config.teacher_server_k, len(student) if student is not None else 2**31,
+                           timeout=config.teacher_server_timeout, max_wait=0)
+    try:
+        served = client.served_model()
+    except ServerRefused as error:
+        raise ValueError(f"{where} refused GET /models: HTTP {error.status}: {error.text[:200]} "
+                         f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
+    except TeacherServerError as error:
+        last = getattr(error, "last", error)
+        raise ValueError(f"{where} does not answer GET /models ({last}). Start the teacher's server first "
+                         "(kd-serve-teacher MODEL --port PORT, or vLLM; see the README), then run again.") from None
+    served_name = served.get("root") or served["id"]
+    if student is not None:
+        try:
+            teacher_tokenizer = load_tokenizer(tokenizer_name or served_name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{where} serves {served_name!r}, whose tokenizer does not load here "
+                             f"({' '.join(str(error).split())[:200]}); name the teacher's Hub id or local path "
+                             "(teacher_model_name_or_path, or the entry's tokenizer), which gives its tokenizer and is "
+                             "not loaded.") from None
+        try:
+            check_same_vocabulary(student, teacher_tokenizer, student_name,
+                                  f"{served_name}, served at {public_url(url)}")
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
+    try:
+        client.probe(_probe_ids(student))
+    except ServerRefused as error:
+        raise ValueError(f"{where} refused a prompt_logprobs request at teacher_server_k={config.teacher_server_k}: "
+                         f"HTTP {error.status}: {error.text[:200]} "
+                         f"({refusal_hint(error.status, error.text, config.teacher_server_k)}).") from None
+    except TeacherServerError as error:
+        last = getattr(error, "last", error)
+        raise ValueError(f"{where} gave no usable answer to a prompt_logprobs request at teacher_server_k="
+                         f"{config.teacher_server_k} ({last}). A server that answers fewer log-probabilities than "
+                         "asked caps them: restart it with --max-logprobs at least teacher_server_k, or lower "
+                         "teacher_server_k.") from None
 
 
 @register_teacher_kind
