@@ -175,6 +175,9 @@ class CachedTeacher(Teacher):
     columns carry the suffix `_<index>`), else the trainer's one teacher (written first when need be, by `source`)."""
 
     kind = "cache"
+    # `split_fingerprints` of the trainer's data when a mixture has computed them already (every cache of several
+    # teachers is keyed to the same rows: hashed once).
+    fingerprints: tuple[dict, dict] | None = None
 
     def __init__(self, path: str, source, tokenizer, name, assumes_student_tokenizer=False, *, tail: str,
                  cache: TeacherCache | None = None, member: str | None = None, suffix: str = ""):
@@ -212,7 +215,7 @@ class CachedTeacher(Teacher):
         """The cache checked against the trainer's own tokenized data (written first by the named teacher when it is
         not complete), and joined to it: each row carries its teacher record, which the collator turns into the
         batch's sparse targets."""
-        data, hashes = split_fingerprints(host)
+        data, hashes = self.fingerprints or split_fingerprints(host)
         vocab = len(host.processing_class)
         tokenizer = tokenizer_fingerprint(host.processing_class)
         if self.member is not None:
@@ -233,7 +236,8 @@ class CachedTeacher(Teacher):
         settings = CacheSettings.for_run(args.teacher_cache_mode, args.teacher_cache_k, vocab, args.kd_temperature,
                                          args.teacher_cache_temperatures)
         try:
-            cache = TeacherCache.open(self.path)
+            info = complete_cache_info(self.path, f"teacher_cache={self.path!r}", None)  # None: not complete yet
+            cache = None if info is None else TeacherCache(self.path, info)
             if cache is not None:
                 check_whole(cache.path, cache.info)
         except CacheProblem:

@@ -12,7 +12,7 @@ import torch
 from ..losses import MixedTeachers
 from .entries import ROUTE_KEY, RoutingCollator, check_routing
 from .base import Teacher, TeacherDescription, register_teacher_kind
-from .cached import CachedTeacher, cache_splits
+from .cached import CachedTeacher, cache_splits, split_fingerprints
 from .loading import model_name
 from .resident import ResidentTeacher
 from .served import ServedTeacher
@@ -71,6 +71,11 @@ class MixtureTeacher(Teacher):
         """Every teacher set up as one of its kind is (under its own batch keys), then the routing column read."""
         if args.kd_weight == 0:  # SFT: no teacher is asked anything
             return
+        caches = [member for member in self.members if isinstance(member, CachedTeacher)]
+        if caches:  # every cache is keyed to the same rows: hashed once, before any is joined to them
+            fingerprints = split_fingerprints(host)
+            for member in caches:
+                member.fingerprints = fingerprints
         for member in self.members:
             member.set_up(host, args)
         keys = [key for member in self.members for key in member.batch_keys]
