@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 
 from .noise import mix_seed
-from .chunked import chunked_distillation_terms
-from .fused import TeacherTerms
+from .fused import EngineOptions, TeacherTerms, engine_terms
 from .heads import maybe_gather, weight_and_bias
 from .settings import LogitTransform, LossSettings
+from .sources import DenseMember
 
 
 class DualSpaceLoss(NamedTuple):
@@ -59,15 +59,10 @@ def dual_space_loss(
     s2t_divergence: str = "forward_kl",
     gate_t2s_kd: bool = False,
     t2s_labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    num_items_in_batch: int | torch.Tensor | None = None,
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
-    chunk_size: int | None = None,
-    memory_budget_mb: float | None = None,
-    student_transform: LogitTransform = LogitTransform(),
     teacher_transform: LogitTransform = LogitTransform(),
-    noise_seed: int | None = None,
+    **options,
 ) -> DualSpaceLoss:
     """The DSKD loss from hidden states, never holding a `[B, T, V]` tensor.
 
@@ -83,40 +78,39 @@ def dual_space_loss(
         s2t_divergence: D' of the teacher-space term.
         gate_t2s_kd: count t2s_KD only where the t2s argmax equals its target (DSKD-CMA).
         t2s_labels: `[B, Ts]` targets of the t2s CE and gate; defaults to `student_labels` (DSKDv2: teacher argmax).
-        num_items_in_batch: student label tokens of the whole accumulated batch (N); defaults to this batch's.
-        student_vocab_size / teacher_vocab_size: rows of each head that are real tokens.
+        student_vocab_size / teacher_vocab_size: rows of each head that are real tokens (each space's `vocab_size`).
+        teacher_transform: the teacher's logit scale and soft-capping (both sides of the teacher-space term).
+        options: the engine's options (`EngineOptions`) for the student space; the teacher space runs with the same,
+            in its own vocabulary and logit transform and on its own noise stream. `num_items_in_batch` (N) defaults
+            to this batch's student label tokens.
     """
+    options = EngineOptions(**options)
+    if options.vocab_size is not None:
+        raise TypeError("dual_space_loss takes student_vocab_size and teacher_vocab_size, one per space, not "
+                        "vocab_size.")
+    if options.num_items_in_batch is None:
+        options = dataclasses.replace(options, num_items_in_batch=(student_labels != options.ignore_index).sum())
+
+    def in_space(vocab_size: int | None, transform: LogitTransform, stream: int) -> EngineOptions:
+        seed = None if options.noise_seed is None else mix_seed(options.noise_seed, stream)
+        return dataclasses.replace(options, vocab_size=vocab_size, student_transform=transform, noise_seed=seed)
+
     weight = settings.kd_weight
-    if num_items_in_batch is None:
-        num_items_in_batch = (student_labels != ignore_index).sum()
-    common = dict(ignore_index=ignore_index, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
-                  memory_budget_mb=memory_budget_mb)
     # Under ZeRO-3 both heads are gathered here, once: the detached copies below must see the full weights.
     with maybe_gather(*weight_and_bias(student_lm_head), *weight_and_bias(teacher_lm_head)):
-        return _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden,
-                                teacher_lm_head, s2t_hidden, teacher_labels, settings, weight, common,
-                                s2t_divergence=s2t_divergence, gate_t2s_kd=gate_t2s_kd, t2s_labels=t2s_labels,
-                                student_vocab_size=student_vocab_size, teacher_vocab_size=teacher_vocab_size,
-                                student_transform=student_transform, teacher_transform=teacher_transform,
-                                noise_seed=noise_seed)
-
-
-def _dual_space_loss(student_hidden, student_lm_head, t2s_hidden, student_labels, teacher_hidden, teacher_lm_head,
-                     s2t_hidden, teacher_labels, settings, weight, common, *, s2t_divergence, gate_t2s_kd, t2s_labels,
-                     student_vocab_size, teacher_vocab_size, student_transform, teacher_transform,
-                     noise_seed) -> DualSpaceLoss:
-    student_space = chunked_distillation_terms(
-        student_hidden, student_lm_head, t2s_hidden, _detached(student_lm_head), student_labels, settings,
-        vocab_size=student_vocab_size, student_transform=student_transform, teacher_transform=student_transform,
-        teacher_terms=TeacherTerms(ce_weight=weight, gate_kd=gate_t2s_kd), teacher_labels=t2s_labels,
-        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 1), **common,
-    )
-    teacher_settings = dataclasses.replace(settings, divergence=s2t_divergence, kd_weight=1.0, teacher_temperature=1.0)
-    teacher_space = chunked_distillation_terms(
-        s2t_hidden, _detached(teacher_lm_head), teacher_hidden, teacher_lm_head, teacher_labels, teacher_settings,
-        vocab_size=teacher_vocab_size, student_transform=teacher_transform, teacher_transform=teacher_transform,
-        noise_seed=None if noise_seed is None else mix_seed(noise_seed, 2), report_ce=False, **common,
-    )
+        student_space = engine_terms(
+            student_hidden, student_lm_head, student_labels, settings,
+            DenseMember(t2s_hidden, _detached(student_lm_head), options.student_transform),
+            in_space(student_vocab_size, options.student_transform, 1),
+            TeacherTerms(ce_weight=weight, gate_kd=gate_t2s_kd), t2s_labels,
+        )
+        teacher_settings = dataclasses.replace(settings, divergence=s2t_divergence, kd_weight=1.0,
+                                               teacher_temperature=1.0)
+        teacher_space = engine_terms(
+            s2t_hidden, _detached(teacher_lm_head), teacher_labels, teacher_settings,
+            DenseMember(teacher_hidden, teacher_lm_head, teacher_transform),
+            in_space(teacher_vocab_size, teacher_transform, 2), report_ce=False,
+        )
     return DualSpaceLoss(
         loss=student_space.loss + weight * teacher_space.loss,  # .loss carries the gradient; it equals kd_loss here
         ce_loss=student_space.ce_loss,
