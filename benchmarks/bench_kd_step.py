@@ -35,7 +35,7 @@ Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
        python benchmarks/bench_kd_step.py --real --methods floor kd gkd dskd_cma --seq 256   (real models, CPU)
 
-`--real`: pretrained models with their real tokenizers (`kd_trainers.real_models`): the student SmolLM2-135M-Instruct
+`--real`: pretrained models with their real tokenizers (`kd_trainers.models.real_models`): the student SmolLM2-135M-Instruct
 (49,152 tokens), the teacher SmolLM2-135M-Instruct again for floor/kd/gkd (one vocabulary) and Qwen2.5-Coder-0.5B-
 Instruct (151,936) for dskd_cma; with `--gpu-realistic` they run in bf16 on CUDA at full size.
 """
@@ -91,7 +91,7 @@ def _real_models(method: str, device: str, dtype, with_teacher: bool):
     """`(student, teacher, student tokenizer, teacher tokenizer)` of the real pair a cell of `method` uses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kd_trainers.real_models import real_model_path
+    from kd_trainers.models.real_models import real_model_path
 
     student_path = real_model_path("smollm2")
     teacher_path = real_model_path("qwen2.5-coder") if method == "dskd_cma" else student_path
@@ -305,7 +305,7 @@ def _serve(teacher, tokenizer, device: str):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     dtype = "bfloat16" if device == "cuda" else "float32"
-    process = subprocess.Popen([sys.executable, "-m", "kd_trainers.serve_cli", folder, "--port", str(port), "--dtype",
+    process = subprocess.Popen([sys.executable, "-m", "kd_trainers.cli.serve", folder, "--port", str(port), "--dtype",
                                 dtype, "--device", device], stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while True:

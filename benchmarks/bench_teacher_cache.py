@@ -49,7 +49,7 @@ CASES = {"demo": None, "zipf152k_flat": (1.0, 1.6), "zipf152k_peaked": (1.6, 2.6
 def demo_case(tokens: int):
     """`(teacher logits [N, V], student hidden [N, D], student head weight [V, D], name)` on the demo task."""
     from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
-    from kd_trainers.hidden_states import last_hidden_state
+    from kd_trainers.models.hidden_states import last_hidden_state
     from kd_trainers.study.runner import prepare_folders, train
     from kd_trainers.study.spec import load_study
 

@@ -13,7 +13,7 @@ token of real conversations:
   tail with the bucket and with the spread treatment.
 
 Models: SmolLM2-135M-Instruct as the teacher (49,152 tokens), its first 2 layers as the student, from
-`kd_trainers.real_models`; data: 32 chitchat conversations as chat messages, SmolLM2's template applied.
+`kd_trainers.models.real_models`; data: 32 chitchat conversations as chat messages, SmolLM2's template applied.
 
 Usage: python benchmarks/bench_tempered_tail.py [--k 20 32] [--temperatures 1 2 4]
 """
@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from kd_trainers.losses.sparse import tempered_top_k, top_k_targets
-from kd_trainers.prompt_completion import tokenize_prompt_completion
-from kd_trainers.real_models import chitchat_exchanges, real_model_path
+from kd_trainers.data.prompt_completion import tokenize_prompt_completion
+from kd_trainers.models.real_models import chitchat_exchanges, real_model_path
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

@@ -111,7 +111,7 @@ def record(name: str, output_dir: str) -> str:
     with open(os.path.join(report, "headline.txt")) as handle:
         values["headline"] = handle.read().strip()
     if name == "quickstart":
-        from kd_trainers.quickstart import printed_results
+        from kd_trainers.cli.quickstart import printed_results
 
         values["design"] = quickstart_design(output_dir)
         values["printed"] = printed_results(report)  # what the quickstart printed at its end
@@ -140,7 +140,7 @@ def load_record(name: str) -> dict:
 
 def quickstart_table(values: dict) -> str:
     """The quickstart's printed means as a Markdown table (the same columns and figures as it prints)."""
-    from kd_trainers.quickstart import format_figure, results_table
+    from kd_trainers.cli.quickstart import format_figure, results_table
 
     table = results_table(pd.DataFrame(values["means"]))
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]

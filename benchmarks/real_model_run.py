@@ -2,7 +2,7 @@
 against SFT of the same student, on arithmetic from DeepMind's mathematics_dataset generator, through `kd-study`.
 
 What it is (fixed before it was run; nothing here was tuned on its results):
-- models: the two pretrained instruct models whole (`kd_trainers.real_models`), float32, on the CPU;
+- models: the two pretrained instruct models whole (`kd_trainers.models.real_models`), float32, on the CPU;
 - data: `arithmetic.add_or_sub` at the easy end of the generator's range (difficulty 0.1), 400 training and 100 test
   questions from different seeds, as chat messages (the user's question, the assistant's answer alone);
 - cells: SFT (kd_weight 0) and DSKD with cross-model attention (the vocabularies differ: 49,152 and 151,936 tokens;
@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 
-from kd_trainers.real_models import mathematics_questions, real_model_path
+from kd_trainers.models.real_models import mathematics_questions, real_model_path
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -94,12 +94,12 @@ def main():
     for name, model in (("student_before", student), ("teacher", teacher)):
         folder = os.path.join(output, "before", name)
         if not os.path.exists(os.path.join(folder, "summary.json")):
-            subprocess.run([sys.executable, "-m", "kd_trainers.eval_cli", "--model", model, "--dataset", data,
+            subprocess.run([sys.executable, "-m", "kd_trainers.cli.evaluate", "--model", model, "--dataset", data,
                             "--split", "test", "--metrics", "exact_match", "--answer-extractor", "last_number",
                             "--max-new-tokens", "16", "--output", folder], check=True)
         with open(os.path.join(folder, "summary.json")) as handle:
             before[name] = json.load(handle)
-    subprocess.run([sys.executable, "-m", "kd_trainers.study_cli", os.path.join(output, "study.yaml")], check=True)
+    subprocess.run([sys.executable, "-m", "kd_trainers.cli.study", os.path.join(output, "study.yaml")], check=True)
     report = os.path.join(output, "study", "report", "report.md")
     lines = ["# Real-model run: DSKD-CMA (Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct) against SFT", "",
              "Before training (kd-eval on the same 100 test questions):", ""]

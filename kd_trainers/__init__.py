@@ -2,16 +2,18 @@
 
     from kd_trainers import KDConfig, KDTrainer
 
-Where things are: `losses/` (divergences, the readable reference, the chunked engine), one folder per method
-(`kd/`: config, trainer and the shared loss mixin; `dskd/`: also the dual tokenization, projectors and cross-model
-attention; `gkd/`: on-policy GKD on TRL's trainer; `seqkd/`: teacher-generated data), `teacher.py` (teacher loading
-and the tokenizer check), `guards.py` (the non-finite stop and training-setting ranges), `checkpointing.py` (atomic,
-secret-free checkpoints), `redaction.py` (secrets kept off the disk), `demo/` (the built-in demo task).
+The package reads as its layers, bottom to top (each imports only the ones below it):
+`runtime/` (the run's own machinery: files, guards, checkpoints, errors) and `methods.py` (the method registry);
+`losses/` (divergences, the reference, the chunked engine); `teachers/` (one interface for a teacher in memory, cached,
+served or several; `teacher_cache/` and `served_teacher/` are the cache's storage and the server), `models/`
+(tokenizers, hidden states, generation), `data/` (prompt/completion rows, the teacher's completions) and `demo/`; one
+folder per method (`kd/`, `dskd/`, `gkd/`, `seqkd/`, `sft/`); `evaluation/`; `recipe/`; `study/`; `cli/`.
 """
 
 __version__ = "0.1.0.dev0"
 
-from .lazy import lazy_getattr
+from .runtime.lazy import lazy_getattr
+from .runtime.moved import install as _install_moved_modules
 
 # name -> the module that defines it, loaded on first use: `kd-train --help` and the CLIs' error paths do not pay for
 # importing torch, transformers and TRL.
@@ -22,3 +24,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 __getattr__ = lazy_getattr(__name__, globals(), _EXPORTS)
+_install_moved_modules()  # the old paths of modules that moved into the layers keep working

@@ -8,7 +8,7 @@ import pytest
 from kd_trainers import GKDConfig, GKDTrainer, KDConfig, KDTrainer
 from kd_trainers.evaluation.callbacks import AgreementCallback
 from kd_trainers.evaluation.answers import ANSWER_EXTRACTORS
-from kd_trainers.generation import generate_predictions
+from kd_trainers.models.generation import generate_predictions
 from kd_trainers.recipe import load_recipe
 from kd_trainers.recipe.run import run_recipe
 from kd_trainers.recipe.schema import RecipeError

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from kd_trainers import cli, eval_cli, study_cli
+from kd_trainers.cli import evaluate as eval_cli, study as study_cli, train as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"method": "kd", "model_name_or_path": "demo:llama/student/bpe",
@@ -524,7 +524,7 @@ def test_a_run_stopped_before_its_first_step_does_not_bind_the_next(bare_machine
 def test_kd_serve_teacher_on_a_busy_port_says_so_before_loading_the_model(capsys, no_heavy_work):
     import socket
 
-    from kd_trainers import serve_cli
+    from kd_trainers.cli import serve as serve_cli
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -546,7 +546,7 @@ def test_a_recipe_files_own_problems_are_said_before_torch_is_imported(tmp_path)
     (tmp_path / "bad.yaml").write_text("method: [kd,\n")
     (tmp_path / "study.yaml").write_text(study())
     (tmp_path / "recipe.yaml").write_text(recipe())
-    code = ("import sys; from kd_trainers import cli; codes = [cli.main(argv) for argv in (['nope.yaml'], ['recipes'], "
+    code = ("import sys; from kd_trainers.cli import train as cli; codes = [cli.main(argv) for argv in (['nope.yaml'], ['recipes'], "
             "['bad.yaml'], ['study.yaml'], ['recipe.yaml', 'max_steps'], ['validate', 'nope.yaml'])]; "
             "print(codes, sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)

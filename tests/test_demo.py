@@ -7,7 +7,7 @@ import torch
 
 from kd_trainers.demo import ARCHITECTURES, GLOSSARY, demo_model, demo_pairs, load_demo_dataset
 from kd_trainers.demo.scoring import exact_match, final_answer
-from kd_trainers.quickstart import write_quickstart_study
+from kd_trainers.cli.quickstart import write_quickstart_study
 from kd_trainers.recipe.run import run_recipe
 from kd_trainers.recipe.schema import load_recipe
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from kd_trainers.quickstart import write_quickstart_study
+from kd_trainers.cli.quickstart import write_quickstart_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("demo_results", os.path.join(ROOT, "benchmarks", "demo_results.py"))

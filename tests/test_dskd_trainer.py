@@ -154,7 +154,7 @@ def test_checkpoint_holds_projectors_saved_student_is_clean_and_resume_is_exact(
     for name, value in full.projectors.state_dict().items():
         torch.testing.assert_close(projectors.state_dict()[name], value)
     # Published through the trainer's own view of its model: the student alone, projectors back in place after.
-    from kd_trainers.publish import build_publish_folder
+    from kd_trainers.recipe.publish import build_publish_folder
 
     published = load_file(build_publish_folder(full) + "/model.safetensors")
     assert set(published) == set(saved) and not any("dskd" in key for key in published)

@@ -102,7 +102,7 @@ def test_kd_eval_generates_saves_and_scores_with_teacher_predictions(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from kd_trainers.demo import demo_model, demo_pairs, demo_tokenizer
-    from kd_trainers.eval_cli import main
+    from kd_trainers.cli.evaluate import main
 
     common = ["--dataset", "demo", "--split", "test", "--limit", "6", "--max-new-tokens", "8", "--batch-size", "4",
               "--answer-extractor", "demo"]

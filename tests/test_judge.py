@@ -66,7 +66,7 @@ def test_missing_inputs_are_named():
 def test_kd_eval_with_an_endpoint_judge_saves_identity_and_prompts(tmp_path, endpoint):
     import pandas as pd
 
-    from kd_trainers.eval_cli import main
+    from kd_trainers.cli.evaluate import main
 
     url, received = endpoint
     code = main(["--model", "demo:llama/student/bpe", "--dataset", "demo", "--split", "test", "--limit", "3",

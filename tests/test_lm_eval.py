@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from kd_trainers.eval_cli import main as kd_eval
+from kd_trainers.cli.evaluate import main as kd_eval
 from kd_trainers.evaluation.harness import harness_settings, run_harness
 from kd_trainers.evaluation.settings import evaluation_settings
 from kd_trainers.recipe.models import resolve_model
@@ -232,7 +232,7 @@ def test_the_evaluation_block_refuses_an_lm_eval_setting_that_would_not_run(tmp_
 
 @pytest.mark.slow
 def test_a_recipe_naming_an_unknown_task_is_refused_before_training(tasks, tmp_path, capsys):
-    from kd_trainers.cli import main as kd_train
+    from kd_trainers.cli.train import main as kd_train
 
     recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "sft.yaml")
     harness = {"tasks": ["kd_demo_glossary"], "include_path": tasks}  # the path kd-eval's test indexed already

@@ -12,9 +12,9 @@ from datasets import Dataset
 
 from kd_trainers import GKDConfig, GKDTrainer, KDConfig, KDTrainer, SeqKDConfig, SeqKDTrainer
 from kd_trainers.demo import demo_model
-from kd_trainers.generation import generate_predictions
+from kd_trainers.models.generation import generate_predictions
 from kd_trainers.kd.prompt_rows import new_prompt_rows
-from kd_trainers.prompt_completion import unlabelled_rows
+from kd_trainers.data.prompt_completion import unlabelled_rows
 from kd_trainers.sft import SFTConfig, SFTTrainer
 
 
@@ -163,7 +163,7 @@ def test_prompts_with_a_teacher_cache_are_refused_before_loading(tmp_path, bpe_t
 @pytest.fixture
 def kd_train(capsys, monkeypatch):
     """`kd-train ARGS` in this process (the CLI's own entry point): its status, what it printed and its errors."""
-    from kd_trainers.cli import main
+    from kd_trainers.cli.train import main
 
     def run(*args, cwd):
         monkeypatch.chdir(cwd)

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_trainers.cli import main as kd_train
+from kd_trainers.cli.train import main as kd_train
 from kd_trainers.runtime.progress import ProgressLine
-from kd_trainers.quickstart import run
+from kd_trainers.cli.quickstart import run
 
 
 pytestmark = pytest.mark.slow  # whole runs and studies
@@ -63,7 +63,7 @@ def test_a_second_quickstart_elsewhere_reuses_the_cached_teachers(tmp_path, caps
     assert "prepare teacher_wordpiece: done, skipped" in printed and "prepare teacher: training" not in printed
     # Another teacher setting is another cache entry, to be trained anew: the plan of a third quickstart says so
     # (checked, not run: its training is what the first run did).
-    from kd_trainers.quickstart import write_quickstart_study
+    from kd_trainers.cli.quickstart import write_quickstart_study
     from kd_trainers.study import load_study
     from kd_trainers.study.runner import check_study, study_plan
 

@@ -1,6 +1,6 @@
 """The `real` tier: pretrained instruct models with their real tokenizers and chat templates, on real conversations.
 
-The models come from GGUF files that packages on the package index ship (`kd_trainers.real_models`): SmolLM2-135M-
+The models come from GGUF files that packages on the package index ship (`kd_trainers.models.real_models`): SmolLM2-135M-
 Instruct (llama, 49,152 tokens), Qwen2.5-Coder-0.5B-Instruct (qwen2, 151,936) and Gemma 3 270M (262,144), cut to
 their first 2 decoder layers where a step must be cheap (tokenizer, template, special tokens, embeddings and head
 kept). The data is BYU's chitchat dataset (MIT), as the `chitchat-dataset` package ships it: the first turn of a
@@ -23,12 +23,13 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kd_trainers import (DSKDConfig, DSKDTrainer, GKDConfig, GKDTrainer, KDConfig, KDTrainer, SeqKDConfig,
-                         SeqKDTrainer, cli, eval_cli, study_cli)
+                         SeqKDTrainer)
+from kd_trainers.cli import evaluate as eval_cli, study as study_cli, train as cli
 from kd_trainers.demo.harness_tasks import demo_task_folder
 from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from kd_trainers.losses.sparse import top_k_targets
-from kd_trainers.prompt_completion import prompt_token_ids
-from kd_trainers.real_models import chitchat_exchanges, real_model_path
+from kd_trainers.data.prompt_completion import prompt_token_ids
+from kd_trainers.models.real_models import chitchat_exchanges, real_model_path
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
 
 

@@ -14,7 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from trl import SFTConfig
 
-from kd_trainers import cli
+from kd_trainers.cli import train as cli
 from kd_trainers.demo import demo_model
 from kd_trainers.recipe import RecipeError, load_recipe
 from kd_trainers.recipe.catalog import shipped, shipped_path
@@ -332,7 +332,7 @@ def test_recipe_evaluation_block_evaluates_after_training(tmp_path):
     assert (output / "eval" / "predictions.jsonl").exists() and (output / "eval" / "summary.json").exists()
     # kd-eval on the saved run, with the teacher answers the recipe cached, goes through the same pipeline: the same
     # predictions and the same scores.
-    from kd_trainers import eval_cli
+    from kd_trainers.cli import evaluate as eval_cli
 
     teacher = next((output / "eval" / "teachers").glob("*/predictions.jsonl"))
     assert eval_cli.main(["--model", str(output), "--dataset", "demo", "--split", "test", "--limit", "5",

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from faults import StopAt, killed_during
 
-from kd_trainers import cli, eval_cli, study_cli
+from kd_trainers.cli import evaluate as eval_cli, study as study_cli, train as cli
 from kd_trainers.runtime.guards import DroppedExamplesWarning, NonFiniteTrainingError
 from kd_trainers.recipe import load_recipe
 from kd_trainers.recipe.run import run_recipe
@@ -94,7 +94,7 @@ def test_a_study_killed_during_evaluation_gives_the_same_report_when_run_again(t
     # Killed while generating the third cell's answers (the fourth generation: the cells' teacher, a demo model, is
     # scored first as the study's reference): two cells are done, the third has trained.
     assert killed_during("kd_trainers.evaluation.pipeline:generate_predictions", 4, [spec(killed)],
-                         module="kd_trainers.study_cli") == -9
+                         module="kd_trainers.cli.study") == -9
     cells = killed / "cells"
     markers = [os.path.relpath(root, cells) for root, _, names in os.walk(cells) if "done.json" in names]
     assert sum(not marker.endswith("train") for marker in markers) == 2  # two cells are finished

@@ -8,8 +8,8 @@ import torch
 from datasets import load_from_disk
 
 from kd_trainers import SeqKDConfig, SeqKDTrainer
-from kd_trainers import generation
-from kd_trainers import teacher_completions as seqkd_generate
+from kd_trainers.models import generation
+from kd_trainers.data import teacher_completions as seqkd_generate
 
 
 def seqkd_args(tmp_path, **overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kd_trainers import KDConfig, KDTrainer
-from kd_trainers.errors import TeacherServerError
+from kd_trainers.runtime.errors import TeacherServerError
 from kd_trainers.losses.sparse import top_k_targets
 from kd_trainers.served_teacher import InvalidAnswer, TeacherClient, completion_request, parse_completion
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
@@ -357,13 +357,13 @@ def test_kd_serve_teacher_and_kd_train_from_the_command_line(tmp_path):
 
     import requests
 
-    from kd_trainers import cli
+    from kd_trainers.cli import train as cli
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
-    server = subprocess.Popen([sys.executable, "-m", "kd_trainers.serve_cli", NAME, "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "kd_trainers.cli.serve", NAME, "--port", str(port)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -412,7 +412,7 @@ def test_a_password_in_the_teacher_url_reaches_no_file_of_the_run(tmp_path, scor
     """`teacher_url=http://user:PASSWORD@host/v1` (HTTP basic auth) trains, and no file the run writes holds the
     password: not recipe.yaml, run_info.json (command line and settings), training_args.bin, checkpoints or the
     model card; nor does what it prints."""
-    from kd_trainers import cli
+    from kd_trainers.cli import train as cli
 
     password = "pw-6fd1a2c9"
     with LoopbackServer(scorer) as server:

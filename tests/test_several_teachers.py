@@ -155,7 +155,7 @@ def test_a_recipe_with_teachers_trains_from_both(tmp_path):
     that one was assumed."""
     import yaml
 
-    from kd_trainers import cli
+    from kd_trainers.cli import train as cli
 
     recipe = tmp_path / "two_teachers.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from kd_trainers import cli, serve_cli
+from kd_trainers.cli import serve as serve_cli, train as cli
 from kd_trainers.runtime import smoke
 from kd_trainers.runtime.files import is_done, write_done
 from kd_trainers.recipe import load_recipe

@@ -1,4 +1,4 @@
-"""kd_trainers.stats against pingouin and scipy called directly on fixed data."""
+"""kd_trainers.evaluation.stats against pingouin and scipy called directly on fixed data."""
 
 import math
 
@@ -8,7 +8,7 @@ import pingouin as pg
 import pytest
 from scipy import stats as sps
 
-from kd_trainers import stats
+from kd_trainers.evaluation import stats
 from kd_trainers.study.report import anova_table
 
 

@@ -283,7 +283,7 @@ def test_cache_pass_on_two_processes_then_training_without_a_teacher(tmp_path, c
     import subprocess
     import sys
 
-    from kd_trainers.cli import main
+    from kd_trainers.cli.train import main
     from kd_trainers.teacher_cache import TeacherCache
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,7 @@ import json
 from kd_trainers.demo import demo_model
 from kd_trainers.recipe.models import resolve_teacher
 from kd_trainers.recipe.schema import validate_recipe
-from kd_trainers.tokenizer import load_tokenizer
+from kd_trainers.models.tokenizer import load_tokenizer
 
 TEXT = "Q: What does RAN stand for?\nA: RAN stands for Radio Access Network.<|endoftext|>"
 

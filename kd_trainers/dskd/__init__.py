@@ -5,7 +5,7 @@
 `kd_trainers.losses.dual_space_loss`, on the shared chunked engine.
 """
 
-from ..lazy import lazy_getattr
+from ..runtime.lazy import lazy_getattr
 
 # Loaded on first use; `method.py` registers the method for recipes.
 _EXPORTS = {"DSKDConfig": ".config", "DSKDTrainer": ".trainer"}

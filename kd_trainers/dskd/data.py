@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
-from ..prompt_completion import as_prompt_completion, tokenize_prompt_completion
+from ..data.prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
 
 SIDES = (("student", ""), ("teacher", "teacher_"))

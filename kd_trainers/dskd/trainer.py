@@ -17,7 +17,7 @@ from ..losses.settings import chunk_length
 from ..losses.reference import loss_normalizer
 from ..teacher_cache.cache import tokenizer_fingerprint
 from ..teachers.loading import model_name, output_head_shape
-from ..tokenizer import load_tokenizer
+from ..models.tokenizer import load_tokenizer
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
 from .data import DualTokenizationCollator, DualTokenizer

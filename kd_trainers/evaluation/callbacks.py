@@ -17,8 +17,8 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 from trl.models import unwrap_model_for_generation
 
-from ..generation import generate_predictions
-from ..prompt_completion import prompts_and_references
+from ..models.generation import generate_predictions
+from ..data.prompt_completion import prompts_and_references
 from ..runtime.checks import is_positive_integer
 from .answers import ANSWER_EXTRACTORS
 from .score import score

@@ -34,7 +34,7 @@ from ..demo.harness_tasks import demo_task_folder
 from ..runtime.files import user_cache_dir, write_atomically
 from ..runtime.progress import libraries_quieted
 from ..runtime.smoke import capped_limit
-from ..suggest import did_you_mean
+from ..runtime.suggest import did_you_mean
 
 
 HARNESS_KEYS = ("tasks", "num_fewshot", "limit", "batch_size", "include_path")

@@ -22,8 +22,8 @@ import pandas as pd
 from huggingface_hub import InferenceClient
 from transformers import AutoModelForCausalLM
 
-from ..generation import generate_predictions
-from ..tokenizer import load_tokenizer
+from ..models.generation import generate_predictions
+from ..models.tokenizer import load_tokenizer
 from .settings import DEFAULT_JUDGE_METRICS
 
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 
 import pandas as pd
 
-from ..generation import empty_share, generate_predictions, save_predictions
-from ..prompt_completion import prompts_and_references
+from ..models.generation import empty_share, generate_predictions, save_predictions
+from ..data.prompt_completion import prompts_and_references
 from .harness import run_harness
 from .judge import DEFAULT_JUDGE_METRICS, judge_scores, make_judge, save_judge_record
 from .score import METRICS, resolve_metrics, score

@@ -30,7 +30,9 @@ class MetricModule:
 def read_registration(path: str) -> MetricModule | None:
     """The registration of the module at `path`, or None when it declares no `KD_METRICS` (a helper file)."""
     values = {}
-    for node in ast.parse(open(path, encoding="utf-8").read()).body:
+    with open(path, encoding="utf-8") as file:
+        source = file.read()
+    for node in ast.parse(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) \
                 and node.targets[0].id in _NAMES:
             values[node.targets[0].id] = ast.literal_eval(node.value)

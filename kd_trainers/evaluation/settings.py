@@ -6,7 +6,7 @@ import os
 
 from ..runtime.checks import is_positive_integer
 from ..runtime.smoke import capped_limit
-from ..suggest import did_you_mean
+from ..runtime.suggest import did_you_mean
 
 EVALUATION_KEYS = ("metrics", "answer_extractor", "split", "limit", "max_new_tokens", "batch_size", "judge", "lm_eval")
 HARNESS_SUITE = "lm_eval"  # the metric name that runs lm-evaluation-harness tasks (`evaluation.lm_eval` says which)

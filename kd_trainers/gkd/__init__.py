@@ -5,7 +5,7 @@
 
 import warnings
 
-from ..lazy import lazy_getattr
+from ..runtime.lazy import lazy_getattr
 
 # The package builds on TRL's experimental GKD by its own choice: TRL's warning on importing `trl.experimental` is not
 # the user's to act on. Set before `config.py` and `trainer.py` import it.

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
-from ..prompt_completion import (as_prompt, as_prompt_completion, has_completion, prompt_token_ids,
+from ..data.prompt_completion import (as_prompt, as_prompt_completion, has_completion, prompt_token_ids,
                                  tokenize_prompt_completion)
 
 

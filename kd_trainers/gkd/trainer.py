@@ -17,7 +17,7 @@ from ..runtime.checkpointing import AtomicCheckpointMixin
 from ..runtime.guards import RunGuardsMixin
 from ..kd.loss_mixin import DistillationLossMixin
 from ..kd.teacher_setup import TeacherSetupMixin
-from ..prompt_completion import require_labels
+from ..data.prompt_completion import require_labels
 from ..teachers.loading import load_student_tokenizer
 from .config import GKDConfig
 from .data import PromptCompletionCollator

@@ -1,6 +1,6 @@
 """Vanilla logit knowledge distillation: `KDConfig` and `KDTrainer`."""
 
-from ..lazy import lazy_getattr
+from ..runtime.lazy import lazy_getattr
 
 
 # Loaded on first use; `method.py` registers the method for recipes.

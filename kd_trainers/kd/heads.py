@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from ..hidden_states import last_hidden_state
+from ..models.hidden_states import last_hidden_state
 from ..losses import LogitTransform
 from ..losses.heads import maybe_gather, weight_and_bias
 from ..teachers.loading import model_name

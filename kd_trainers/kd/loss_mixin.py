@@ -15,7 +15,7 @@ from huggingface_hub import ModelCard
 from trl import SFTTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 
-from ..hidden_states import hidden_state_and_router_loss, last_hidden_state
+from ..models.hidden_states import hidden_state_and_router_loss, last_hidden_state
 from ..losses import LogitTransform, LossSettings, teacher_distillation_terms
 from ..losses.reference import loss_normalizer
 from ..served_teacher import TARGETS_KEY

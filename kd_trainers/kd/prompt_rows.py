@@ -10,7 +10,7 @@ prompts as `prompt_dataset=` (a recipe's `prompts:`), beside the labelled `train
   `train_dataset` may be prompts alone.
 
 A method that trains on labels refuses a `train_dataset` with prompt-only rows before anything is loaded, naming the
-rows and the methods that take prompts (`kd_trainers.prompt_completion.require_labels`).
+rows and the methods that take prompts (`kd_trainers.data.prompt_completion.require_labels`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import json
 from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
 
-from ..prompt_completion import as_prompt, as_prompt_completion, require_labels
+from ..data.prompt_completion import as_prompt, as_prompt_completion, require_labels
 from ..runtime.smoke import capped_prompts
 from ..teachers.loading import freeze, model_name
-from ..teacher_completions import teacher_generated_dataset
+from ..data.teacher_completions import teacher_generated_dataset
 
 
 def prompt_key(prompt) -> str:

@@ -5,7 +5,7 @@ save), `launch.py` (accelerate configs and relaunch), `run.py` (building and run
 recipes shipped in the package), `models.py` (the models a recipe names), `evaluate.py` (a finished run's
 evaluation). Methods register themselves (`kd_trainers.methods`)."""
 
-from ..lazy import lazy_getattr
+from ..runtime.lazy import lazy_getattr
 from .errors import RecipeError
 
 _EXPORTS = {"Recipe": ".schema", "load_recipe": ".schema"}  # loaded on first use: heavy

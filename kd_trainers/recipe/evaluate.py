@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM
 from ..evaluation.pipeline import evaluate_model
 from ..evaluation.settings import generates_answers
 from ..runtime.files import DONE, write_done
-from ..generation import generate_predictions, save_predictions
-from ..prompt_completion import check_generation_format
+from ..models.generation import generate_predictions, save_predictions
+from ..data.prompt_completion import check_generation_format
 from ..teachers.loading import dtype_from_init_kwargs, load_teacher
-from ..tokenizer import load_tokenizer
+from ..models.tokenizer import load_tokenizer
 from .data import load_recipe_datasets
 from .models import resolve_student, resolve_teacher
 

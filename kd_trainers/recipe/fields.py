@@ -19,7 +19,7 @@ from typing import Any
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from ..suggest import did_you_mean
+from ..runtime.suggest import did_you_mean
 
 
 class FieldValueError(ValueError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from ..demo import demo_model, demo_tokenizer
 from ..served_teacher import TeacherClient
 from ..teachers.loading import load_teacher
-from ..tokenizer import load_tokenizer
+from ..models.tokenizer import load_tokenizer
 from .schema import Recipe
 
 

@@ -21,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .. import __version__
 from ..evaluation.callbacks import AgreementCallback
 from ..runtime.files import write_atomically, write_done
-from ..publish import build_publish_folder, upload
+from .publish import build_publish_folder, upload
 from ..runtime.redaction import redact, redact_arguments
 from .training_rows import trainer_data_kwargs, training_data
 from .evaluate import TrainedModels, check_evaluation_splits, evaluate_trained, evaluation_split

@@ -28,7 +28,7 @@ from ..runtime.guards import check_training_args
 from ..methods import available_methods, get_method
 from ..teachers.entries import check_routing, teacher_entries
 from ..runtime.smoke import capped_steps
-from ..suggest import did_you_mean
+from ..runtime.suggest import did_you_mean
 from .errors import RecipeError
 from .data import PROMPTS_KEYS
 from .fields import FieldValueError, RecipeFields

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datasets import Dataset
 
 from ..kd.prompt_rows import PromptRowsMixin, every_prompt_row, new_prompt_rows
-from ..prompt_completion import require_labels, unlabelled_rows
+from ..data.prompt_completion import require_labels, unlabelled_rows
 from .data import load_recipe_datasets, load_recipe_prompts, prompts_source
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from .catalog import shipped
 from .errors import RecipeError
-from ..suggest import did_you_mean
+from ..runtime.suggest import did_you_mean
 
 
 class RecipeLoader(yaml.SafeLoader):

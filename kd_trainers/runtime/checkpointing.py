@@ -50,7 +50,7 @@ class AtomicCheckpointMixin:
 
     @contextlib.contextmanager
     def published_model(self):
-        """The trained model as it is published (`kd_trainers.publish`): the unwrapped model; a method whose model
+        """The trained model as it is published (`kd_trainers.recipe.publish`): the unwrapped model; a method whose model
         holds training-only parts (DSKD's projectors) yields it without them."""
         yield self.accelerator.unwrap_model(self.model)
 

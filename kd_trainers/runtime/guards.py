@@ -16,7 +16,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..errors import NonFiniteTrainingError, TeacherServerError
+from .errors import NonFiniteTrainingError, TeacherServerError
 from .checks import is_positive_integer
 from .smoke import capped_steps
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
-from ..errors import TeacherServerError
+from ..runtime.errors import TeacherServerError
 from ..losses.sparse import SparseTargets
 from .protocol import InvalidAnswer, completion_request, parse_completion, served_models
 

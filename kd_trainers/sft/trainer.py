@@ -5,7 +5,7 @@ from trl import SFTTrainer as _TRLSFTTrainer
 
 from ..runtime.checkpointing import AtomicCheckpointMixin
 from ..runtime.guards import RunGuardsMixin
-from ..prompt_completion import require_labels
+from ..data.prompt_completion import require_labels
 
 
 class SFTTrainer(RunGuardsMixin, AtomicCheckpointMixin, _TRLSFTTrainer):

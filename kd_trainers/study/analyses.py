@@ -16,7 +16,7 @@ import math
 
 import pandas as pd
 
-from .. import stats
+from ..evaluation import stats
 
 
 def anova_across_levels(scores: pd.DataFrame, factor: str, levels: list[str], metrics: list[str]) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from .. import stats
+from ..evaluation import stats
 from ..evaluation.harness import is_task_item
 from ..runtime.files import is_done
 from .analyses import anova_across_levels, gain_table, metric_correlation

@@ -39,7 +39,7 @@ from .. import __version__
 from ..runtime.files import is_done, user_cache_dir, write_atomically, write_done
 from ..runtime.progress import TrainingProgress, format_seconds, libraries_quieted, quiet_libraries, reporting_to
 from ..evaluation.harness import check_harness
-from ..generation import load_predictions
+from ..models.generation import load_predictions
 from ..recipe.evaluate import (TrainedModels, evaluate_trained, load_recipe_teacher, store_teacher_predictions,
                                teacher_identity)
 from ..recipe.output import is_finished, run_settings

@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 from ..evaluation.settings import evaluation_settings
 from ..recipe.yaml_files import read_yaml_mapping
 from ..runtime.smoke import capped_seeds
-from ..stats import COMPARE_METHODS, CORRECTIONS
-from ..suggest import did_you_mean
+from ..evaluation.stats import COMPARE_METHODS, CORRECTIONS
+from ..runtime.suggest import did_you_mean
 
 DEFAULT_TEST = "auto"  # a hypothesis's paired test when it names none
 

@@ -11,7 +11,7 @@ import os
 
 import pandas as pd
 
-from .. import stats
+from ..evaluation import stats
 from .analyses import gain_table
 from .spec import Study
 

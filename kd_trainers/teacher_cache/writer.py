@@ -28,7 +28,7 @@ import datasets
 import torch
 
 from ..runtime.files import write_atomically
-from ..hidden_states import last_hidden_state
+from ..models.hidden_states import last_hidden_state
 from ..losses.heads import weight_and_bias
 from ..losses.settings import LogitTransform
 from ..losses.noise import mix_seed

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from ..tokenizer import load_tokenizer
+from ..models.tokenizer import load_tokenizer
 
 
 def model_name(model) -> str:

@@ -8,7 +8,7 @@ import torch
 from transformers import PreTrainedModel
 from trl.models import prepare_deepspeed
 
-from ..hidden_states import last_hidden_state
+from ..models.hidden_states import last_hidden_state
 from ..losses import DenseMember, LogitTransform
 from .base import Teacher, register_teacher_kind
 from .loading import check_same_head_size, freeze, load_teacher, model_name, output_head_shape

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..losses import SparseMember
 from ..losses.sparse import TAIL_TREATMENTS
-from ..errors import TeacherServerError
+from ..runtime.errors import TeacherServerError
 from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
 from ..served_teacher.client import ServerRefused, public_url, refusal_hint
 from .base import Teacher, TeacherDescription, register_teacher_kind

@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import uvicorn
 
-    from .cli import one_line
-    from .runtime.progress import quiet_libraries
-    from .recipe.models import resolve_model
-    from .served_teacher.server import PromptScorer, create_app
-    from .teachers.loading import freeze, load_teacher
+    from .train import one_line
+    from ..runtime.progress import quiet_libraries
+    from ..recipe.models import resolve_model
+    from ..served_teacher.server import PromptScorer, create_app
+    from ..teachers.loading import freeze, load_teacher
 
     quiet_libraries()
     try:

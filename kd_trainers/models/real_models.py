@@ -13,7 +13,7 @@ special tokens, the embeddings, the vocabulary and output head, the final norm) 
 step costs little on a CPU. A GGUF read by transformers is marked quantized and can be neither trained nor saved, so
 the folder is built from the config without the quantization config and the dequantised state dict.
 
-    python -m kd_trainers.real_models smollm2 --layers 2      # prints the folder
+    python -m kd_trainers.models.real_models smollm2 --layers 2      # prints the folder
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from .runtime.files import DONE, user_cache_dir, write_done
+from ..runtime.files import DONE, user_cache_dir, write_done
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def _save(config, state: dict, tokenizer, folder: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd_trainers.real_models", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kd_trainers.models.real_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", choices=sorted(REAL_MODELS))
     parser.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
     parser.add_argument("--cache-dir", default=None)

@@ -26,7 +26,7 @@ import os
 import re
 import sys
 
-from .evaluation.settings import DEFAULT_JUDGE_METRICS
+from ..evaluation.settings import DEFAULT_JUDGE_METRICS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 def harness_options(options) -> dict | None:
     """The `--lm-eval-*` options as the `lm_eval` settings, checked (the task names too, by lm-eval itself); None
     without `--metrics lm_eval`. Errors name the flag."""
-    from .evaluation.harness import check_harness, harness_settings
-    from .evaluation.settings import HARNESS_SUITE
+    from ..evaluation.harness import check_harness, harness_settings
+    from ..evaluation.settings import HARNESS_SUITE
 
     given = {key: getattr(options, f"lm_eval_{key}") for key in ("tasks", "include_path", "num_fewshot", "limit")}
     if HARNESS_SUITE not in options.metrics:
@@ -101,17 +101,17 @@ def run_evaluation(options) -> dict:
     pipeline (`kd_trainers.evaluation.pipeline.evaluate_model`); returns the summary."""
     from transformers import AutoModelForCausalLM
 
-    from .evaluation.pipeline import evaluate_model
-    from .evaluation.score import METRICS, resolve_metrics
-    from .evaluation.settings import generates_answers, generation_metrics
-    from .generation import load_predictions
-    from .recipe.data import load_recipe_datasets
-    from .recipe.models import resolve_model
-    from .runtime.files import DONE
-    from .recipe.output import RUN_INFO, is_finished
-    from .recipe.preflight import check_model_reference
-    from .runtime.smoke import capped_limit
-    from .teachers.loading import load_teacher
+    from ..evaluation.pipeline import evaluate_model
+    from ..evaluation.score import METRICS, resolve_metrics
+    from ..evaluation.settings import generates_answers, generation_metrics
+    from ..models.generation import load_predictions
+    from ..recipe.data import load_recipe_datasets
+    from ..recipe.models import resolve_model
+    from ..runtime.files import DONE
+    from ..recipe.output import RUN_INFO, is_finished
+    from ..recipe.preflight import check_model_reference
+    from ..runtime.smoke import capped_limit
+    from ..teachers.loading import load_teacher
 
     check_model_reference("--model", options.model, "kd-eval")
     check_model_reference("--tokenizer", options.tokenizer, "kd-eval")
@@ -127,7 +127,7 @@ def run_evaluation(options) -> dict:
         value = getattr(options, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')}: {value} should be a positive integer.")
-    from .evaluation.answers import ANSWER_EXTRACTORS
+    from ..evaluation.answers import ANSWER_EXTRACTORS
 
     if options.answer_extractor not in ANSWER_EXTRACTORS:
         raise ValueError(f"--answer-extractor: {options.answer_extractor!r} is not one of {sorted(ANSWER_EXTRACTORS)}.")
@@ -175,8 +175,8 @@ def run_evaluation(options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    from .cli import one_line
-    from .runtime.progress import quiet_libraries
+    from .train import one_line
+    from ..runtime.progress import quiet_libraries
 
     quiet_libraries()
 

@@ -25,9 +25,9 @@ import shutil
 import sys
 
 # Only light modules here: `--help`, `list`, `cp` and bad input answer without importing torch or the trainers.
-from .recipe.catalog import recipes_root, resolve, shipped, shipped_path
-from .recipe.errors import RecipeError
-from .recipe.yaml_files import read_recipe_values
+from ..recipe.catalog import recipes_root, resolve, shipped, shipped_path
+from ..recipe.errors import RecipeError
+from ..recipe.yaml_files import read_recipe_values
 
 
 def _header(path: str) -> str:
@@ -59,7 +59,7 @@ def _copy(argv: list[str]) -> int:
     name, destination = argv
     source = shipped_path(name)
     if source is None:
-        from .suggest import did_you_mean
+        from ..runtime.suggest import did_you_mean
 
         everything = shipped("recipe") + shipped("study") + shipped("accelerate")
         raise RecipeError(f"cp: {name!r} is not a shipped recipe.{did_you_mean(name, everything)} kd-train list "
@@ -75,7 +75,7 @@ def _copy(argv: list[str]) -> int:
 
 def one_line(error: BaseException) -> str:
     """An error's message on one line (library messages often span several), without the credentials of any URL."""
-    from .runtime.redaction import redact_urls
+    from ..runtime.redaction import redact_urls
 
     return redact_urls(" ".join(str(error).split())) or type(error).__name__
 
@@ -83,7 +83,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; the package's errors (bad input, a run stopped on a non-finite loss) print as one line and
     return 2 (or 1 for a stopped run), without a traceback unless `--debug` is given."""
-    from .errors import NonFiniteTrainingError, TeacherServerError
+    from ..runtime.errors import NonFiniteTrainingError, TeacherServerError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _validate(recipe_path: str, overrides: list[str]) -> int:
     """`kd-train validate`: the recipe, what it names on this machine, its data and its output folder."""
-    from .recipe.evaluate import check_evaluation_splits
-    from .recipe.output import is_finished
-    from .recipe.preflight import preflight
-    from .recipe.schema import load_recipe
+    from ..recipe.evaluate import check_evaluation_splits
+    from ..recipe.output import is_finished
+    from ..recipe.preflight import preflight
+    from ..recipe.schema import load_recipe
 
-    from .recipe.training_rows import describe_training_rows, training_data
+    from ..recipe.training_rows import describe_training_rows, training_data
 
     recipe = load_recipe(recipe_path, overrides, portable=True)
     not_yet: list[str] = []
@@ -138,7 +138,7 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
     for note in [*recipe.hardware_notes, *(one_line(message).removeprefix(f"{recipe_path}: ") for message in not_yet)]:
         print(f"  note: not runnable on this machine as is: {note}")
     try:
-        from .recipe.output import check_output_dir
+        from ..recipe.output import check_output_dir
 
         check_output_dir(recipe)
     except RecipeError as error:
@@ -150,10 +150,10 @@ def _validate(recipe_path: str, overrides: list[str]) -> int:
 
 def _cache_teacher(recipe_path: str, overrides: list[str]) -> int:
     """`kd-train cache-teacher`: the recipe's teacher cache, written (on the recipe's processes) or checked."""
-    from .recipe.launch import already_launched, relaunch
-    from .recipe.preflight import preflight
-    from .recipe.run import apply_env, write_recipe_teacher_cache
-    from .recipe.schema import load_recipe
+    from ..recipe.launch import already_launched, relaunch
+    from ..recipe.preflight import preflight
+    from ..recipe.run import apply_env, write_recipe_teacher_cache
+    from ..recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
     if getattr(recipe.config, "teacher_cache", None) is None:
@@ -163,7 +163,7 @@ def _cache_teacher(recipe_path: str, overrides: list[str]) -> int:
     apply_env(recipe.options)
     if recipe.options["accelerate"] and not already_launched():
         return relaunch(recipe_path, overrides, recipe.options["accelerate"], command_name="cache-teacher")
-    from .runtime.distributed import end_process_group
+    from ..runtime.distributed import end_process_group
 
     try:
         write_recipe_teacher_cache(recipe)
@@ -178,7 +178,7 @@ def _main(argv: list[str]) -> int:
         return 0 if argv else 2
     command = argv[0]
     if command == "--version":
-        from . import __version__
+        from .. import __version__
 
         print(f"kd-trainers {__version__}")
         return 0
@@ -197,21 +197,21 @@ def _main(argv: list[str]) -> int:
         recipe_path, overrides = resolve(argv[0]), argv[1:]
     # The file's own problems (missing, a folder, not YAML, a study) at once, before the heavy imports below.
     read_recipe_values(recipe_path, overrides)
-    from .runtime.progress import quiet_libraries
+    from ..runtime.progress import quiet_libraries
 
     quiet_libraries(transformers_warnings=True)  # the plan, progress, results and real warnings: not the libraries' bars and notices
     if command == "cache-teacher":
         return _cache_teacher(recipe_path, overrides)
     if command == "validate":
         return _validate(recipe_path, overrides)
-    from .recipe.schema import load_recipe
+    from ..recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)
 
-    from .recipe.launch import already_launched, launched_by_kd_train, relaunch
-    from .recipe.output import check_output_dir, evaluation_finished, is_finished, start_over_if_asked
-    from .recipe.preflight import preflight
-    from .recipe.run import apply_env, evaluate_recipe, finished_message
+    from ..recipe.launch import already_launched, launched_by_kd_train, relaunch
+    from ..recipe.output import check_output_dir, evaluation_finished, is_finished, start_over_if_asked
+    from ..recipe.preflight import preflight
+    from ..recipe.run import apply_env, evaluate_recipe, finished_message
 
     start_over_if_asked(recipe)  # before the checks: the old run's settings no longer matter
     evaluate_here = bool(recipe.options["evaluation"]) and not launched_by_kd_train() and \
@@ -233,9 +233,9 @@ def _main(argv: list[str]) -> int:
             # Here, after every launched process has ended: evaluation needs one process and the saved model.
             evaluate_recipe(recipe)
         return code
-    from .runtime.distributed import end_process_group
-    from .publish import PublishError
-    from .recipe.run import run_recipe
+    from ..runtime.distributed import end_process_group
+    from ..recipe.publish import PublishError
+    from ..recipe.run import run_recipe
 
     try:
         run_recipe(recipe)
@@ -252,9 +252,15 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from .runtime.distributed import exit_launched_worker
+def run_as_main() -> None:
+    """`python -m kd_trainers ...` (also under `accelerate launch`): a launched worker ends in
+    `exit_launched_worker` (see `kd_trainers.runtime.distributed`); one process exits with the run's status."""
+    from ..runtime.distributed import exit_launched_worker
 
     status = main()
     exit_launched_worker(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    run_as_main()

@@ -25,12 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     if options.workers < 1:
         print(f"Study error: --workers: {options.workers} should be 1 or more.", file=sys.stderr)
         return 2
-    from .cli import one_line
-    from .runtime.progress import quiet_libraries
-    from .recipe.catalog import resolve
-    from .recipe.schema import RecipeError
-    from .study import StudyError, load_study, run_study
-    from .study.report import write_report
+    from .train import one_line
+    from ..runtime.progress import quiet_libraries
+    from ..recipe.catalog import resolve
+    from ..recipe.schema import RecipeError
+    from ..study import StudyError, load_study, run_study
+    from ..study.report import write_report
 
     path = resolve(options.study)
     if path == options.study and not os.path.isfile(path):  # `kd-study methods` for the shipped studies/methods

@@ -7,8 +7,8 @@ import os
 
 import torch
 
-from .runtime.progress import progress_line
-from .prompt_completion import prompt_token_ids
+from ..runtime.progress import progress_line
+from ..data.prompt_completion import prompt_token_ids
 
 
 DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 1.0, "top_p": 1.0}

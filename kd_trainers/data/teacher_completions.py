@@ -22,8 +22,8 @@ import torch
 from datasets import Dataset, load_from_disk
 from filelock import FileLock
 
-from .runtime.files import DONE, user_cache_dir, write_atomically, write_done
-from .generation import generate_predictions
+from ..runtime.files import DONE, user_cache_dir, write_atomically, write_done
+from ..models.generation import generate_predictions
 from .prompt_completion import as_prompt, completion_text, is_conversational, prompt_token_ids
 
 

@@ -46,8 +46,8 @@ STUDENT_SPLIT = "train[:25%]"
 def write_quickstart_study(output_dir: str, teacher_steps: int = 800, student_steps: int = 300, seed: int = 0,
                            eval_limit: int | None = None, seeds: int = 3) -> str:
     """Writes the quickstart's recipes and study into `<output_dir>/recipes/` and returns the study file."""
-    from .recipe.schema import load_recipe
-    from .study.runner import cached_step_folder
+    from ..recipe.schema import load_recipe
+    from ..study.runner import cached_step_folder
 
     folder = os.path.abspath(os.path.join(output_dir, "recipes"))
     os.makedirs(folder, exist_ok=True)
@@ -141,7 +141,7 @@ def printed_results(report: str) -> str:
 def run(output_dir: str = "kd-quickstart-output", teacher_steps: int = 800, student_steps: int = 300,
         seed: int = 0, eval_limit: int | None = None, seeds: int = 3, workers: int = 1) -> str:
     """Runs the quickstart study (its stages in `workers` processes) and returns its report folder."""
-    from .study import load_study, run_study
+    from ..study import load_study, run_study
 
     start = time.time()
     study_file = write_quickstart_study(output_dir, teacher_steps, student_steps, seed, eval_limit, seeds)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, help="stages side by side in N processes (default: 2 on a machine "
                         "without CUDA and with 2 or more cores, where the tiny models train faster so; else 1)")
     options = parser.parse_args(argv)
-    from .runtime.progress import quiet_libraries
+    from ..runtime.progress import quiet_libraries
 
     quiet_libraries()
     import torch
