@@ -15,7 +15,7 @@ from ..losses.divergences import DIVERGENCES, get_divergence
 from ..runtime.checks import is_positive_integer
 from ..teachers.cached import TeacherCacheFields
 from ..teachers.mixture import SeveralTeachersFields
-from ..teachers.needs import KIND_FIELDS, TeacherNeeds
+from ..teachers.needs import KIND_FIELDS, TeacherNeeds, stand_in
 from ..teachers.served import TeacherServerFields
 
 
@@ -155,7 +155,7 @@ class DistillationConfig(SFTConfig):
 
     def holds_teacher_while_training(self) -> bool:
         """Whether a teacher model sits beside the student while training (not with a teacher cache or server)."""
-        return getattr(self, "teacher_cache", None) is None and getattr(self, "teacher_url", None) is None
+        return stand_in(self) is None
 
     def _refuse_sft_only_losses(self) -> None:
         """SFTConfig's own cross-entropy variants apply at `kd_weight=0` (the trainer is then SFTTrainer); the fused KD

@@ -24,6 +24,7 @@ from datasets import Dataset, concatenate_datasets
 from ..data.prompt_completion import as_prompt, as_prompt_completion, require_labels
 from ..runtime.smoke import capped_prompts
 from ..teachers.loading import freeze, model_name
+from ..teachers.needs import stand_in
 from ..data.teacher_completions import teacher_generated_dataset
 
 
@@ -97,9 +98,8 @@ class PromptRowsMixin:
         if not isinstance(prompt_dataset, Dataset):
             raise ValueError("prompt_dataset must be a datasets.Dataset of prompts, got "
                              f"{type(prompt_dataset).__name__}.")
-        sources = {"teacher_cache": getattr(args, "teacher_cache", None),
-                   "teacher_url": getattr(args, "teacher_url", None), "teacher_models": self._teacher_entries}
-        named = [name for name, value in sources.items() if value is not None]
+        standing_in = stand_in(args)
+        named = [standing_in[0]] if standing_in is not None else ["teacher_models"] if self._teacher_entries else []
         if named:
             raise ValueError(f"prompt_dataset with {named[0]}: the teacher completes the prompts before training, with "
                              "the model in memory; name it with teacher_model (or teacher_model_name_or_path) and "

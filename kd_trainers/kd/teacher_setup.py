@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..teachers import Teacher, plan_teacher
 from ..teachers.loading import check_same_head_size, check_same_vocabulary, load_teacher_tokenizer, model_name
+from ..teachers.needs import stand_in
 from ..teachers.resident import load_model_teacher
 
 
@@ -34,7 +35,7 @@ class TeacherSetupMixin:
     def _required_teacher(cls, teacher_model, args):
         """The teacher given, else the config's name for it; a clear error when there is neither."""
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if getattr(args, "teacher_url", None) is not None or getattr(args, "teacher_cache", None) is not None:
+        if stand_in(args) is not None:
             return teacher  # None too: the server is the teacher, or a complete cache is (`CachedTeacher.plan`)
         if teacher is None:
             raise ValueError(f"{cls.__name__} needs a teacher: pass teacher_model=<model or name> or set "

@@ -27,6 +27,7 @@ from ..runtime.checks import is_positive_integer
 from ..runtime.guards import check_training_args
 from ..methods import available_methods, get_method
 from ..teachers.entries import check_routing, teacher_entries
+from ..teachers.needs import stand_in
 from ..runtime.smoke import capped_steps
 from ..runtime.suggest import did_you_mean
 from .errors import RecipeError
@@ -228,10 +229,9 @@ def validate_recipe(values: dict, path: str = "<recipe>", portable: bool = False
         raise RecipeError(f"{path}: {where}{message}") from None
 
     if options["agreement"] and not getattr(config, "holds_teacher_while_training", lambda: True)():
-        if getattr(config, "teacher_url", None) is not None:
-            why, fix = f"teacher_url={config.teacher_url!r} stands in for the teacher", "drop teacher_url"
-        elif getattr(config, "teacher_cache", None) is not None:
-            why, fix = f"teacher_cache={config.teacher_cache!r} stands in for the teacher", "drop teacher_cache"
+        standing_in = stand_in(config)
+        if standing_in is not None:
+            why, fix = f"{standing_in[0]}={standing_in[1]!r} stands in for the teacher", f"drop {standing_in[0]}"
         else:
             why, fix = "the teacher is released once it has generated", "set kd_weight > 0"
         raise RecipeError(f"{path}: agreement: method {method!r} holds no teacher while training ({why}); remove the "

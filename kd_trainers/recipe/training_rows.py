@@ -17,6 +17,7 @@ from datasets import Dataset
 
 from ..kd.prompt_rows import PromptRowsMixin, every_prompt_row, new_prompt_rows
 from ..data.prompt_completion import require_labels, unlabelled_rows
+from ..teachers.needs import stand_in
 from .data import load_recipe_datasets, load_recipe_prompts, prompts_source
 
 
@@ -35,10 +36,11 @@ def completes_prompts(trainer_class: type) -> bool:
 def prompts_refusal(method: str, trainer_class: type, config) -> str | None:
     """Why a recipe of this method cannot take `prompts:` (None when it can)."""
     if completes_prompts(trainer_class):
-        named = [key for key in ("teacher_cache", "teacher_url") if getattr(config, key, None) is not None]
-        if named:
-            return (f"the teacher completes the prompts before training, with the model in memory, and {named[0]} "
-                    f"stands in for it; name the model in teacher_model_name_or_path and drop {named[0]}.")
+        standing_in = stand_in(config)
+        if standing_in is not None:
+            return (f"the teacher completes the prompts before training, with the model in memory, and "
+                    f"{standing_in[0]} stands in for it; name the model in teacher_model_name_or_path and drop "
+                    f"{standing_in[0]}.")
         return None
     if not trainer_class.reads_labels(config):
         return None

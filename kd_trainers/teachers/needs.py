@@ -9,6 +9,20 @@ from dataclasses import dataclass, field
 
 # The argument that chooses each kind that can be refused (a teacher in memory serves every method).
 KIND_FIELDS = {"cache": "teacher_cache", "url": "teacher_url", "mixture": "teacher_models"}
+# The kinds a config's own field chooses, which stand in for a teacher model in memory (no model sits beside the
+# student while it trains); several teachers come as trainer arguments (`teacher_models`), not config fields.
+STAND_IN_KINDS = ("url", "cache")
+
+
+def stand_in(config) -> tuple[str, object] | None:
+    """`(field, value)` of the teacher kind that stands in for a model in memory in `config` (`teacher_url`, else
+    `teacher_cache`), or None when the teacher is a model (or the config has no such field: a method that cannot use
+    either). The one place that asks a config which kind it chose; the kinds themselves are in `teachers/`."""
+    for kind in STAND_IN_KINDS:
+        value = getattr(config, KIND_FIELDS[kind], None)
+        if value is not None:
+            return KIND_FIELDS[kind], value
+    return None
 
 
 @dataclass(frozen=True)
@@ -31,7 +45,7 @@ class TeacherNeeds:
 
     def check_config(self, config) -> None:
         """The kinds a config's own fields choose (`teacher_cache`, `teacher_url`)."""
-        for kind in ("cache", "url"):
+        for kind in STAND_IN_KINDS:
             value = getattr(config, KIND_FIELDS[kind], None)
             if value is not None:
                 self.check(kind, value)
