@@ -28,12 +28,15 @@ from kd_trainers.cli import evaluate as eval_cli, study as study_cli, train as c
 from kd_trainers.demo.harness_tasks import demo_task_folder
 from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from kd_trainers.losses.sparse import top_k_targets
+from kd_trainers.data.alignment import aligned_groups, tokens_with_offsets
 from kd_trainers.data.prompt_completion import prompt_token_ids
 from kd_trainers.models.real_models import chitchat_exchanges, real_model_path
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
 
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
+
+from test_alignment import HARD_TEXTS, reference_groups  # noqa: E402  (the alignment's own tests, on real tokenizers)
 
 REAL_CACHE = os.environ.get("KD_TRAINERS_REAL_MODELS") or os.path.join(
     os.path.expanduser("~"), ".cache", "kd_trainers", "real_models")
@@ -481,3 +484,28 @@ class _no_warning:
         self._catch.__exit__(*exc)
         assert not [w for w in self.caught if "with nothing" in str(w.message)]
         return False
+
+
+# ---- aligning two real tokenizations -------------------------------------------------------------------------------
+
+def test_real_tokenizers_align_hard_texts(smol, qwen, gemma):
+    """SmolLM2 (byte-level BPE, 49k), Qwen2.5 (byte-level BPE, 152k) and Gemma 3 (SentencePiece with byte fallback,
+    262k) over numbers, whitespace runs, accents, emoji and code: the groups equal the definition, partition both
+    sequences and end on a character both sides cut after; the texts make many-to-many groups somewhere."""
+    tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in
+                  (("smollm2", smol), ("qwen2.5", qwen), ("gemma3", gemma))}
+    uneven = 0
+    for student, teacher in (("smollm2", "qwen2.5"), ("smollm2", "gemma3"), ("gemma3", "qwen2.5")):
+        for text in HARD_TEXTS:
+            student_ids, student_offsets = tokens_with_offsets(tokenizers[student], text)
+            teacher_ids, teacher_offsets = tokens_with_offsets(tokenizers[teacher], text)
+            groups = aligned_groups(student_offsets, teacher_offsets)
+            assert [(list(s), list(t)) for s, t in groups] == reference_groups(student_offsets, teacher_offsets)
+            assert [i for s, _ in groups for i in s] == list(range(len(student_ids)))
+            assert [i for _, t in groups for i in t] == list(range(len(teacher_ids)))
+            for s, t in groups[:-1]:
+                assert max(student_offsets[i][1] for i in s) == max(teacher_offsets[i][1] for i in t)
+            if text:  # the last group ends at the text's end on both sides (these tokenizers keep every character)
+                assert max(end for _, end in student_offsets) == max(end for _, end in teacher_offsets) == len(text)
+            uneven += sum(len(s) > 1 and len(t) > 1 for s, t in groups)
+    assert uneven > 0
