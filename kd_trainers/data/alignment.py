@@ -1,5 +1,6 @@
 """Which tokens of two tokenizations of one text cover the same characters: the alignment that every cross-tokenizer
-method shares (ULD's and GOLD's merged positions, MinED's exact matches, DSKDv2's exact token alignment).
+method shares (ULD's and GOLD's merged positions, MinED's exact matches, DSKDv2's exact token alignment); and which
+token strings two vocabularies share (`shared_token_ids`: DSKD's projector initialisation, GOLD's exact part).
 
 Two tokenizers cut a text at different places. Where both cut after the same character, everything before is covered
 by whole tokens on both sides; the tokens between two such common cuts form one aligned group:
@@ -22,6 +23,8 @@ zero-width special token) cannot close a group: groups close between characters 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
 
 Offsets = Sequence[tuple[int, int]]
 
@@ -75,3 +78,16 @@ def tokens_with_offsets(tokenizer, text: str, add_special_tokens: bool = False) 
                          "token's character offsets; load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+
+
+def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
+    """True when both tokenizers map every token string to the same id (compared token by token, not by size)."""
+    return student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
+def shared_token_ids(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(student_ids [K], teacher_ids [K])` of the token strings both vocabularies contain, in string order."""
+    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    shared = sorted(set(student_vocab) & set(teacher_vocab))
+    return (torch.tensor([student_vocab[token] for token in shared], dtype=torch.long),
+            torch.tensor([teacher_vocab[token] for token in shared], dtype=torch.long))

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from ..data.alignment import same_vocabulary, shared_token_ids
 from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.settings import chunk_length
@@ -27,19 +28,6 @@ from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
 PROJECTORS_ATTRIBUTE = "dskd_projectors"  # where the projectors live inside the student while training
 TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
 TEACHER_BATCH_KEYS = ("teacher_labels", "teacher_input_ids", "teacher_attention_mask")
-
-
-def same_vocabulary(student_tokenizer, teacher_tokenizer) -> bool:
-    """True when both tokenizers map every token string to the same id (compared token by token, not by size)."""
-    return student_tokenizer is teacher_tokenizer or student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
-
-
-def shared_token_ids(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(student_ids [K], teacher_ids [K])` of the token strings both vocabularies contain."""
-    student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    shared = sorted(set(student_vocab) & set(teacher_vocab))
-    return (torch.tensor([student_vocab[token] for token in shared], dtype=torch.long),
-            torch.tensor([teacher_vocab[token] for token in shared], dtype=torch.long))
 
 
 def _pad_id(tokenizer) -> int:
