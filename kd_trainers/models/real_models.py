@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +65,14 @@ REAL_MODELS = {
 
 def _root(cache_dir: str | None, name: str) -> str:
     return os.path.join(cache_dir or user_cache_dir("real_models"), name)
+
+
+def _one_builder(cache_dir: str | None, name: str) -> FileLock:
+    """A lock per model or data set in the cache: processes that ask for the same one at once (test workers, study
+    cells) wait for the first to build it and then find it, instead of writing the same files together."""
+    root = cache_dir or user_cache_dir("real_models")
+    os.makedirs(root, exist_ok=True)
+    return FileLock(os.path.join(root, f"{name}.lock"))
 
 
 def gguf_file(name: str, cache_dir: str | None = None, log=print) -> str:
@@ -108,7 +117,8 @@ CHITCHAT = (("chitchat-dataset==0.9.0",), ("chitchat_dataset/dataset.json",))
 def chitchat_exchanges(limit: int, cache_dir: str | None = None, log=print) -> list[tuple[str, str]]:
     """`(first turn, reply)` of the first `limit` conversations of the chitchat dataset that have a reply, each turn
     its messages joined by a space."""
-    path = _package_file(*CHITCHAT, os.path.join(cache_dir or user_cache_dir("real_models"), "chitchat.json"), log)
+    with _one_builder(cache_dir, "chitchat"):
+        path = _package_file(*CHITCHAT, os.path.join(cache_dir or user_cache_dir("real_models"), "chitchat.json"), log)
     with open(path) as handle:
         conversations = json.load(handle)
     exchanges = []
@@ -134,12 +144,13 @@ def mathematics_questions(module: str, count: int, seed: int = 0, difficulty: fl
     `mul`) of DeepMind's mathematics_dataset, drawn with `seed` at `difficulty` (0 to 1: the share of the training
     entropy range used, from its easy end)."""
     folder = os.path.join(cache_dir or user_cache_dir("real_models"), "mathematics_dataset")
-    if not os.path.isdir(os.path.join(folder, "mathematics_dataset")):
-        with tempfile.TemporaryDirectory() as download:
-            (wheel,) = _downloaded_wheels(MATHEMATICS, download, log)
-            with zipfile.ZipFile(wheel) as archive:
-                archive.extractall(folder + ".tmp")
-            os.replace(folder + ".tmp", folder)
+    with _one_builder(cache_dir, "mathematics_dataset"):
+        if not os.path.isdir(os.path.join(folder, "mathematics_dataset")):
+            with tempfile.TemporaryDirectory() as download:
+                (wheel,) = _downloaded_wheels(MATHEMATICS, download, log)
+                with zipfile.ZipFile(wheel) as archive:
+                    archive.extractall(folder + ".tmp")
+                os.replace(folder + ".tmp", folder)
     if folder not in sys.path:
         sys.path.insert(0, folder)
     # The generator predates sympy 1.12, which moved `base_solution_linear` out of `sympy.solvers.diophantine`.
@@ -170,21 +181,22 @@ def real_model_path(name: str, layers: int | None = None, cache_dir: str | None 
     """A transformers folder (model in float32 and tokenizer) of the real model `name` (`REAL_MODELS`), cut to its
     first `layers` decoder layers when given; built once (the whole model from the GGUF, a cut copy from the whole
     model) and found again in the cache."""
-    source = gguf_file(name, cache_dir, log)
-    stamp_path = source + ".sha256"
-    if not os.path.exists(stamp_path):
-        with open(stamp_path + ".tmp", "w") as handle:
-            handle.write(_sha256(source))
-        os.replace(stamp_path + ".tmp", stamp_path)
-    with open(stamp_path) as handle:
-        digest = handle.read().strip()[:12]
-    full = _built(os.path.join(_root(cache_dir, name), digest, "full"), {"model": name, "gguf_sha256": digest},
-                  lambda staging: _dequantised(source, staging), log)
-    if not layers:
-        return full
-    return _built(os.path.join(_root(cache_dir, name), digest, f"layers-{layers}"),
-                  {"model": name, "gguf_sha256": digest, "layers": layers},
-                  lambda staging: _truncated(full, staging, layers), log)
+    with _one_builder(cache_dir, name if name in REAL_MODELS else "unknown"):
+        source = gguf_file(name, cache_dir, log)
+        stamp_path = source + ".sha256"
+        if not os.path.exists(stamp_path):
+            with open(stamp_path + ".tmp", "w") as handle:
+                handle.write(_sha256(source))
+            os.replace(stamp_path + ".tmp", stamp_path)
+        with open(stamp_path) as handle:
+            digest = handle.read().strip()[:12]
+        full = _built(os.path.join(_root(cache_dir, name), digest, "full"), {"model": name, "gguf_sha256": digest},
+                      lambda staging: _dequantised(source, staging), log)
+        if not layers:
+            return full
+        return _built(os.path.join(_root(cache_dir, name), digest, f"layers-{layers}"),
+                      {"model": name, "gguf_sha256": digest, "layers": layers},
+                      lambda staging: _truncated(full, staging, layers), log)
 
 
 def _built(folder: str, info: dict, build, log) -> str:
