@@ -99,11 +99,11 @@ class PromptRowsMixin:
             raise ValueError("prompt_dataset must be a datasets.Dataset of prompts, got "
                              f"{type(prompt_dataset).__name__}.")
         standing_in = stand_in(args)
-        named = [standing_in[0]] if standing_in is not None else ["teacher_models"] if self._teacher_entries else []
-        if named:
-            raise ValueError(f"prompt_dataset with {named[0]}: the teacher completes the prompts before training, with "
+        field = standing_in[0] if standing_in is not None else "teacher_models" if self._teacher_entries else None
+        if field is not None:
+            raise ValueError(f"prompt_dataset with {field}: the teacher completes the prompts before training, with "
                              "the model in memory; name it with teacher_model (or teacher_model_name_or_path) and "
-                             f"drop {named[0]}, or complete the prompts with that teacher first.")
+                             f"drop {field}, or complete the prompts with that teacher first.")
 
     def _completion_settings(self, args) -> tuple[dict, int, str | None]:
         """`(generation settings, batch size, cache folder)` the teacher completes prompts with: greedy, up to the

