@@ -6,6 +6,7 @@ import random
 import pytest
 
 from kd_trainers.data.alignment import aligned_groups, running_ends, tokens_with_offsets
+from kd_trainers.data.dual_tokenization import DualTokenizationCollator, DualTokenizer
 from kd_trainers.demo.tokenizers import demo_tokenizer
 
 HARD_TEXTS = [
@@ -113,3 +114,52 @@ def test_a_slow_tokenizer_is_refused_with_the_fix():
 
     with pytest.raises(ValueError, match="Slow is not a fast tokenizer.*use_fast=True"):
         tokens_with_offsets(Slow(), "text")
+
+
+def completion_groups(row, side):
+    prefix = "" if side == "student" else "teacher_"
+    groups = row[f"{prefix}aligned_group"]
+    first = row[f"{prefix}completion_mask"].index(1)
+    return groups[:first], groups[first:]
+
+
+@pytest.mark.parametrize("example", [
+    {"prompt": "What is 2+2? ", "completion": "It is 4, café 3.14 ok"},
+    {"messages": [{"role": "user", "content": "Say   it:  x=1"}, {"role": "assistant", "content": "Çà va, 1 000 €!"}]},
+])
+def test_the_dual_tokenizer_marks_each_tokens_aligned_group(example):
+    """Both sides' completion tokens get the group numbers of `aligned_groups` over their offsets from the
+    completion's start (the chat template's prompt differs per tokenizer, the answer's text is the same); the prompt
+    gets -1. Checked against the groups of each side's completion text tokenized alone."""
+    tokenizers = demo_tokenizer("bpe"), demo_tokenizer("wordpiece")
+    row = DualTokenizer(*tokenizers, max_length=None, align=True)(example)
+    sides = [completion_groups(row, side) for side in ("student", "teacher")]
+    for prompt, completion in sides:
+        assert set(prompt) == {-1} and completion[0] == 0 and -1 not in completion
+        assert completion == sorted(completion)
+    # Each side's completion tokens (text then its end marker) line up group by group as their offsets say.
+    text = example.get("completion")
+    if text is None:  # the answer as the chat template renders it after the generation prompt (a leading space here)
+        full = tokenizers[0].apply_chat_template(example["messages"], tokenize=False)
+        prompt = tokenizers[0].apply_chat_template(example["messages"][:-1], add_generation_prompt=True, tokenize=False)
+        text = full[len(prompt):].removesuffix(tokenizers[0].eos_token)
+        assert text.strip() == example["messages"][-1]["content"]
+    expected = aligned_groups(*(tokens_with_offsets(tokenizer, text)[1] for tokenizer in tokenizers))
+    for side, (_, completion) in enumerate(sides):
+        numbered = [number for number, group in enumerate(expected[:-1]) for _ in group[side]]
+        assert completion[:len(numbered)] == numbered
+    # the same tokenizer on both sides: one token a group
+    same = DualTokenizer(tokenizers[0], tokenizers[0], max_length=12, align=True)(example)
+    assert same["aligned_group"] == same["teacher_aligned_group"]
+    assert completion_groups(same, "student")[1] == list(range(len(completion_groups(same, "student")[1])))
+
+
+def test_the_collator_pads_the_groups_with_minus_one():
+    tokenizers = demo_tokenizer("bpe"), demo_tokenizer("wordpiece")
+    tokenize = DualTokenizer(*tokenizers, max_length=None, align=True)
+    rows = [tokenize({"prompt": "Q ", "completion": text}) for text in ("a b c d e f", "g")]
+    batch = DualTokenizationCollator(0, 0)(rows)
+    assert batch["aligned_group"].shape == batch["input_ids"].shape
+    assert batch["teacher_aligned_group"].shape == batch["teacher_input_ids"].shape
+    assert batch["aligned_group"][1, len(rows[1]["input_ids"]):].eq(-1).all()
+    assert ((batch["aligned_group"] >= 0) == (batch["labels"] != -100)).all()

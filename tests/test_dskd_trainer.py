@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from kd_trainers import DSKDConfig, DSKDTrainer
 from kd_trainers.demo import demo_model, load_demo_dataset
-from kd_trainers.dskd.data import DualTokenizationCollator, DualTokenizer
+from kd_trainers.data.dual_tokenization import DualTokenizationCollator, DualTokenizer
 from kd_trainers.dskd.projectors import PROJECTOR_WEIGHTS, DSKDProjectors
 
 

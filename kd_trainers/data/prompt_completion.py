@@ -8,6 +8,7 @@ special tokens for plain text), so that a model is asked what it was trained to 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from trl.data_utils import _tokenize, common_prefix_length
@@ -91,19 +92,34 @@ def as_prompt_completion(example: dict, method: str = "DSKD") -> tuple[Any, Any]
     )
 
 
-def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool = True) -> tuple[list[int], int]:
-    """`(input_ids, prompt_length)` as TRL's SFTTrainer tokenizes a prompt/completion example."""
+def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool = True, with_offsets: bool = False):
+    """`(input_ids, prompt_length)` as TRL's SFTTrainer tokenizes a prompt/completion example.
+
+    With `with_offsets`, a third item: each token's `(start, end)` characters counted from where the completion's
+    text starts in the rendered example (a prompt token's are negative), so that two tokenizers' offsets of one
+    example share a coordinate system over the completion (`kd_trainers.data.alignment`). Needs a fast tokenizer."""
+    if with_offsets and not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: aligning two tokenizations needs each "
+                         "token's character offsets; load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
     if is_conversational(prompt):
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        special = {"add_special_tokens": False}
     else:
         if add_eos and tokenizer.eos_token and not completion.endswith(tokenizer.eos_token):
             completion = completion + tokenizer.eos_token
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        full_ids = tokenizer(prompt + completion)["input_ids"]
-    return full_ids, common_prefix_length(prompt_ids, full_ids)
+        prompt_text, full_text, special = prompt, prompt + completion, {}
+    prompt_ids = tokenizer(prompt_text, **special)["input_ids"]
+    full = tokenizer(full_text, return_offsets_mapping=with_offsets, **special)
+    full_ids = full["input_ids"]
+    prompt_length = common_prefix_length(prompt_ids, full_ids)
+    if not with_offsets:
+        return full_ids, prompt_length
+    # Where the completion's characters start: after the rendered prompt (a chat template may render the prompt's
+    # last turn differently once an answer follows; then after the two texts' common prefix).
+    start = len(prompt_text) if full_text.startswith(prompt_text) else len(os.path.commonprefix([prompt_text,
+                                                                                                 full_text]))
+    return full_ids, prompt_length, [(begin - start, end - start) for begin, end in full["offset_mapping"]]
 
 
 def prompt_token_ids(tokenizer, prompt) -> list[int]:

@@ -6,9 +6,9 @@ import dataclasses
 from dataclasses import InitVar, dataclass, field
 
 from ..kd.config import DistillationConfig
+from ..kd.two_tokenizers import TwoTokenizerFields
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES
-from ..runtime.checks import is_positive_integer
 from ..teachers.needs import TeacherNeeds
 
 T2S_TARGETS = ("gold", "teacher_argmax")
@@ -16,7 +16,7 @@ PROJECTOR_INITS = ("default", "pinv")
 
 
 @dataclass
-class DSKDConfig(DistillationConfig):
+class DSKDConfig(TwoTokenizerFields, DistillationConfig):
     r"""
     Configuration class for [`DSKDTrainer`]: every field of `KDConfig` but those of a teacher cache, a served teacher
     and several teachers (DSKD reads one model's hidden states: `teacher_cache` or `teacher_url` is refused, with the
@@ -61,9 +61,6 @@ class DSKDConfig(DistillationConfig):
     kd_temperature_squared: bool = field(
         default=False, metadata={"help": "Multiply the KD terms by the squared temperature (off in DSKD)."}
     )
-    teacher_tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "The teacher's tokenizer; defaults to the teacher's name or path."}
-    )
     cross_model_attention: bool | None = field(
         default=None, metadata={"help": "Use cross-model attention; None decides from the two tokenizers."}
     )
@@ -85,9 +82,6 @@ class DSKDConfig(DistillationConfig):
         default="forward_kl",
         metadata={"help": "Divergence of the teacher-space KD term.", "choices": sorted(DIVERGENCES)},
     )
-    max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Prompt tokens kept per tokenizer under cross-model attention."}
-    )
     # Teacher kinds this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).
     teacher_cache: InitVar[str | None] = None
     teacher_url: InitVar[str | None] = None
@@ -105,13 +99,11 @@ class DSKDConfig(DistillationConfig):
             ("t2s_target", self.t2s_target, self.t2s_target in T2S_TARGETS, f"one of {list(T2S_TARGETS)}"),
             ("s2t_divergence", self.s2t_divergence, self.s2t_divergence in DIVERGENCES,
              f"one of {sorted(DIVERGENCES)}"),
-            ("max_prompt_length", self.max_prompt_length,
-             self.max_prompt_length is None or is_positive_integer(self.max_prompt_length),
-             "a positive integer or None"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}.")
+        self._check_two_tokenizer_fields()
         if self.fp16:
             raise ValueError(
                 "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "

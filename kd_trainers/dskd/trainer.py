@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import textwrap
 
@@ -13,39 +12,26 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data.alignment import same_vocabulary, shared_token_ids
 from ..kd.trainer import KDTrainer
+from ..kd.two_tokenizers import TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.settings import chunk_length
 from ..losses.reference import loss_normalizer
-from ..teacher_cache.cache import tokenizer_fingerprint
 from ..teachers.loading import model_name, output_head_shape
-from ..models.tokenizer import load_tokenizer
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
-from .data import DualTokenizationCollator, DualTokenizer
 from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
 
 
 PROJECTORS_ATTRIBUTE = "dskd_projectors"  # where the projectors live inside the student while training
-TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
-TEACHER_BATCH_KEYS = ("teacher_labels", "teacher_input_ids", "teacher_attention_mask")
 
 
-def _pad_id(tokenizer) -> int:
-    """The tokenizer's pad id, else its EOS id (as TRL does); padded positions never reach a loss."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError(f"The tokenizer {model_name(tokenizer)} has neither a pad nor an EOS token: set "
-                         "tokenizer.pad_token before training.")
-    return pad_id
-
-
-class DSKDTrainer(KDTrainer):
+class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
     """Dual-space knowledge distillation (Zhang et al., 2024) on top of `KDTrainer`.
 
     The student learns from the teacher in both vocabulary spaces: the teacher's hidden states projected into the
     student's space (t2s) and the student's projected into the teacher's (s2t), each scored by its own model's output
     head. When the tokenizers differ, cross-model attention aligns the two token sequences; then every example is
-    tokenized by both tokenizers from the same prompt and completion (`kd_trainers.dskd.data`).
+    tokenized by both tokenizers from the same prompt and completion (`kd_trainers.data.dual_tokenization`).
 
     Called as `DSKDTrainer(student, teacher, args=DSKDConfig(...), train_dataset=..., processing_class=...,
     teacher_processing_class=...)`; `DSKDTrainer(student, args, teacher_model=teacher, ...)` (KDTrainer's order) works
@@ -129,11 +115,6 @@ class DSKDTrainer(KDTrainer):
     # ----------------------------------------------------------------------------------------------------------------
     # Tokenizers and data
 
-    def _load_teacher_tokenizer(self, teacher, teacher_processing_class, args, student_tokenizer):
-        if teacher_processing_class is None and args.teacher_tokenizer_name_or_path is not None:
-            teacher_processing_class = load_tokenizer(args.teacher_tokenizer_name_or_path)
-        return super()._load_teacher_tokenizer(teacher, teacher_processing_class, args, student_tokenizer)
-
     def _check_tokenizers(self, args, student_tokenizer, teacher_tokenizer, student_name: str,
                           teacher_name: str) -> None:
         """Decides whether cross-model attention is needed; refuses what cannot work before any data is touched."""
@@ -155,39 +136,8 @@ class DSKDTrainer(KDTrainer):
             raise ValueError("packing=True cannot be combined with cross-model attention, which aligns each example's "
                              "two tokenizations separately. Set packing=False.")
 
-    def _default_data_collator(self, processing_class, args):
-        if not self.cross_model_attention:
-            return None
-        return DualTokenizationCollator(_pad_id(processing_class), _pad_id(self.teacher_processing_class),
-                                        pad_to_multiple_of=args.pad_to_multiple_of)
-
-    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        if not self.cross_model_attention:
-            return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        if formatting_func is not None:
-            raise ValueError("formatting_func is not supported with cross-model attention: DSKD needs prompt/completion "
-                             "or messages columns to tokenize each example twice.")
-        columns = dataset.column_names
-        if set(TEACHER_COLUMNS) <= set(columns):
-            return dataset
-        if len(dataset) == 0:
-            raise ValueError(f"The {dataset_name} dataset is empty.")
-        tokenize = DualTokenizer(processing_class, self.teacher_processing_class, max_length=args.max_length,
-                                 max_prompt_length=args.max_prompt_length)
-        # The map's fingerprint named here: `datasets` would otherwise pickle both tokenizers to hash them (28 s for
-        # Gemma 3's 262k-token vocabulary, for every split).
-        fingerprint = hashlib.sha256("|".join(map(str, (
-            getattr(dataset, "_fingerprint", None), tokenizer_fingerprint(processing_class),
-            tokenizer_fingerprint(self.teacher_processing_class), args.max_length, args.max_prompt_length,
-            "dskd-dual-tokenization-1"))).encode()).hexdigest()[:16]
-        return dataset.map(tokenize, remove_columns=columns, desc=f"Tokenizing {dataset_name} dataset for DSKD",
-                           new_fingerprint=fingerprint)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.cross_model_attention:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, "completion_mask",
-                                                          *TEACHER_COLUMNS]))
+    def _tokenizes_twice(self) -> bool:
+        return self.cross_model_attention
 
     # ----------------------------------------------------------------------------------------------------------------
     # Optimizer: the projectors get their own learning rate
@@ -260,18 +210,6 @@ class DSKDTrainer(KDTrainer):
                        t2s_accuracy=(losses.t2s_num_correct, num_tokens),
                        s2t_accuracy=(losses.s2t_num_correct, num_teacher_tokens))
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
-
-    @staticmethod
-    def _teacher_inputs(inputs: dict) -> dict:
-        """The teacher's own tokenization of the batch (cross-model attention)."""
-        return {"input_ids": inputs["teacher_input_ids"], "attention_mask": inputs["teacher_attention_mask"]}
-
-    def _head_checks(self, model, inputs: dict) -> list[tuple]:
-        checks = super()._head_checks(model, inputs)
-        if self.cross_model_attention:  # the teacher reads its own tokenization, in its own vocabulary
-            checks[1] = ("teacher", self.teacher.model, self._teacher_inputs(inputs), self.teacher.transform,
-                         self.teacher_vocab_size)
-        return checks
 
     def _teacher_argmax(self, teacher_hidden, teacher, labels) -> torch.Tensor:
         """DSKDv2's t2s target: the teacher's own prediction at each label position (same vocabulary), `[B, T]`."""

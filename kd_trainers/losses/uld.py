@@ -72,17 +72,12 @@ def generalized_jsd_of_probabilities(student_probs: torch.Tensor, teacher_probs:
     return beta * teacher_part + (1 - beta) * student_part
 
 
-def hybrid_uld_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_shared: torch.Tensor,
-                     teacher_shared: torch.Tensor, beta: float = 0.5, student_temperature: float = 1.0,
-                     teacher_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """GOLD's two parts per row, before weighting: `(JSD_β on the shared tokens [N], ULD on the rest [N])`.
-
-    Args:
-        student_logits: `[N, V_S]`; teacher_logits: `[N, V_T]`, row k of each the same aligned position.
-        student_shared / teacher_shared: `[K]` ids of the token strings both vocabularies contain, pair by pair.
-    """
-    student_probs = _tempered_probabilities(student_logits, student_temperature)
-    teacher_probs = _tempered_probabilities(teacher_logits, teacher_temperature)
+def hybrid_terms_of_probabilities(student_probs: torch.Tensor, teacher_probs: torch.Tensor,
+                                  student_shared: torch.Tensor, teacher_shared: torch.Tensor,
+                                  beta: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """GOLD's two parts per row, before weighting: `(JSD_β on the shared tokens [N], ULD on the rest [N])`, from
+    probability vectors (or GOLD's merged, unnormalised ones) `[N, V_S]` and `[N, V_T]`; `student_shared` /
+    `teacher_shared`: `[K]` ids of the token strings both vocabularies contain, pair by pair."""
     matched = generalized_jsd_of_probabilities(student_probs[:, student_shared], teacher_probs[:, teacher_shared], beta)
     student_rest = torch.ones(student_probs.size(-1), dtype=torch.bool, device=student_probs.device)
     teacher_rest = torch.ones(teacher_probs.size(-1), dtype=torch.bool, device=teacher_probs.device)
@@ -91,13 +86,32 @@ def hybrid_uld_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return matched, unmatched
 
 
+def hybrid_of_probabilities(student_probs: torch.Tensor, teacher_probs: torch.Tensor, student_shared: torch.Tensor,
+                            teacher_shared: torch.Tensor, beta: float = 0.5,
+                            matched_weight: float | None = None) -> torch.Tensor:
+    """GOLD's hybrid per row (`[N]`) from probabilities: `w_m · JSD_β(shared) + (1 − w_m) · ULD(rest)`, `w_m` by
+    default the shared share of the teacher's vocabulary (`K / V_T`, TRL's adaptive weight)."""
+    matched, unmatched = hybrid_terms_of_probabilities(student_probs, teacher_probs, student_shared, teacher_shared,
+                                                       beta)
+    if matched_weight is None:
+        matched_weight = teacher_shared.numel() / max(1, teacher_probs.size(-1))
+    return matched_weight * matched + (1 - matched_weight) * unmatched
+
+
+def hybrid_uld_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_shared: torch.Tensor,
+                     teacher_shared: torch.Tensor, beta: float = 0.5, student_temperature: float = 1.0,
+                     teacher_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hybrid_terms_of_probabilities` from logits `[N, V_S]` and `[N, V_T]` (row k of each the same aligned
+    position), each model's softmax at its temperature."""
+    return hybrid_terms_of_probabilities(_tempered_probabilities(student_logits, student_temperature),
+                                         _tempered_probabilities(teacher_logits, teacher_temperature),
+                                         student_shared, teacher_shared, beta)
+
+
 def hybrid_uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_shared: torch.Tensor,
                         teacher_shared: torch.Tensor, beta: float = 0.5, matched_weight: float | None = None,
-                        **temperatures) -> torch.Tensor:
-    """GOLD's hybrid per row (`[N]`): `w_m · JSD_β(shared) + (1 − w_m) · ULD(rest)`, `w_m` by default the shared
-    share of the teacher's vocabulary (`K / V_T`, TRL's adaptive weight)."""
-    matched, unmatched = hybrid_uld_terms(student_logits, teacher_logits, student_shared, teacher_shared, beta,
-                                          **temperatures)
-    if matched_weight is None:
-        matched_weight = teacher_shared.numel() / max(1, teacher_logits.size(-1))
-    return matched_weight * matched + (1 - matched_weight) * unmatched
+                        student_temperature: float = 1.0, teacher_temperature: float = 1.0) -> torch.Tensor:
+    """`hybrid_of_probabilities` from logits (see `hybrid_uld_terms`)."""
+    return hybrid_of_probabilities(_tempered_probabilities(student_logits, student_temperature),
+                                   _tempered_probabilities(teacher_logits, teacher_temperature),
+                                   student_shared, teacher_shared, beta, matched_weight)

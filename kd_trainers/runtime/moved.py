@@ -27,6 +27,7 @@ MOVED_MODULES = {
     "kd_trainers.study_cli": "kd_trainers.cli.study",
     "kd_trainers.serve_cli": "kd_trainers.cli.serve",
     "kd_trainers.quickstart": "kd_trainers.cli.quickstart",
+    "kd_trainers.dskd.data": "kd_trainers.data.dual_tokenization",
 }
 
 

@@ -1,4 +1,6 @@
-"""Dual tokenization for DSKD: every example tokenized once per tokenizer, with the response boundary on both sides.
+"""Dual tokenization for cross-vocabulary methods (DSKD-CMA, ULD, GOLD): every example tokenized once per tokenizer,
+with the response boundary on both sides, and, when asked, which completion tokens of the two sides cover the same
+characters.
 
 Cross-vocabulary distillation compares the student's and the teacher's predictions over the *same* response text, so
 each example becomes two token sequences, one per tokenizer, each with its own completion mask:
@@ -16,6 +18,10 @@ tokenizer (they are context, never supervised). If a sequence is still longer th
 completion *text* is cut at the longest character prefix whose tokenization fits both tokenizers (a binary search), so
 both supervised tails end on the same character; a cut completion carries no EOS on either side.
 
+With `align=True` each side also gets `aligned_group` / `teacher_aligned_group`: per token, the index of its aligned
+group (`kd_trainers.data.alignment.aligned_groups` over the two completions' character offsets), `-1` on prompt
+tokens. Group g of one side and group g of the other cover the same completion text.
+
 The `text` format has no response boundary and is refused; `messages` is split into the conversation before the last
 turn (the prompt) and the last turn, which must be the assistant's (the completion).
 """
@@ -28,10 +34,12 @@ from typing import Any
 import torch
 from trl.trainer.utils import pad
 
-from ..data.prompt_completion import as_prompt_completion, tokenize_prompt_completion
+from .alignment import aligned_groups
+from .prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
 
 SIDES = (("student", ""), ("teacher", "teacher_"))
+GROUP_COLUMNS = ("aligned_group", "teacher_aligned_group")
 
 
 def _truncated_completion(completion, characters: int | None):
@@ -54,13 +62,18 @@ class DualTokenizer:
     teacher_tokenizer: Any
     max_length: int | None = 1024
     max_prompt_length: int | None = None
+    align: bool = False
 
-    def _side(self, tokenizer, prompt, completion, truncated: bool) -> tuple[list[int], list[int]]:
-        ids, prompt_length = tokenize_prompt_completion(tokenizer, prompt, completion, add_eos=not truncated)
+    def _side(self, tokenizer, prompt, completion, truncated: bool) -> tuple[list[int], list[int], list | None]:
+        """`(ids, completion mask, each token's character offsets from the completion's start or None)`."""
+        ids, prompt_length, *offsets = tokenize_prompt_completion(tokenizer, prompt, completion, add_eos=not truncated,
+                                                                  with_offsets=self.align)
+        offsets = offsets[0] if offsets else None
         if self.max_prompt_length is not None and prompt_length > self.max_prompt_length:
-            ids = ids[prompt_length - self.max_prompt_length:]
+            cut = prompt_length - self.max_prompt_length
+            ids, offsets = ids[cut:], None if offsets is None else offsets[cut:]
             prompt_length = self.max_prompt_length
-        return ids, [0] * prompt_length + [1] * (len(ids) - prompt_length)
+        return ids, [0] * prompt_length + [1] * (len(ids) - prompt_length), offsets
 
     def _both(self, prompt, completion, truncated: bool):
         return [self._side(tokenizer, prompt, completion, truncated)
@@ -69,17 +82,20 @@ class DualTokenizer:
     def __call__(self, example: dict) -> dict[str, list[int]]:
         prompt, completion = as_prompt_completion(example)
         sides = self._both(prompt, completion, truncated=False)
-        if self.max_length is not None and max(len(ids) for ids, _ in sides) > self.max_length:
+        if self.max_length is not None and max(len(ids) for ids, _, _ in sides) > self.max_length:
             sides = self._fit(prompt, completion)
-        (ids, mask), (teacher_ids, teacher_mask) = sides
+        (ids, mask, offsets), (teacher_ids, teacher_mask, teacher_offsets) = sides
         if 1 not in mask or 1 not in teacher_mask:
             raise ValueError(
                 f"An example has no completion tokens left on the {'student' if 1 not in mask else 'teacher'} side "
                 f"(max_length={self.max_length}, max_prompt_length={self.max_prompt_length}): its prompt alone fills "
                 "max_length. Raise max_length or set max_prompt_length lower."
             )
-        return {"input_ids": ids, "completion_mask": mask,
-                "teacher_input_ids": teacher_ids, "teacher_completion_mask": teacher_mask}
+        row = {"input_ids": ids, "completion_mask": mask,
+               "teacher_input_ids": teacher_ids, "teacher_completion_mask": teacher_mask}
+        if self.align:
+            row.update(zip(GROUP_COLUMNS, _group_indices((mask, offsets), (teacher_mask, teacher_offsets))))
+        return row
 
     def _fit(self, prompt, completion):
         """Both sides with the longest common completion text prefix that fits `max_length` on both."""
@@ -87,11 +103,30 @@ class DualTokenizer:
         while low < high:
             middle = (low + high + 1) // 2
             sides = self._both(prompt, _truncated_completion(completion, middle), truncated=True)
-            if max(len(ids) for ids, _ in sides) <= self.max_length:
+            if max(len(ids) for ids, _, _ in sides) <= self.max_length:
                 low = middle
             else:
                 high = middle - 1
         return self._both(prompt, _truncated_completion(completion, low), truncated=True)
+
+
+def _group_indices(*sides) -> list[list[int]]:
+    """Per side, each token's aligned group over the completion tokens (`-1` on the prompt). `sides`: one
+    `(completion mask, offsets)` per side; offsets are from the completion's start, so the prompt's are cut away and
+    a completion token's end is never before 0."""
+    completions = []
+    for mask, offsets in sides:
+        first = mask.index(1)
+        completions.append((first, [(max(0, begin), max(0, end)) for begin, end in offsets[first:]]))
+    groups = aligned_groups(completions[0][1], completions[1][1])
+    indices = []
+    for side, (first, completion) in enumerate(completions):
+        row = [-1] * (first + len(completion))
+        for number, group in enumerate(groups):
+            for position in group[side]:
+                row[first + position] = number
+        indices.append(row)
+    return indices
 
 
 @dataclass
@@ -100,7 +135,9 @@ class DualTokenizationCollator:
 
     Returns `input_ids`, `attention_mask`, `labels` (student, `[B, Ts]`) and `teacher_input_ids`,
     `teacher_attention_mask`, `teacher_labels` (`[B, Tt]`). Labels are the input ids with `-100` on prompt and padding
-    positions, not shifted (the models shift them), as in TRL's collator.
+    positions, not shifted (the models shift them), as in TRL's collator. Examples that carry the aligned groups
+    (`DualTokenizer(align=True)`) also give `aligned_group` `[B, Ts]` and `teacher_aligned_group` `[B, Tt]`, `-1` on
+    the prompt and the padding.
     """
 
     student_pad_token_id: int
@@ -117,4 +154,8 @@ class DualTokenizationCollator:
             batch[f"{prefix}attention_mask"] = pad([torch.ones_like(ids) for ids in sequences], 0,
                                                    pad_to_multiple_of=self.pad_to_multiple_of)
             batch[f"{prefix}labels"] = pad(labels, -100, pad_to_multiple_of=self.pad_to_multiple_of)
+            if f"{prefix}aligned_group" in examples[0]:
+                batch[f"{prefix}aligned_group"] = pad(
+                    [torch.as_tensor(example[f"{prefix}aligned_group"], dtype=torch.long) for example in examples], -1,
+                    pad_to_multiple_of=self.pad_to_multiple_of)
         return batch

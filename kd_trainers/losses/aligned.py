@@ -1,0 +1,250 @@
+"""Distillation at the aligned positions of two tokenizations (ULD, GOLD), chunked so that no `[B, T, V]` tensor of
+either vocabulary exists:
+
+    CE   = Σ_{student label tokens} −log softmax(z_S)[y]                       (the student's own labels, T = 1)
+    KD   = Σ_{aligned groups g present on both sides} d(q_S(g), q_T(g))
+    loss = [(1 − w)·CE + w·s·KD] / N            s = T² when `temperature_squared`, N = `num_items_in_batch`
+
+A group is the tokens of each side that cover the same completion text (`kd_trainers.data.alignment`); `q(g)` is
+GOLD's merged distribution of a side over it, at temperature T (`merge`):
+
+    "observed":  q(g) = p_T(· | first token's prefix) · Π_{later tokens k of g} p_T(y_k | its prefix)
+    "bayesian":  q(g) = p_T(· | last token's prefix) · Π_{earlier tokens k of g} p_T(y_k | its prefix)
+
+(a one-token group is that token's distribution). The teacher's logits are noised (σ·ε keyed to the teacher
+position) before its softmax. `d` is ULD's sorted L1 (`"uld"`) or GOLD's hybrid (`"hybrid"`), per row as in
+`kd_trainers.losses.uld`.
+
+The work is two passes over chunks of rows: each side's label log-probabilities (the CE and the merge's scalar
+factors), then each chunk of groups' two distributions, scored and dropped. The student's passes run under
+activation checkpointing, so a chunk's `[n, V]` buffers are rebuilt in the backward instead of kept: memory stays
+flat in both vocabularies, and ULD's sort is one chunk's. Chunks hold `chunk_size` rows, or as many as fit
+`memory_budget_mb` in four `[n, max(V_S, V_T)]` fp32 buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .heads import maybe_gather, vocabulary_rows, weight_and_bias
+from .noise import position_noise_
+from .reference import loss_normalizer
+from .settings import LogitTransform, LossSettings, chunk_length
+from .uld import hybrid_of_probabilities, sorted_distance
+
+MERGES = ("observed", "bayesian")
+DISTANCES = ("uld", "hybrid")
+_WORKING_BUFFERS = 4  # a chunk's logits, probabilities and sorted copies of the wider side
+
+
+@dataclass(frozen=True)
+class AlignedSettings:
+    """What the aligned distance computes: `distance` (`"uld"` or `"hybrid"`), the merge of a multi-token group,
+    and GOLD's hybrid settings: β of the exact part's generalized JSD and its weight (default `K / V_T`)."""
+
+    distance: str = "uld"
+    merge: str = "observed"
+    matched_beta: float = 1.0
+    matched_weight: float | None = None
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {list(DISTANCES)}, got {self.distance!r}.")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge must be one of {list(MERGES)}, got {self.merge!r}.")
+        if not 0 <= self.matched_beta <= 1:
+            raise ValueError(f"matched_beta must be in [0, 1], got {self.matched_beta!r}.")
+        if self.matched_weight is not None and not 0 <= self.matched_weight <= 1:
+            raise ValueError(f"matched_weight must be in [0, 1] or None, got {self.matched_weight!r}.")
+
+
+class Side(NamedTuple):
+    """One model's side of the batch.
+
+    hidden: `[B, T, D]` last hidden states (shifted: position t predicts `labels[:, t]`); head: its output head (a
+    module or `(weight, bias)`); labels: `[B, T]` next-token labels, `ignore_index` off the completion; groups:
+    `[B, T]` aligned group of each label (shifted like the labels), `-1` off the completion; transform: its logit
+    scale and soft-capping; vocab_size: rows of its head that are real tokens (None: all).
+    """
+
+    hidden: torch.Tensor
+    head: object
+    labels: torch.Tensor
+    groups: torch.Tensor
+    transform: LogitTransform = LogitTransform()
+    vocab_size: int | None = None
+
+
+class AlignedLoss(NamedTuple):
+    """The total and its parts, each divided by N; `num_correct` student tokens whose argmax is the label;
+    `num_pairs` aligned groups scored."""
+
+    loss: torch.Tensor
+    ce_loss: torch.Tensor
+    kd_loss: torch.Tensor
+    num_correct: torch.Tensor
+    num_pairs: torch.Tensor
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform
+            ) -> torch.Tensor:
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    return transform(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # bf16 up to fp32, fp64 kept
+
+
+class _Head(NamedTuple):
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transform: LogitTransform
+    noise_std: float = 0.0
+    noise_seed: int | None = None
+    width: int = 1  # the labels' `T`, to key a flat position's noise to its `(b, t)`
+
+    def logits(self, hidden: torch.Tensor, positions: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
+        """`[n, V]` fp32 logits of `hidden` `[n, D]`, the rows at flat `positions` `[n]`, noised when σ > 0."""
+        logits = _logits(hidden, self.weight if weight is None else weight, self.bias if bias is None else bias,
+                         self.transform)
+        if self.noise_std > 0:
+            # drawn in fp32 whatever the logits' dtype, as the reference and the other engines draw it
+            noise = position_noise_(torch.empty(logits.shape, dtype=torch.float32, device=logits.device),
+                                    self.noise_seed, positions // self.width, positions % self.width)
+            logits = logits + self.noise_std * noise
+        return logits
+
+
+def _label_log_probs(head: _Head, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
+                     temperature: float, chunk: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(log p(y) at T = 1 [n], log p_T(y) at temperature T [n], argmax == y [n])` at the rows of `hidden` `[n, D]`."""
+    outputs = []
+    for start in range(0, hidden.size(0), chunk):
+        rows = slice(start, start + chunk)
+
+        def run(h, weight, bias, rows=rows):
+            logits = head.logits(h, positions[rows], weight, bias)
+            label = labels[rows, None]
+            at_one = logits.log_softmax(-1).gather(1, label)[:, 0]
+            tempered = (logits / temperature).log_softmax(-1).gather(1, label)[:, 0] if temperature != 1 else at_one
+            correct = (logits.argmax(-1) == labels[rows]).to(logits.dtype)
+            return torch.stack([at_one, tempered, correct])
+
+        if grad:
+            outputs.append(checkpoint(run, hidden[rows], head.weight, head.bias, use_reentrant=False))
+        else:
+            with torch.no_grad():
+                outputs.append(run(hidden[rows], head.weight, head.bias))
+    stacked = torch.cat(outputs, dim=1) if outputs else hidden.new_zeros(3, 0, dtype=torch.float32)
+    return stacked[0], stacked[1], stacked[2].detach()
+
+
+class _SideGroups(NamedTuple):
+    positions: torch.Tensor   # [n] flat positions of the side's label tokens
+    keys: torch.Tensor        # [n] batch-global group key of each (-1: in no group)
+    base: torch.Tensor        # [K] index into `positions` of each key's base token (-1: key absent)
+
+
+def _side_groups(labels: torch.Tensor, groups: torch.Tensor, group_count: int, merge: str, ignore_index: int
+                 ) -> _SideGroups:
+    positions = (labels.reshape(-1) != ignore_index).nonzero()[:, 0]
+    local = groups.reshape(-1)[positions]
+    keys = torch.where(local >= 0, positions // labels.size(1) * group_count + local, -1)
+    size = labels.size(0) * group_count
+    in_group = keys >= 0
+    order = torch.arange(positions.numel(), device=labels.device)
+    reduce, empty = ("amin", positions.numel()) if merge == "observed" else ("amax", -1)
+    base = torch.full((size,), empty, dtype=torch.long, device=labels.device)
+    base.scatter_reduce_(0, keys[in_group], order[in_group], reduce=reduce, include_self=True)
+    base[(base == positions.numel()) | (base < 0)] = -1
+    return _SideGroups(positions, keys, base)
+
+
+def _log_scales(side: _SideGroups, pair_of_key: torch.Tensor, log_probs: torch.Tensor, pairs: int) -> torch.Tensor:
+    """`[P]` Σ of log p_T(y) over each pair's non-base tokens on this side (the merge's scalar factors, in logs)."""
+    pair = torch.where(side.keys >= 0, pair_of_key[side.keys.clamp_min(0)], -1)
+    order = torch.arange(side.keys.numel(), device=side.keys.device)
+    others = (pair >= 0) & (order != side.base[side.keys.clamp_min(0)])
+    return log_probs.new_zeros(pairs).index_add(0, pair[others], log_probs[others])
+
+
+def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettings,
+                              aligned: AlignedSettings = AlignedSettings(), *,
+                              shared_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
+                              num_items_in_batch: int | torch.Tensor | None = None, ignore_index: int = -100,
+                              chunk_size: int | None = None, memory_budget_mb: float | None = None,
+                              noise_seed: int | None = None) -> AlignedLoss:
+    """The loss of the module docstring. `settings`: `kd_weight` w, `temperature` T (both sides), `noise_std` σ on
+    the teacher's logits (with `noise_seed`), `temperature_squared`; its divergence is not read. `shared_ids`:
+    `(student ids [K], teacher ids [K])` of the token strings both vocabularies contain (the hybrid's exact part).
+    N defaults to the batch's student label tokens."""
+    if aligned.distance == "hybrid" and shared_ids is None:
+        raise ValueError("The hybrid distance needs shared_ids: the token ids both vocabularies share.")
+    temperature = settings.temperature
+    student_weight, student_bias = weight_and_bias(student.head)
+    teacher_weight, teacher_bias = weight_and_bias(teacher.head)
+    with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
+        student_head = _Head(vocabulary_rows(student_weight, student.vocab_size or student_weight.size(0)),
+                             vocabulary_rows(student_bias, student.vocab_size or student_weight.size(0)),
+                             student.transform)
+        teacher_head = _Head(vocabulary_rows(teacher_weight, teacher.vocab_size or teacher_weight.size(0)).detach(),
+                             None if teacher_bias is None else vocabulary_rows(
+                                 teacher_bias, teacher.vocab_size or teacher_weight.size(0)).detach(),
+                             teacher.transform, settings.noise_std, noise_seed, teacher.labels.size(1))
+        if settings.noise_std > 0 and noise_seed is None:
+            raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
+        width = max(student_head.weight.size(0), teacher_head.weight.size(0))
+        chunk = chunk_length(width, _WORKING_BUFFERS, student.hidden.device, chunk_size, memory_budget_mb)
+
+        group_count = int(max(student.groups.max().item(), teacher.groups.max().item(), 0)) + 1
+        student_groups = _side_groups(student.labels, student.groups, group_count, aligned.merge, ignore_index)
+        teacher_groups = _side_groups(teacher.labels, teacher.groups, group_count, aligned.merge, ignore_index)
+
+        student_rows = student.hidden.reshape(-1, student.hidden.size(-1))[student_groups.positions]
+        teacher_rows = teacher.hidden.reshape(-1, teacher.hidden.size(-1))[teacher_groups.positions].detach()
+        student_targets = student.labels.reshape(-1)[student_groups.positions]
+        teacher_targets = teacher.labels.reshape(-1)[teacher_groups.positions]
+        student_log_p, student_log_p_t, correct = _label_log_probs(
+            student_head, student_rows, student_groups.positions, student_targets, temperature, chunk, grad=True)
+        _, teacher_log_p_t, _ = _label_log_probs(
+            teacher_head, teacher_rows, teacher_groups.positions, teacher_targets, temperature, chunk, grad=False)
+
+        common = (student_groups.base >= 0) & (teacher_groups.base >= 0)
+        pairs = int(common.sum())
+        pair_of_key = torch.full_like(student_groups.base, -1)
+        pair_of_key[common] = torch.arange(pairs, device=common.device)
+        student_base = student_groups.base[common]
+        teacher_base = teacher_groups.base[common]
+        student_scale = _log_scales(student_groups, pair_of_key, student_log_p_t, pairs)
+        teacher_scale = _log_scales(teacher_groups, pair_of_key, teacher_log_p_t.detach(), pairs)
+
+        kd_parts = []
+        for start in range(0, pairs, chunk):
+            rows = slice(start, start + chunk)
+            teacher_pair_rows = teacher_base[rows]
+
+            def score(h, weight, bias, log_scale, rows=rows, teacher_pair_rows=teacher_pair_rows):
+                student_probs = F.softmax(student_head.logits(h, student_groups.positions[student_base[rows]], weight,
+                                                              bias) / temperature, dim=-1) * log_scale.exp()[:, None]
+                with torch.no_grad():
+                    teacher_logits = teacher_head.logits(teacher_rows[teacher_pair_rows],
+                                                         teacher_groups.positions[teacher_pair_rows])
+                    teacher_probs = F.softmax(teacher_logits / temperature, dim=-1) * teacher_scale[rows].exp()[:, None]
+                if aligned.distance == "uld":
+                    return sorted_distance(student_probs, teacher_probs).sum()
+                return hybrid_of_probabilities(student_probs, teacher_probs, *shared_ids, beta=aligned.matched_beta,
+                                               matched_weight=aligned.matched_weight).sum()
+
+            kd_parts.append(checkpoint(score, student_rows[student_base[rows]], student_head.weight,
+                                       student_head.bias, student_scale[rows], use_reentrant=False))
+    normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
+    ce = -student_log_p.sum() / normalizer
+    kd = (torch.stack(kd_parts).sum() if kd_parts else student_log_p.new_zeros(())) / normalizer
+    scale = temperature**2 if settings.temperature_squared else 1.0
+    weight = settings.kd_weight
+    return AlignedLoss(loss=(1 - weight) * ce + weight * scale * kd, ce_loss=ce.detach(), kd_loss=kd.detach(),
+                       num_correct=correct.sum(), num_pairs=torch.tensor(pairs))
