@@ -28,7 +28,7 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from kd_trainers import DSKDConfig, DSKDTrainer, GKDConfig, KDConfig, KDTrainer, SeqKDConfig
+from kd_trainers import DSKDConfig, DSKDTrainer, GKDConfig, GOLDConfig, KDConfig, KDTrainer, SeqKDConfig, ULDConfig
 from kd_trainers.demo import demo_model, load_demo_dataset
 from kd_trainers.losses import LossSettings, distillation_loss
 from kd_trainers.losses.settings import chunk_rows, working_buffers
@@ -162,6 +162,9 @@ CONTRACT: dict[str, object] = {
     "projector_bias": TestedIn("test_dskd_trainer.py::test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space"),
     "projector_init": TestedIn("test_dskd_trainer.py::test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space"),
     "t2s_target": TestedIn("test_dskd_trainer.py::test_teacher_argmax_target"),
+    "uld_merge": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
+    "gold_beta": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
+    "gold_matched_weight": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
     "teacher_temperature": TestedIn(
         "test_settings_take_effect.py::test_dskd_teacher_temperature_changes_the_t2s_kd_term_through_the_trainer"),
     "s2t_divergence": TestedIn("test_config_contract.py::test_s2t_divergence_changes_only_the_teacher_space_term"),
@@ -209,7 +212,7 @@ for _names, _kind in (
 ):
     CONTRACT.update(dict.fromkeys(_names, _kind))
 
-CONFIGS = (KDConfig, DSKDConfig, SeqKDConfig, GKDConfig)
+CONFIGS = (KDConfig, DSKDConfig, SeqKDConfig, GKDConfig, ULDConfig, GOLDConfig)
 
 
 def all_fields() -> set[str]:

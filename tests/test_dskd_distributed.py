@@ -1,4 +1,4 @@
-"""DSKD-CMA under DeepSpeed ZeRO-2 and ZeRO-3 with two CPU processes (gloo), against one process with the same global
+"""DSKD-CMA (and GOLD under ZeRO-3) under DeepSpeed ZeRO-2 and ZeRO-3 with two CPU processes (gloo), against one process with the same global
 batch (per-device 4 × 2 accumulation steps = 2 processes × 4): the same logged losses step by step, and the same
 projectors at the end, which shows their gradients are synchronised across ranks. A real `accelerate launch`."""
 
@@ -62,3 +62,25 @@ def test_zero_with_two_processes_matches_one_process(tmp_path, single_process, s
         torch.testing.assert_close(saved[name], expected[name], rtol=1e-4, atol=1e-6)
     student = load_file(os.path.join(output, "final", "model.safetensors"))
     assert student and not any("dskd" in key for key in student)
+
+
+def test_gold_under_zero3_with_two_processes_matches_one_process(tmp_path):
+    """GOLD's aligned loss recomputes each chunk's logits in the backward (activation checkpointing): under ZeRO-3
+    that reads the partitioned heads again, so the two-process run must still give one process's losses step by step
+    and its weights at the end."""
+    single = str(tmp_path / "single")
+    reference = run([sys.executable, SCRIPT, single, "4", "2", str(STEPS), "gold"], single)
+    output = str(tmp_path / "zero3")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+               "--num_processes", "2", "--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "no",
+               "--gradient_accumulation_steps", "1", "--zero3_init_flag", "false", "--zero3_save_16bit_model", "true"]
+    result = run(command + [SCRIPT, output, "4", "1", str(STEPS), "gold"], output)
+    assert result["world_size"] == 2 and result["deepspeed"]
+    for step, (got, want) in enumerate(zip(result["logs"], reference["logs"]), start=1):
+        for key in ("loss", "ce_loss", "kd_loss", "aligned_groups", "mean_token_accuracy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (step, key)
+    saved = load_file(os.path.join(output, "final", "model.safetensors"))
+    expected = load_file(os.path.join(single, "final", "model.safetensors"))
+    assert set(saved) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(saved[name], expected[name], rtol=1e-4, atol=1e-5)

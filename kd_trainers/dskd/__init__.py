@@ -1,6 +1,7 @@
 """DSKD: dual-space knowledge distillation, with cross-model attention when the vocabularies differ.
 
-`config.py` (DSKDConfig), `trainer.py` (DSKDTrainer), `data.py` (tokenizing each example for both tokenizers),
+`config.py` (DSKDConfig), `trainer.py` (DSKDTrainer; each example tokenized for both tokenizers by
+`kd_trainers.kd.two_tokenizers`),
 `projectors.py` (query / t2s / s2t), `cross_model_attention.py` (the projected hidden states). The loss itself is
 `kd_trainers.losses.dual_space_loss`, on the shared chunked engine.
 """

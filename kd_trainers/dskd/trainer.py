@@ -7,7 +7,6 @@ import os
 import textwrap
 
 import torch
-from transformers import TrainingArguments
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data.alignment import same_vocabulary, shared_token_ids
@@ -76,21 +75,6 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
                 booktitle    = {Proceedings of EMNLP 2024},
             }"""),
     }
-
-    def __init__(self, model, *positional, teacher_model=None, args: DSKDConfig | None = None,
-                 teacher_processing_class=None, **sft_kwargs):
-        # DSKDTrainer(student, teacher, args=...) as DSKD is usually written, and DSKDTrainer(student, args, ...,
-        # teacher_model=teacher) in KDTrainer's and SFTTrainer's order: a config in second place is the config.
-        positional = list(positional)
-        if positional and teacher_model is None and not isinstance(positional[0], TrainingArguments):
-            teacher_model = positional.pop(0)
-        if positional and args is None and isinstance(positional[0], TrainingArguments):
-            args = positional.pop(0)
-        sft_args = tuple(positional)
-        args = self._as_kd_config(model, args)
-        super().__init__(model, args, *sft_args, teacher_model=teacher_model,
-                         teacher_processing_class=teacher_processing_class, **sft_kwargs)
-        self.teacher_vocab_size = len(self.teacher_processing_class)
 
     def _attach_trainable_modules(self, teacher) -> None:
         """Builds the projectors from both heads while the teacher is still whole, and puts them in the student."""

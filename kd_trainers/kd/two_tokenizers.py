@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
+
 from ..data.dual_tokenization import GROUP_COLUMNS, DualTokenizationCollator, DualTokenizer
 from ..models.tokenizer import load_tokenizer
 from ..runtime.checks import is_positive_integer
@@ -48,6 +50,20 @@ class TwoTokenizationsMixin:
 
     _aligns_tokens = False
     _method_label = "DSKD"
+
+    def __init__(self, model, *positional, teacher_model=None, args=None, teacher_processing_class=None,
+                 **sft_kwargs):
+        # Trainer(student, teacher, args=...) as these methods are usually written, and Trainer(student, args, ...,
+        # teacher_model=teacher) in KDTrainer's and SFTTrainer's order: a config in second place is the config.
+        positional = list(positional)
+        if positional and teacher_model is None and not isinstance(positional[0], TrainingArguments):
+            teacher_model = positional.pop(0)
+        if positional and args is None and isinstance(positional[0], TrainingArguments):
+            args = positional.pop(0)
+        args = self._as_kd_config(model, args)
+        super().__init__(model, args, *positional, teacher_model=teacher_model,
+                         teacher_processing_class=teacher_processing_class, **sft_kwargs)
+        self.teacher_vocab_size = len(self.teacher_processing_class)
 
     def _tokenizes_twice(self) -> bool:
         return True
@@ -103,5 +119,5 @@ class TwoTokenizationsMixin:
         checks = super()._head_checks(model, inputs)
         if self._tokenizes_twice():  # the teacher reads its own tokenization, in its own vocabulary
             checks[1] = ("teacher", self.teacher.model, self._teacher_inputs(inputs), self.teacher.transform,
-                         len(self.teacher_processing_class))
+                         self.teacher_vocab_size)
         return checks
