@@ -104,6 +104,7 @@ def test_packing_peft_and_eval(tmp_path, student, teacher, bpe_tokenizer, demo_d
     assert evals and {"eval_ce_loss", "eval_kd_loss"} <= set(evals[0])
 
 
+@pytest.mark.slow
 def test_teacher_noise_is_reproducible_from_the_seed(tmp_path, bpe_tokenizer, demo_data):
     def final_weights(seed, noise):
         student = demo_model("llama", bpe_tokenizer, "student", seed=2)

@@ -33,6 +33,7 @@ def _losses(trainer):
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
+@pytest.mark.slow
 def test_two_identical_teachers_at_half_weight_train_as_one(tmp_path, teacher, bpe_tokenizer, rows):
     """A teacher in memory and the same teacher served (k = V), at 0.5/0.5: every logged loss and the weights after
     training are one teacher's; each teacher's own KD term is logged; the model card lists both with their weights."""

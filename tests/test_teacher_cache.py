@@ -114,6 +114,7 @@ def test_trainer_reads_the_cache_in_place_of_the_teacher(tmp_path, student, teac
     assert trainer.kd_settings()["teacher_cache_key"] == info["key"]
 
 
+@pytest.mark.slow
 def test_sampled_cache_stores_seeded_draws_and_trains_on_them(tmp_path, student, teacher, bpe_tokenizer,
                                                               train_rows):
     """`teacher_cache_mode=sampled` stores k draws a token (repeats allowed), the same for the same seed and others for
@@ -194,6 +195,7 @@ def test_cache_batch_size_changes_the_forwards_only(tmp_path, student, teacher, 
         assert (first.log_probs - second.log_probs).abs().max() <= 1 / 16 + 1e-4
 
 
+@pytest.mark.slow
 def test_interrupted_pass_resumes_to_the_same_cache(tmp_path, monkeypatch, student, teacher, bpe_tokenizer,
                                                    train_rows, demo_data):
     calls = []
