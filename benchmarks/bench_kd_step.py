@@ -17,8 +17,11 @@ the floor of the same shape, because these machines are noisy.
   on the server's answers. The server's process (its memory, and its CPU threads competing with the trainer's on a
   small machine) is not in the cell's memory columns.
 - dskd: `DSKDTrainer` under one tokenizer (t2s/s2t projectors, no attention), forward KL, T = 2, kd_weight 0.5.
-- dskd_cma: `DSKDTrainer` with cross-model attention: the teacher gets its own tokenizer (same size, other tokens) and
-  its own random token sequence of the same length.
+- dskd_cma: `DSKDTrainer` with cross-model attention: the teacher gets its own tokenizer (`--teacher-vocab` tokens,
+  by default the student's count, other tokens) and its own random token sequence of the same length.
+- uld, gold: `ULDTrainer` and `GOLDTrainer` (T = 1, kd_weight 0.5) with the teacher's own tokenizer and sequence as
+  dskd_cma's, every position its own aligned group on both sides (the most groups a sequence can have). GOLD's
+  tokenizers share no token string here (its exact part is empty: the cost is ULD's on both vocabularies).
 
 Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
 is a label (the worst case for the chunked engine, which skips unlabelled positions). Time: the median interval
@@ -34,6 +37,8 @@ Usage: python benchmarks/bench_kd_step.py [--vocab 32000 128000] [--seq 512 1024
        python benchmarks/bench_kd_step.py --methods kd kd_cache kd_served kd_served_noprefetch   (a served teacher)
        python benchmarks/bench_kd_step.py --gpu-realistic   (bf16, 0.5B student / 1.5B teacher configs, seq 2048)
        python benchmarks/bench_kd_step.py --real --methods floor kd gkd dskd_cma --seq 256   (real models, CPU)
+       python benchmarks/bench_kd_step.py --methods floor dskd_cma uld gold --vocab 32000 151936 \
+           --teacher-vocab 50257 49152   (the cross-tokenizer methods at the anchor vocabulary pairs)
 
 `--real`: pretrained models with their real tokenizers (`kd_trainers.models.real_models`): the student SmolLM2-135M-Instruct
 (49,152 tokens), the teacher SmolLM2-135M-Instruct again for floor/kd/gkd (one vocabulary) and Qwen2.5-Coder-0.5B-
@@ -57,7 +62,9 @@ from kd_trainers.runtime.smoke import announce, smoke_run
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma")
+METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma", "uld",
+           "gold")
+CROSS_VOCABULARY = ("dskd_cma", "uld", "gold")  # cells whose teacher has its own tokenizer and sequence
 BASELINES = ("floor", "sft", "gkd", "kd")  # ratios are taken against each of these that the run measured
 DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry
 
@@ -94,13 +101,13 @@ def _real_models(method: str, device: str, dtype, with_teacher: bool):
     from kd_trainers.models.real_models import real_model_path
 
     student_path = real_model_path("smollm2")
-    teacher_path = real_model_path("qwen2.5-coder") if method == "dskd_cma" else student_path
+    teacher_path = real_model_path("qwen2.5-coder") if method in CROSS_VOCABULARY else student_path
     student = AutoModelForCausalLM.from_pretrained(student_path, dtype=dtype).to(device)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype).to(device) if with_teacher else None
     return student, teacher, AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path)
 
 
-def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool = True):
+def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool = True, teacher_vocab: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -110,7 +117,7 @@ def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool 
         student_config = Qwen2Config(vocab_size=vocab, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                                      num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
                                      max_position_embeddings=4096)
-        teacher_config = Qwen2Config(vocab_size=vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        teacher_config = Qwen2Config(vocab_size=teacher_vocab or vocab, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                                      num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True,
                                      max_position_embeddings=4096)
         torch.manual_seed(0)
@@ -119,7 +126,8 @@ def _models(vocab: int, realistic: bool, device: str, dtype, with_teacher: bool 
             teacher = AutoModelForCausalLM.from_config(teacher_config, dtype=dtype) if with_teacher else None
     else:
         student = demo_model("llama", size="bench_student", vocab_size=vocab, seed=0)
-        teacher = demo_model("llama", size="bench_teacher", vocab_size=vocab, seed=1) if with_teacher else None
+        teacher = demo_model("llama", size="bench_teacher", vocab_size=teacher_vocab or vocab, seed=1) \
+            if with_teacher else None
     return student.to(device), None if teacher is None else teacher.to(device)
 
 
@@ -133,15 +141,19 @@ class _Collator:
                 input_ids = torch.tensor([row[f"{prefix}input_ids"] for row in rows])
                 batch.update({f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": torch.ones_like(input_ids),
                               f"{prefix}labels": input_ids.clone()})
+            if f"{prefix}aligned_group" in rows[0]:
+                batch[f"{prefix}aligned_group"] = torch.tensor([row[f"{prefix}aligned_group"] for row in rows])
         return batch
 
 
 def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic: bool,
-            divergence: str = "forward_kl", budget_mb: float | None = None, cache_dir: str | None = None) -> dict:
+            divergence: str = "forward_kl", budget_mb: float | None = None, cache_dir: str | None = None,
+            teacher_vocab: int | None = None) -> dict:
     """Run `steps + 1` steps of one method (the first is warm-up) and return its time and memory. `divergence` is
     the KD and DSKD cells' (the floor has none; GKD's is forward KL, β = 0), `budget_mb` their
     `loss_memory_budget_mb` (None: the default). `cache_dir`: the teacher cache that
-    `write_cache` writes and `kd_cache` reads (whose process never builds the teacher)."""
+    `write_cache` writes and `kd_cache` reads (whose process never builds the teacher). `teacher_vocab`: the
+    teacher's vocabulary in the cross-vocabulary cells (default: the student's size)."""
     import torch
     from datasets import Dataset
 
@@ -155,15 +167,18 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             method, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
         vocab = len(tokenizer)
     else:
-        student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"))
+        student, teacher = _models(vocab, realistic, device, dtype, with_teacher=method not in ("sft", "kd_cache"),
+                                   teacher_vocab=teacher_vocab if method in CROSS_VOCABULARY else None)
     served = None
     generator = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(3, vocab, (seq,), generator=generator).tolist()}
             for _ in range(batch * (steps + 1))]
-    if method == "dskd_cma":
-        teacher_vocab = len(teacher_tokenizer) if real else vocab
+    if method in CROSS_VOCABULARY:
+        teacher_vocab = len(teacher_tokenizer) if real else teacher_vocab or vocab
         for row in rows:
             row["teacher_input_ids"] = torch.randint(3, teacher_vocab, (seq,), generator=generator).tolist()
+            if method != "dskd_cma":  # one group a position on both sides
+                row["aligned_group"] = row["teacher_aligned_group"] = list(range(seq))
     times: list[float] = []
 
     if method == "floor":
@@ -265,12 +280,22 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             if method != "dskd_cma":
                 teacher_tokenizer = tokenizer
             elif teacher_tokenizer is None:
-                teacher_tokenizer = _vocab_tokenizer(vocab, prefix="u")
+                teacher_tokenizer = _vocab_tokenizer(teacher_vocab, prefix="u")
             trainer = DSKDTrainer(student, DSKDConfig(**common, divergence=divergence, kd_temperature=2.0,
                                                       kd_weight=0.5),
                                   train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
                                   teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
                                   callbacks=[timer])
+        elif method in ("uld", "gold"):
+            from kd_trainers import GOLDConfig, GOLDTrainer, ULDConfig, ULDTrainer
+
+            config_class, trainer_class = (ULDConfig, ULDTrainer) if method == "uld" else (GOLDConfig, GOLDTrainer)
+            teacher_tokenizer = teacher_tokenizer or _vocab_tokenizer(teacher_vocab, prefix="u")
+            trainer = trainer_class(student, teacher, args=config_class(**common, kd_temperature=1.0, kd_weight=0.5,
+                                                                          loss_memory_budget_mb=budget_mb),
+                                    train_dataset=dataset, processing_class=tokenizer,
+                                    teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
+                                    callbacks=[timer])
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -353,7 +378,7 @@ def run_cell(script: str, cell: list, gpu: bool) -> dict:
     freed, so peak resident memory follows live tensors. The time is not taken from that run, because fresh mappings
     slow down code that allocates a new tensor per operation."""
     if cell[0] == "kd_cache":  # the teacher writes its cache first, in a process of its own
-        cell = [*cell, os.path.join(tempfile.mkdtemp(), "cache")]
+        cell = [*cell[:8], os.path.join(tempfile.mkdtemp(), "cache"), *cell[9:]]  # measure's `cache_dir`
         written = _run_cell_process(script, ["write_cache", *cell[1:]], {})
         if written["note"]:
             return written
@@ -460,6 +485,9 @@ def main():
                         help="loss_memory_budget_mb of the kd and kd_cache cells (default: the package's)")
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
                         help="run the kd/dskd cells once per divergence (jsd β and skew α at their defaults)")
+    parser.add_argument("--teacher-vocab", type=int, nargs="+", default=None,
+                        help="the teacher's vocabulary in the dskd_cma, uld and gold cells, one per --vocab entry "
+                             "(default: the student's)")
     parser.add_argument("--real", action="store_true",
                         help="pretrained SmolLM2-135M / Qwen2.5-Coder-0.5B with their tokenizers (see above)")
     options = parse_options(parser, measure, steps=3)
@@ -476,8 +504,12 @@ def main():
         options.vocab, options.seq = [151936], [2048]
     if not options.real:
         device = "gpu_bf16_qwen0.5b_1.5b" if realistic else "cpu_fp32_tiny"
+    teacher_vocabs = options.teacher_vocab or [None] * len(options.vocab)
+    if len(teacher_vocabs) != len(options.vocab):
+        parser.error(f"--teacher-vocab needs one entry per --vocab entry ({len(options.vocab)}), got "
+                     f"{len(teacher_vocabs)}")
     rows = []
-    for vocab in options.vocab:
+    for vocab, teacher_vocab in zip(options.vocab, teacher_vocabs):
         for seq in options.seq:
             cells = {}
             for method in options.methods:
@@ -485,10 +517,12 @@ def main():
                     name = method if divergence is None or options.divergences == ["forward_kl"] \
                         else f"{method}:{divergence}"
                     cells[name] = run_cell(__file__, [method, vocab, seq, options.batch, options.steps, realistic,
-                                                      divergence or "forward_kl", options.loss_memory_budget_mb],
-                                           gpu=realistic)
+                                                      divergence or "forward_kl", options.loss_memory_budget_mb, None,
+                                                      teacher_vocab], gpu=realistic)
             for method, cell in cells.items():
-                fixed = {"device": device, "vocab": vocab, "seq": seq, "batch": options.batch, "method": method}
+                fixed = {"device": device, "vocab": vocab, **({"teacher_vocab": teacher_vocab} if teacher_vocab
+                                                             else {}),
+                         "seq": seq, "batch": options.batch, "method": method}
                 rows.append(result_row(fixed, cell, {base: cells[base] for base in BASELINES if base in cells}))
     write_results(rows, os.path.join(RESULTS, options.name or f"kd_step_{device}"))
 
