@@ -285,13 +285,15 @@ def findings_table() -> str:
     return "\n".join(lines)
 
 
-def label_budget_table() -> str:
-    """The label-budget study (the quickstart's design in full): every arm against SFT on the finding metric."""
-    path = os.path.join(RECORDS, "label_budget.json")
+def arms_table(study: str, baseline_label: str) -> str:
+    """A study's paired tests, one row each, on the finding metric: the two means, Δ with its interval, the
+    corrected p, what the comparison could detect and how many metrics moved either way; then its one-way ANOVAs
+    and its references."""
+    path = os.path.join(RECORDS, f"{study}.json")
     if not os.path.exists(path):
-        return "Not recorded yet: `kd-study label_budget --workers 2`, then record it."
-    values = load_record("label_budget")
-    lines = [f"| arm against SFT (240 labels) | {FINDING_METRIC} | Δ [95 % CI] | p (Holm) | "
+        return f"Not recorded yet: `kd-study {study} --workers 2`, then record it."
+    values = load_record(study)
+    lines = [f"| {baseline_label} | {FINDING_METRIC} | Δ [95 % CI] | p (Holm) | "
              "detectable Δ (80 % power) | metrics better / worse |", "|---|---|---|---|---|---|"]
     for test in values["hypotheses"]:
         row = next(r for r in test["rows"] if r["metric"] == FINDING_METRIC)
@@ -301,6 +303,13 @@ def label_budget_table() -> str:
                      f"{_fmt(row['delta'], sign=True)} [{_fmt(row['delta_ci_low'], sign=True)}, "
                      f"{_fmt(row['delta_ci_high'], sign=True)}] | {_p(row['p_corr'])} | ±{_fmt(row['mde'])} | "
                      f"{better} / {worse} of {len(test['rows'])} |")
+    anovas = values["analyses"].get("anovas", [])
+    if anovas:
+        lines.append("")
+        levels = ", ".join(anovas[0]["levels"])
+        lines.append(f"One-way ANOVA across {anovas[0]['factor']} ∈ {{{levels}}}: " + "; ".join(
+            f"{a['metric']} F = {_fmt(a['F'])}, p {'' if a['p'] < 0.001 else '= '}{_p(a['p'])}" for a in anovas
+            if a["metric"] in (FINDING_METRIC, "rouge_l")) + ".")
     references = [m for m in values["means"] if m["reference"]]
     lines.append("")
     lines.append("References: " + "; ".join(f"{m['cell']} {FINDING_METRIC} {_fmt(m.get(FINDING_METRIC))}"
@@ -308,10 +317,21 @@ def label_budget_table() -> str:
     return "\n".join(lines)
 
 
+def label_budget_table() -> str:
+    """The label-budget study (the quickstart's design in full): every arm against SFT on the finding metric."""
+    return arms_table("label_budget", "arm against SFT (240 labels)")
+
+
+def cross_tokenizer_table() -> str:
+    """The cross-tokenizer study: each method against SFT and against CE on the same rows, and GOLD against ULD."""
+    return arms_table("cross_tokenizer", "comparison (treatment vs baseline)")
+
+
 BLOCKS = {
     "quickstart-table": lambda: quickstart_table(load_record("quickstart")),
     "quickstart-headline": lambda: quickstart_headline(load_record("quickstart")),
     "label-budget-table": label_budget_table,
+    "cross-tokenizer-table": cross_tokenizer_table,
     "findings-table": findings_table,
 }
 # A block: its opening line, its body (whole lines, no other marker), its closing line.

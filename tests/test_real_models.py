@@ -29,6 +29,7 @@ from kd_trainers.demo.harness_tasks import demo_task_folder
 from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_distillation_terms
 from kd_trainers.losses.sparse import top_k_targets
 from kd_trainers.data.alignment import aligned_groups, tokens_with_offsets
+from kd_trainers.data.dual_tokenization import DualTokenizer
 from kd_trainers.data.prompt_completion import prompt_token_ids
 from kd_trainers.models.real_models import chitchat_exchanges, real_model_path
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
@@ -285,6 +286,8 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
     "rev_kd": "method: kd\nteacher_model_name_or_path: {teacher}\ndivergence: reverse_kl\n",
     "dskd": "method: dskd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.5\n",
     "dskd_cma": "method: dskd\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
+    "uld": "method: uld\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
+    "gold": "method: gold\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\nloss_chunk_size: 64\n",
     "seqkd": "method: seqkd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.0\nseqkd_max_new_tokens: 12\n"
              "seqkd_cache_dir: {output}-seqkd\n",  # not the session's shared cache, which test_study.py reads
     "gkd": "method: gkd\nteacher_model_name_or_path: {teacher}\nlmbda: 1.0\nmax_new_tokens: 8\n",
@@ -295,9 +298,9 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
 
 
 # Plain text differs from chat data in how each method prepares its rows: SFTTrainer's tokenization (KD and the
-# cache), the dual tokenization (DSKD-CMA), the prompts a teacher or the student completes (Seq-KD, GKD). Rev-KD,
-# same-vocabulary DSKD and two teachers read plain rows as KD does, so on plain text the suite runs one of each path;
-# on chat data, every method.
+# cache), the dual tokenization (DSKD-CMA; ULD and GOLD add its aligned groups), the prompts a teacher or the student
+# completes (Seq-KD, GKD). Rev-KD, same-vocabulary DSKD, ULD, GOLD and two teachers read plain rows as KD or DSKD-CMA
+# does, so on plain text the suite runs one of each path; on chat data, every method.
 PLAIN_FORM_METHODS = ("kd", "dskd_cma", "seqkd", "gkd", "cache")
 
 
@@ -308,8 +311,8 @@ def _train(recipe: str, *overrides: str) -> int:
 @pytest.mark.parametrize("form", ["plain", "chat"])
 def test_every_method_trains_on_real_models_through_kd_train(form, smol, smol_full, qwen, data_folders, tmp_path,
                                                              capsys):
-    """KD, Rev-KD, DSKD, DSKD-CMA across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache and two
-    teachers, each one step through `kd-train` on plain and on conversational data, with the student's weights
+    """KD, Rev-KD, DSKD, DSKD-CMA, ULD and GOLD across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache
+    and two teachers, each one step through `kd-train` on plain and on conversational data, with the student's weights
     saved; the cache's run trains again from the cache alone. Plain text runs one method of each data path
     (`PLAIN_FORM_METHODS`)."""
     for method, lines in METHODS.items():
@@ -520,3 +523,30 @@ def test_real_tokenizers_align_hard_texts(smol, qwen, gemma):
                 assert max(end for _, end in student_offsets) == max(end for _, end in teacher_offsets) == len(text)
             uneven += sum(len(s) > 1 and len(t) > 1 for s, t in groups)
     assert uneven > 0
+
+
+@pytest.mark.parametrize("form", ["plain", "chat"])
+def test_two_real_chat_templates_align_on_the_answer_text(form, smol, qwen, gemma, exchanges):
+    """SmolLM2's and Qwen2.5's chat templates render different prompts (their own system prompts and turn markers)
+    around one answer: the dual tokenization's groups, over offsets from the answer's start, pair token runs that
+    decode to the same text, every group but the last (the end-of-turn markers differ); on plain text Gemma 3
+    (SentencePiece with byte fallback; this one has no chat template) too."""
+    tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in
+                  (("smollm2", smol), ("qwen2.5", qwen), ("gemma3", gemma))}
+    for student, teacher in (("smollm2", "qwen2.5"), ("smollm2", "gemma3"))[:2 if form == "plain" else 1]:
+        tokenize = DualTokenizer(tokenizers[student], tokenizers[teacher], max_length=None, align=True)
+        paired = 0
+        for row in _rows(exchanges[:12], form):
+            out = tokenize(row)
+            groups = {}
+            for side, prefix in ((0, ""), (1, "teacher_")):
+                for token, group in zip(out[f"{prefix}input_ids"], out[f"{prefix}aligned_group"]):
+                    if group >= 0:
+                        groups.setdefault(group, ([], []))[side].append(token)
+            assert sorted(groups) == list(range(len(groups)))
+            for number in range(len(groups) - 1):
+                student_ids, teacher_ids = groups[number]
+                texts = (tokenizers[student].decode(student_ids), tokenizers[teacher].decode(teacher_ids))
+                assert texts[0] == texts[1] or texts[0].strip() == texts[1].strip(), (student, teacher, texts)
+                paired += 1
+        assert paired > 100

@@ -23,13 +23,11 @@ class GOLDTrainer(ULDTrainer):
     _paper = {
         "title": "Unlocking On-Policy Distillation for Any Model Family",
         "citation": textwrap.dedent("""\
-            @misc{patino2025gold,
+            @misc{hf2025gold,
                 title        = {{Unlocking On-Policy Distillation for Any Model Family}},
-                author       = {Carlos Miguel Patiño and Kashif Rasul and Quentin Gallouédec and Ben Burtenshaw and
-                                Sergio Paniego and Vaibhav Srivastav and Thibaud Frere and Ed Beeching and
-                                Lewis Tunstall and Leandro von Werra and Thomas Wolf},
+                author       = {{Hugging Face}},
                 year         = 2025,
-                howpublished = {Hugging Face blog},
+                howpublished = {\\url{https://huggingface.co/spaces/HuggingFaceH4/on-policy-distillation}},
             }"""),
     }
 
