@@ -368,8 +368,13 @@ def _peak_memory(device) -> int:
     return torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
 
 
+_INLINE_MEASURE = None  # a smoke run's cell measure, called in this process (set by `parse_options`)
+
+
 def run_cell(script: str, cell: list, gpu: bool) -> dict:
-    """Run one cell (`script --cell JSON`) in fresh processes, so that its peak resident memory is its own.
+    """Run one cell (`script --cell JSON`) in fresh processes, so that its peak resident memory is its own; a smoke
+    run (`KD_TRAINERS_SMOKE=1`, which measures nothing) runs each cell in this process instead, to check the commands
+    without paying an interpreter's start per cell.
 
     On CPU it runs twice: once as it is, for the time, and once with glibc's mmap threshold fixed at 128 KiB, for the
     memory. By default glibc raises that threshold as large blocks are freed and then keeps them in its heap, so how
@@ -377,18 +382,31 @@ def run_cell(script: str, cell: list, gpu: bool) -> dict:
     measured 48 and 288 MiB). With the threshold fixed, every large tensor is mapped when allocated and returned when
     freed, so peak resident memory follows live tensors. The time is not taken from that run, because fresh mappings
     slow down code that allocates a new tensor per operation."""
+    run = _run_cell_inline if smoke_run() and _INLINE_MEASURE is not None else _run_cell_process
     if cell[0] == "kd_cache":  # the teacher writes its cache first, in a process of its own
         cell = [*cell[:8], os.path.join(tempfile.mkdtemp(), "cache"), *cell[9:]]  # measure's `cache_dir`
-        written = _run_cell_process(script, ["write_cache", *cell[1:]], {})
+        written = run(script, ["write_cache", *cell[1:]], {})
         if written["note"]:
             return written
-    timed = _run_cell_process(script, cell, {})
+    timed = run(script, cell, {})
     if gpu or smoke_run():  # CUDA counts allocated memory exactly; a smoke run measures nothing
         return timed
     measured = _run_cell_process(script, cell, {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
     # The memory of the measuring run: every figure it took (a script's cells may not all take a peak).
     memory = {key: measured[key] for key in ("memory_growth_mb", "peak_mb") if key in measured}
     return {**timed, **memory, "note": timed["note"] or measured["note"]}
+
+
+def _run_cell_inline(script: str, cell: list, env: dict) -> dict:
+    """A smoke run's cell, measured in this process; a failure is the cell's note, as in its own process."""
+    import traceback
+
+    try:
+        return {**_INLINE_MEASURE(*cell), "note": ""}
+    except Exception:  # noqa: BLE001  (reported as the cell's failure, as a failed process is)
+        print(traceback.format_exc()[-2000:], file=sys.stderr)
+        return {"step_s": float("nan"), "memory_growth_mb": float("nan"), "peak_mb": float("nan"),
+                "note": "failed (in process)"}
 
 
 def _run_cell_process(script: str, cell: list, env: dict) -> dict:
@@ -452,6 +470,8 @@ def parse_options(parser: argparse.ArgumentParser, measure_cell, steps: int):
     if options.cell:
         print("RESULT " + json.dumps(measure_cell(*json.loads(options.cell))), flush=True)
         return None
+    global _INLINE_MEASURE
+    _INLINE_MEASURE = measure_cell
     return smallest_cell(options)
 
 
