@@ -162,6 +162,7 @@ CONTRACT: dict[str, object] = {
     "projector_bias": TestedIn("test_dskd_trainer.py::test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space"),
     "projector_init": TestedIn("test_dskd_trainer.py::test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space"),
     "t2s_target": TestedIn("test_dskd_trainer.py::test_teacher_argmax_target"),
+    "token_alignment": TestedIn("test_dskd_trainer.py::test_exact_token_alignment_is_dskd_at_the_exact_pairs_and_trains"),
     "uld_merge": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
     "gold_beta": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
     "gold_matched_weight": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),

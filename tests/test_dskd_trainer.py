@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 from kd_trainers import DSKDConfig, DSKDTrainer
 from kd_trainers.demo import demo_model, load_demo_dataset
 from kd_trainers.data.dual_tokenization import DualTokenizationCollator, DualTokenizer
+from kd_trainers.dskd.exact_alignment import exact_pairs
 from kd_trainers.dskd.projectors import PROJECTOR_WEIGHTS, DSKDProjectors
+from kd_trainers.losses import LossSettings, dual_space_loss
 
 
 def dskd_args(tmp_path, **overrides):
@@ -211,9 +213,12 @@ def test_teacher_argmax_target(tmp_path, bpe_tokenizer, demo_data):
      "different tokenizers) or use a teacher with the student's tokenizer."),
     (dict(t2s_target="teacher_argmax"),
      "t2s_target='teacher_argmax' needs the teacher's prediction at each student position, which exists only under "
-     "one shared vocabulary without cross-model attention. Use t2s_target='gold'."),
+     "one shared vocabulary. Use t2s_target='gold'."),
     (dict(packing=True),
-     "packing=True cannot be combined with cross-model attention, which aligns each example's two tokenizations "
+     "packing=True cannot be combined with DSKD across vocabularies, which aligns each example's two tokenizations "
+     "separately. Set packing=False."),
+    (dict(packing=True, token_alignment="exact"),
+     "packing=True cannot be combined with DSKD across vocabularies, which aligns each example's two tokenizations "
      "separately. Set packing=False."),
 ])
 def test_impossible_settings_fail_before_training(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer,
@@ -238,6 +243,7 @@ def test_text_data_is_refused_under_cma(tmp_path, cross_vocab_pair, bpe_tokenize
                    "bf16=True, or neither for fp32."),
     ("projector_lr", 0, "projector_lr must be a number > 0, got 0."),
     ("t2s_target", "argmax", "t2s_target must be one of ['gold', 'teacher_argmax'], got 'argmax'."),
+    ("token_alignment", "greedy", "token_alignment must be one of ['attention', 'exact'], got 'greedy'."),
     ("s2t_divergence", "kl", "s2t_divergence must be one of ['forward_kl', 'jsd', 'reverse_kl', 'skew_forward_kl', "
                              "'skew_reverse_kl', 'tvd'], got 'kl'."),
 ])
@@ -308,3 +314,69 @@ def test_teacher_tokenizer_from_config_path_turns_cma_on(tmp_path, cross_vocab_p
     trainer.create_model_card(model_name="dskd-student")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| `method` | DSKD with cross-model attention |" in card and "dskd" in card and "2406.17328" in card
+
+
+def test_exact_pairs_are_the_groups_with_one_label_token_each_side():
+    """Group 0: one token each (paired); group 1: two student tokens (not exact); group 2: paired; group 3: the
+    teacher's alone (its end marker); prompt and padding positions (label -100) never pair."""
+    student_labels, student_groups = torch.tensor([[-100, 5, 6, 7, 8, -100]]), torch.tensor([[-1, 0, 1, 1, 2, -1]])
+    teacher_labels, teacher_groups = torch.tensor([[-100, -100, 1, 2, 3, 4]]), torch.tensor([[-1, -1, 0, 1, 2, 3]])
+    teacher_of_student, student_of_teacher = exact_pairs(student_labels, student_groups, teacher_labels,
+                                                         teacher_groups)
+    assert teacher_of_student.tolist() == [[-1, 2, -1, -1, 4, -1]]
+    assert student_of_teacher.tolist() == [[-1, -1, 1, -1, 4, -1]]
+
+
+def test_exact_token_alignment_is_dskd_at_the_exact_pairs_and_trains(tmp_path, cross_vocab_pair, bpe_tokenizer,
+                                                                    wordpiece_tokenizer, demo_data):
+    """DSKDv2's exact token alignment across the demo's two vocabularies: the trainer's loss on a batch is the
+    dual-space loss with each student position's t2s state taken from its exact partner (found here by a loop over
+    the groups) and the s2t terms on the paired teacher positions only; training moves the student and the
+    projectors."""
+    trainer = cma_trainer(tmp_path, cross_vocab_pair, bpe_tokenizer, wordpiece_tokenizer, demo_data["train"],
+                          token_alignment="exact", max_steps=3, teacher_logit_noise_std=0.0)
+    assert trainer.exact_alignment and not trainer.cross_model_attention
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+
+    student, teacher = trainer.model, cross_vocab_pair[1]
+    projectors = trainer.projectors
+    with torch.no_grad():
+        student_hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                                       ).last_hidden_state[:, :-1]
+        teacher_hidden = teacher.model(input_ids=batch["teacher_input_ids"],
+                                       attention_mask=batch["teacher_attention_mask"]).last_hidden_state[:, :-1]
+    labels, teacher_labels = batch["labels"][:, 1:], batch["teacher_labels"][:, 1:]
+    groups, teacher_groups = batch["aligned_group"][:, 1:], batch["teacher_aligned_group"][:, 1:]
+    t2s_hidden = torch.zeros_like(student_hidden)
+    s2t_hidden = torch.zeros(*teacher_hidden.shape, dtype=student_hidden.dtype)
+    t2s_labels, s2t_labels = torch.full_like(labels, -100), torch.full_like(teacher_labels, -100)
+    pairs = 0
+    for b in range(labels.size(0)):
+        for g in set(groups[b].tolist()) - {-1}:
+            mine = [i for i in range(labels.size(1)) if groups[b, i] == g and labels[b, i] != -100]
+            theirs = [j for j in range(teacher_labels.size(1)) if teacher_groups[b, j] == g
+                      and teacher_labels[b, j] != -100]
+            if len(mine) == 1 and len(theirs) == 1:
+                (i,), (j,) = mine, theirs
+                with torch.no_grad():
+                    t2s_hidden[b, i] = projectors.t2s(teacher_hidden[b, j])
+                    s2t_hidden[b, j] = projectors.s2t(student_hidden[b, i])
+                t2s_labels[b, i], s2t_labels[b, j] = labels[b, i], teacher_labels[b, j]
+                pairs += 1
+    assert 0 < pairs < int((labels != -100).sum())  # some groups are exact pairs, not all
+    args = trainer.args
+    expected = dual_space_loss(
+        student_hidden, student.get_output_embeddings(), t2s_hidden, labels, teacher_hidden,
+        teacher.get_output_embeddings(), s2t_hidden, s2t_labels,
+        LossSettings(temperature=args.kd_temperature, kd_weight=args.kd_weight, temperature_squared=False),
+        gate_t2s_kd=True, t2s_labels=t2s_labels, student_vocab_size=len(bpe_tokenizer),
+        teacher_vocab_size=len(wordpiece_tokenizer))
+    torch.testing.assert_close(loss.detach(), expected.loss, rtol=1e-5, atol=1e-6)
+
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    # every weight but the attention's query projector, which exact alignment has no use for
+    assert all(torch.equal(p, before[n]) == ("query" in n) for n, p in student.named_parameters())
+    logs = [log for log in trainer.state.log_history if "s2t_accuracy" in log]
+    assert len(logs) == 3 and trainer.kd_settings()["method"] == "DSKD with exact token alignment"

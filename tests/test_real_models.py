@@ -286,6 +286,8 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
     "rev_kd": "method: kd\nteacher_model_name_or_path: {teacher}\ndivergence: reverse_kl\n",
     "dskd": "method: dskd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.5\n",
     "dskd_cma": "method: dskd\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
+    "dskd_v2": "method: dskd\nteacher_model_name_or_path: {cross}\ntoken_alignment: exact\nprojector_bias: false\n"
+               "projector_init: pinv\n",
     "uld": "method: uld\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
     "gold": "method: gold\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\nloss_chunk_size: 64\n",
     "seqkd": "method: seqkd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.0\nseqkd_max_new_tokens: 12\n"
@@ -311,7 +313,7 @@ def _train(recipe: str, *overrides: str) -> int:
 @pytest.mark.parametrize("form", ["plain", "chat"])
 def test_every_method_trains_on_real_models_through_kd_train(form, smol, smol_full, qwen, data_folders, tmp_path,
                                                              capsys):
-    """KD, Rev-KD, DSKD, DSKD-CMA, ULD and GOLD across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache
+    """KD, Rev-KD, DSKD, DSKD-CMA, DSKDv2 (exact alignment), ULD and GOLD across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache
     and two teachers, each one step through `kd-train` on plain and on conversational data, with the student's weights
     saved; the cache's run trains again from the cache alone. Plain text runs one method of each data path
     (`PLAIN_FORM_METHODS`)."""

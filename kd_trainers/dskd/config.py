@@ -12,6 +12,7 @@ from ..losses.divergences import DIVERGENCES
 from ..teachers.needs import TeacherNeeds
 
 T2S_TARGETS = ("gold", "teacher_argmax")
+TOKEN_ALIGNMENTS = ("attention", "exact")
 PROJECTOR_INITS = ("default", "pinv")
 
 
@@ -33,6 +34,10 @@ class DSKDConfig(TwoTokenizerFields, DistillationConfig):
     cross_model_attention (`bool`, *optional*, defaults to `None`):
         Align the two sequences with cross-model attention (DSKD-CMA). `None` decides from the tokenizers: on when
         they differ token by token, off when they are the same. `False` with different tokenizers is an error.
+    token_alignment (`str`, *optional*, defaults to `"attention"`):
+        How the two tokenizations' positions are paired when the vocabularies differ: `"attention"`, cross-model
+        attention (DSKD-CMA); `"exact"`, DSKDv2's exact token alignment (one token each side over the same
+        characters, projected as under one vocabulary; the other positions leave the t2s and s2t terms).
     projector_lr (`float`, *optional*, defaults to `1e-3`):
         Learning rate of the projectors (`query`, `t2s`, `s2t`), which train jointly with the student and follow the
         same schedule.
@@ -63,6 +68,10 @@ class DSKDConfig(TwoTokenizerFields, DistillationConfig):
     )
     cross_model_attention: bool | None = field(
         default=None, metadata={"help": "Use cross-model attention; None decides from the two tokenizers."}
+    )
+    token_alignment: str = field(
+        default="attention", metadata={"help": "Pairing of the two tokenizations' positions across vocabularies.",
+                                       "choices": list(TOKEN_ALIGNMENTS)}
     )
     projector_lr: float = field(default=1e-3, metadata={"help": "Learning rate of the DSKD projectors; > 0."})
     projector_path: str | None = field(
@@ -97,6 +106,8 @@ class DSKDConfig(TwoTokenizerFields, DistillationConfig):
             ("projector_init", self.projector_init, self.projector_init in PROJECTOR_INITS,
              f"one of {list(PROJECTOR_INITS)}"),
             ("t2s_target", self.t2s_target, self.t2s_target in T2S_TARGETS, f"one of {list(T2S_TARGETS)}"),
+            ("token_alignment", self.token_alignment, self.token_alignment in TOKEN_ALIGNMENTS,
+             f"one of {list(TOKEN_ALIGNMENTS)}"),
             ("s2t_divergence", self.s2t_divergence, self.s2t_divergence in DIVERGENCES,
              f"one of {sorted(DIVERGENCES)}"),
         ]
@@ -104,6 +115,10 @@ class DSKDConfig(TwoTokenizerFields, DistillationConfig):
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}.")
         self._check_two_tokenizer_fields()
+        if self.token_alignment == "exact" and self.cross_model_attention:
+            raise ValueError("token_alignment='exact' pairs positions without cross-model attention, but "
+                             "cross_model_attention=True asks for it: set one of them (exact alignment: leave "
+                             "cross_model_attention=None).")
         if self.fp16:
             raise ValueError(
                 "DSKD does not train in fp16 (fp16=True): the cross-model attention mask (-1e5) and the "

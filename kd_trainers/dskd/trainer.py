@@ -11,6 +11,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data.alignment import same_vocabulary, shared_token_ids
 from ..kd.trainer import KDTrainer
+from ..data.dual_tokenization import GROUP_COLUMNS
 from ..kd.two_tokenizers import TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.settings import chunk_length
@@ -18,6 +19,7 @@ from ..losses.reference import loss_normalizer
 from ..teachers.loading import model_name, output_head_shape
 from .config import DSKDConfig
 from .cross_model_attention import cross_model_attention, same_vocabulary_projection
+from .exact_alignment import exact_alignment_projection, exact_pairs
 from .projectors import PROJECTOR_WEIGHTS, DSKDProjectors
 
 
@@ -61,7 +63,7 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "dskd"]
-    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS)
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *GROUP_COLUMNS)
     _name = "DSKD"
     _config_class = DSKDConfig
     _paper = {
@@ -110,18 +112,25 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
                 f"teacher ({teacher_name}) tokenize differently. Leave cross_model_attention=None (it turns on for "
                 "different tokenizers) or use a teacher with the student's tokenizer."
             )
-        self.cross_model_attention = (not same) if requested is None else requested
-        if self.cross_model_attention and args.t2s_target == "teacher_argmax":
+        # DSKDv2's exact token alignment takes cross-model attention's place across vocabularies
+        self.exact_alignment = not same and args.token_alignment == "exact" and requested is None
+        self.cross_model_attention = (not same and not self.exact_alignment) if requested is None else requested
+        if self._tokenizes_twice() and args.t2s_target == "teacher_argmax":
             raise ValueError(
                 "t2s_target='teacher_argmax' needs the teacher's prediction at each student position, which exists "
-                "only under one shared vocabulary without cross-model attention. Use t2s_target='gold'."
+                "only under one shared vocabulary. Use t2s_target='gold'."
             )
-        if self.cross_model_attention and args.packing:
-            raise ValueError("packing=True cannot be combined with cross-model attention, which aligns each example's "
-                             "two tokenizations separately. Set packing=False.")
+        if self._tokenizes_twice() and args.packing:
+            raise ValueError("packing=True cannot be combined with DSKD across vocabularies, which aligns each "
+                             "example's two tokenizations separately. Set packing=False.")
 
     def _tokenizes_twice(self) -> bool:
-        return self.cross_model_attention
+        return self.cross_model_attention or self.exact_alignment
+
+    @property
+    def _aligns_tokens(self) -> bool:
+        """Exact token alignment reads the aligned groups; cross-model attention learns its own alignment."""
+        return self.exact_alignment
 
     # ----------------------------------------------------------------------------------------------------------------
     # Optimizer: the projectors get their own learning rate
@@ -152,7 +161,7 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
         teacher = self.accelerator.unwrap_model(self.teacher.model)  # a model in memory: its hidden states are read
         student_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
         labels = inputs["labels"][:, 1:]
-        teacher_inputs = self._teacher_inputs(inputs) if self.cross_model_attention else student_inputs
+        teacher_inputs = self._teacher_inputs(inputs) if self._tokenizes_twice() else student_inputs
         student_transform = LogitTransform.from_config(student.config)
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
         student_hidden = student_hidden[:, :-1]
@@ -166,18 +175,29 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
                 teacher.get_input_embeddings(), teacher_inputs["input_ids"][:, :-1], teacher_labels,
                 teacher_inputs["attention_mask"][:, :-1].bool(),
             )
+        elif self.exact_alignment:
+            teacher_hidden = self.teacher.hidden_states(self, teacher_inputs)[:, :-1]
+            teacher_of_student, student_of_teacher = exact_pairs(
+                labels, inputs["aligned_group"][:, 1:], inputs["teacher_labels"][:, 1:],
+                inputs["teacher_aligned_group"][:, 1:])
+            t2s_hidden, s2t_hidden = exact_alignment_projection(projectors, student_hidden, teacher_hidden,
+                                                                teacher_of_student, student_of_teacher)
+            # the t2s and s2t terms read the exact pairs only; the student's CE keeps every label
+            teacher_labels = inputs["teacher_labels"][:, 1:].masked_fill(student_of_teacher < 0, -100)
+            t2s_labels = labels.masked_fill(teacher_of_student < 0, -100)
         else:
             teacher_labels = labels
             teacher_hidden = self.teacher.hidden_states(self, student_inputs)[:, :-1]
             t2s_hidden, s2t_hidden = same_vocabulary_projection(projectors, student_hidden, teacher_hidden)
-        t2s_labels = None
+        if not self.exact_alignment:
+            t2s_labels = None
         if self.args.t2s_target == "teacher_argmax":
             t2s_labels = self._teacher_argmax(teacher_hidden, teacher, labels)
 
         losses = dual_space_loss(
             student_hidden, student.get_output_embeddings(), t2s_hidden, labels,
             teacher_hidden, teacher.get_output_embeddings(), s2t_hidden, teacher_labels, self._settings_for(mode),
-            s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self.cross_model_attention, t2s_labels=t2s_labels,
+            s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self._tokenizes_twice(), t2s_labels=t2s_labels,
             num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
             teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb,
@@ -253,7 +273,9 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
         settings = super().kd_settings()
         args = self.args
         settings.update(
-            method="DSKD with cross-model attention" if self.cross_model_attention else "DSKD (same vocabulary)",
+            method=("DSKD with cross-model attention" if self.cross_model_attention else
+                    "DSKD with exact token alignment" if self.exact_alignment else "DSKD (same vocabulary)"),
+            token_alignment=args.token_alignment if self._tokenizes_twice() else None,
             teacher_tokenizer=model_name(self.teacher_processing_class), projector_lr=args.projector_lr,
             projector_init=args.projector_init, t2s_target=args.t2s_target,
             teacher_temperature=self.loss_settings.teacher_temperature, s2t_divergence=args.s2t_divergence,

@@ -116,16 +116,22 @@ def closed_form_value_and_grad(student_logits: torch.Tensor, teacher_logits: tor
 def teacher_ce_value_and_grad(raw_logits: torch.Tensor, labels: torch.Tensor, transform: LogitTransform,
                               out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`(Σ CE(transform(raw_logits), labels), d/d raw_logits)` for the teacher side of DSKD (the t2s cross-entropy,
-    which trains the projectors). Logits `[n, V]` fp32 are left intact; the gradient is written into `out`."""
+    which trains the projectors). Logits `[n, V]` fp32 are left intact; the gradient is written into `out`. A row
+    whose label is negative (the ignore index: a position without a t2s target, as under exact token alignment)
+    adds nothing and gets a zero gradient."""
+    valid = labels >= 0
     if transform != LogitTransform():
         logits = raw_logits.detach().requires_grad_(True)
         with torch.enable_grad():
-            ce = F.cross_entropy(transform(logits), labels, reduction="sum")
+            ce = F.cross_entropy(transform(logits)[valid], labels[valid], reduction="sum")
             (grad,) = torch.autograd.grad(ce, logits)
         return ce.detach(), out.copy_(grad)
     rows = torch.arange(labels.numel(), device=labels.device)
+    targets = labels.clamp_min(0)
     log_probs = torch.log_softmax(raw_logits, -1, out=out)
-    ce = -log_probs[rows, labels].sum()
+    ce = -log_probs[rows, targets][valid].sum()
     grad = log_probs.exp_()
-    grad[rows, labels] -= 1.0
+    grad[rows, targets] -= valid.to(grad.dtype)
+    if not bool(valid.all()):
+        grad[~valid] = 0.0
     return ce, grad
