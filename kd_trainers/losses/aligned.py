@@ -16,9 +16,10 @@ position) before its softmax. `d` is ULD's sorted L1 (`"uld"`) or GOLD's hybrid 
 `kd_trainers.losses.uld`.
 
 The work is two passes over chunks of rows: each side's label log-probabilities (the CE and the merge's scalar
-factors), then each chunk of groups' two distributions, scored and dropped. The student's passes run under
-activation checkpointing, so a chunk's `[n, V]` buffers are rebuilt in the backward instead of kept: memory stays
-flat in both vocabularies, and ULD's sort is one chunk's. Chunks hold `chunk_size` rows, or as many as fit
+factors; the student's under activation checkpointing, its `[n, V]` buffers rebuilt in the backward), then each
+chunk of groups' two distributions, scored with their gradients taken at once (`_GradientsInForward`: no sort is
+kept or redone for the backward) and dropped. Memory stays flat in both vocabularies, and ULD's sort is one
+chunk's. Chunks hold `chunk_size` rows, or as many as fit
 `memory_budget_mb` in four `[n, max(V_S, V_T)]` fp32 buffers.
 """
 
@@ -143,6 +144,48 @@ def _label_log_probs(head: _Head, hidden: torch.Tensor, positions: torch.Tensor,
     return stacked[0], stacked[1], stacked[2].detach()
 
 
+class _GradientsInForward(torch.autograd.Function):
+    """`Σ_chunks score(inputs[chunk])`, each chunk's gradients taken in the forward pass (autograd on leaves of that
+    chunk alone) and summed, so the backward only scales them: nothing of a chunk's `[n, V]` work (its two sorts
+    included) is kept or recomputed. Inputs: the rows `[P, D]`, the head's weight `[V, D]` and bias `[V]` (or None),
+    the log-scales `[P]`; rows and log-scales are cut into chunks of `chunk`, the head is read whole by each."""
+
+    @staticmethod
+    def forward(ctx, score, chunk: int, count: int, rows, weight, bias, log_scales):
+        total = rows.new_zeros((), dtype=torch.promote_types(rows.dtype, torch.float32))
+        wants = [tensor is not None and tensor.requires_grad for tensor in (rows, weight, bias, log_scales)]
+        grads = [None if not want else torch.zeros_like(tensor, dtype=torch.promote_types(tensor.dtype,
+                                                                                          torch.float32))
+                 for want, tensor in zip(wants, (rows, weight, bias, log_scales))]
+        for start in range(0, count, chunk):
+            part = slice(start, start + chunk)
+            leaves = [rows[part].detach(), weight.detach(), None if bias is None else bias.detach(),
+                      log_scales[part].detach()]
+            for index, want in enumerate(wants):
+                if want:
+                    leaves[index].requires_grad_(True)
+            with torch.enable_grad():
+                value = score(*leaves, part)
+                taken = [leaf for leaf, want in zip(leaves, wants) if want]
+                found = iter(torch.autograd.grad(value, taken, allow_unused=True) if taken else ())
+            total += value.detach()
+            for index, want in enumerate(wants):
+                if want:
+                    grad = next(found)
+                    if grad is not None:
+                        target = grads[index] if index in (1, 2) else grads[index][part]
+                        target += grad
+        ctx.wants = wants
+        ctx.save_for_backward(*[grad if grad is not None else torch.empty(0) for grad in grads])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        saved = ctx.saved_tensors
+        out = [None if not want else (grad * grad_output).to(grad.dtype) for want, grad in zip(ctx.wants, saved)]
+        return (None, None, None, *out)
+
+
 class _SideGroups(NamedTuple):
     positions: torch.Tensor   # [n] flat positions of the side's label tokens
     keys: torch.Tensor        # [n] batch-global group key of each (-1: in no group)
@@ -222,28 +265,26 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
         student_scale = _log_scales(student_groups, pair_of_key, student_log_p_t, pairs)
         teacher_scale = _log_scales(teacher_groups, pair_of_key, teacher_log_p_t.detach(), pairs)
 
-        kd_parts = []
-        for start in range(0, pairs, chunk):
-            rows = slice(start, start + chunk)
-            teacher_pair_rows = teacher_base[rows]
+        def score(h, weight, bias, log_scale, rows):
+            """Σ d over the pairs `rows`: `h` `[n, D_S]` the student's base rows, `log_scale` `[n]`."""
+            student_probs = F.softmax(student_head.logits(h, student_groups.positions[student_base[rows]], weight,
+                                                          bias) / temperature, dim=-1) * log_scale.exp()[:, None]
+            with torch.no_grad():
+                teacher_pair_rows = teacher_base[rows]
+                teacher_logits = teacher_head.logits(teacher_rows[teacher_pair_rows],
+                                                     teacher_groups.positions[teacher_pair_rows])
+                teacher_probs = F.softmax(teacher_logits / temperature, dim=-1) * teacher_scale[rows].exp()[:, None]
+            if aligned.distance == "uld":
+                return sorted_distance(student_probs, teacher_probs).sum()
+            return hybrid_of_probabilities(student_probs, teacher_probs, *shared_ids, beta=aligned.matched_beta,
+                                           matched_weight=aligned.matched_weight).sum()
 
-            def score(h, weight, bias, log_scale, rows=rows, teacher_pair_rows=teacher_pair_rows):
-                student_probs = F.softmax(student_head.logits(h, student_groups.positions[student_base[rows]], weight,
-                                                              bias) / temperature, dim=-1) * log_scale.exp()[:, None]
-                with torch.no_grad():
-                    teacher_logits = teacher_head.logits(teacher_rows[teacher_pair_rows],
-                                                         teacher_groups.positions[teacher_pair_rows])
-                    teacher_probs = F.softmax(teacher_logits / temperature, dim=-1) * teacher_scale[rows].exp()[:, None]
-                if aligned.distance == "uld":
-                    return sorted_distance(student_probs, teacher_probs).sum()
-                return hybrid_of_probabilities(student_probs, teacher_probs, *shared_ids, beta=aligned.matched_beta,
-                                               matched_weight=aligned.matched_weight).sum()
-
-            kd_parts.append(checkpoint(score, student_rows[student_base[rows]], student_head.weight,
-                                       student_head.bias, student_scale[rows], use_reentrant=False))
+        kd_sum = _GradientsInForward.apply(score, chunk, pairs, student_rows[student_base], student_head.weight,
+                                           student_head.bias, student_scale)
     normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
     ce = -student_log_p.sum() / normalizer
-    kd = (torch.stack(kd_parts).sum() if kd_parts else student_log_p.new_zeros(())) / normalizer
+    kd = kd_sum / normalizer
+    normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
     scale = temperature**2 if settings.temperature_squared else 1.0
     weight = settings.kd_weight
     return AlignedLoss(loss=(1 - weight) * ce + weight * scale * kd, ce_loss=ce.detach(), kd_loss=kd.detach(),
