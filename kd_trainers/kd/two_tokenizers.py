@@ -1,6 +1,7 @@
 """What every method that distils across two tokenizers shares: the teacher's tokenizer, and each example tokenized
 once per tokenizer (`kd_trainers.data.dual_tokenization`) with, for the methods that pair positions, the aligned
-groups of the two completions. DSKD-CMA, ULD and GOLD build on it; a method switches it on with `_tokenizes_twice`."""
+groups of the two completions. DSKD (cross-model attention or exact alignment), ULD and GOLD build on it; a method
+switches it on with `_tokenizes_twice`."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def pad_id(tokenizer) -> int:
 
 class TwoTokenizationsMixin:
     """Trainer hooks (of `KDTrainer`) for data tokenized by both tokenizers: `_tokenizes_twice()` says whether this
-    run does (DSKD: only under cross-model attention), `_aligns_tokens` whether the rows carry the aligned groups."""
+    run does (DSKD: across vocabularies), `_aligns_tokens` whether the rows carry the aligned groups (ULD, GOLD,
+    DSKD's exact token alignment)."""
 
     _aligns_tokens = False
     _method_label = "DSKD"
