@@ -65,7 +65,7 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma", "uld",
            "gold")
 CROSS_VOCABULARY = ("dskd_cma", "uld", "gold")  # cells whose teacher has its own tokenizer and sequence
-BASELINES = ("floor", "sft", "gkd", "kd")  # ratios are taken against each of these that the run measured
+BASELINES = ("floor", "sft", "gkd", "kd", "dskd_cma")  # ratios are taken against each of these that the run measured
 DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry
 
 
@@ -482,6 +482,9 @@ def smallest_cell(options: argparse.Namespace) -> argparse.Namespace:
     if not smoke_run():
         return options
     announce()
+    paired = getattr(options, "teacher_vocab", None)
+    if paired and len(paired) == len(options.vocab):  # the teacher's vocabulary of the smallest student's
+        options.teacher_vocab = [paired[options.vocab.index(min(options.vocab))]]
     for axis in ("vocab", "seq", "ks"):
         if getattr(options, axis, None):
             setattr(options, axis, [min(getattr(options, axis))])
