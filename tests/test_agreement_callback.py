@@ -18,6 +18,7 @@ COMMON = dict(bf16=False, max_steps=6, per_device_train_batch_size=8, learning_r
               save_strategy="no", report_to=[], disable_tqdm=True, max_length=64, seed=0)
 
 
+@pytest.mark.slow
 def test_logged_values_equal_a_hand_computation_on_the_final_models(tmp_path, student, teacher, bpe_tokenizer,
                                                                      demo_data):
     held_out = demo_data["test"]

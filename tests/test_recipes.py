@@ -254,6 +254,7 @@ def test_lora_sft_adapter_is_a_kd_teacher(tmp_path):
     torch.testing.assert_close(merged.state_dict()[name], sft_model.state_dict()[name])
 
 
+@pytest.mark.slow
 def test_publishing_offline_leaves_a_complete_folder_and_fails_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     output = tmp_path / "pub"

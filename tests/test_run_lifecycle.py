@@ -112,6 +112,7 @@ def test_a_study_killed_during_evaluation_gives_the_same_report_when_run_again(t
             assert json.loads((cells / cell / seed / "train" / "done.json").read_text())["global_step"] == 2
 
 
+@pytest.mark.slow
 def test_changed_settings_in_the_same_output_dir_are_refused_unless_starting_over(tmp_path, capsys):
     output = tmp_path / "run"
     assert cli.main([KD, *FAST, f"output_dir={output}"]) == 0

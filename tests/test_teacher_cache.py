@@ -169,6 +169,7 @@ def test_cache_stores_the_tail_at_its_temperatures_and_refuses_another(tmp_path,
         cached_trainer(tmp_path, cache, student, bpe_tokenizer, train_rows, kd_temperature=3.0)
 
 
+@pytest.mark.slow
 def test_cache_batch_size_changes_the_forwards_only(tmp_path, student, teacher, bpe_tokenizer, train_rows):
     """Rows per teacher forward: 300 rows in 38 forwards of 8 or 7 of 50, with the same targets (up to the rounding
     of other matrix shapes: a code may move by one step)."""
