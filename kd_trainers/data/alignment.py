@@ -70,12 +70,17 @@ def aligned_groups(student_offsets: Offsets, teacher_offsets: Offsets) -> list[t
     return groups
 
 
-def tokens_with_offsets(tokenizer, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
-    """`(ids, offsets)` of `text`: the token ids and each token's `(start, end)` characters. Needs a fast tokenizer
-    (one backed by the `tokenizers` library), which tracks offsets through its normaliser and pre-tokeniser."""
+def require_fast_tokenizer(tokenizer) -> None:
+    """Refuse a tokenizer without character offsets (a slow one), naming the fix."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: aligning two tokenizations needs each "
                          "token's character offsets; load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
+
+
+def tokens_with_offsets(tokenizer, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """`(ids, offsets)` of `text`: the token ids and each token's `(start, end)` characters. Needs a fast tokenizer
+    (one backed by the `tokenizers` library), which tracks offsets through its normaliser and pre-tokeniser."""
+    require_fast_tokenizer(tokenizer)
     encoded = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from trl.data_utils import _tokenize, common_prefix_length
 
+from .alignment import require_fast_tokenizer
+
 
 def is_conversational(value) -> bool:
     return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
@@ -98,9 +100,8 @@ def tokenize_prompt_completion(tokenizer, prompt, completion, *, add_eos: bool =
     With `with_offsets`, a third item: each token's `(start, end)` characters counted from where the completion's
     text starts in the rendered example (a prompt token's are negative), so that two tokenizers' offsets of one
     example share a coordinate system over the completion (`kd_trainers.data.alignment`). Needs a fast tokenizer."""
-    if with_offsets and not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: aligning two tokenizations needs each "
-                         "token's character offsets; load it with AutoTokenizer.from_pretrained(..., use_fast=True).")
+    if with_offsets:
+        require_fast_tokenizer(tokenizer)
     if is_conversational(prompt):
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)

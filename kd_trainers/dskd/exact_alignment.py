@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..losses.aligned import group_count, group_keys
 from .projectors import DSKDProjectors
 
 
@@ -27,25 +28,25 @@ def exact_pairs(student_labels: torch.Tensor, student_groups: torch.Tensor, teac
         student_labels / teacher_labels: `[B, Ts]` / `[B, Tt]` next-token labels (`ignore_index` off the response).
         student_groups / teacher_groups: the aligned group of each label, shifted like the labels (`-1` off it).
     """
-    sides = [(student_labels, student_groups), (teacher_labels, teacher_groups)]
-    group_count = int(max(student_groups.max().item(), teacher_groups.max().item(), 0)) + 1
-    counts, positions, keys = [], [], []
-    for labels, groups in sides:
-        valid = (labels != ignore_index) & (groups >= 0)
-        key = torch.where(valid, groups + group_count * torch.arange(labels.size(0), device=labels.device)[:, None],
-                          -1)
-        count = torch.zeros(labels.size(0) * group_count, dtype=torch.long, device=labels.device)
-        count.index_add_(0, key[valid], torch.ones_like(key[valid]))
-        position = torch.full_like(count, -1)
-        position[key[valid]] = torch.arange(labels.size(1), device=labels.device).expand_as(labels)[valid]
-        counts.append(count)
-        positions.append(position)
-        keys.append(key)
-    exact = (counts[0] == 1) & (counts[1] == 1)
+    count = group_count(student_groups, teacher_groups)
+    sides = [group_keys(labels, groups, count, ignore_index)
+             for labels, groups in ((student_labels, student_groups), (teacher_labels, teacher_groups))]
+    size = student_labels.size(0) * count
+    tokens, position_of_key = [], []
+    for (positions, keys), labels in zip(sides, (student_labels, teacher_labels)):
+        grouped = keys >= 0
+        tokens.append(torch.zeros(size, dtype=torch.long, device=keys.device).index_add_(
+            0, keys[grouped], torch.ones_like(keys[grouped])))
+        position = torch.full((size,), -1, dtype=torch.long, device=keys.device)
+        position[keys[grouped]] = positions[grouped] % labels.size(1)  # the token's t (a one-token group's only one)
+        position_of_key.append(position)
+    exact = (tokens[0] == 1) & (tokens[1] == 1)
     partners = []
-    for key, other in zip(keys, reversed(positions)):
-        paired = (key >= 0) & exact[key.clamp_min(0)]
-        partners.append(torch.where(paired, other[key.clamp_min(0)], -1))
+    for (positions, keys), labels, other in zip(sides, (student_labels, teacher_labels), reversed(position_of_key)):
+        partner = torch.full((labels.numel(),), -1, dtype=torch.long, device=labels.device)
+        paired = (keys >= 0) & exact[keys.clamp_min(0)]
+        partner[positions[paired]] = other[keys[paired]]
+        partners.append(partner.view_as(labels))
     return partners[0], partners[1]
 
 

@@ -166,6 +166,7 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
         student_hidden = student_hidden[:, :-1]
         projectors = getattr(student, PROJECTORS_ATTRIBUTE)
+        t2s_labels = None  # the t2s targets: the student's labels, unless a branch below says otherwise
         if self.cross_model_attention:
             teacher_labels = inputs["teacher_labels"][:, 1:]
             teacher_hidden = self.teacher.hidden_states(self, teacher_inputs)[:, :-1]
@@ -189,8 +190,6 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
             teacher_labels = labels
             teacher_hidden = self.teacher.hidden_states(self, student_inputs)[:, :-1]
             t2s_hidden, s2t_hidden = same_vocabulary_projection(projectors, student_hidden, teacher_hidden)
-        if not self.exact_alignment:
-            t2s_labels = None
         if self.args.t2s_target == "teacher_argmax":
             t2s_labels = self._teacher_argmax(teacher_hidden, teacher, labels)
 

@@ -18,7 +18,6 @@ class GOLDTrainer(ULDTrainer):
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "gold", "cross-tokenizer"]
     _name = "GOLD"
-    _method_label = "GOLD"
     _config_class = GOLDConfig
     _paper = {
         "title": "Unlocking On-Policy Distillation for Any Model Family",

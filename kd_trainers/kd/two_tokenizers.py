@@ -51,7 +51,6 @@ class TwoTokenizationsMixin:
     DSKD's exact token alignment)."""
 
     _aligns_tokens = False
-    _method_label = "DSKD"
 
     def __init__(self, model, *positional, teacher_model=None, args=None, teacher_processing_class=None,
                  **sft_kwargs):
@@ -88,7 +87,7 @@ class TwoTokenizationsMixin:
         if not self._tokenizes_twice():
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if formatting_func is not None:
-            raise ValueError(f"formatting_func is not supported by {self._method_label} across tokenizers, which "
+            raise ValueError(f"formatting_func is not supported by {self._name} across tokenizers, which "
                              "tokenizes each example twice from its prompt/completion or messages columns.")
         columns = dataset.column_names
         if set(self._teacher_columns()) <= set(columns):
@@ -104,7 +103,7 @@ class TwoTokenizationsMixin:
             tokenizer_fingerprint(self.teacher_processing_class), args.max_length, args.max_prompt_length,
             self._aligns_tokens, "dskd-dual-tokenization-1"))).encode()).hexdigest()[:16]
         return dataset.map(tokenize, remove_columns=columns, new_fingerprint=fingerprint,
-                           desc=f"Tokenizing {dataset_name} dataset for {self._method_label}")
+                           desc=f"Tokenizing {dataset_name} dataset for {self._name}")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -92,14 +92,6 @@ class AlignedLoss(NamedTuple):
     num_pairs: torch.Tensor
 
 
-def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transform: LogitTransform
-            ) -> torch.Tensor:
-    logits = hidden @ weight.T
-    if bias is not None:
-        logits = logits + bias
-    return transform(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # bf16 up to fp32, fp64 kept
-
-
 class _Head(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
@@ -110,8 +102,11 @@ class _Head(NamedTuple):
 
     def logits(self, hidden: torch.Tensor, positions: torch.Tensor, weight=None, bias=None) -> torch.Tensor:
         """`[n, V]` fp32 logits of `hidden` `[n, D]`, the rows at flat `positions` `[n]`, noised when σ > 0."""
-        logits = _logits(hidden, self.weight if weight is None else weight, self.bias if bias is None else bias,
-                         self.transform)
+        weight, bias = (self.weight, self.bias) if weight is None else (weight, bias)
+        logits = hidden @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        logits = self.transform(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # bf16 up; fp64 kept
         if self.noise_std > 0:
             # drawn in fp32 whatever the logits' dtype, as the reference and the other engines draw it
             noise = position_noise_(torch.empty(logits.shape, dtype=torch.float32, device=logits.device),
@@ -144,6 +139,11 @@ def _label_log_probs(head: _Head, hidden: torch.Tensor, positions: torch.Tensor,
     return stacked[0], stacked[1], stacked[2].detach()
 
 
+# Which inputs of `_GradientsInForward` (rows, weight, bias, log-scales) are cut into chunks with the rows; the head's
+# weight and bias are read whole by every chunk.
+_PER_ROW = (True, False, False, True)
+
+
 class _GradientsInForward(torch.autograd.Function):
     """`Σ_chunks score(inputs[chunk])`, each chunk's gradients taken in the forward pass (autograd on leaves of that
     chunk alone) and summed, so the backward only scales them: nothing of a chunk's `[n, V]` work (its two sorts
@@ -173,8 +173,7 @@ class _GradientsInForward(torch.autograd.Function):
                 if want:
                     grad = next(found)
                     if grad is not None:
-                        target = grads[index] if index in (1, 2) else grads[index][part]
-                        target += grad
+                        (grads[index][part] if _PER_ROW[index] else grads[index]).add_(grad)
         ctx.wants = wants
         ctx.save_for_backward(*[grad if grad is not None else torch.empty(0) for grad in grads])
         return total
@@ -192,11 +191,24 @@ class _SideGroups(NamedTuple):
     base: torch.Tensor        # [K] index into `positions` of each key's base token (-1: key absent)
 
 
-def _side_groups(labels: torch.Tensor, groups: torch.Tensor, group_count: int, merge: str, ignore_index: int
-                 ) -> _SideGroups:
+def group_count(*groups: torch.Tensor) -> int:
+    """How many group numbers a batch's `[B, T]` group tensors use (`-1` is none): the stride of `group_keys`."""
+    return int(max(max(int(tensor.max()) for tensor in groups), 0)) + 1
+
+
+def group_keys(labels: torch.Tensor, groups: torch.Tensor, count: int, ignore_index: int = -100
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(flat positions of the label tokens [n], each one's batch-wide group key b·count + g [n])`, the key `-1` for
+    a label in no group. `labels` and `groups` `[B, T]`, `count` from `group_count` over both sides (a key then means
+    the same group of the same row on both)."""
     positions = (labels.reshape(-1) != ignore_index).nonzero()[:, 0]
     local = groups.reshape(-1)[positions]
-    keys = torch.where(local >= 0, positions // labels.size(1) * group_count + local, -1)
+    return positions, torch.where(local >= 0, positions // labels.size(1) * count + local, -1)
+
+
+def _side_groups(labels: torch.Tensor, groups: torch.Tensor, group_count: int, merge: str, ignore_index: int
+                 ) -> _SideGroups:
+    positions, keys = group_keys(labels, groups, group_count, ignore_index)
     size = labels.size(0) * group_count
     in_group = keys >= 0
     order = torch.arange(positions.numel(), device=labels.device)
@@ -227,25 +239,26 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
     N defaults to the batch's student label tokens."""
     if aligned.distance == "hybrid" and shared_ids is None:
         raise ValueError("The hybrid distance needs shared_ids: the token ids both vocabularies share.")
+    if settings.noise_std > 0 and noise_seed is None:
+        raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
     temperature = settings.temperature
     student_weight, student_bias = weight_and_bias(student.head)
     teacher_weight, teacher_bias = weight_and_bias(teacher.head)
     with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
-        student_head = _Head(vocabulary_rows(student_weight, student.vocab_size or student_weight.size(0)),
-                             vocabulary_rows(student_bias, student.vocab_size or student_weight.size(0)),
+        vocab = student.vocab_size or student_weight.size(0)
+        student_head = _Head(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
                              student.transform)
-        teacher_head = _Head(vocabulary_rows(teacher_weight, teacher.vocab_size or teacher_weight.size(0)).detach(),
-                             None if teacher_bias is None else vocabulary_rows(
-                                 teacher_bias, teacher.vocab_size or teacher_weight.size(0)).detach(),
+        vocab = teacher.vocab_size or teacher_weight.size(0)
+        teacher_bias = vocabulary_rows(teacher_bias, vocab)
+        teacher_head = _Head(vocabulary_rows(teacher_weight, vocab).detach(),
+                             None if teacher_bias is None else teacher_bias.detach(),
                              teacher.transform, settings.noise_std, noise_seed, teacher.labels.size(1))
-        if settings.noise_std > 0 and noise_seed is None:
-            raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
         width = max(student_head.weight.size(0), teacher_head.weight.size(0))
         chunk = chunk_length(width, _WORKING_BUFFERS, student.hidden.device, chunk_size, memory_budget_mb)
 
-        group_count = int(max(student.groups.max().item(), teacher.groups.max().item(), 0)) + 1
-        student_groups = _side_groups(student.labels, student.groups, group_count, aligned.merge, ignore_index)
-        teacher_groups = _side_groups(teacher.labels, teacher.groups, group_count, aligned.merge, ignore_index)
+        count = group_count(student.groups, teacher.groups)
+        student_groups = _side_groups(student.labels, student.groups, count, aligned.merge, ignore_index)
+        teacher_groups = _side_groups(teacher.labels, teacher.groups, count, aligned.merge, ignore_index)
 
         student_rows = student.hidden.reshape(-1, student.hidden.size(-1))[student_groups.positions]
         teacher_rows = teacher.hidden.reshape(-1, teacher.hidden.size(-1))[teacher_groups.positions].detach()
@@ -284,7 +297,6 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
     normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
     ce = -student_log_p.sum() / normalizer
     kd = kd_sum / normalizer
-    normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
     scale = temperature**2 if settings.temperature_squared else 1.0
     weight = settings.kd_weight
     return AlignedLoss(loss=(1 - weight) * ce + weight * scale * kd, ce_loss=ce.detach(), kd_loss=kd.detach(),

@@ -49,7 +49,6 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "uld", "cross-tokenizer"]
     _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *GROUP_COLUMNS)
     _name = "ULD"
-    _method_label = "ULD"
     _aligns_tokens = True
     _config_class = ULDConfig
     _paper = {
@@ -74,11 +73,11 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
         for role, tokenizer, name in (("student", student_tokenizer, student_name),
                                       ("teacher", teacher_tokenizer, teacher_name)):
             if not getattr(tokenizer, "is_fast", False):
-                raise ValueError(f"The {role}'s tokenizer ({name}) is not a fast tokenizer: {self._method_label} aligns "
+                raise ValueError(f"The {role}'s tokenizer ({name}) is not a fast tokenizer: {self._name} aligns "
                                  "the two tokenizations by each token's character offsets. Load it with "
                                  "AutoTokenizer.from_pretrained(..., use_fast=True).")
         if args.packing:
-            raise ValueError(f"packing=True cannot be combined with {self._method_label}, which aligns each example's "
+            raise ValueError(f"packing=True cannot be combined with {self._name}, which aligns each example's "
                              "two tokenizations separately. Set packing=False.")
 
     def _shared_ids(self):
