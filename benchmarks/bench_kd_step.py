@@ -22,6 +22,10 @@ the floor of the same shape, because these machines are noisy.
 - uld, gold: `ULDTrainer` and `GOLDTrainer` (T = 1, kd_weight 0.5) with the teacher's own tokenizer and sequence as
   dskd_cma's, every position its own aligned group on both sides (the most groups a sequence can have). GOLD's
   tokenizers share no token string here (its exact part is empty: the cost is ULD's on both vocabularies).
+- mined: `MinEDTrainer` (T = 1, kd_weight 0.5) with the teacher's own tokenizer as dskd_cma's, every student position
+  partnered with the same teacher position, whose token the vocabulary map carries to the student's (every position
+  distilled through the map: the most work the loss can have). The map (teacher token `u<i>` -> student `t<i>`, by
+  edit distance) is computed before the timed steps, once per pair of vocabularies, and kept in the user cache.
 
 Student: Llama, 2 layers, width 128. Teacher: Llama, 4 layers, width 256. Batch 4. Data: random tokens; every position
 is a label (the worst case for the chunked engine, which skips unlabelled positions). Time: the median interval
@@ -63,8 +67,8 @@ from kd_trainers.runtime.smoke import announce, smoke_run
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma", "uld",
-           "gold")
-CROSS_VOCABULARY = ("dskd_cma", "uld", "gold")  # cells whose teacher has its own tokenizer and sequence
+           "gold", "mined")
+CROSS_VOCABULARY = ("dskd_cma", "uld", "gold", "mined")  # cells whose teacher has its own tokenizer and sequence
 BASELINES = ("floor", "sft", "gkd", "kd", "dskd_cma")  # ratios are taken against each of these that the run measured
 DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry
 
@@ -143,6 +147,8 @@ class _Collator:
                               f"{prefix}labels": input_ids.clone()})
             if f"{prefix}aligned_group" in rows[0]:
                 batch[f"{prefix}aligned_group"] = torch.tensor([row[f"{prefix}aligned_group"] for row in rows])
+        if "teacher_partner" in rows[0]:
+            batch["teacher_partner"] = torch.tensor([row["teacher_partner"] for row in rows])
         return batch
 
 
@@ -177,8 +183,11 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
         teacher_vocab = len(teacher_tokenizer) if real else teacher_vocab or vocab
         for row in rows:
             row["teacher_input_ids"] = torch.randint(3, teacher_vocab, (seq,), generator=generator).tolist()
-            if method != "dskd_cma":  # one group a position on both sides
+            if method in ("uld", "gold"):  # one group a position on both sides
                 row["aligned_group"] = row["teacher_aligned_group"] = list(range(seq))
+            elif method == "mined":  # each position's partner the same position, holding the mapped token
+                row["teacher_input_ids"] = [token if token < teacher_vocab else 3 for token in row["input_ids"]]
+                row["teacher_partner"] = list(range(seq))
     times: list[float] = []
 
     if method == "floor":
@@ -296,6 +305,16 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                                     train_dataset=dataset, processing_class=tokenizer,
                                     teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
                                     callbacks=[timer])
+        elif method == "mined":
+            from kd_trainers import MinEDConfig, MinEDTrainer
+
+            teacher_tokenizer = teacher_tokenizer or _vocab_tokenizer(teacher_vocab, prefix="u")
+            trainer = MinEDTrainer(student, teacher, args=MinEDConfig(**common, kd_temperature=1.0, kd_weight=0.5,
+                                                                      loss_memory_budget_mb=budget_mb),
+                                   train_dataset=dataset, processing_class=tokenizer,
+                                   teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
+                                   callbacks=[timer])
+            trainer._vocabulary_map()  # the map (computed once per pair, then read from the cache) is not a step's
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
@@ -509,8 +528,8 @@ def main():
     parser.add_argument("--divergences", nargs="+", default=["forward_kl"],
                         help="run the kd/dskd cells once per divergence (jsd β and skew α at their defaults)")
     parser.add_argument("--teacher-vocab", type=int, nargs="+", default=None,
-                        help="the teacher's vocabulary in the dskd_cma, uld and gold cells, one per --vocab entry "
-                             "(default: the student's)")
+                        help="the teacher's vocabulary in the dskd_cma, uld, gold and mined cells, one per --vocab "
+                             "entry (default: the student's)")
     parser.add_argument("--real", action="store_true",
                         help="pretrained SmolLM2-135M / Qwen2.5-Coder-0.5B with their tokenizers (see above)")
     options = parse_options(parser, measure, steps=3)

@@ -75,23 +75,21 @@ def _rows(pairs):
              "completion": [{"role": "assistant", "content": answer}]} for question, answer in pairs]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="real-model-run")
-    options = parser.parse_args()
-    output = os.path.abspath(options.output)
+def write_data(output: str) -> str:
+    """The train (400) and test (100) questions as chat rows under `output/data`; returns that folder."""
     data = os.path.join(output, "data")
     os.makedirs(data, exist_ok=True)
     for split, count, seed in (("train", 400, 0), ("test", 100, 1)):
         with open(os.path.join(data, f"{split}.jsonl"), "w") as handle:
             for row in _rows(mathematics_questions("add_or_sub", count, seed=seed, difficulty=0.1)):
                 handle.write(json.dumps(row) + "\n")
-    student, teacher = real_model_path("smollm2"), real_model_path("qwen2.5-coder")
-    for name, text in (("dskd.yaml", BASE_RECIPE), ("sft.yaml", SFT_RECIPE), ("study.yaml", STUDY)):
-        with open(os.path.join(output, name), "w") as handle:
-            handle.write(text.format(student=student, teacher=teacher, data=data, output=output))
+    return data
+
+
+def score_before(output: str, data: str, models: dict[str, str]) -> dict[str, dict]:
+    """kd-eval's summary of each named model on the test questions (kept under `output/before`, reused)."""
     before = {}
-    for name, model in (("student_before", student), ("teacher", teacher)):
+    for name, model in models.items():
         folder = os.path.join(output, "before", name)
         if not os.path.exists(os.path.join(folder, "summary.json")):
             subprocess.run([sys.executable, "-m", "kd_trainers.cli.evaluate", "--model", model, "--dataset", data,
@@ -99,10 +97,13 @@ def main():
                             "--max-new-tokens", "16", "--output", folder], check=True)
         with open(os.path.join(folder, "summary.json")) as handle:
             before[name] = json.load(handle)
-    subprocess.run([sys.executable, "-m", "kd_trainers.cli.study", os.path.join(output, "study.yaml")], check=True)
+    return before
+
+
+def write_report(output: str, title: str, before: dict[str, dict], result_name: str) -> None:
+    """`benchmarks/results/<result_name>.md`: the scores before training and the study's report, copied."""
     report = os.path.join(output, "study", "report", "report.md")
-    lines = ["# Real-model run: DSKD-CMA (Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct) against SFT", "",
-             "Before training (kd-eval on the same 100 test questions):", ""]
+    lines = [f"# {title}", "", "Before training (kd-eval on the same 100 test questions):", ""]
     for name, summary in before.items():
         lines.append(f"- {name}: exact_match {summary['exact_match']:.3f}, empty answers "
                      f"{summary['empty_predictions']:.2f}")
@@ -112,9 +113,25 @@ def main():
             lines.append(handle.read().split("\n## Plots")[0].replace("\n# ", "\n## ").replace("\n## ", "\n### ")
                          .replace("# Study report", "## Study report", 1))
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "real_model_run.md"), "w") as handle:
+    with open(os.path.join(RESULTS, f"{result_name}.md"), "w") as handle:
         handle.write("\n".join(lines))
     print("\n".join(lines[:8]))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="real-model-run")
+    options = parser.parse_args()
+    output = os.path.abspath(options.output)
+    data = write_data(output)
+    student, teacher = real_model_path("smollm2"), real_model_path("qwen2.5-coder")
+    for name, text in (("dskd.yaml", BASE_RECIPE), ("sft.yaml", SFT_RECIPE), ("study.yaml", STUDY)):
+        with open(os.path.join(output, name), "w") as handle:
+            handle.write(text.format(student=student, teacher=teacher, data=data, output=output))
+    before = score_before(output, data, {"student_before": student, "teacher": teacher})
+    subprocess.run([sys.executable, "-m", "kd_trainers.cli.study", os.path.join(output, "study.yaml")], check=True)
+    write_report(output, "Real-model run: DSKD-CMA (Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct) against SFT",
+                 before, "real_model_run")
 
 
 if __name__ == "__main__":

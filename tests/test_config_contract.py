@@ -28,7 +28,8 @@ import pytest
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from kd_trainers import DSKDConfig, DSKDTrainer, GKDConfig, GOLDConfig, KDConfig, KDTrainer, SeqKDConfig, ULDConfig
+from kd_trainers import (DSKDConfig, DSKDTrainer, GKDConfig, GOLDConfig, KDConfig, KDTrainer, MinEDConfig, SeqKDConfig,
+                         ULDConfig)
 from kd_trainers.demo import demo_model, load_demo_dataset
 from kd_trainers.losses import LossSettings, distillation_loss
 from kd_trainers.losses.settings import chunk_rows, working_buffers
@@ -213,7 +214,7 @@ for _names, _kind in (
 ):
     CONTRACT.update(dict.fromkeys(_names, _kind))
 
-CONFIGS = (KDConfig, DSKDConfig, SeqKDConfig, GKDConfig, ULDConfig, GOLDConfig)
+CONFIGS = (KDConfig, DSKDConfig, SeqKDConfig, GKDConfig, ULDConfig, GOLDConfig, MinEDConfig)
 
 
 def all_fields() -> set[str]:

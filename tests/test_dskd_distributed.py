@@ -64,20 +64,21 @@ def test_zero_with_two_processes_matches_one_process(tmp_path, single_process, s
     assert student and not any("dskd" in key for key in student)
 
 
-def test_gold_under_zero3_with_two_processes_matches_one_process(tmp_path):
-    """GOLD's aligned loss recomputes each chunk's logits in the backward (activation checkpointing): under ZeRO-3
-    that reads the partitioned heads again, so the two-process run must still give one process's losses step by step
-    and its weights at the end."""
+@pytest.mark.parametrize("method, logged", [("gold", "aligned_groups"), ("mined", "mapped_tokens")])
+def test_cross_tokenizer_losses_under_zero3_with_two_processes_match_one_process(tmp_path, method, logged):
+    """GOLD's aligned loss and MinED's mapped loss recompute each chunk's label logits in the backward (activation
+    checkpointing) and take the scored chunks' head gradients in the forward: under ZeRO-3 both read the partitioned
+    heads, so the two-process run must still give one process's losses step by step and its weights at the end."""
     single = str(tmp_path / "single")
-    reference = run([sys.executable, SCRIPT, single, "4", "2", str(STEPS), "gold"], single)
+    reference = run([sys.executable, SCRIPT, single, "4", "2", str(STEPS), method], single)
     output = str(tmp_path / "zero3")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
                "--num_processes", "2", "--use_deepspeed", "--zero_stage", "3", "--mixed_precision", "no",
                "--gradient_accumulation_steps", "1", "--zero3_init_flag", "false", "--zero3_save_16bit_model", "true"]
-    result = run(command + [SCRIPT, output, "4", "1", str(STEPS), "gold"], output)
+    result = run(command + [SCRIPT, output, "4", "1", str(STEPS), method], output)
     assert result["world_size"] == 2 and result["deepspeed"]
     for step, (got, want) in enumerate(zip(result["logs"], reference["logs"]), start=1):
-        for key in ("loss", "ce_loss", "kd_loss", "aligned_groups", "mean_token_accuracy"):
+        for key in ("loss", "ce_loss", "kd_loss", logged, "mean_token_accuracy"):
             assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), (step, key)
     saved = load_file(os.path.join(output, "final", "model.safetensors"))
     expected = load_file(os.path.join(single, "final", "model.safetensors"))

@@ -12,7 +12,7 @@ from kd_trainers.recipe import RecipeError, load_recipe
 
 def test_every_method_folder_registers_itself():
     found = methods.available_methods()
-    assert set(found) == {"sft", "kd", "dskd", "seqkd", "gkd", "uld", "gold"}
+    assert set(found) == {"sft", "kd", "dskd", "seqkd", "gkd", "uld", "gold", "mined"}
     assert [name for name, method in found.items() if not method.needs_teacher] == ["sft"]
     from kd_trainers.kd import KDTrainer
 

@@ -290,6 +290,7 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
                "projector_init: pinv\n",
     "uld": "method: uld\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\n",
     "gold": "method: gold\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\nloss_chunk_size: 64\n",
+    "mined": "method: mined\nteacher_model_name_or_path: {cross}\nkd_weight: 0.5\nkd_temperature: 2.0\n",
     "seqkd": "method: seqkd\nteacher_model_name_or_path: {teacher}\nkd_weight: 0.0\nseqkd_max_new_tokens: 12\n"
              "seqkd_cache_dir: {output}-seqkd\n",  # not the session's shared cache, which test_study.py reads
     "gkd": "method: gkd\nteacher_model_name_or_path: {teacher}\nlmbda: 1.0\nmax_new_tokens: 8\n",
@@ -300,9 +301,9 @@ METHODS = {  # method -> recipe lines beside BASE ({teacher}: SmolLM2 whole; {cr
 
 
 # Plain text differs from chat data in how each method prepares its rows: SFTTrainer's tokenization (KD and the
-# cache), the dual tokenization (DSKD-CMA; ULD and GOLD add its aligned groups), the prompts a teacher or the student
-# completes (Seq-KD, GKD). Rev-KD, same-vocabulary DSKD, ULD, GOLD and two teachers read plain rows as KD or DSKD-CMA
-# does, so on plain text the suite runs one of each path; on chat data, every method.
+# cache), the dual tokenization (DSKD-CMA; ULD and GOLD add its aligned groups, MinED its partners), the prompts a
+# teacher or the student completes (Seq-KD, GKD). Rev-KD, same-vocabulary DSKD, ULD, GOLD, MinED and two teachers read
+# plain rows as KD or DSKD-CMA does, so on plain text the suite runs one of each path; on chat data, every method.
 PLAIN_FORM_METHODS = ("kd", "dskd_cma", "seqkd", "gkd", "cache")
 
 
@@ -313,9 +314,9 @@ def _train(recipe: str, *overrides: str) -> int:
 @pytest.mark.parametrize("form", ["plain", "chat"])
 def test_every_method_trains_on_real_models_through_kd_train(form, smol, smol_full, qwen, data_folders, tmp_path,
                                                              capsys):
-    """KD, Rev-KD, DSKD, DSKD-CMA, DSKDv2 (exact alignment), ULD and GOLD across SmolLM2 and Qwen2.5, Seq-KD, on-policy GKD, a teacher cache
-    and two teachers, each one step through `kd-train` on plain and on conversational data, with the student's weights
-    saved; the cache's run trains again from the cache alone. Plain text runs one method of each data path
+    """KD, Rev-KD, DSKD, DSKD-CMA, DSKDv2 (exact alignment), ULD, GOLD and MinED across SmolLM2 and Qwen2.5, Seq-KD,
+    on-policy GKD, a teacher cache and two teachers, each one step through `kd-train` on plain and on conversational
+    data, with the student's weights saved; the cache's run trains again from the cache alone. Plain text runs one method of each data path
     (`PLAIN_FORM_METHODS`)."""
     for method, lines in METHODS.items():
         if form == "plain" and method not in PLAIN_FORM_METHODS:

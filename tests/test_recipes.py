@@ -55,7 +55,7 @@ def test_every_shipped_recipe_validates_and_has_a_header_with_its_launch_line():
         assert text.startswith("# "), path
         launch = [line for line in text.splitlines() if line.startswith("# Launch: ")]
         assert launch and f"kd-train {os.path.relpath(path, ROOT)}" in launch[0], path
-        assert recipe.method in ("sft", "kd", "dskd", "seqkd", "gkd", "uld", "gold")
+        assert recipe.method in ("sft", "kd", "dskd", "seqkd", "gkd", "uld", "gold", "mined")
     lora = load_recipe(os.path.join(RECIPES, "sft_lora.yaml"), portable=True).options["peft"]
     assert (lora["r"], lora["lora_alpha"]) == (256, 8)
 
@@ -114,7 +114,7 @@ def test_bad_recipes_fail_naming_file_key_value_and_fix(tmp_path, extra, parts):
 
 def test_missing_method_model_or_teacher(tmp_path):
     path = write(tmp_path, "model_name_or_path: x\nmethod: distil\n")
-    with pytest.raises(RecipeError, match=r"method: 'distil' is not a method; use one of \['dskd', 'gkd', 'gold', 'kd', 'seqkd', 'sft', 'uld'\]"):
+    with pytest.raises(RecipeError, match=r"method: 'distil' is not a method; use one of \['dskd', 'gkd', 'gold', 'kd', 'mined', 'seqkd', 'sft', 'uld'\]"):
         load_recipe(path)
     path = write(tmp_path, "method: kd\nmodel_name_or_path: demo:llama/student/bpe\n")
     with pytest.raises(RecipeError, match="teacher_model_name_or_path is missing: method 'kd' needs a teacher"):

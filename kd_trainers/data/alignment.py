@@ -1,6 +1,7 @@
 """Which tokens of two tokenizations of one text cover the same characters: the alignment that every cross-tokenizer
-method shares (ULD's and GOLD's merged positions, MinED's exact matches, DSKDv2's exact token alignment); and which
-token strings two vocabularies share (`shared_token_ids`: DSKD's projector initialisation, GOLD's exact part).
+method pairing positions by their text shares (ULD's and GOLD's merged positions, DSKDv2's exact token alignment;
+MinED pairs tokens by edit distance instead, `kd_trainers.data.edit_distance`); and which token strings two
+vocabularies share (`shared_token_ids`: DSKD's projector initialisation, GOLD's exact part).
 
 Two tokenizers cut a text at different places. Where both cut after the same character, everything before is covered
 by whole tokens on both sides; the tokens between two such common cuts form one aligned group:

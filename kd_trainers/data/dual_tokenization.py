@@ -1,6 +1,6 @@
-"""Dual tokenization for cross-vocabulary methods (DSKD-CMA, ULD, GOLD): every example tokenized once per tokenizer,
-with the response boundary on both sides, and, when asked, which completion tokens of the two sides cover the same
-characters.
+"""Dual tokenization for cross-vocabulary methods (DSKD-CMA, ULD, GOLD, MinED): every example tokenized once per
+tokenizer, with the response boundary on both sides, and, when asked, which completion tokens of the two sides cover
+the same characters (or pair by edit distance).
 
 Cross-vocabulary distillation compares the student's and the teacher's predictions over the *same* response text, so
 each example becomes two token sequences, one per tokenizer, each with its own completion mask:
@@ -22,6 +22,11 @@ With `align=True` each side also gets `aligned_group` / `teacher_aligned_group`:
 group (`kd_trainers.data.alignment.aligned_groups` over the two completions' character offsets), `-1` on prompt
 tokens. Group g of one side and group g of the other cover the same completion text.
 
+With `edit_partners=True` the student side also gets `teacher_partner`: per token, the position in the teacher's
+sequence of the one teacher completion token that MinED's edit-distance alignment pairs it with
+(`kd_trainers.data.edit_distance.edit_distance_partners` over the two completions' token texts), `-1` where it pairs
+with several and on the prompt.
+
 The `text` format has no response boundary and is refused; `messages` is split into the conversation before the last
 turn (the prompt) and the last turn, which must be the assistant's (the completion).
 """
@@ -35,11 +40,15 @@ import torch
 from trl.trainer.utils import pad
 
 from .alignment import aligned_groups
+from .edit_distance import edit_distance_partners, token_texts
 from .prompt_completion import as_prompt_completion, tokenize_prompt_completion
 
 
 SIDES = (("student", ""), ("teacher", "teacher_"))
 GROUP_COLUMNS = ("aligned_group", "teacher_aligned_group")
+PARTNER_COLUMN = "teacher_partner"
+# Per-token columns padded with -1 (no group, no partner) by the collator.
+_POSITION_COLUMNS = (*GROUP_COLUMNS, PARTNER_COLUMN)
 
 
 def _truncated_completion(completion, characters: int | None):
@@ -63,6 +72,7 @@ class DualTokenizer:
     max_length: int | None = 1024
     max_prompt_length: int | None = None
     align: bool = False
+    edit_partners: bool = False
 
     def _side(self, tokenizer, prompt, completion, truncated: bool) -> tuple[list[int], list[int], list | None]:
         """`(ids, completion mask, each token's character offsets from the completion's start or None)`."""
@@ -95,7 +105,18 @@ class DualTokenizer:
                "teacher_input_ids": teacher_ids, "teacher_completion_mask": teacher_mask}
         if self.align:
             row.update(zip(GROUP_COLUMNS, _group_indices((mask, offsets), (teacher_mask, teacher_offsets))))
+        if self.edit_partners:
+            row[PARTNER_COLUMN] = self._partners(ids, mask, teacher_ids, teacher_mask)
         return row
+
+    def _partners(self, ids, mask, teacher_ids, teacher_mask) -> list[int]:
+        """Each student token's partner in the teacher's sequence (see the module docstring)."""
+        first, teacher_first = mask.index(1), teacher_mask.index(1)
+        texts = [token_texts(tokenizer, tokenizer.convert_ids_to_tokens(side[start:]))
+                 for tokenizer, side, start in ((self.student_tokenizer, ids, first),
+                                                (self.teacher_tokenizer, teacher_ids, teacher_first))]
+        partners = edit_distance_partners(*texts)
+        return [-1] * first + [teacher_first + partner if partner >= 0 else -1 for partner in partners]
 
     def _fit(self, prompt, completion):
         """Both sides with the longest common completion text prefix that fits `max_length` on both."""
@@ -136,8 +157,8 @@ class DualTokenizationCollator:
     Returns `input_ids`, `attention_mask`, `labels` (student, `[B, Ts]`) and `teacher_input_ids`,
     `teacher_attention_mask`, `teacher_labels` (`[B, Tt]`). Labels are the input ids with `-100` on prompt and padding
     positions, not shifted (the models shift them), as in TRL's collator. Examples that carry the aligned groups
-    (`DualTokenizer(align=True)`) also give `aligned_group` `[B, Ts]` and `teacher_aligned_group` `[B, Tt]`, `-1` on
-    the prompt and the padding.
+    (`DualTokenizer(align=True)`) also give `aligned_group` `[B, Ts]` and `teacher_aligned_group` `[B, Tt]`, and those
+    with the edit-distance partners `teacher_partner` `[B, Ts]`, each `-1` on the prompt and the padding.
     """
 
     student_pad_token_id: int
@@ -154,8 +175,8 @@ class DualTokenizationCollator:
             batch[f"{prefix}attention_mask"] = pad([torch.ones_like(ids) for ids in sequences], 0,
                                                    pad_to_multiple_of=self.pad_to_multiple_of)
             batch[f"{prefix}labels"] = pad(labels, -100, pad_to_multiple_of=self.pad_to_multiple_of)
-            if f"{prefix}aligned_group" in examples[0]:
-                batch[f"{prefix}aligned_group"] = pad(
-                    [torch.as_tensor(example[f"{prefix}aligned_group"], dtype=torch.long) for example in examples], -1,
-                    pad_to_multiple_of=self.pad_to_multiple_of)
+        for column in _POSITION_COLUMNS:
+            if column in examples[0]:
+                batch[column] = pad([torch.as_tensor(example[column], dtype=torch.long) for example in examples], -1,
+                                    pad_to_multiple_of=self.pad_to_multiple_of)
         return batch

@@ -1,7 +1,7 @@
 """What every method that distils across two tokenizers shares: the teacher's tokenizer, and each example tokenized
 once per tokenizer (`kd_trainers.data.dual_tokenization`) with, for the methods that pair positions, the aligned
-groups of the two completions. DSKD (cross-model attention or exact alignment), ULD and GOLD build on it; a method
-switches it on with `_tokenizes_twice`."""
+groups of the two completions, or MinED's edit-distance partners. DSKD (cross-model attention or exact alignment),
+ULD, GOLD and MinED build on it; a method switches it on with `_tokenizes_twice`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..data.dual_tokenization import GROUP_COLUMNS, DualTokenizationCollator, DualTokenizer
+from ..data.dual_tokenization import GROUP_COLUMNS, PARTNER_COLUMN, DualTokenizationCollator, DualTokenizer
 from ..models.tokenizer import load_tokenizer
 from ..runtime.checks import is_positive_integer
 from ..teacher_cache.cache import tokenizer_fingerprint
@@ -18,6 +18,7 @@ from ..teachers.loading import model_name
 
 TEACHER_COLUMNS = ("teacher_input_ids", "teacher_completion_mask")
 TEACHER_BATCH_KEYS = ("teacher_labels", "teacher_input_ids", "teacher_attention_mask")
+POSITION_BATCH_KEYS = (*GROUP_COLUMNS, PARTNER_COLUMN)  # per-token pairing columns, never model inputs
 
 
 @dataclass
@@ -48,9 +49,10 @@ def pad_id(tokenizer) -> int:
 class TwoTokenizationsMixin:
     """Trainer hooks (of `KDTrainer`) for data tokenized by both tokenizers: `_tokenizes_twice()` says whether this
     run does (DSKD: across vocabularies), `_aligns_tokens` whether the rows carry the aligned groups (ULD, GOLD,
-    DSKD's exact token alignment)."""
+    DSKD's exact token alignment), `_pairs_by_edit_distance` whether they carry MinED's partners."""
 
     _aligns_tokens = False
+    _pairs_by_edit_distance = False
 
     def __init__(self, model, *positional, teacher_model=None, args=None, teacher_processing_class=None,
                  **sft_kwargs):
@@ -81,7 +83,8 @@ class TwoTokenizationsMixin:
                                         pad_to_multiple_of=args.pad_to_multiple_of)
 
     def _teacher_columns(self) -> tuple[str, ...]:
-        return TEACHER_COLUMNS + (GROUP_COLUMNS if self._aligns_tokens else ())
+        return (TEACHER_COLUMNS + (GROUP_COLUMNS if self._aligns_tokens else ())
+                + ((PARTNER_COLUMN,) if self._pairs_by_edit_distance else ()))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if not self._tokenizes_twice():
@@ -95,13 +98,14 @@ class TwoTokenizationsMixin:
         if len(dataset) == 0:
             raise ValueError(f"The {dataset_name} dataset is empty.")
         tokenize = DualTokenizer(processing_class, self.teacher_processing_class, max_length=args.max_length,
-                                 max_prompt_length=args.max_prompt_length, align=self._aligns_tokens)
+                                 max_prompt_length=args.max_prompt_length, align=self._aligns_tokens,
+                                 edit_partners=self._pairs_by_edit_distance)
         # The map's fingerprint named here: `datasets` would otherwise pickle both tokenizers to hash them (28 s for
         # Gemma 3's 262k-token vocabulary, for every split).
         fingerprint = hashlib.sha256("|".join(map(str, (
             getattr(dataset, "_fingerprint", None), tokenizer_fingerprint(processing_class),
             tokenizer_fingerprint(self.teacher_processing_class), args.max_length, args.max_prompt_length,
-            self._aligns_tokens, "dskd-dual-tokenization-1"))).encode()).hexdigest()[:16]
+            self._aligns_tokens, self._pairs_by_edit_distance, "dskd-dual-tokenization-1"))).encode()).hexdigest()[:16]
         return dataset.map(tokenize, remove_columns=columns, new_fingerprint=fingerprint,
                            desc=f"Tokenizing {dataset_name} dataset for {self._name}")
 

@@ -17,7 +17,7 @@ position) before its softmax. `d` is ULD's sorted L1 (`"uld"`) or GOLD's hybrid 
 
 The work is two passes over chunks of rows: each side's label log-probabilities (the CE and the merge's scalar
 factors; the student's under activation checkpointing, its `[n, V]` buffers rebuilt in the backward), then each
-chunk of groups' two distributions, scored with their gradients taken at once (`_GradientsInForward`: no sort is
+chunk of groups' two distributions, scored with their gradients taken at once (`GradientsInForward`: no sort is
 kept or redone for the backward) and dropped. Memory stays flat in both vocabularies, and ULD's sort is one
 chunk's. Chunks hold `chunk_size` rows, or as many as fit
 `memory_budget_mb` in four `[n, max(V_S, V_T)]` fp32 buffers.
@@ -92,7 +92,7 @@ class AlignedLoss(NamedTuple):
     num_pairs: torch.Tensor
 
 
-class _Head(NamedTuple):
+class ChunkHead(NamedTuple):
     weight: torch.Tensor
     bias: torch.Tensor | None
     transform: LogitTransform
@@ -115,7 +115,7 @@ class _Head(NamedTuple):
         return logits
 
 
-def _label_log_probs(head: _Head, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
+def label_log_probs(head: ChunkHead, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                      temperature: float, chunk: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(log p(y) at T = 1 [n], log p_T(y) at temperature T [n], argmax == y [n])` at the rows of `hidden` `[n, D]`."""
     outputs = []
@@ -139,12 +139,12 @@ def _label_log_probs(head: _Head, hidden: torch.Tensor, positions: torch.Tensor,
     return stacked[0], stacked[1], stacked[2].detach()
 
 
-# Which inputs of `_GradientsInForward` (rows, weight, bias, log-scales) are cut into chunks with the rows; the head's
+# Which inputs of `GradientsInForward` (rows, weight, bias, log-scales) are cut into chunks with the rows; the head's
 # weight and bias are read whole by every chunk.
 _PER_ROW = (True, False, False, True)
 
 
-class _GradientsInForward(torch.autograd.Function):
+class GradientsInForward(torch.autograd.Function):
     """`Σ_chunks score(inputs[chunk])`, each chunk's gradients taken in the forward pass (autograd on leaves of that
     chunk alone) and summed, so the backward only scales them: nothing of a chunk's `[n, V]` work (its two sorts
     included) is kept or recomputed. Inputs: the rows `[P, D]`, the head's weight `[V, D]` and bias `[V]` (or None),
@@ -246,11 +246,11 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
     teacher_weight, teacher_bias = weight_and_bias(teacher.head)
     with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
         vocab = student.vocab_size or student_weight.size(0)
-        student_head = _Head(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
+        student_head = ChunkHead(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
                              student.transform)
         vocab = teacher.vocab_size or teacher_weight.size(0)
         teacher_bias = vocabulary_rows(teacher_bias, vocab)
-        teacher_head = _Head(vocabulary_rows(teacher_weight, vocab).detach(),
+        teacher_head = ChunkHead(vocabulary_rows(teacher_weight, vocab).detach(),
                              None if teacher_bias is None else teacher_bias.detach(),
                              teacher.transform, settings.noise_std, noise_seed, teacher.labels.size(1))
         width = max(student_head.weight.size(0), teacher_head.weight.size(0))
@@ -264,9 +264,9 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
         teacher_rows = teacher.hidden.reshape(-1, teacher.hidden.size(-1))[teacher_groups.positions].detach()
         student_targets = student.labels.reshape(-1)[student_groups.positions]
         teacher_targets = teacher.labels.reshape(-1)[teacher_groups.positions]
-        student_log_p, student_log_p_t, correct = _label_log_probs(
+        student_log_p, student_log_p_t, correct = label_log_probs(
             student_head, student_rows, student_groups.positions, student_targets, temperature, chunk, grad=True)
-        _, teacher_log_p_t, _ = _label_log_probs(
+        _, teacher_log_p_t, _ = label_log_probs(
             teacher_head, teacher_rows, teacher_groups.positions, teacher_targets, temperature, chunk, grad=False)
 
         common = (student_groups.base >= 0) & (teacher_groups.base >= 0)
@@ -292,7 +292,7 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
             return hybrid_of_probabilities(student_probs, teacher_probs, *shared_ids, beta=aligned.matched_beta,
                                            matched_weight=aligned.matched_weight).sum()
 
-        kd_sum = _GradientsInForward.apply(score, chunk, pairs, student_rows[student_base], student_head.weight,
+        kd_sum = GradientsInForward.apply(score, chunk, pairs, student_rows[student_base], student_head.weight,
                                            student_head.bias, student_scale)
     normalizer = loss_normalizer(student_targets.new_tensor(student_targets.numel()), num_items_in_batch)
     ce = -student_log_p.sum() / normalizer

@@ -5,8 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.trainer import KDTrainer
-from ..kd.two_tokenizers import TEACHER_BATCH_KEYS, TwoTokenizationsMixin
-from ..data.dual_tokenization import GROUP_COLUMNS
+from ..kd.two_tokenizers import POSITION_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform
 from ..losses.aligned import Side, aligned_distillation_loss
 from ..losses.reference import loss_normalizer
@@ -47,7 +46,7 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "uld", "cross-tokenizer"]
-    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *GROUP_COLUMNS)
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *POSITION_BATCH_KEYS)
     _name = "ULD"
     _aligns_tokens = True
     _config_class = ULDConfig

@@ -1,7 +1,7 @@
-"""A short cross-vocabulary run on the demo pair (DSKD-CMA, or GOLD), for the multi-process tests: writes the logged
-losses as JSON.
+"""A short cross-vocabulary run on the demo pair (DSKD-CMA, GOLD or MinED), for the multi-process tests: writes the
+logged losses as JSON.
 
-Usage: [accelerate launch ...] train_dskd_demo.py OUTPUT_DIR PER_DEVICE_BATCH GRAD_ACCUM MAX_STEPS [dskd|gold]
+Usage: [accelerate launch ...] train_dskd_demo.py OUTPUT_DIR PER_DEVICE_BATCH GRAD_ACCUM MAX_STEPS [dskd|gold|mined]
 
 Writes OUTPUT_DIR/logs.json (the logged steps) and saves the student and its projectors to OUTPUT_DIR/final.
 """
@@ -13,12 +13,13 @@ import tempfile
 
 import torch
 
-from kd_trainers import DSKDConfig, DSKDTrainer, GOLDConfig, GOLDTrainer
+from kd_trainers import DSKDConfig, DSKDTrainer, GOLDConfig, GOLDTrainer, MinEDConfig, MinEDTrainer
 from kd_trainers.demo import demo_model, demo_tokenizer, load_demo_dataset
 from kd_trainers.runtime.distributed import end_process_group, exit_launched_worker
 
 
-METHODS = {"dskd": (DSKDConfig, DSKDTrainer, {"projector_lr": 1e-2}), "gold": (GOLDConfig, GOLDTrainer, {})}
+METHODS = {"dskd": (DSKDConfig, DSKDTrainer, {"projector_lr": 1e-2}), "gold": (GOLDConfig, GOLDTrainer, {}),
+           "mined": (MinEDConfig, MinEDTrainer, {"kd_temperature": 2.0})}
 
 
 def main(output, per_device, accumulation, steps, method="dskd"):
