@@ -295,26 +295,19 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
                                   train_dataset=dataset, processing_class=tokenizer, teacher_model=teacher,
                                   teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
                                   callbacks=[timer])
-        elif method in ("uld", "gold"):
-            from kd_trainers import GOLDConfig, GOLDTrainer, ULDConfig, ULDTrainer
+        elif method in ("uld", "gold", "mined"):
+            import kd_trainers
 
-            config_class, trainer_class = (ULDConfig, ULDTrainer) if method == "uld" else (GOLDConfig, GOLDTrainer)
+            name = {"uld": "ULD", "gold": "GOLD", "mined": "MinED"}[method]
+            config_class, trainer_class = getattr(kd_trainers, f"{name}Config"), getattr(kd_trainers, f"{name}Trainer")
             teacher_tokenizer = teacher_tokenizer or _vocab_tokenizer(teacher_vocab, prefix="u")
             trainer = trainer_class(student, teacher, args=config_class(**common, kd_temperature=1.0, kd_weight=0.5,
                                                                           loss_memory_budget_mb=budget_mb),
                                     train_dataset=dataset, processing_class=tokenizer,
                                     teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
                                     callbacks=[timer])
-        elif method == "mined":
-            from kd_trainers import MinEDConfig, MinEDTrainer
-
-            teacher_tokenizer = teacher_tokenizer or _vocab_tokenizer(teacher_vocab, prefix="u")
-            trainer = MinEDTrainer(student, teacher, args=MinEDConfig(**common, kd_temperature=1.0, kd_weight=0.5,
-                                                                      loss_memory_budget_mb=budget_mb),
-                                   train_dataset=dataset, processing_class=tokenizer,
-                                   teacher_processing_class=teacher_tokenizer, data_collator=_Collator(),
-                                   callbacks=[timer])
-            trainer._vocabulary_map()  # the map (computed once per pair, then read from the cache) is not a step's
+            if method == "mined":  # the map (computed once per pair, then read from the cache) is not a step's
+                trainer._vocabulary_map()
         else:
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 

@@ -18,14 +18,7 @@ Writes the study's folder under --output and benchmarks/results/cross_tokenizer_
 
 from __future__ import annotations
 
-import argparse
-import os
-import subprocess
-import sys
-
-from kd_trainers.models.real_models import real_model_path
-
-from real_model_run import BASE_RECIPE, SFT_RECIPE, score_before, write_data, write_report
+from real_model_run import BASE_RECIPE, SFT_RECIPE, run_study
 
 ARMS = {  # arm -> (its recipe's method, overrides in the study's grid)
     "dskd_cma": ("dskd", "kd_temperature: 2.0"),
@@ -61,23 +54,12 @@ alpha: 0.05
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="cross-tokenizer-real")
-    options = parser.parse_args()
-    output = os.path.abspath(options.output)
-    data = write_data(output)
-    student, teacher = real_model_path("smollm2"), real_model_path("qwen2.5-coder")
     recipes = {"sft.yaml": SFT_RECIPE, "study.yaml": STUDY}
     for method in sorted({method for method, _ in ARMS.values()}):
         recipes[f"{method}.yaml"] = BASE_RECIPE.replace("method: dskd\n", f"method: {method}\n")
-    for name, text in recipes.items():
-        with open(os.path.join(output, name), "w") as handle:
-            handle.write(text.format(student=student, teacher=teacher, data=data, output=output))
-    before = score_before(output, data, {"student_before": student, "teacher": teacher})
-    subprocess.run([sys.executable, "-m", "kd_trainers.cli.study", os.path.join(output, "study.yaml"), "--workers",
-                    "1"], check=True)
-    write_report(output, "The cross-tokenizer study on real models: Qwen2.5-Coder-0.5B-Instruct -> "
-                 "SmolLM2-135M-Instruct", before, "cross_tokenizer_real")
+    run_study(__doc__, "cross-tokenizer-real", recipes,
+              "The cross-tokenizer study on real models: Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct",
+              "cross_tokenizer_real")
 
 
 if __name__ == "__main__":

@@ -118,20 +118,28 @@ def write_report(output: str, title: str, before: dict[str, dict], result_name: 
     print("\n".join(lines[:8]))
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="real-model-run")
+def run_study(doc: str, default_output: str, recipes: dict[str, str], title: str, result_name: str) -> None:
+    """The command line of a real-model study script: the data and `recipes` (file name -> text, `study.yaml` among
+    them; `{student}`, `{teacher}`, `{data}`, `{output}` filled in) written under --output, the two models scored
+    before training, `kd-study` run, and the report copied into `benchmarks/results/<result_name>.md`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=default_output)
     options = parser.parse_args()
     output = os.path.abspath(options.output)
     data = write_data(output)
     student, teacher = real_model_path("smollm2"), real_model_path("qwen2.5-coder")
-    for name, text in (("dskd.yaml", BASE_RECIPE), ("sft.yaml", SFT_RECIPE), ("study.yaml", STUDY)):
+    for name, text in recipes.items():
         with open(os.path.join(output, name), "w") as handle:
             handle.write(text.format(student=student, teacher=teacher, data=data, output=output))
     before = score_before(output, data, {"student_before": student, "teacher": teacher})
     subprocess.run([sys.executable, "-m", "kd_trainers.cli.study", os.path.join(output, "study.yaml")], check=True)
-    write_report(output, "Real-model run: DSKD-CMA (Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct) against SFT",
-                 before, "real_model_run")
+    write_report(output, title, before, result_name)
+
+
+def main():
+    run_study(__doc__, "real-model-run", {"dskd.yaml": BASE_RECIPE, "sft.yaml": SFT_RECIPE, "study.yaml": STUDY},
+              "Real-model run: DSKD-CMA (Qwen2.5-Coder-0.5B-Instruct -> SmolLM2-135M-Instruct) against SFT",
+              "real_model_run")
 
 
 if __name__ == "__main__":

@@ -49,13 +49,15 @@ class KDLoss(NamedTuple):
 
 
 class TestedIn(NamedTuple):
-    test: str  # "file.py::test_name"
+    test: str  # "file.py::test_name"; a field several methods read differently: one per method, joined by " + "
 
 
 class Machinery(NamedTuple):
     reason: str
 
 
+# The cross-tokenizer methods' on-policy option (the sampling settings reach generation, the batches are replaced).
+ON_POLICY = "test_cross_tokenizer_on_policy.py::test_an_on_policy_batch_is_the_students_samples_tokenized_twice"
 OPTIMIZER = Machinery("optimizer/scheduler setting: applied by Trainer to the gradients, not part of the loss")
 LOGGING = Machinery("logging, progress or reporting only")
 SAVING = Machinery("checkpointing, saving or Hub publishing; the saved files are tested in test_recipes*.py")
@@ -164,6 +166,8 @@ CONTRACT: dict[str, object] = {
     "projector_init": TestedIn("test_dskd_trainer.py::test_pinv_init_maps_teacher_states_to_teacher_logits_in_student_space"),
     "t2s_target": TestedIn("test_dskd_trainer.py::test_teacher_argmax_target"),
     "token_alignment": TestedIn("test_dskd_trainer.py::test_exact_token_alignment_is_dskd_at_the_exact_pairs_and_trains"),
+    "max_completion_length": TestedIn(ON_POLICY),
+    "top_p": TestedIn(ON_POLICY),
     "uld_merge": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
     "gold_beta": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
     "gold_matched_weight": TestedIn("test_uld_trainer.py::test_the_trainers_loss_is_the_aligned_reference_on_a_batch"),
@@ -182,9 +186,10 @@ CONTRACT: dict[str, object] = {
     "seqkd_cache_dir": TestedIn(
         "test_seqkd_trainer.py::test_student_learns_the_teachers_completions_and_the_set_is_reused"),
     # --- GKD (TRL's fields, TRL's behaviour) ------------------------------------------------------------------------
-    "lmbda": TestedIn("test_gkd_trainer.py::test_on_policy_training_samples_from_the_student_and_learns"),
+    "lmbda": TestedIn("test_gkd_trainer.py::test_on_policy_training_samples_from_the_student_and_learns + "
+                      + ON_POLICY),
     "beta": TestedIn("test_gkd_trainer.py::test_neutral_settings_equal_trls_gkd_loss_and_gradients"),
-    "temperature": TestedIn("test_gkd_trainer.py::test_kd_temperature_applies_to_the_loss"),
+    "temperature": TestedIn("test_gkd_trainer.py::test_kd_temperature_applies_to_the_loss + " + ON_POLICY),
     "max_new_tokens": TestedIn("test_settings_take_effect.py::test_on_policy_gkd_normalises_by_the_generated_tokens"),
     "seq_kd": TestedIn("test_config_contract.py::test_gkd_seq_kd_trains_on_the_teachers_completions"),
     "disable_dropout": Machinery("TRL's GKDTrainer turns dropout off in both models at init; no loss setting"),
@@ -231,10 +236,11 @@ def test_every_config_field_is_accounted_for():
 def test_every_named_test_exists():
     for name, kind in CONTRACT.items():
         if isinstance(kind, TestedIn):
-            file, test = kind.test.split("::")
-            tree = ast.parse(open(os.path.join(TESTS, file)).read())
-            names = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
-            assert test in names, f"{name}: {kind.test} does not exist"
+            for named in kind.test.split(" + "):
+                file, test = named.split("::")
+                tree = ast.parse(open(os.path.join(TESTS, file)).read())
+                names = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+                assert test in names, f"{name}: {named} does not exist"
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -7,20 +7,24 @@ import copy
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from rapidfuzz import process
+from rapidfuzz.distance import Levenshtein
 from trl import SFTConfig, SFTTrainer
 
 from kd_trainers import MinEDConfig, MinEDTrainer
 from kd_trainers.cli import train as cli
 from kd_trainers.data.edit_distance import (
     VocabularyMap, edit_distance_partners, representatives, token_texts, vocabulary_map)
-from kd_trainers.demo import demo_model
 from kd_trainers.losses import LossSettings
 from kd_trainers.losses.mapped import MappedSide, mapped_distillation_loss
 from kd_trainers.losses.reference import add_teacher_noise
 from kd_trainers.recipe.catalog import shipped_path
+
+from test_uld_trainer import BASE, pair  # noqa: F401  (the demo's cross-vocabulary pair, a fixture)
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -81,10 +85,12 @@ def test_the_vocabulary_map_is_the_nearest_student_token_and_is_kept(tmp_path, m
     teacher = token_texts(wordpiece_tokenizer, wordpiece_tokenizer.convert_ids_to_tokens(ids))
     student = token_texts(bpe_tokenizer, bpe_tokenizer.convert_ids_to_tokens(list(range(len(bpe_tokenizer)))))
     assert mapping.to_student.shape == (len(teacher),)
-    for t in random.Random(0).sample(ids, 60):
-        distances = [levenshtein(teacher[t], text) for text in student]
-        best = min(distances)
-        assert mapping.distance[t] == best and mapping.to_student[t] == distances.index(best), teacher[t]
+    # every teacher token against every student token (the search prunes by length: this does not)
+    everything = process.cdist(teacher, student, scorer=Levenshtein.distance, dtype=np.int64)
+    assert torch.equal(mapping.to_student, torch.from_numpy(everything.argmin(1)))
+    assert torch.equal(mapping.distance, torch.from_numpy(everything.min(1)))
+    for t in random.Random(0).sample(ids, 20):  # and rapidfuzz's distance is the edit distance written out
+        assert everything[t].tolist() == [levenshtein(teacher[t], text) for text in student]
     assert int((mapping.distance == 0).sum()) > len(teacher) // 4  # most short pieces exist in both vocabularies
     kept = list((tmp_path / "vocabulary_maps").glob("*.pt"))
     assert len(kept) == 1
@@ -92,6 +98,23 @@ def test_the_vocabulary_map_is_the_nearest_student_token_and_is_kept(tmp_path, m
                         lambda *a: pytest.fail("a kept map is computed again"))
     again = vocabulary_map(wordpiece_tokenizer, bpe_tokenizer)
     assert torch.equal(again.to_student, mapping.to_student) and torch.equal(again.distance, mapping.distance)
+
+
+def word_tokenizer(words):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={word: i for i, word in enumerate(words)}, unk_token=words[0]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token=words[0])
+
+
+def test_a_teacher_token_longer_than_any_student_token_still_finds_its_nearest(tmp_path, monkeypatch):
+    """The length pruning widens to the lengths the student has (here 1 and 2 only), then to the best distance."""
+    monkeypatch.setenv("KD_TRAINERS_CACHE", str(tmp_path))
+    student = word_tokenizer(["x", "ab", "cc", "c"])
+    teacher = word_tokenizer(["x", "cccccc", "abab", "zz"])
+    mapping = vocabulary_map(teacher, student, cache=False)
+    assert mapping.to_student.tolist() == [0, 2, 1, 0] and mapping.distance.tolist() == [0, 4, 2, 2]  # ties: lowest id
 
 
 def test_each_student_token_takes_its_nearest_teacher_token():
@@ -158,14 +181,6 @@ def test_the_mapped_loss_is_the_token_by_token_reference(values, chunk_size):
     assert loss.num_aligned == int(((partners >= 0) & (labels != -100)).sum())
 
 
-BASE = dict(bf16=False, max_steps=2, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
-            save_strategy="no", report_to=[], disable_tqdm=True, max_length=64, seed=0)
-
-
-@pytest.fixture(scope="module")
-def pair(bpe_tokenizer, wordpiece_tokenizer):
-    return (demo_model("llama", bpe_tokenizer, "student", seed=2),
-            demo_model("qwen2", wordpiece_tokenizer, "teacher", seed=1))
 
 
 def make(tmp_path, pair, tokenizers, data, student=None, **values):

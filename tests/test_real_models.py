@@ -30,6 +30,7 @@ from kd_trainers.losses import LossSettings, chunked_distillation_loss, sparse_d
 from kd_trainers.losses.sparse import top_k_targets
 from kd_trainers.data.alignment import aligned_groups, tokens_with_offsets
 from kd_trainers.data.dual_tokenization import DualTokenizer
+from kd_trainers.data.edit_distance import edit_distance_partners, token_texts
 from kd_trainers.data.prompt_completion import prompt_token_ids
 from kd_trainers.models.real_models import chitchat_exchanges, real_model_path
 from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
@@ -526,6 +527,32 @@ def test_real_tokenizers_align_hard_texts(smol, qwen, gemma):
                 assert max(end for _, end in student_offsets) == max(end for _, end in teacher_offsets) == len(text)
             uneven += sum(len(s) > 1 and len(t) > 1 for s, t in groups)
     assert uneven > 0
+
+
+def test_edit_distance_pairs_every_token_both_real_tokenizers_share(smol, qwen, gemma):
+    """MinED's alignment on real tokenizers over the hard texts: a word reads the same through byte-level BPE
+    (SmolLM2, Qwen2.5) and SentencePiece (Gemma 3), and wherever both tokenizations have one identical token over the
+    same characters, the warping path pairs the two."""
+    tokenizers = {name: AutoTokenizer.from_pretrained(path) for name, path in
+                  (("smollm2", smol), ("qwen2.5", qwen), ("gemma3", gemma))}
+
+    def texts(name, ids):
+        return token_texts(tokenizers[name], tokenizers[name].convert_ids_to_tokens(ids))
+
+    for name, tokenizer in tokenizers.items():
+        assert texts(name, tokenizer(" the cat\n", add_special_tokens=False)["input_ids"]) == [" the", " cat", "\n"]
+    for student, teacher in (("smollm2", "qwen2.5"), ("smollm2", "gemma3")):
+        identical = 0
+        for text in HARD_TEXTS:
+            (student_ids, student_offsets), (teacher_ids, teacher_offsets) = (
+                tokens_with_offsets(tokenizers[name], text) for name in (student, teacher))
+            student_texts, teacher_texts = texts(student, student_ids), texts(teacher, teacher_ids)
+            partners = edit_distance_partners(student_texts, teacher_texts)
+            for s, t in aligned_groups(student_offsets, teacher_offsets):
+                if len(s) == len(t) == 1 and student_texts[s[0]] == teacher_texts[t[0]]:
+                    assert partners[s[0]] == t[0], (student, teacher, text, student_texts[s[0]])
+                    identical += 1
+        assert identical > 50
 
 
 @pytest.mark.parametrize("form", ["plain", "chat"])

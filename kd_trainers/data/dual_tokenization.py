@@ -27,12 +27,16 @@ sequence of the one teacher completion token that MinED's edit-distance alignmen
 (`kd_trainers.data.edit_distance.edit_distance_partners` over the two completions' token texts), `-1` where it pairs
 with several and on the prompt.
 
+With `keep_prompt=True` each row also keeps its prompt (`on_policy_prompt`, as JSON text: a string, or the chat
+messages), from which an on-policy step has the student complete it and tokenizes the new example twice again.
+
 The `text` format has no response boundary and is refused; `messages` is split into the conversation before the last
 turn (the prompt) and the last turn, which must be the assistant's (the completion).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +51,7 @@ from .prompt_completion import as_prompt_completion, tokenize_prompt_completion
 SIDES = (("student", ""), ("teacher", "teacher_"))
 GROUP_COLUMNS = ("aligned_group", "teacher_aligned_group")
 PARTNER_COLUMN = "teacher_partner"
+PROMPT_COLUMN = "on_policy_prompt"
 # Per-token columns padded with -1 (no group, no partner) by the collator.
 _POSITION_COLUMNS = (*GROUP_COLUMNS, PARTNER_COLUMN)
 
@@ -73,6 +78,7 @@ class DualTokenizer:
     max_prompt_length: int | None = None
     align: bool = False
     edit_partners: bool = False
+    keep_prompt: bool = False
 
     def _side(self, tokenizer, prompt, completion, truncated: bool) -> tuple[list[int], list[int], list | None]:
         """`(ids, completion mask, each token's character offsets from the completion's start or None)`."""
@@ -107,6 +113,8 @@ class DualTokenizer:
             row.update(zip(GROUP_COLUMNS, _group_indices((mask, offsets), (teacher_mask, teacher_offsets))))
         if self.edit_partners:
             row[PARTNER_COLUMN] = self._partners(ids, mask, teacher_ids, teacher_mask)
+        if self.keep_prompt:
+            row[PROMPT_COLUMN] = json.dumps(prompt)
         return row
 
     def _partners(self, ids, mask, teacher_ids, teacher_mask) -> list[int]:
@@ -158,7 +166,8 @@ class DualTokenizationCollator:
     `teacher_attention_mask`, `teacher_labels` (`[B, Tt]`). Labels are the input ids with `-100` on prompt and padding
     positions, not shifted (the models shift them), as in TRL's collator. Examples that carry the aligned groups
     (`DualTokenizer(align=True)`) also give `aligned_group` `[B, Ts]` and `teacher_aligned_group` `[B, Tt]`, and those
-    with the edit-distance partners `teacher_partner` `[B, Ts]`, each `-1` on the prompt and the padding.
+    with the edit-distance partners `teacher_partner` `[B, Ts]`, each `-1` on the prompt and the padding; those that
+    keep their prompt give `on_policy_prompt`, a list of `B` JSON texts.
     """
 
     student_pad_token_id: int
@@ -179,4 +188,12 @@ class DualTokenizationCollator:
             if column in examples[0]:
                 batch[column] = pad([torch.as_tensor(example[column], dtype=torch.long) for example in examples], -1,
                                     pad_to_multiple_of=self.pad_to_multiple_of)
+        if PROMPT_COLUMN in examples[0]:
+            batch[PROMPT_COLUMN] = [example[PROMPT_COLUMN] for example in examples]
         return batch
+
+
+def with_completion(prompt, text: str) -> dict:
+    """An example of `prompt` (a string, or chat messages) completed by `text`, in the prompt's own format."""
+    return {"prompt": prompt, "completion": text if isinstance(prompt, str) else
+            [{"role": "assistant", "content": text}]}

@@ -14,7 +14,8 @@ vocabulary stands for. Both compare token *strings*, where `kd_trainers.data.ali
 - **Vocabulary map** (`vocabulary_map`): each teacher token's nearest student token, the exact same text when the
   student's vocabulary has it, else the one at the least edit distance (ties: the lowest student id). The texts keep
   their leading space here, so a word-initial token maps to a word-initial one. Computed once per pair of tokenizers
-  (`rapidfuzz`, all teacher tokens against all student tokens: about a minute for 49k × 152k tokens on 2 cores) and
+  (`rapidfuzz`; each teacher token against the student tokens of about its length, which the distance bounds: 21 s
+  for Qwen2.5's 152k teacher tokens against SmolLM2's 49k on 2 cores, the same map as all against all in 37 s) and
   kept in the user cache, keyed by both vocabularies.
 
 A token's text is what its tokenizer's decoder writes for it after another word (`token_texts`): `" the"` for a
@@ -35,6 +36,7 @@ from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
 from ..runtime.files import user_cache_dir
+from ..runtime.progress import progress_line
 from ..teacher_cache.cache import digest, tokenizer_fingerprint
 
 # A word the decoders write as itself; decoding it before a token shows whether that token opens a new word.
@@ -115,11 +117,34 @@ def _compute_vocabulary_map(teacher_tokenizer, student_tokenizer) -> VocabularyM
     to_student = np.array([first_id.get(text, -1) for text in teacher_texts], dtype=np.int64)
     distance = np.zeros(len(teacher_texts), dtype=np.int64)
     missing = np.flatnonzero(to_student < 0)
-    for start in range(0, missing.size, _QUERY_BLOCK):
-        block = missing[start:start + _QUERY_BLOCK]
-        distances = _levenshtein_matrix([teacher_texts[t] for t in block], student_texts, dtype=np.int32)
-        to_student[block] = distances.argmin(axis=1)  # the first (lowest) id among equals
-        distance[block] = distances[np.arange(block.size), to_student[block]]
+    line = progress_line("mapping the teacher's tokens to the student's by edit distance", missing.size, "tokens")
+    # Two texts whose lengths differ by d are at least d edits apart, so a teacher token need only be compared with
+    # the student tokens within `radius` of its length once its best distance there is at most `radius`: none
+    # outside can be as near. Most tokens have a near neighbour (distance 1 or 2), so a narrow window answers them;
+    # the rest are compared again within their best distance, which is then exact. Windows keep ascending ids, so
+    # the lowest id among equals still wins.
+    student_lengths = np.array([len(text) for text in student_texts])
+    teacher_lengths = np.array([len(teacher_texts[t]) for t in missing], dtype=np.int64)
+    done = 0
+    for length in np.unique(teacher_lengths):
+        pending, radius = missing[teacher_lengths == length], 2
+        while pending.size:
+            window = np.flatnonzero(np.abs(student_lengths - length) <= radius)
+            if not window.size:  # no student token that long or short: widen to the nearest lengths there are
+                radius = int(np.abs(student_lengths - length).min())
+                continue
+            best = np.empty(pending.size, dtype=np.int64)
+            for start in range(0, pending.size, _QUERY_BLOCK):
+                block = pending[start:start + _QUERY_BLOCK]
+                distances = _levenshtein_matrix([teacher_texts[t] for t in block], [student_texts[i] for i in window],
+                                                dtype=np.int32)
+                nearest = distances.argmin(axis=1)  # the first (lowest) id among equals
+                to_student[block] = window[nearest]
+                best[start:start + block.size] = distance[block] = distances[np.arange(block.size), nearest]
+            exact = best <= radius
+            done += int(exact.sum())
+            line.update(done)
+            pending, radius = pending[~exact], int(best[~exact].max(initial=0))
     return VocabularyMap(torch.from_numpy(to_student), torch.from_numpy(distance))
 
 

@@ -58,6 +58,8 @@ class DSKDConfig(TwoTokenizerFields, DistillationConfig):
         Divergence of the teacher-space term. The official DSKD always uses forward KL there; DSKDv2 uses `divergence`.
     max_prompt_length (`int`, *optional*, defaults to `None`):
         Prompt tokens kept (from the right) on each side under cross-model attention; `None` keeps the whole prompt.
+    lmbda, max_completion_length, temperature, top_p:
+        The on-policy option across tokenizers (off by default), documented on `TwoTokenizerFields`.
     """
 
     kd_temperature: float = field(

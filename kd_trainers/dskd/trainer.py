@@ -11,7 +11,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from ..data.alignment import same_vocabulary, shared_token_ids
 from ..kd.trainer import KDTrainer
-from ..kd.two_tokenizers import POSITION_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
+from ..kd.two_tokenizers import PAIRING_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform, dual_space_loss
 from ..losses.settings import chunk_length
 from ..losses.reference import loss_normalizer
@@ -62,7 +62,7 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "dskd"]
-    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *POSITION_BATCH_KEYS)
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *PAIRING_BATCH_KEYS)
     _name = "DSKD"
     _config_class = DSKDConfig
     _paper = {

@@ -25,6 +25,7 @@ chunk's. Chunks hold `chunk_size` rows, or as many as fit
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -113,6 +114,26 @@ class ChunkHead(NamedTuple):
                                     self.noise_seed, positions // self.width, positions % self.width)
             logits = logits + self.noise_std * noise
         return logits
+
+
+@contextlib.contextmanager
+def chunk_heads(student, teacher, settings: LossSettings, noise_seed: int | None, teacher_width: int):
+    """`(student's ChunkHead, teacher's ChunkHead)`: each side's head (a module or `(weight, bias)`) cut to its
+    `vocab_size` real rows, gathered for the block under ZeRO-3; the teacher's detached and noised by `settings`
+    (keyed to positions of width `teacher_width`). `student`/`teacher`: anything with `head`, `transform` and
+    `vocab_size` (`Side`, `kd_trainers.losses.mapped.MappedSide`)."""
+    student_weight, student_bias = weight_and_bias(student.head)
+    teacher_weight, teacher_bias = weight_and_bias(teacher.head)
+    with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
+        vocab = student.vocab_size or student_weight.size(0)
+        student_head = ChunkHead(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
+                                 student.transform)
+        vocab = teacher.vocab_size or teacher_weight.size(0)
+        teacher_bias = vocabulary_rows(teacher_bias, vocab)
+        teacher_head = ChunkHead(vocabulary_rows(teacher_weight, vocab).detach(),
+                                 None if teacher_bias is None else teacher_bias.detach(),
+                                 teacher.transform, settings.noise_std, noise_seed, teacher_width)
+        yield student_head, teacher_head
 
 
 def label_log_probs(head: ChunkHead, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
@@ -242,17 +263,7 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
     if settings.noise_std > 0 and noise_seed is None:
         raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
     temperature = settings.temperature
-    student_weight, student_bias = weight_and_bias(student.head)
-    teacher_weight, teacher_bias = weight_and_bias(teacher.head)
-    with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
-        vocab = student.vocab_size or student_weight.size(0)
-        student_head = ChunkHead(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
-                             student.transform)
-        vocab = teacher.vocab_size or teacher_weight.size(0)
-        teacher_bias = vocabulary_rows(teacher_bias, vocab)
-        teacher_head = ChunkHead(vocabulary_rows(teacher_weight, vocab).detach(),
-                             None if teacher_bias is None else teacher_bias.detach(),
-                             teacher.transform, settings.noise_std, noise_seed, teacher.labels.size(1))
+    with chunk_heads(student, teacher, settings, noise_seed, teacher.labels.size(1)) as (student_head, teacher_head):
         width = max(student_head.weight.size(0), teacher_head.weight.size(0))
         chunk = chunk_length(width, _WORKING_BUFFERS, student.hidden.device, chunk_size, memory_budget_mb)
 

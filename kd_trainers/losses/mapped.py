@@ -27,8 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from .aligned import ChunkHead, GradientsInForward, label_log_probs
-from .heads import maybe_gather, vocabulary_rows, weight_and_bias
+from .aligned import GradientsInForward, chunk_heads, label_log_probs
 from .reference import loss_normalizer
 from .settings import LogitTransform, LossSettings, chunk_length
 
@@ -76,18 +75,8 @@ def mapped_distillation_loss(student: MappedSide, teacher: MappedSide, labels: t
         raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
     temperature = settings.temperature
     student_ids, teacher_ids = mapping
-    student_weight, student_bias = weight_and_bias(student.head)
-    teacher_weight, teacher_bias = weight_and_bias(teacher.head)
-    with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
-        vocab = student.vocab_size or student_weight.size(0)
-        student_head = ChunkHead(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
-                                 student.transform)
-        vocab = teacher.vocab_size or teacher_weight.size(0)
-        teacher_bias = vocabulary_rows(teacher_bias, vocab)
-        teacher_width = teacher.hidden.size(1)
-        teacher_head = ChunkHead(vocabulary_rows(teacher_weight, vocab).detach(),
-                                 None if teacher_bias is None else teacher_bias.detach(),
-                                 teacher.transform, settings.noise_std, noise_seed, teacher_width)
+    teacher_width = teacher.hidden.size(1)
+    with chunk_heads(student, teacher, settings, noise_seed, teacher_width) as (student_head, teacher_head):
         width = max(student_head.weight.size(0), teacher_head.weight.size(0))
         chunk = chunk_length(width, _WORKING_BUFFERS, student.hidden.device, chunk_size, memory_budget_mb)
 

@@ -31,6 +31,8 @@ class MinEDConfig(TwoTokenizerFields, DistillationConfig):
         The teacher's tokenizer, when no `teacher_processing_class` is given; defaults to the teacher's name or path.
     max_prompt_length (`int`, *optional*, defaults to `None`):
         Prompt tokens kept (from the right) on each side; `None` keeps the whole prompt.
+    lmbda, max_completion_length, temperature, top_p:
+        The on-policy option across tokenizers (off by default), documented on `TwoTokenizerFields`.
     """
 
     # Teacher kinds this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).

@@ -6,10 +6,8 @@ import textwrap
 
 from ..data.dual_tokenization import PARTNER_COLUMN
 from ..data.edit_distance import representatives, vocabulary_map
-from ..kd.trainer import KDTrainer
 from ..losses import LogitTransform
 from ..losses.mapped import MappedSide, mapped_distillation_loss
-from ..losses.reference import loss_normalizer
 from ..teachers.loading import model_name
 from ..uld.trainer import ULDTrainer
 from .config import MinEDConfig
@@ -80,16 +78,11 @@ class MinEDTrainer(ULDTrainer):
             labels, partners, (student_ids, teacher_ids), self._settings_for(mode),
             num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb, noise_seed=self._noise_seed(mode))
-        num_tokens = (labels != -100).sum()
-        normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the loss divided by: back to sums
-        metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
-                   "kd_loss": (losses.kd_loss * normalizer, num_tokens),
-                   "mapped_tokens": (losses.num_aligned.to(num_tokens.device).float(), num_tokens),
-                   "mean_token_accuracy": (losses.num_correct, num_tokens)}
+        metrics = self._logged_terms(losses, labels, num_items_in_batch, "mapped_tokens", losses.num_aligned)
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
     def kd_settings(self) -> dict[str, object]:
-        settings = KDTrainer.kd_settings(self)  # ULD's own settings (its merge) are not MinED's
+        settings = super(ULDTrainer, self).kd_settings()  # past ULD's own settings (its merge): not MinED's
         settings.update(method="MinED across tokenizers", divergence="forward_kl",
                         teacher_tokenizer=model_name(self.teacher_processing_class),
                         mapped_student_tokens=int(self._vocabulary_map()[1].numel()))

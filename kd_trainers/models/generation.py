@@ -16,12 +16,13 @@ DEFAULT_GENERATION = {"max_new_tokens": 128, "do_sample": False, "temperature": 
 
 @torch.no_grad()
 def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, strip: bool = True,
-                         **generation) -> list[str]:
+                         progress: bool = True, **generation) -> list[str]:
     """Completions of `prompts` (text, or lists of chat messages), each given to the model exactly as training
     tokenizes a prompt (`prompt_token_ids`: the chat template with the generation prompt for messages), in
     left-padded batches; greedy unless `do_sample=True`, ending at the tokenizer's EOS (an instruct model's end of
     turn). Special tokens are removed, and surrounding whitespace too unless `strip=False` (training data keeps the
-    completion's leading space)."""
+    completion's leading space). `progress=False`: no progress line (a generation inside a training step). The
+    model is left in eval mode."""
     settings = {**DEFAULT_GENERATION, **generation}
     if not settings["do_sample"]:
         settings.pop("temperature"), settings.pop("top_p")
@@ -30,7 +31,7 @@ def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, 
     device = next(model.parameters()).device
     encoded_prompts = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
     outputs = []
-    line = progress_line("generating", len(prompts), "prompts")
+    line = progress_line("generating", len(prompts), "prompts") if progress else None
     for start in range(0, len(prompts), batch_size):
         batch = encoded_prompts[start:start + batch_size]
         width = max(len(ids) for ids in batch)
@@ -40,7 +41,8 @@ def generate_predictions(model, tokenizer, prompts: list, batch_size: int = 16, 
         generated = model.generate(input_ids=input_ids, attention_mask=attention_mask, pad_token_id=pad_id,
                                    eos_token_id=tokenizer.eos_token_id, **settings)
         outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        line.update(len(outputs))
+        if line is not None:
+            line.update(len(outputs))
     return [text.strip() for text in outputs] if strip else outputs
 
 

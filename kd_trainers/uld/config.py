@@ -31,6 +31,8 @@ class ULDConfig(TwoTokenizerFields, DistillationConfig):
         `"bayesian"`, the last token's distribution times those of the earlier ones.
     max_prompt_length (`int`, *optional*, defaults to `None`):
         Prompt tokens kept (from the right) on each side; `None` keeps the whole prompt.
+    lmbda, max_completion_length, temperature, top_p:
+        The on-policy option across tokenizers (off by default), documented on `TwoTokenizerFields`.
     kd_temperature_squared (`bool`, *optional*, defaults to `False`):
         Multiply the ULD term by T² (off, as in ULD and GOLD).
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 from ..kd.trainer import KDTrainer
-from ..kd.two_tokenizers import POSITION_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
+from ..kd.two_tokenizers import PAIRING_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform
 from ..losses.aligned import Side, aligned_distillation_loss
 from ..losses.reference import loss_normalizer
@@ -46,7 +46,7 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "uld", "cross-tokenizer"]
-    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *POSITION_BATCH_KEYS)
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *PAIRING_BATCH_KEYS)
     _name = "ULD"
     _aligns_tokens = True
     _config_class = ULDConfig
@@ -97,13 +97,19 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
             self._settings_for(mode), self.args.aligned_settings(), shared_ids=self._shared_ids(),
             num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb, noise_seed=self._noise_seed(mode))
-        num_tokens = (labels != -100).sum()
-        normalizer = loss_normalizer(num_tokens, num_items_in_batch)  # what the loss divided by: back to sums
-        metrics = {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
-                   "kd_loss": (losses.kd_loss * normalizer, num_tokens),
-                   "aligned_groups": (losses.num_pairs.to(num_tokens.device).float(), num_tokens),
-                   "mean_token_accuracy": (losses.num_correct, num_tokens)}
+        metrics = self._logged_terms(losses, labels, num_items_in_batch, "aligned_groups", losses.num_pairs)
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
+
+    @staticmethod
+    def _logged_terms(losses, labels, num_items_in_batch, share_name: str, share_count) -> dict:
+        """The logged terms as `(sum, tokens)`: CE and KD per student token (the loss divided by N: back to sums),
+        `share_name` the share of student tokens that `share_count` counts, and the token accuracy."""
+        num_tokens = (labels != -100).sum()
+        normalizer = loss_normalizer(num_tokens, num_items_in_batch)
+        return {"ce_loss": (losses.ce_loss * normalizer, num_tokens),
+                "kd_loss": (losses.kd_loss * normalizer, num_tokens),
+                share_name: (share_count.to(num_tokens.device).float(), num_tokens),
+                "mean_token_accuracy": (losses.num_correct, num_tokens)}
 
     def kd_settings(self) -> dict[str, object]:
         settings = super().kd_settings()
