@@ -552,3 +552,23 @@ def test_a_recipe_files_own_problems_are_said_before_torch_is_imported(tmp_path)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert result.stdout.strip() == "[2, 2, 2, 2, 2, 2] []", result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 6
+
+
+@pytest.mark.parametrize("command, prefix", [("study", "Study error: kd-study"), ("evaluate", "kd-eval: kd-eval")])
+def test_a_command_without_the_eval_extra_names_it_in_one_line(command, prefix, monkeypatch, capsys, tmp_path):
+    """kd-study and kd-eval installed without `[eval]` (here: its packages hidden) stop at once with one line naming
+    the missing packages and the install, exit status 2, and write nothing."""
+    import importlib
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name in ("scipy", "evaluate") else real_find_spec(name, *args))
+    monkeypatch.chdir(tmp_path)
+    cli = importlib.import_module(f"kd_trainers.cli.{command}")
+    argv = ["methods"] if command == "study" else ["--model", "demo:llama/student/bpe", "--output", "ev"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(prefix) and "\n" not in err
+    assert "evaluate, scipy not installed" in err and "pip install 'kd-trainers[eval]'" in err
+    assert os.listdir(tmp_path) == []

@@ -175,6 +175,12 @@ def run_evaluation(options) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    from .extras import missing_eval_extra
+
+    missing = missing_eval_extra("kd-eval")
+    if missing:
+        print(f"kd-eval: {missing}", file=sys.stderr)
+        return 2
     from .train import one_line
     from ..runtime.progress import quiet_libraries
 

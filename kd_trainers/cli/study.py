@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     if options.workers < 1:
         print(f"Study error: --workers: {options.workers} should be 1 or more.", file=sys.stderr)
         return 2
+    from .extras import missing_eval_extra
+
+    missing = missing_eval_extra("kd-study")
+    if missing:
+        print(f"Study error: {missing}", file=sys.stderr)
+        return 2
     from .train import one_line
     from ..runtime.progress import quiet_libraries
     from ..recipe.catalog import resolve
