@@ -53,7 +53,7 @@ GROUP_COLUMNS = ("aligned_group", "teacher_aligned_group")
 PARTNER_COLUMN = "teacher_partner"
 PROMPT_COLUMN = "on_policy_prompt"
 # Per-token columns padded with -1 (no group, no partner) by the collator.
-_POSITION_COLUMNS = (*GROUP_COLUMNS, PARTNER_COLUMN)
+POSITION_COLUMNS = (*GROUP_COLUMNS, PARTNER_COLUMN)
 
 
 def _truncated_completion(completion, characters: int | None):
@@ -184,7 +184,7 @@ class DualTokenizationCollator:
             batch[f"{prefix}attention_mask"] = pad([torch.ones_like(ids) for ids in sequences], 0,
                                                    pad_to_multiple_of=self.pad_to_multiple_of)
             batch[f"{prefix}labels"] = pad(labels, -100, pad_to_multiple_of=self.pad_to_multiple_of)
-        for column in _POSITION_COLUMNS:
+        for column in POSITION_COLUMNS:
             if column in examples[0]:
                 batch[column] = pad([torch.as_tensor(example[column], dtype=torch.long) for example in examples], -1,
                                     pad_to_multiple_of=self.pad_to_multiple_of)

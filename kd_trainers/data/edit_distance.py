@@ -42,7 +42,7 @@ from ..teacher_cache.cache import digest, tokenizer_fingerprint
 # A word the decoders write as itself; decoding it before a token shows whether that token opens a new word.
 _BEFORE = "a"
 _MAP_VERSION = "mined-vocabulary-map-1"
-_QUERY_BLOCK = 512  # teacher tokens compared with the whole student vocabulary at once (a [512, V_S] uint8 block)
+_QUERY_BLOCK = 512  # teacher tokens compared with a window of the student vocabulary at once ([512, window])
 
 
 def token_texts(tokenizer, tokens: Sequence[str]) -> list[str]:

@@ -18,7 +18,8 @@ from transformers import TrainingArguments
 from trl.models.utils import unwrap_model_for_generation
 
 from ..data.dual_tokenization import (
-    GROUP_COLUMNS, PARTNER_COLUMN, PROMPT_COLUMN, DualTokenizationCollator, DualTokenizer, with_completion)
+    GROUP_COLUMNS, PARTNER_COLUMN, POSITION_COLUMNS, PROMPT_COLUMN, DualTokenizationCollator, DualTokenizer,
+    with_completion)
 from ..models.generation import generate_predictions
 from ..models.tokenizer import load_tokenizer
 from ..runtime.checks import is_positive_integer
@@ -30,7 +31,7 @@ TEACHER_BATCH_KEYS = ("teacher_labels", "teacher_input_ids", "teacher_attention_
 # Marks a batch of the student's own samples (set by the on-policy step, read by `compute_loss`).
 SAMPLED = "student_sampled"
 # The dual tokenization's other columns: per-token pairings and the kept prompt, never model inputs.
-PAIRING_BATCH_KEYS = (*GROUP_COLUMNS, PARTNER_COLUMN, PROMPT_COLUMN, SAMPLED)
+PAIRING_BATCH_KEYS = (*POSITION_COLUMNS, PROMPT_COLUMN, SAMPLED)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class TwoTokenizationsMixin:
         super().__init__(model, args, *positional, teacher_model=teacher_model,
                          teacher_processing_class=teacher_processing_class, **sft_kwargs)
         self.teacher_vocab_size = len(self.teacher_processing_class)
-        if self.args.lmbda > 0 and not self._tokenizes_twice():
+        if self._on_policy() and not self._tokenizes_twice():
             raise ValueError(f"lmbda={self.args.lmbda} samples the student's completions and tokenizes them for both "
                              f"tokenizers, but {self._name} runs under one vocabulary here (both tokenizers are the "
                              "same): use method gkd for on-policy distillation under one vocabulary, or lmbda=0.")
