@@ -14,8 +14,9 @@ from trl.experimental.gold.gold_trainer import ULDLoss
 from kd_trainers.data.alignment import aligned_groups, shared_token_ids
 from kd_trainers.demo.tokenizers import demo_tokenizer
 from kd_trainers.losses import LossSettings
-from kd_trainers.losses.aligned import AlignedSettings, Side, aligned_distillation_loss
+from kd_trainers.losses.aligned import AlignedSettings, Side, SparseSide, aligned_distillation_loss
 from kd_trainers.losses.reference import add_teacher_noise
+from kd_trainers.losses.sparse import top_k_targets
 from kd_trainers.losses.uld import hybrid_of_probabilities, sorted_distance
 
 
@@ -235,3 +236,87 @@ def test_no_vocabulary_sized_tensor_is_kept_for_the_backward():
     assert rows > 10 and kept < rows * 4000 / 4
     out.loss.backward()
     assert inputs[1].grad.abs().sum() > 0 and inputs[0].grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The teacher as sparse targets at its own label tokens (a teacher cache of the teacher's tokenization)
+
+def sparse_teacher(teacher_logits, teacher_labels, k, temperature):
+    """`SparseSide` of full teacher logits `[B, T, V_T]`: the top k at each label token, the tail at `temperature`
+    and each label's log-probability, as a cache pass writes them (unquantised)."""
+    mask = teacher_labels != -100
+    rows = teacher_logits[mask].float()
+    targets = top_k_targets(rows, k, temperature)
+    label_log_probs = rows.log_softmax(-1).gather(1, teacher_labels[mask][:, None])[:, 0]
+    return targets._replace(label_log_probs=label_log_probs)
+
+
+def reconstructed_teacher_logits(targets, labels, vocab, temperature):
+    """The teacher a top-k target with its label describes, written out a row at a time: the k tempered probabilities
+    scaled to 1 − B_T, the label's own (tempered by the same scale) where it is not among the k, B_T shared evenly by
+    the other tokens, renormalised; returned as `T · log p` so that the reference's softmax at T gives it back."""
+    rows = []
+    for i in range(targets.ids.size(0)):
+        ids, k = targets.ids[i].tolist(), targets.ids.size(1)
+        tail = targets.tail_log_mass[i] if temperature == 1 else targets.tempered_tail_log_mass[i]
+        tempered = (targets.log_probs[i].double() / temperature).exp()
+        scale = (1 - tail.double().exp()) / tempered.sum()
+        probs = torch.full((vocab,), float(tail.double().exp()) / max(1, vocab - k), dtype=torch.float64)
+        probs[ids] = tempered * scale
+        label = int(labels[i])
+        if label not in ids:
+            probs[label] = (targets.label_log_probs[i].double() / temperature).exp() * scale
+        rows.append(temperature * (probs / probs.sum()).log())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("k", [5, 56])
+@pytest.mark.parametrize("settings, aligned", CASES)
+def test_a_sparse_teacher_equals_the_reference_of_the_teacher_it_describes(settings, aligned, k):
+    """Values and gradients against the full-logits reference whose teacher is the one the top-k targets describe
+    (written out row by row); at k = V_T (56) that teacher is the model's own distribution."""
+    (student_hidden, student_head, student_labels, student_groups,
+     teacher_hidden, teacher_head, teacher_labels, teacher_groups) = batch()
+    settings, aligned = LossSettings(**settings), AlignedSettings(**aligned)
+    shared = (torch.tensor([0, 3, 5, 7, 11]), torch.tensor([2, 3, 50, 9, 1]))
+    seed = 1234 if settings.noise_std else None
+    targets = sparse_teacher(teacher_hidden @ teacher_head.T, teacher_labels, k, settings.temperature)
+    assert k == 56 or not all(int(y) in row for y, row in zip(teacher_labels[teacher_labels != -100],
+                                                               targets.ids.tolist()))  # some labels outside the k
+
+    student_hidden.requires_grad_()
+    student_head.requires_grad_()
+    out = aligned_distillation_loss(
+        Side(student_hidden, (student_head, None), student_labels, student_groups),
+        SparseSide(targets, teacher_labels, teacher_groups, 56), settings, aligned, shared_ids=shared, chunk_size=3,
+        noise_seed=seed)
+    grads = torch.autograd.grad(out.loss, (student_hidden, student_head))
+
+    mask = teacher_labels != -100
+    teacher_logits = torch.zeros(*teacher_labels.shape, 56, dtype=torch.float64)
+    teacher_logits[mask] = reconstructed_teacher_logits(targets, teacher_labels[mask], 56, settings.temperature)
+    if k == 56:  # the whole vocabulary: the model's own logits, up to a constant per row
+        exact = teacher_hidden @ teacher_head.T
+        torch.testing.assert_close(F.softmax(teacher_logits[mask] / settings.temperature, -1),
+                                   F.softmax(exact[mask] / settings.temperature, -1), rtol=1e-5, atol=1e-7)
+    hidden_ref = student_hidden.detach().clone().requires_grad_()
+    head_ref = student_head.detach().clone().requires_grad_()
+    expected, ce, kd = reference_loss(hidden_ref @ head_ref.T, teacher_logits, student_labels, teacher_labels,
+                                      student_groups, teacher_groups, settings, aligned, shared, seed)
+    expected_grads = torch.autograd.grad(expected, (hidden_ref, head_ref))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.kd_loss, kd, rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_sparse_teacher_is_refused_without_what_it_needs():
+    inputs = batch()
+    student = Side(inputs[0], (inputs[1], None), inputs[2], inputs[3])
+    targets = sparse_teacher(inputs[4] @ inputs[5].T, inputs[6], 5, 2.0)
+    side = SparseSide(targets, inputs[6], inputs[7], 56)
+    with pytest.raises(ValueError, match="label_log_probs"):
+        aligned_distillation_loss(student, side._replace(targets=targets._replace(label_log_probs=None)),
+                                  LossSettings())
+    with pytest.raises(ValueError, match="top_k"):
+        aligned_distillation_loss(student, side._replace(targets=targets._replace(kind="sampled")), LossSettings())

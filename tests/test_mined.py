@@ -249,9 +249,10 @@ def test_at_kd_weight_zero_mined_is_sft(tmp_path, monkeypatch, pair, bpe_tokeniz
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("teacher_cache", "cache-dir", "teacher_cache='cache-dir': MinED reads the teacher's distribution at the "
-                                   "positions of the teacher's own tokenization"),
-    ("teacher_url", "http://127.0.0.1:1", "teacher_url='http://127.0.0.1:1': MinED reads"),
+    ("teacher_cache", "cache-dir", "teacher_cache='cache-dir': MinED carries the teacher's whole distribution into "
+                                   "the student's vocabulary through the edit-distance map, and a teacher cache holds "
+                                   "its top k only"),
+    ("teacher_url", "http://127.0.0.1:1", "teacher_url='http://127.0.0.1:1': MinED carries"),
     ("divergence", "reverse_kl", "divergence='reverse_kl' is not read by MinED"),
     ("skew_alpha", 0.3, "skew_alpha=0.3 is not read by MinED"),
     ("max_prompt_length", 0, "max_prompt_length must be a positive integer or None, got 0"),

@@ -17,7 +17,10 @@ from kd_trainers.demo import demo_model
 from kd_trainers.losses import LossSettings
 from kd_trainers.recipe.catalog import shipped_path
 
-from test_aligned_loss import reference_loss
+from kd_trainers.served_teacher.server import LoopbackServer, PromptScorer
+from kd_trainers.teacher_cache import targets_from_batch
+
+from test_aligned_loss import reconstructed_teacher_logits, reference_loss
 
 METHODS = {"uld": (ULDConfig, ULDTrainer), "gold": (GOLDConfig, GOLDTrainer)}
 BASE = dict(bf16=False, max_steps=2, per_device_train_batch_size=4, learning_rate=3e-3, logging_steps=1,
@@ -127,9 +130,10 @@ def test_at_kd_weight_zero_uld_is_sft(tmp_path, pair, bpe_tokenizer, wordpiece_t
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("field, value, message", [
-    ("teacher_cache", "cache-dir", "teacher_cache='cache-dir': {label} reads the teacher's distribution at every "
-                                   "position of the teacher's own tokenization"),
-    ("teacher_url", "http://127.0.0.1:1", "teacher_url='http://127.0.0.1:1': {label} reads"),
+    ("teacher_cache", "cache-dir", "teacher_cache_tail='bucket': teacher_cache='cache-dir' with {label} compares "
+                                   "the two models' sorted probability vectors"),
+    ("teacher_url", "http://127.0.0.1:1", "teacher_server_tail='bucket': teacher_url='http://127.0.0.1:1' with "
+                                          "{label} compares"),
     ("divergence", "jsd", "divergence='jsd' is not read by {label}"),
     ("jsd_beta", 0.3, "jsd_beta=0.3 is not read by {label}"),
     ("uld_merge", "first", r"uld_merge must be one of \['observed', 'bayesian'\], got 'first'"),
@@ -138,6 +142,88 @@ def test_at_kd_weight_zero_uld_is_sft(tmp_path, pair, bpe_tokenizer, wordpiece_t
 def test_what_cannot_work_is_refused_naming_the_field(tmp_path, method, field, value, message):
     with pytest.raises(ValueError, match="^" + message.format(label=method.upper())):
         METHODS[method][0](output_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("values, message", [
+    ({"kd_temperature": 2.0}, r"kd_temperature=2.0 with teacher_cache='c': {label} from a teacher's top-k spreads "
+                              r"the tail's mass evenly over the teacher's other tokens, and at T != 1"),
+    ({"teacher_cache": None, "teacher_url": "http://127.0.0.1:1/v1", "teacher_server_tail": "spread",
+      "kd_temperature": 1.5, "teacher_server_approximate_temperature": True},
+     r"kd_temperature=1.5 with teacher_url='http://127.0.0.1:1/v1': {label} from a teacher's top-k"),
+    ({"teacher_cache_mode": "sampled"}, "teacher_cache_mode='sampled': teacher_cache='c' with {label} compares the "
+                                        "teacher's sorted probabilities"),
+    ({"lmbda": 0.5}, "lmbda=0.5: teacher_cache='c' with {label}: the student's own samples are not in the cache"),
+])
+def test_what_a_cache_cannot_serve_is_refused_naming_the_field(tmp_path, method, values, message):
+    with pytest.raises(ValueError, match="^" + message.format(label=method.upper())):
+        METHODS[method][0](output_dir=str(tmp_path), **{"teacher_cache": "c", "teacher_cache_tail": "spread", **values})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, values", [
+    ("uld", {"uld_merge": "bayesian", "teacher_logit_noise_std": 0.5}),
+    ("gold", {"teacher_cache_k": 7, "gold_beta": 0.2})])
+def test_a_teacher_cache_of_the_teachers_own_tokenization(tmp_path, pair, bpe_tokenizer, wordpiece_tokenizer,
+                                                          demo_data, method, values):
+    """The cache holds the teacher at its own label tokens (each label's probability too); the trainer's loss on a
+    batch is the aligned reference whose teacher is the one the batch's cached targets describe (so positions,
+    labels and settings are wired through), and, with k the whole vocabulary, the teacher in memory's loss up to the
+    cache's quantisation; training from the complete cache needs no teacher model and moves the student."""
+    tokenizers = bpe_tokenizer, wordpiece_tokenizer
+    data = demo_data["train"].select(range(8))
+    vocab = len(wordpiece_tokenizer)
+    values = {"teacher_cache_k": vocab, **values, "teacher_cache": str(tmp_path / "cache"),
+              "teacher_cache_tail": "spread"}
+    cached = make(method, tmp_path, pair, tokenizers, data, **values)
+    info = json.loads((tmp_path / "cache" / "cache_info.json").read_text())
+    assert info["components"]["settings"]["tokenization"] == "teacher"
+    teacher_tokens = sum(int((torch.tensor(row["teacher_completion_mask"][1:]) == 1).sum())
+                         for row in cached.train_dataset)
+    assert info["splits"]["train"]["label_tokens"] == teacher_tokens
+
+    batch = cached._prepare_inputs(next(iter(cached.get_train_dataloader())))
+    seed = 99
+    cached._noise_seed = lambda mode: seed
+    loss = cached.compute_loss(cached.model, batch)
+    targets = targets_from_batch(batch, "top_k", temperature=cached.args.kd_temperature)
+    teacher_labels = batch["teacher_labels"][:, 1:]
+    with torch.no_grad():
+        student_logits = cached.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        exact = pair[1](input_ids=batch["teacher_input_ids"], attention_mask=batch["teacher_attention_mask"]).logits
+    mask = teacher_labels != -100
+    stored = exact[:, :-1][mask].log_softmax(-1).gather(1, teacher_labels[mask][:, None])[:, 0]
+    torch.testing.assert_close(targets.label_log_probs, stored, rtol=2e-3, atol=2e-3)  # float16
+    teacher_logits = torch.zeros(*teacher_labels.shape, vocab, dtype=torch.float64)
+    teacher_logits[mask] = reconstructed_teacher_logits(targets, teacher_labels[mask], vocab, cached.args.kd_temperature)
+    args = cached.args
+    settings = LossSettings(temperature=args.kd_temperature, kd_weight=args.kd_weight,
+                            noise_std=args.teacher_logit_noise_std, temperature_squared=args.kd_temperature_squared)
+    expected, _, _ = reference_loss(
+        student_logits[:, :-1].double(), teacher_logits, batch["labels"][:, 1:], teacher_labels,
+        batch["aligned_group"][:, 1:], batch["teacher_aligned_group"][:, 1:], settings, args.aligned_settings(),
+        shared_token_ids(*tokenizers), seed)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
+
+    if values["teacher_cache_k"] == vocab:  # the whole vocabulary: the teacher itself, to the codes' 1/16 nat
+        resident = make(method, tmp_path, pair, tokenizers, data,
+                        **{k: v for k, v in values.items() if not k.startswith("teacher_cache")})
+        resident._noise_seed = lambda mode: seed
+        from_model = resident.compute_loss(resident.model, resident._prepare_inputs(
+            next(iter(resident.get_train_dataloader()))))
+        torch.testing.assert_close(loss, from_model, rtol=1e-2, atol=0)
+        assert loss != from_model
+
+    # the complete cache alone: the teacher's tokenizer named, no teacher model
+    config_class, trainer_class = METHODS[method]
+    args = config_class(output_dir=str(tmp_path / "again"), **{**BASE, **values})
+    student = copy.deepcopy(pair[0])
+    before = {name: param.detach().clone() for name, param in student.named_parameters()}
+    again = trainer_class(student, None, args=args, train_dataset=data, processing_class=bpe_tokenizer,
+                          teacher_processing_class=wordpiece_tokenizer)
+    assert again.teacher.kind == "cache" and again.teacher.model is None
+    again.train()
+    assert any(not torch.equal(before[name], param) for name, param in student.named_parameters())
 
 
 @pytest.mark.parametrize("field, value", [("gold_beta", 1.5), ("gold_matched_weight", -0.1), ("gold_beta", True)])
@@ -171,3 +257,40 @@ def test_the_shipped_recipe_trains_through_kd_train(tmp_path, method):
     assert method in json.dumps(info).lower()
     card = (output / "README.md").read_text()
     assert f"{method.upper()} across tokenizers" in card and "uld_merge" in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_served_teacher_asked_at_its_own_tokenization(tmp_path, pair, bpe_tokenizer, wordpiece_tokenizer, demo_data,
+                                                        method):
+    """A server of the teacher (`kd-serve-teacher`'s scorer, on 127.0.0.1) is asked at the teacher's own tokenization
+    of each row: with k its whole vocabulary, the batch's loss is the teacher in memory's; on-policy batches (lmbda)
+    are asked of it at the student's samples, tokenized twice again."""
+    tokenizers = bpe_tokenizer, wordpiece_tokenizer
+    data = demo_data["train"].select(range(8))
+    vocab = len(wordpiece_tokenizer)
+    scorer = PromptScorer(pair[1], wordpiece_tokenizer, "demo:qwen2/teacher/wordpiece", max_logprobs=vocab)
+    with LoopbackServer(scorer) as server:
+        served = {"teacher_url": server.url, "teacher_server_k": vocab, "teacher_server_tail": "spread"}
+        config_class, trainer_class = METHODS[method]
+        trainer = trainer_class(copy.deepcopy(pair[0]), None,
+                                args=config_class(output_dir=str(tmp_path / "served"), **{**BASE, **served}),
+                                train_dataset=data, processing_class=bpe_tokenizer,
+                                teacher_processing_class=wordpiece_tokenizer)
+        assert trainer.teacher.kind == "url"
+        loss = trainer.compute_loss(trainer.model, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader()))))
+        resident = make(method, tmp_path, pair, tokenizers, data)
+        expected = resident.compute_loss(resident.model, resident._prepare_inputs(
+            next(iter(resident.get_train_dataloader()))))
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+        student = copy.deepcopy(pair[0])
+        before = {name: param.detach().clone() for name, param in student.named_parameters()}
+        on_policy = trainer_class(student, None, args=config_class(
+            output_dir=str(tmp_path / "on-policy"), **{**BASE, **served, "lmbda": 1.0, "max_completion_length": 6,
+                                                       "max_steps": 1}),
+            train_dataset=data, processing_class=bpe_tokenizer, teacher_processing_class=wordpiece_tokenizer)
+        requests = on_policy.teacher.client.requests_sent
+        on_policy.train()
+        assert on_policy.teacher.client.requests_sent > requests
+        assert any(not torch.equal(before[name], param) for name, param in student.named_parameters())

@@ -197,7 +197,7 @@ class TwoTokenizationsMixin:
 
     def _head_checks(self, model, inputs: dict) -> list[tuple]:
         checks = super()._head_checks(model, inputs)
-        if self._tokenizes_twice():  # the teacher reads its own tokenization, in its own vocabulary
+        if self._tokenizes_twice() and len(checks) > 1:  # the teacher in memory reads its own tokenization
             checks[1] = ("teacher", self.teacher.model, self._teacher_inputs(inputs), self.teacher.transform,
                          self.teacher_vocab_size)
         return checks

@@ -15,6 +15,13 @@ GOLD's merged distribution of a side over it, at temperature T (`merge`):
 position) before its softmax. `d` is ULD's sorted L1 (`"uld"`) or GOLD's hybrid (`"hybrid"`), per row as in
 `kd_trainers.losses.uld`.
 
+The teacher is a model in memory (`Side`: its hidden states and head) or sparse targets at its own label tokens
+(`SparseSide`: a teacher cache or a server, read at the teacher's tokenization): its top-k tokens, their tempered
+probabilities (exact with the tail's mass at T, which a cache stores; a server's guessed, `kd_trainers.losses.sparse.
+tempered_top_k`) and its label token's probability; the tail's remaining mass is spread evenly over its other tokens
+(`sparse_teacher_logits`). That is exact when k covers the vocabulary and an approximation otherwise, taken only when
+asked for by name (`teacher_cache_tail` / `teacher_server_tail` `"spread"`), its error measured in the README.
+
 The work is two passes over chunks of rows: each side's label log-probabilities (the CE and the merge's scalar
 factors; the student's under activation checkpointing, its `[n, V]` buffers rebuilt in the backward), then each
 chunk of groups' two distributions, scored with their gradients taken at once (`GradientsInForward`: no sort is
@@ -37,6 +44,7 @@ from .heads import maybe_gather, vocabulary_rows, weight_and_bias
 from .noise import position_noise_
 from .reference import loss_normalizer
 from .settings import LogitTransform, LossSettings, chunk_length
+from .sparse import SparseTargets, fill_teacher_logits_, tempered_top_k
 from .uld import hybrid_of_probabilities, sorted_distance
 
 MERGES = ("observed", "bayesian")
@@ -82,6 +90,67 @@ class Side(NamedTuple):
     vocab_size: int | None = None
 
 
+class SparseSide(NamedTuple):
+    """A teacher side given as sparse targets at its own label tokens (a teacher cache or server at the teacher's
+    tokenization).
+
+    targets: `top_k` `SparseTargets` `[N_T, k]` at the label tokens of `labels` in row-major order, with each label's
+    log-probability (`label_log_probs` `[N_T]`) and, for exact tempered targets at T ≠ 1, the tail's mass at T
+    (`tempered_tail_log_mass`); labels, groups: `[B, T]` as in `Side`; vocab_size: the teacher's vocabulary `V_T`.
+    """
+
+    targets: SparseTargets
+    labels: torch.Tensor
+    groups: torch.Tensor
+    vocab_size: int
+
+
+def sparse_teacher_logits(targets: SparseTargets, labels: torch.Tensor, vocab: int, temperature: float
+                          ) -> torch.Tensor:
+    """`[n, V_T]` fp32 "logits" whose softmax at `temperature` is the teacher a `SparseSide` describes, at n label
+    tokens (`targets` `[n, k]`, `labels` `[n]`): `T · log p̂_T`, with p̂_T the k tempered probabilities, the label's
+    own where it is not among them (from `label_log_probs`), and the tail's tempered mass spread evenly over the
+    other tokens. Renormalised by the softmax (the label's own probability stands in for one even share)."""
+    out = torch.empty(labels.numel(), vocab, dtype=torch.float32, device=targets.ids.device)
+    fill_teacher_logits_(out, targets, temperature, "spread")
+    outside = ~(targets.ids == labels[:, None]).any(-1)
+    if bool(outside.any()):
+        _, _, log_normaliser = tempered_top_k(targets, vocab, temperature)
+        own = targets.label_log_probs - temperature * log_normaliser  # T · log p_T(y), as the k entries are written
+        rows = outside.nonzero()[:, 0]
+        out[rows, labels[rows]] = own[rows]
+    return out
+
+
+class _TeacherRows:
+    """The teacher's `[n, V_T]` fp32 logits (noised) at a chunk of its label tokens (`index` into them), from a model
+    (its head over the hidden states) or from sparse targets (`sparse_teacher_logits`, noised alike)."""
+
+    def __init__(self, head: "ChunkHead | None", hidden: torch.Tensor | None, positions: torch.Tensor,
+                 labels: torch.Tensor, sparse: SparseSide | None = None, temperature: float = 1.0):
+        self.head, self.hidden, self.positions, self.labels = head, hidden, positions, labels
+        self.sparse, self.temperature = sparse, temperature
+
+    def logits(self, index: torch.Tensor) -> torch.Tensor:
+        if self.sparse is None:
+            return self.head.logits(self.hidden[index], self.positions[index])
+        logits = sparse_teacher_logits(self.sparse.targets.rows(index), self.labels[index], self.sparse.vocab_size,
+                                       self.temperature)
+        return self.head.noised(logits, self.positions[index])
+
+    def label_log_probs(self, chunk: int) -> torch.Tensor:
+        """`[n]` log p_T(y) at each label token, at the loss's temperature (noised as the distributions are)."""
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, self.labels.numel(), chunk):
+                index = torch.arange(start, min(start + chunk, self.labels.numel()), device=self.labels.device)
+                logits = self.logits(index)
+                label = self.labels[index, None]
+                logits = (logits / self.temperature) if self.temperature != 1 else logits
+                outputs.append(logits.log_softmax(-1).gather(1, label)[:, 0])
+        return torch.cat(outputs) if outputs else self.labels.new_zeros(0, dtype=torch.float32)
+
+
 class AlignedLoss(NamedTuple):
     """The total and its parts, each divided by N; `num_correct` student tokens whose argmax is the label;
     `num_pairs` aligned groups scored."""
@@ -108,6 +177,10 @@ class ChunkHead(NamedTuple):
         if bias is not None:
             logits = logits + bias
         logits = self.transform(logits.to(torch.promote_types(logits.dtype, torch.float32)))  # bf16 up; fp64 kept
+        return self.noised(logits, positions)
+
+    def noised(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`logits` `[n, V]` plus σ·ε, each row's ε keyed to its flat position (none when σ = 0)."""
         if self.noise_std > 0:
             # drawn in fp32 whatever the logits' dtype, as the reference and the other engines draw it
             noise = position_noise_(torch.empty(logits.shape, dtype=torch.float32, device=logits.device),
@@ -121,8 +194,16 @@ def chunk_heads(student, teacher, settings: LossSettings, noise_seed: int | None
     """`(student's ChunkHead, teacher's ChunkHead)`: each side's head (a module or `(weight, bias)`) cut to its
     `vocab_size` real rows, gathered for the block under ZeRO-3; the teacher's detached and noised by `settings`
     (keyed to positions of width `teacher_width`). `student`/`teacher`: anything with `head`, `transform` and
-    `vocab_size` (`Side`, `kd_trainers.losses.mapped.MappedSide`)."""
+    `vocab_size` (`Side`, `kd_trainers.losses.mapped.MappedSide`), or a teacher's `SparseSide` (its ChunkHead only
+    noises)."""
     student_weight, student_bias = weight_and_bias(student.head)
+    if isinstance(teacher, SparseSide):  # no head: the teacher's ChunkHead only noises the reconstructed logits
+        with maybe_gather(student_weight, student_bias):
+            vocab = student.vocab_size or student_weight.size(0)
+            yield (ChunkHead(vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
+                             student.transform),
+                   ChunkHead(None, None, LogitTransform(), settings.noise_std, noise_seed, teacher_width))
+        return
     teacher_weight, teacher_bias = weight_and_bias(teacher.head)
     with maybe_gather(student_weight, student_bias, teacher_weight, teacher_bias):
         vocab = student.vocab_size or student_weight.size(0)
@@ -248,7 +329,20 @@ def _log_scales(side: _SideGroups, pair_of_key: torch.Tensor, log_probs: torch.T
     return log_probs.new_zeros(pairs).index_add(0, pair[others], log_probs[others])
 
 
-def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettings,
+def _check_sparse_side(side: SparseSide, ignore_index: int) -> None:
+    targets = side.targets
+    if targets.kind != "top_k":
+        raise ValueError(f"A sparse teacher across tokenizers must be top_k targets, got {targets.kind!r}: the sorted "
+                         "comparison needs the teacher's most probable tokens.")
+    if targets.label_log_probs is None:
+        raise ValueError("A sparse teacher across tokenizers needs each label token's log-probability "
+                         "(SparseTargets.label_log_probs): the merge of a multi-token group reads it.")
+    count = int((side.labels != ignore_index).sum())
+    if targets.ids.size(0) != count:
+        raise ValueError(f"The sparse teacher has targets at {targets.ids.size(0)} tokens, its labels {count}.")
+
+
+def aligned_distillation_loss(student: Side, teacher: Side | SparseSide, settings: LossSettings,
                               aligned: AlignedSettings = AlignedSettings(), *,
                               shared_ids: tuple[torch.Tensor, torch.Tensor] | None = None,
                               num_items_in_batch: int | torch.Tensor | None = None, ignore_index: int = -100,
@@ -262,9 +356,13 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
         raise ValueError("The hybrid distance needs shared_ids: the token ids both vocabularies share.")
     if settings.noise_std > 0 and noise_seed is None:
         raise ValueError("noise_std > 0 needs a noise_seed (an int): the noise is drawn from it, per position.")
+    sparse = teacher if isinstance(teacher, SparseSide) else None
+    if sparse is not None:
+        _check_sparse_side(sparse, ignore_index)
     temperature = settings.temperature
     with chunk_heads(student, teacher, settings, noise_seed, teacher.labels.size(1)) as (student_head, teacher_head):
-        width = max(student_head.weight.size(0), teacher_head.weight.size(0))
+        width = max(student_head.weight.size(0),
+                    sparse.vocab_size if sparse is not None else teacher_head.weight.size(0))
         chunk = chunk_length(width, _WORKING_BUFFERS, student.hidden.device, chunk_size, memory_budget_mb)
 
         count = group_count(student.groups, teacher.groups)
@@ -272,13 +370,15 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
         teacher_groups = _side_groups(teacher.labels, teacher.groups, count, aligned.merge, ignore_index)
 
         student_rows = student.hidden.reshape(-1, student.hidden.size(-1))[student_groups.positions]
-        teacher_rows = teacher.hidden.reshape(-1, teacher.hidden.size(-1))[teacher_groups.positions].detach()
         student_targets = student.labels.reshape(-1)[student_groups.positions]
         teacher_targets = teacher.labels.reshape(-1)[teacher_groups.positions]
+        teacher_source = _TeacherRows(
+            teacher_head, None if sparse else teacher.hidden.reshape(-1, teacher.hidden.size(-1))[
+                teacher_groups.positions].detach(),
+            teacher_groups.positions, teacher_targets, sparse, temperature)
         student_log_p, student_log_p_t, correct = label_log_probs(
             student_head, student_rows, student_groups.positions, student_targets, temperature, chunk, grad=True)
-        _, teacher_log_p_t, _ = label_log_probs(
-            teacher_head, teacher_rows, teacher_groups.positions, teacher_targets, temperature, chunk, grad=False)
+        teacher_log_p_t = teacher_source.label_log_probs(chunk)
 
         common = (student_groups.base >= 0) & (teacher_groups.base >= 0)
         pairs = int(common.sum())
@@ -294,9 +394,7 @@ def aligned_distillation_loss(student: Side, teacher: Side, settings: LossSettin
             student_probs = F.softmax(student_head.logits(h, student_groups.positions[student_base[rows]], weight,
                                                           bias) / temperature, dim=-1) * log_scale.exp()[:, None]
             with torch.no_grad():
-                teacher_pair_rows = teacher_base[rows]
-                teacher_logits = teacher_head.logits(teacher_rows[teacher_pair_rows],
-                                                     teacher_groups.positions[teacher_pair_rows])
+                teacher_logits = teacher_source.logits(teacher_base[rows])
                 teacher_probs = F.softmax(teacher_logits / temperature, dim=-1) * teacher_scale[rows].exp()[:, None]
             if aligned.distance == "uld":
                 return sorted_distance(student_probs, teacher_probs).sum()

@@ -56,6 +56,9 @@ class SparseTargets(NamedTuple):
     tempered_tail_log_mass: `[N]` fp32 log of the mass outside `ids` of the teacher at temperature `tempered_at`
         (softmax(z / T)), or None when unknown (`top_k`): with it the tempered target is exact at that temperature.
     tempered_at: the temperature `tempered_tail_log_mass` is for.
+    label_log_probs: `[N]` fp32 log-probability at temperature 1 of each position's label token (the next token of
+        the teacher's own tokenization), whether or not it is among `ids`, or None: what a teacher of another
+        tokenizer is asked for (`kd_trainers.losses.aligned`: the merge of a multi-token group reads it).
     """
 
     ids: torch.Tensor
@@ -64,17 +67,20 @@ class SparseTargets(NamedTuple):
     kind: str = "top_k"
     tempered_tail_log_mass: torch.Tensor | None = None
     tempered_at: float = 1.0
+    label_log_probs: torch.Tensor | None = None
 
     def rows(self, index: slice | torch.Tensor) -> "SparseTargets":
-        tempered = None if self.tempered_tail_log_mass is None else self.tempered_tail_log_mass[index]
+        tempered, label = (None if tensor is None else tensor[index]
+                           for tensor in (self.tempered_tail_log_mass, self.label_log_probs))
         return SparseTargets(self.ids[index], self.log_probs[index], self.tail_log_mass[index], self.kind, tempered,
-                             self.tempered_at)
+                             self.tempered_at, label)
 
     def to(self, device: torch.device | str) -> "SparseTargets":
-        tempered = None if self.tempered_tail_log_mass is None else \
-            self.tempered_tail_log_mass.to(device, torch.float32)
+        tempered, label = (None if tensor is None else tensor.to(device, torch.float32)
+                           for tensor in (self.tempered_tail_log_mass, self.label_log_probs))
         return SparseTargets(self.ids.to(device), self.log_probs.to(device, torch.float32),
-                             self.tail_log_mass.to(device, torch.float32), self.kind, tempered, self.tempered_at)
+                             self.tail_log_mass.to(device, torch.float32), self.kind, tempered, self.tempered_at,
+                             label)
 
 
 def check_sparse_settings(kind: str, tail: str, divergence: str) -> None:

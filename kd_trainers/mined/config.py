@@ -51,12 +51,16 @@ class MinEDConfig(TwoTokenizerFields, DistillationConfig):
         super().__post_init__()
 
     def teacher_needs(self) -> TeacherNeeds:
-        """A teacher model in memory: the loss reads the teacher's whole distribution at its own tokenization's
-        positions, and a teacher cache or server here holds top-k targets at the student's positions."""
-        why = ("MinED reads the teacher's distribution at the positions of the teacher's own tokenization and maps "
-               "it into the student's vocabulary, and {holder}. Drop {field} and give teacher_model_name_or_path.")
+        """A teacher model in memory: the loss carries the teacher's whole distribution into the student's
+        vocabulary through the edit-distance map, and a teacher cache or server gives its top k only."""
+        why = ("MinED carries the teacher's whole distribution into the student's vocabulary through the "
+               "edit-distance map, and {holder}. Drop {field} and give teacher_model_name_or_path (ULD and GOLD read "
+               "a {kind} at the teacher's own tokenization).")
         return TeacherNeeds({
-            "cache": why.format(holder="a teacher cache holds top-k targets at the student's token positions",
-                                field="teacher_cache"),
-            "url": why.format(holder="a served teacher answers at the student's token positions", field="teacher_url"),
-            "mixture": why.format(holder="several teachers are mixed per student token", field="teacher_models")})
+            "cache": why.format(holder="a teacher cache holds its top k only", field="teacher_cache",
+                                kind="teacher cache"),
+            "url": why.format(holder="a served teacher answers its top k only", field="teacher_url",
+                              kind="served teacher"),
+            "mixture": "MinED reads one teacher's distribution at the positions of the teacher's own tokenization, "
+                       "and several teachers are mixed per student token. Drop teacher_models and give "
+                       "teacher_model_name_or_path."})

@@ -19,6 +19,7 @@ from ..demo.models import ARCHITECTURES, SIZES
 from ..demo.tokenizers import TOKENIZER_KINDS
 from ..evaluation.harness import check_harness
 from ..teachers.cached import MEMBER_NOT_WRITTEN, NO_WRITER_IN_RECIPE, check_cache_before_loading
+from ..teachers.needs import stand_in_tokenization
 from ..teachers.served import check_server_before_loading
 from .data import LOCAL_FORMATS, load_recipe_datasets
 from .errors import NotAvailableYet, RecipeError
@@ -149,10 +150,16 @@ def check_teacher_cache(recipe: Recipe, repair: bool = False) -> None:
     path = getattr(config, "teacher_cache", None)
     if path is None:
         return
+    if stand_in_tokenization(config) == "teacher" and config.teacher_model_name_or_path is None and \
+            getattr(config, "teacher_tokenizer_name_or_path", None) is None:
+        raise RecipeError(f"{recipe.path}: teacher_cache: {path!r} holds the teacher at its own tokenization, and "
+                          "neither teacher_model_name_or_path nor teacher_tokenizer_name_or_path names the teacher's "
+                          "tokenizer, which tokenizes each example a second time. Set teacher_tokenizer_name_or_path.")
     _cache_before_loading(recipe, path, "teacher_cache", writer_named=config.teacher_model_name_or_path is not None,
                           no_writer=NO_WRITER_IN_RECIPE, repair=repair,
                           settings={"mode": config.teacher_cache_mode, "k": config.teacher_cache_k,
-                                    "temperature": config.kd_temperature})
+                                    "temperature": config.kd_temperature,
+                                    "tokenization": stand_in_tokenization(config)})
 
 
 def _cache_before_loading(recipe: Recipe, path: str, field: str, **checks) -> None:

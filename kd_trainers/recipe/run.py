@@ -99,6 +99,9 @@ def build_trainer(recipe: Recipe, callbacks=None):
     elif recipe.needs_teacher and config.teacher_model_name_or_path is not None:  # else a cache or a server
         teacher, teacher_tokenizer = resolve_teacher(recipe)
         kwargs.update(teacher_model=teacher, teacher_processing_class=teacher_tokenizer)
+    elif recipe.needs_teacher and getattr(config, "teacher_tokenizer_name_or_path", None) is not None:
+        # A cache or a server read at the teacher's own tokenization: the tokenizer the recipe names (a demo spec too).
+        kwargs["teacher_processing_class"] = resolve_tokenizer(config.teacher_tokenizer_name_or_path)
     elif recipe.needs_teacher and getattr(config, "teacher_url", None) is not None:
         # The served model's name, as a recipe names models (a demo spec too), gives the tokenizer to check.
         kwargs["teacher_processing_class"] = resolve_tokenizer(served_model_name(config))

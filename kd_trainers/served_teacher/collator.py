@@ -31,8 +31,9 @@ class ServedTargets:
         if self._targets is None:
             rows = self.pending.result()  # per row: its positions 1..L-1
             parts = [row.rows(index) for row, index in zip(rows, self.positions)]
-            self._targets = SparseTargets(*(torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts))),
-                                          "top_k")
+            ids, log_probs, tail = (torch.cat(tensors) for tensors in zip(*(part[:3] for part in parts)))
+            self._targets = SparseTargets(ids, log_probs, tail, "top_k", label_log_probs=torch.cat(
+                [part.label_log_probs for part in parts]))
         return self._targets
 
     def __getstate__(self):  # sent from a data loader worker: the answers, not the threads waiting for them
@@ -43,15 +44,18 @@ class ServedTargets:
 class ServedTeacherCollator:
     """Wraps a trainer's collator (right-padded rows, one example each; not padding-free) and adds
     `batch[key]` (`teacher_targets`, or another key for one server of several), a `ServedTargets` for its label
-    tokens."""
+    tokens: those of `input_ids`/`labels`, or with `prefix="teacher_"` of the teacher's own tokenization
+    (`teacher_input_ids`/`teacher_labels`)."""
 
-    def __init__(self, collator, client: TeacherClient, prefetch: bool = True, key: str = TARGETS_KEY):
+    def __init__(self, collator, client: TeacherClient, prefetch: bool = True, key: str = TARGETS_KEY,
+                 prefix: str = ""):
         self.collator, self.client, self.prefetch, self.key = collator, client, prefetch, key
+        self.prefix = prefix  # "teacher_": the server reads the teacher's own tokenization of each row
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = self.collator(examples)
-        ids, labels = batch["input_ids"], batch["labels"]
-        mask = batch.get("attention_mask")
+        ids, labels = batch[self.prefix + "input_ids"], batch[self.prefix + "labels"]
+        mask = batch.get(self.prefix + "attention_mask")
         if ids.size(0) != len(examples):
             raise ValueError(f"teacher_url: the collator made {ids.size(0)} rows of {len(examples)} examples (packed "
                              "or padding-free); a served teacher scores one example a row.")

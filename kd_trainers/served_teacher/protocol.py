@@ -34,7 +34,8 @@ these is not used: it is asked again, like an answer that never came.
 
 The distillation target at a label position t (the student predicts token t + 1 from tokens 0..t) is
 `prompt_logprobs[t + 1]`: its K most probable ids and log-probabilities, and the log of the mass outside them
-(`kd_trainers.losses.sparse.SparseTargets`, kind `top_k`).
+(`kd_trainers.losses.sparse.SparseTargets`, kind `top_k`), with the prompt token's own log-probability there (its
+`label_log_probs`: what a teacher of another tokenizer is read by, `kd_trainers.losses.aligned`).
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def completion_request(model: str, sequences: list[list[int]], k: int) -> dict:
             "prompt_logprobs": int(k), "temperature": 1.0, "n": 1, "stream": False}
 
 
-def _position(entry, token: int, k: int, vocab: int, where: str) -> tuple[list[int], list[float]]:
-    """The `k` most probable `(ids, log_probs)` of one position's map, checked. Entries ranked above `k` (vLLM adds
-    the prompt token with its own rank) are not part of the target."""
+def _position(entry, token: int, k: int, vocab: int, where: str) -> tuple[list[int], list[float], float]:
+    """The `k` most probable `(ids, log_probs)` of one position's map, checked, and the prompt token's own
+    log-probability. Entries ranked above `k` (vLLM adds the prompt token with its own rank) are not part of the
+    target."""
     if not isinstance(entry, dict):
         raise InvalidAnswer(f"{where}: expected a map of token ids to log-probabilities, got {type(entry).__name__}")
     if str(token) not in entry:
@@ -84,7 +86,9 @@ def _position(entry, token: int, k: int, vocab: int, where: str) -> tuple[list[i
         raise InvalidAnswer(f"{where}: {len(pairs)} of the top {k} tokens, fewer than asked for")
     pairs.sort(key=lambda pair: (-pair[0], pair[1]))
     top = pairs[:k]
-    return [token_id for _, token_id in top], [logprob for logprob, _ in top]
+    own = entry[str(token)]
+    return ([token_id for _, token_id in top], [logprob for logprob, _ in top],
+            float(own.get("logprob") if isinstance(own, dict) else own))
 
 
 def parse_completion(answer, sequences: list[list[int]], k: int, vocab: int) -> list[SparseTargets]:
@@ -109,12 +113,13 @@ def parse_completion(answer, sequences: list[list[int]], k: int, vocab: int) -> 
         echoed = choice.get("prompt_token_ids")
         if echoed is not None and list(echoed) != list(ids):
             raise InvalidAnswer(f"prompt {row}: the server read other token ids than were sent")
-        top_ids, top_log_probs = [], []
+        top_ids, top_log_probs, own_log_probs = [], [], []
         for position in range(1, len(ids)):
-            position_ids, position_log_probs = _position(positions[position], int(ids[position]), k, vocab,
-                                                         f"prompt {row}, position {position}")
+            position_ids, position_log_probs, own = _position(positions[position], int(ids[position]), k, vocab,
+                                                              f"prompt {row}, position {position}")
             top_ids.append(position_ids)
             top_log_probs.append(position_log_probs)
+            own_log_probs.append(own)
         log_probs = torch.tensor(top_log_probs, dtype=torch.float64).reshape(-1, k)
         mass = torch.logsumexp(log_probs, -1)
         if (mass > math.log1p(SUM_SLACK)).any():
@@ -123,7 +128,8 @@ def parse_completion(answer, sequences: list[list[int]], k: int, vocab: int) -> 
         # The k probabilities to exactly the mass the tail leaves, so that each position sums to one.
         log_probs = log_probs - mass[:, None] + log1mexp(tail)[:, None]
         targets.append(SparseTargets(torch.tensor(top_ids, dtype=torch.long).reshape(-1, k), log_probs.float(),
-                                     tail.float(), "top_k"))
+                                     tail.float(), "top_k",
+                                     label_log_probs=torch.tensor(own_log_probs, dtype=torch.float32)))
     return targets
 
 

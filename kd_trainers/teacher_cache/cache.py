@@ -36,7 +36,9 @@ from .layout import FORMAT_VERSION, block_name, digest
 
 
 # Batch keys the collator adds (the trainers keep them away from the models), and the columns it reads.
-BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass", "teacher_tail_log_mass_tempered")
+BATCH_KEYS = ("teacher_ids", "teacher_log_probs", "teacher_tail_log_mass", "teacher_tail_log_mass_tempered",
+              "teacher_label_log_probs")
+LABEL_KEY = BATCH_KEYS[-1]  # only from a cache of the teacher's own tokenization
 RECORD_COLUMNS = ("teacher_tokens", "teacher_record")
 
 
@@ -52,22 +54,35 @@ def quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def row_hash(example: dict) -> str:
+# Whose tokenization of each row a cache holds the teacher at: the student's (`input_ids`, `labels`: the teacher shares
+# its vocabulary), or the teacher's own (`teacher_input_ids`, labels where `teacher_completion_mask` is 1: a teacher of
+# another tokenizer, for the methods that align the two, `kd_trainers.losses.aligned`).
+TOKENIZATIONS = {"student": "", "teacher": "teacher_"}
+
+
+def row_tokens(example: dict, tokenization: str = "student") -> tuple[np.ndarray, np.ndarray]:
+    """`(token ids [L], labels [L])` of a row in `tokenization` (`TOKENIZATIONS`), labels -100 off the loss."""
+    if tokenization == "student":
+        ids = np.asarray(example["input_ids"], dtype=np.int64)
+        return ids, np.asarray(example.get("labels", example["input_ids"]), dtype=np.int64)
+    ids = np.asarray(example["teacher_input_ids"], dtype=np.int64)
+    return ids, np.where(np.asarray(example["teacher_completion_mask"]) == 1, ids, -100)
+
+
+def row_hash(example: dict, tokenization: str = "student") -> str:
     """What a row is to the cache: its token ids and which of them are labels."""
-    ids = np.asarray(example["input_ids"], dtype=np.int64)
-    labels = np.asarray(example.get("labels", example["input_ids"]), dtype=np.int64)
+    ids, labels = row_tokens(example, tokenization)
     return hashlib.sha256(ids.tobytes() + b"|" + labels.tobytes()).hexdigest()[:16]
 
 
-def label_token_count(example: dict) -> int:
+def label_token_count(example: dict, tokenization: str = "student") -> int:
     """Label tokens of a row as the loss sees them: positions 1.. whose label is not -100 (shifted by one)."""
-    labels = np.asarray(example.get("labels", example["input_ids"]))
-    return int((labels[1:] != -100).sum())
+    return int((row_tokens(example, tokenization)[1][1:] != -100).sum())
 
 
-def split_fingerprint(dataset) -> tuple[dict, list[str]]:
+def split_fingerprint(dataset, tokenization: str = "student") -> tuple[dict, list[str]]:
     """`({rows, fingerprint}, row hashes)` of a split, the hashes in row order."""
-    hashes = [row_hash(example) for example in dataset]
+    hashes = [row_hash(example, tokenization) for example in dataset]
     return {"rows": len(hashes), "fingerprint": digest(hashes)}, hashes
 
 
@@ -103,25 +118,35 @@ def teacher_files_fingerprint(teacher) -> str | None:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """What a pass writes: `mode` (top_k or sampled), `k` (ids a token), `vocab` (the distilled vocabulary) and the
-    `temperatures` at which the tail's mass is stored (`top_k`: what makes a tempered target exact; 1 first)."""
+    """What a pass writes: `mode` (top_k or sampled), `k` (ids a token), `vocab` (the distilled vocabulary), the
+    `temperatures` at which the tail's mass is stored (`top_k`: what makes a tempered target exact; 1 first) and the
+    `tokenization` whose label tokens it holds (`TOKENIZATIONS`; the teacher's own also stores each label token's
+    log-probability)."""
 
     mode: str
     k: int
     vocab: int
     temperatures: tuple[float, ...] = (1.0,)
+    tokenization: str = "student"
 
     @classmethod
     def for_run(cls, mode: str, k: int, vocab: int, temperature: float,
-                more_temperatures: list[float] | None = None) -> "CacheSettings":
+                more_temperatures: list[float] | None = None, tokenization: str = "student") -> "CacheSettings":
         """The settings a run writes: the tail at 1, at the run's temperature and at any other it names (a sampled
         cache needs none: its draws are reweighted)."""
         wanted = {1.0} if mode == "sampled" else {1.0, float(temperature), *map(float, more_temperatures or [])}
-        return cls(mode, k, vocab, (1.0, *sorted(wanted - {1.0})))
+        return cls(mode, k, vocab, (1.0, *sorted(wanted - {1.0})), tokenization)
+
+    @property
+    def stores_labels(self) -> bool:
+        return self.tokenization == "teacher"
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "k": self.k, "vocab": self.vocab, "format_version": FORMAT_VERSION,
-                "code_step": CODE_STEP, "zstd_level": COMPRESSION_LEVEL, "temperatures": list(self.temperatures)}
+        settings = {"mode": self.mode, "k": self.k, "vocab": self.vocab, "format_version": FORMAT_VERSION,
+                    "code_step": CODE_STEP, "zstd_level": COMPRESSION_LEVEL, "temperatures": list(self.temperatures)}
+        if self.tokenization != "student":  # named only when it is not the first kind: older caches keep their key
+            settings["tokenization"] = self.tokenization
+        return settings
 
 
 def cache_components(teacher: dict, tokenizer: str, data: dict, settings: CacheSettings) -> dict:
@@ -156,6 +181,7 @@ class TeacherCache:
         settings = info["components"]["settings"]
         self.mode, self.k, self.vocab = settings["mode"], settings["k"], settings["vocab"]
         self.temperatures = tuple(settings.get("temperatures", [1.0]))
+        self.tokenization = settings.get("tokenization", "student")
         self.id_bytes = info["id_bytes"]
 
     @classmethod
@@ -177,8 +203,9 @@ class TeacherCache:
     def describe(self) -> str:
         """What a model card and `run_info.json` say of the cache as the teacher."""
         teacher = self.info["components"]["teacher"]
-        return (f"teacher cache {os.path.abspath(self.path)} (key {self.key}; {self.mode}, k={self.k}; teacher "
-                f"{teacher['name']}, weights {teacher['weights']})")
+        tokenization = "" if self.tokenization == "student" else "; at the teacher's own tokenization"
+        return (f"teacher cache {os.path.abspath(self.path)} (key {self.key}; {self.mode}, k={self.k}{tokenization}; "
+                f"teacher {teacher['name']}, weights {teacher['weights']})")
 
     def check(self, tokenizer: str, data: dict, settings: CacheSettings, teacher: dict | None) -> None:
         """Fail, naming each difference, unless the cache was written for this tokenizer, data and settings, and for
@@ -257,25 +284,31 @@ class SparseTeacherCollator:
     def __call__(self, examples: list[dict]) -> dict:
         examples = [dict(example) for example in examples]
         tokens, record = (column + self.suffix for column in RECORD_COLUMNS)
+        with_labels = self.cache.tokenization != "student"
         parts = [decode(example.pop(record), example.pop(tokens), self.cache.k, self.cache.id_bytes,
-                        self.cache.mode, len(self.cache.temperatures), self.tempered_index, self.temperature)
+                        self.cache.mode, len(self.cache.temperatures), self.tempered_index, self.temperature,
+                        with_labels)
                  for example in examples]
         batch = self.collator(examples)
-        labels = batch["labels"][:, 1:]
+        labels = batch[TOKENIZATIONS[self.cache.tokenization] + "labels"][:, 1:]
         count = int((labels != -100).sum())
         ids, log_probs, tail, tempered = (torch.cat(tensors) for tensors in
                                           zip(*((p.ids, p.log_probs, p.tail_log_mass, p.tempered_tail_log_mass)
                                                 for p in parts)))
-        targets = SparseTargets(ids, log_probs, tail, self.cache.mode, tempered, self.temperature)
+        label_log_probs = torch.cat([p.label_log_probs for p in parts]) if with_labels else None
+        targets = SparseTargets(ids, log_probs, tail, self.cache.mode, tempered, self.temperature, label_log_probs)
         if targets.ids.size(0) != count:
             raise ValueError(f"teacher_cache={self.cache.path!r}: the batch has {count} label tokens but its cached "
                              f"rows hold {targets.ids.size(0)}; the collator labels other tokens than the cache pass "
                              "did (packing is not supported with a teacher cache).")
-        batch.update(zip((key + self.suffix for key in BATCH_KEYS), (ids, log_probs, tail, tempered)))
+        batch.update(zip((key + self.suffix for key in BATCH_KEYS[:4]), (ids, log_probs, tail, tempered)))
+        if with_labels:
+            batch[LABEL_KEY + self.suffix] = label_log_probs
         return batch
 
 
 def targets_from_batch(batch: dict, mode: str, suffix: str = "", temperature: float = 1.0) -> SparseTargets:
-    """The batch's `SparseTargets` as `SparseTeacherCollator` put them in (the tail at `temperature` included)."""
-    ids, log_probs, tail, tempered = (batch[key + suffix] for key in BATCH_KEYS)
-    return SparseTargets(ids, log_probs, tail, mode, tempered, temperature)
+    """The batch's `SparseTargets` as `SparseTeacherCollator` put them in (the tail at `temperature` and, from a cache
+    of the teacher's own tokenization, the label log-probabilities included)."""
+    ids, log_probs, tail, tempered = (batch[key + suffix] for key in BATCH_KEYS[:4])
+    return SparseTargets(ids, log_probs, tail, mode, tempered, temperature, batch.get(LABEL_KEY + suffix))

@@ -147,6 +147,11 @@ def read_info(path: str) -> dict | None:
     temperatures = _field(info, "components.settings.temperatures", list, path,
                           lambda v: v and v[0] == 1.0 and all(isinstance(t, (int, float)) and t > 0 for t in v),
                           "a list of positive temperatures starting with 1.0")
+    tokenization = info["components"]["settings"].get("tokenization", "student")
+    if tokenization not in ("student", "teacher"):
+        raise CacheProblem(f"{where}: {INFO}: components.settings.tokenization: {tokenization!r} is not 'student' "
+                           f"or 'teacher'; {fix(path)}.")
+    labels = tokenization == "teacher"
     if mode == "sampled" and len(temperatures) != 1:
         raise CacheProblem(f"{where}: {INFO}: components.settings.temperatures: {temperatures!r} is not [1.0] "
                            f"(a sampled cache stores one tail); {fix(path)}.")
@@ -164,8 +169,8 @@ def read_info(path: str) -> dict | None:
         tokens = _field(info, f"{field}.label_tokens", int, path, lambda v: v >= 0, "a count")
         _field(info, f"{field}.record_bytes", int, path, lambda v: v >= 0, "a count")
         _field(info, f"{field}.raw_bytes", int, path,
-               lambda v: v == raw_size(tokens, k, id_bytes, len(temperatures)),
-               f"{raw_size(tokens, k, id_bytes, len(temperatures))} (the records' size before compression)")
+               lambda v: v == raw_size(tokens, k, id_bytes, len(temperatures), labels),
+               f"{raw_size(tokens, k, id_bytes, len(temperatures), labels)} (the records' size before compression)")
         _field(info, f"{field}.block_digests", list, path,
                lambda v: len(v) == splits[name]["blocks"] and all(isinstance(d, str) for d in v),
                f"a list of {splits[name]['blocks']} block digests")

@@ -33,7 +33,8 @@ from ..losses.heads import weight_and_bias
 from ..losses.settings import LogitTransform
 from ..losses.noise import mix_seed
 from ..losses.sparse import sampled_targets, tail_log_masses, top_k_targets
-from .cache import CacheSettings, TeacherCache, differences, label_token_count, quiet_datasets, read_json
+from .cache import (CacheSettings, TeacherCache, differences, label_token_count, quiet_datasets, read_json,
+                    row_tokens)
 from .format import encode, id_bytes_for, raw_size
 from .integrity import CacheProblem, block_problem, read_block_checksum, write_block_checksum
 from .layout import BLOCK_ROWS, INFO, PLAN, block_name, cache_key, digest
@@ -48,25 +49,28 @@ fcntl = importlib.import_module("fcntl") if importlib.util.find_spec("fcntl") el
 PROJECTION_BUDGET_BYTES = 64 * 2**20
 
 
-def right_padded(examples: list[dict], pad_id: int, device) -> tuple[dict, torch.Tensor]:
-    """Right-padded `input_ids`/`attention_mask` and `labels` `[B, L]` of a list of rows."""
-    length = max(len(example["input_ids"]) for example in examples)
+def right_padded(examples: list[dict], pad_id: int, device, tokenization: str = "student"
+                 ) -> tuple[dict, torch.Tensor]:
+    """Right-padded `input_ids`/`attention_mask` and `labels` `[B, L]` of a list of rows, in `tokenization`."""
+    tokens = [row_tokens(example, tokenization) for example in examples]
+    length = max(len(ids) for ids, _ in tokens)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for row, example in enumerate(examples):
-        n = len(example["input_ids"])
-        ids[row, :n] = torch.as_tensor(example["input_ids"])
+    for row, (row_ids, row_labels) in enumerate(tokens):
+        n = len(row_ids)
+        ids[row, :n] = torch.as_tensor(row_ids)
         mask[row, :n] = 1
-        labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
+        labels[row, :n] = torch.as_tensor(row_labels)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, labels.to(device)
 
 
 @torch.no_grad()
 def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transform: LogitTransform,
-                generator: torch.Generator | None = None):
-    """`(ids [n, k], log_probs [n, k], tail log-masses [m, n])` of the teacher at hidden states `[n, D]`, the tails
-    at each of `settings.temperatures` (1 first)."""
+                generator: torch.Generator | None = None, labels: torch.Tensor | None = None):
+    """`(ids [n, k], log_probs [n, k], tail log-masses [m, n], label log-probabilities [n] or None)` of the teacher at
+    hidden states `[n, D]`, the tails at each of `settings.temperatures` (1 first), the label `labels` `[n]`'s
+    log-probability at temperature 1 when they are given."""
     weight, bias = weight_and_bias(teacher.get_output_embeddings())
     rows = max(1, PROJECTION_BUDGET_BYTES // (4 * settings.vocab))
     parts = []
@@ -78,12 +82,16 @@ def sparse_rows(teacher, hidden: torch.Tensor, settings: CacheSettings, transfor
         targets = top_k_targets(logits, settings.k) if settings.mode == "top_k" else \
             sampled_targets(logits, settings.k, generator)
         tails = [targets.tail_log_mass, *tail_log_masses(logits, targets.ids, settings.temperatures[1:])]
-        parts.append((targets.ids, targets.log_probs, torch.stack(tails)))
+        label = None if labels is None else \
+            logits.log_softmax(-1).gather(1, labels[start: start + rows, None])[:, 0]
+        parts.append((targets.ids, targets.log_probs, torch.stack(tails), label))
     if not parts:
         empty = hidden.new_zeros(0, settings.k)
-        return empty.long(), empty.float(), hidden.new_zeros(len(settings.temperatures), 0).float()
-    ids, log_probs, tails = zip(*parts)
-    return torch.cat(ids), torch.cat(log_probs), torch.cat(tails, dim=1)
+        return (empty.long(), empty.float(), hidden.new_zeros(len(settings.temperatures), 0).float(),
+                None if labels is None else hidden.new_zeros(0).float())
+    ids, log_probs, tails, label = zip(*parts)
+    return (torch.cat(ids), torch.cat(log_probs), torch.cat(tails, dim=1),
+            None if labels is None else torch.cat(label))
 
 
 def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettings, transform: LogitTransform,
@@ -93,7 +101,7 @@ def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettin
     columns = {"row_hash": [], "teacher_tokens": [], "teacher_record": []}
     for start in range(rows.start, rows.stop, batch_size):
         examples = [dataset[row] for row in range(start, min(start + batch_size, rows.stop))]
-        inputs, labels = right_padded(examples, pad_id, device)
+        inputs, labels = right_padded(examples, pad_id, device, settings.tokenization)
         hidden = last_hidden_state(teacher, inputs)[:, :-1]
         for offset, example in enumerate(examples):
             positions = labels[offset, 1:] != -100
@@ -101,10 +109,12 @@ def _write_block(teacher, dataset, split: str, index: int, settings: CacheSettin
             if settings.mode == "sampled":  # each row's draws from its own seed: the same whoever writes it
                 generator = torch.Generator(device=device).manual_seed(
                     mix_seed(seed, zlib.crc32(split.encode()), start + offset))
-            ids, log_probs, tail = sparse_rows(teacher, hidden[offset][positions], settings, transform, generator)
+            ids, log_probs, tail, label_log_probs = sparse_rows(
+                teacher, hidden[offset][positions], settings, transform, generator,
+                labels[offset, 1:][positions] if settings.stores_labels else None)
             columns["row_hash"].append(hashes[start + offset])
-            columns["teacher_tokens"].append(label_token_count(example))
-            columns["teacher_record"].append(encode(ids, log_probs, tail, id_bytes))
+            columns["teacher_tokens"].append(label_token_count(example, settings.tokenization))
+            columns["teacher_record"].append(encode(ids, log_probs, tail, id_bytes, label_log_probs))
     block = datasets.Dataset.from_dict(columns, features=datasets.Features({
         "row_hash": datasets.Value("string"), "teacher_tokens": datasets.Value("int32"),
         "teacher_record": datasets.Value("binary")}))
@@ -224,7 +234,8 @@ def _write(path, teacher, splits, hashes, components, settings, pad_id, accelera
             info["splits"][split] = {"rows": sum(entry["rows"] for entry in entries), "blocks": blocks,
                                      "label_tokens": tokens,
                                      "record_bytes": sum(entry["record_bytes"] for entry in entries),
-                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes, len(settings.temperatures)),
+                                     "raw_bytes": raw_size(tokens, settings.k, id_bytes, len(settings.temperatures),
+                                                          settings.stores_labels),
                                      "block_digests": [digest(entry) for entry in entries]}
         write_atomically(os.path.join(path, INFO), json.dumps(info, indent=2))
         cache = TeacherCache(path, info)

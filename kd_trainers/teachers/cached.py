@@ -21,6 +21,7 @@ from ..teacher_cache.integrity import CacheProblem, check_whole, has_partial_pas
 from ..teacher_cache.integrity import fix as integrity_fix
 from .base import Teacher, TeacherDescription, register_teacher_kind
 from .loading import freeze, model_name
+from .needs import stand_in_tokenization
 from .resident import checked_heads
 
 
@@ -74,11 +75,11 @@ def cache_splits(host) -> dict:
     return splits
 
 
-def split_fingerprints(host) -> tuple[dict, dict]:
-    """`({split: {rows, fingerprint}}, {split: row hashes})` of the splits a cache is keyed to."""
+def split_fingerprints(host, tokenization: str = "student") -> tuple[dict, dict]:
+    """`({split: {rows, fingerprint}}, {split: row hashes})` of the splits a cache is keyed to, in `tokenization`."""
     data, hashes = {}, {}
     for name, dataset in cache_splits(host).items():
-        data[name], hashes[name] = split_fingerprint(dataset)
+        data[name], hashes[name] = split_fingerprint(dataset, tokenization)
     return data, hashes
 
 
@@ -121,8 +122,9 @@ def check_cache_before_loading(path: str, field: str, *, writer_named: bool, no_
     """What a run will ask of the cache at `path` (its `field`: `teacher_cache`, or a teacher's `teachers[i].cache`),
     checked before anything loads (a recipe's checks): complete, unless a named teacher writes it first
     (`writer_named`; else the error ends with `no_writer`); written with the run's `settings` (`{mode, k,
-    temperature}`; None for a teacher among several, read as it was written); for the student's `tokenizer` (None:
-    not known yet) and the data's rows (`rows()` -> `{split: count or None}`, None: not known before loading); every
+    temperature, tokenization}`; None for a teacher among several, read as it was written); for the student's
+    `tokenizer` (None: not known yet; not read for a cache of the teacher's own tokenization, whose tokenizer the
+    trainer checks) and the data's rows (`rows()` -> `{split: count or None}`, None: not known before loading); every
     block whole, unless `repair` (the pass that rewrites what is damaged comes next). Raises `CacheProblem` or
     `ValueError` naming the field."""
     where = f"{field}: {path!r}"
@@ -135,17 +137,22 @@ def check_cache_before_loading(path: str, field: str, *, writer_named: bool, no_
         raise CacheProblem(f"{prefix}{error}") from None
     if info is None:  # the named teacher writes it first
         return
+    stored_tokenization = info["components"]["settings"].get("tokenization", "student")
     if settings is not None:
         stored = info["components"]["settings"]
         differ = [f"teacher_cache_{key}: {settings[key]!r} where the cache has {stored[key]!r}" for key in ("mode", "k")
                   if stored.get(key) != settings[key]]
+        if stored_tokenization != settings.get("tokenization", "student"):
+            differ.append(f"the method reads the teacher at the {settings.get('tokenization', 'student')}'s "
+                          f"tokenization, the cache holds it at the {stored_tokenization}'s")
         if settings["mode"] == "top_k" and float(settings["temperature"]) not in stored["temperatures"]:
             differ.append(f"kd_temperature: {settings['temperature']!r} where the cache stores the tail at "
                           f"temperatures {stored['temperatures']}")
         if differ:
             raise ValueError(f"{where} was written with other settings ({'; '.join(differ)}); point teacher_cache "
                              "at a new folder or match its settings.")
-    if tokenizer is not None and tokenizer_fingerprint(tokenizer) != info["components"]["tokenizer"]:
+    if tokenizer is not None and stored_tokenization == "student" and \
+            tokenizer_fingerprint(tokenizer) != info["components"]["tokenizer"]:
         raise ValueError(f"{where} was written for another tokenizer than the student's ({student_name}); point it "
                          "at a cache written for this student, or a new folder.")
     for split, count in (rows() if rows is not None else {}).items():
@@ -198,7 +205,17 @@ class CachedTeacher(Teacher):
         teacher = host._required_teacher(teacher_model, args)
         if teacher is None:  # a complete cache, written with the student's tokenizer (checked when it is read)
             complete_cache_info(args.teacher_cache, f"teacher_cache={args.teacher_cache!r}", NO_WRITER)
-            return cls(args.teacher_cache, None, student_tokenizer, None, True, tail=args.teacher_cache_tail)
+            if stand_in_tokenization(args) == "student":
+                return cls(args.teacher_cache, None, student_tokenizer, None, True, tail=args.teacher_cache_tail)
+            # at the teacher's own tokenization: its tokenizer, as the run names it, tokenizes the data a second time
+            if teacher_processing_class is None and getattr(args, "teacher_tokenizer_name_or_path", None) is None:
+                raise ValueError(
+                    f"teacher_cache={args.teacher_cache!r} with {host._name} and no teacher model: the cache holds the "
+                    "teacher at its own tokenization, and nothing names the teacher's tokenizer to tokenize each "
+                    "example a second time. Set teacher_tokenizer_name_or_path (or pass teacher_processing_class).")
+            tokenizer, assumed = host._checked_teacher_tokenizer(model, args, None, teacher_processing_class,
+                                                                 student_tokenizer)
+            return cls(args.teacher_cache, None, tokenizer, None, assumed, tail=args.teacher_cache_tail)
         # A teacher named to write it: checked as a teacher in memory is, before anything loads.
         tokenizer, assumed = host._checked_teacher_tokenizer(model, args, teacher, teacher_processing_class,
                                                              student_tokenizer)
@@ -215,9 +232,14 @@ class CachedTeacher(Teacher):
         """The cache checked against the trainer's own tokenized data (written first by the named teacher when it is
         not complete), and joined to it: each row carries its teacher record, which the collator turns into the
         batch's sparse targets."""
-        data, hashes = self.fingerprints or split_fingerprints(host)
-        vocab = len(host.processing_class)
-        tokenizer = tokenizer_fingerprint(host.processing_class)
+        # Whose tokenization the cache holds: the student's (one vocabulary), or the teacher's own, for a method that
+        # aligns the two tokenizations (ULD, GOLD), read at the teacher's label tokens.
+        self.tokenization = tokenization = stand_in_tokenization(args) if self.member is None else "student"
+        tokenizer = host.processing_class if tokenization == "student" else self.tokenizer
+        data, hashes = self.fingerprints or split_fingerprints(host, tokenization)
+        vocab = len(tokenizer)
+        self.pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+        tokenizer = tokenizer_fingerprint(tokenizer)
         if self.member is not None:
             cache = self.cache
             cache.check(tokenizer, data, CacheSettings(cache.mode, cache.k, vocab), None)
@@ -234,7 +256,7 @@ class CachedTeacher(Teacher):
         """The trainer's one cache: opened whole, else written (or mended) by the named teacher, and checked against
         this run's tokenizer, data, settings and teacher."""
         settings = CacheSettings.for_run(args.teacher_cache_mode, args.teacher_cache_k, vocab, args.kd_temperature,
-                                         args.teacher_cache_temperatures)
+                                         args.teacher_cache_temperatures, self.tokenization)
         try:
             info = complete_cache_info(self.path, f"teacher_cache={self.path!r}", None)  # None: not complete yet
             cache = None if info is None else TeacherCache(self.path, info)
@@ -265,10 +287,8 @@ class CachedTeacher(Teacher):
                 "accelerate.config=multi_process), then train from it under ZeRO-3.")
         teacher.to(host.accelerator.device)
         components = cache_components({**named, "weights": teacher_fingerprint(teacher)}, tokenizer, data, settings)
-        pad_id = host.processing_class.pad_token_id
         cache = write_teacher_cache(
-            self.path, teacher, cache_splits(host), hashes, components, settings,
-            host.processing_class.eos_token_id if pad_id is None else pad_id, host.accelerator,
+            self.path, teacher, cache_splits(host), hashes, components, settings, self.pad_id, host.accelerator,
             batch_size=args.teacher_cache_batch_size, seed=args.seed, log=lambda message: print(message, flush=True))
         del teacher
         gc.collect()

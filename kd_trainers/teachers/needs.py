@@ -25,6 +25,13 @@ def stand_in(config) -> tuple[str, object] | None:
     return None
 
 
+def stand_in_tokenization(config) -> str:
+    """Whose tokenization a stand-in teacher (a cache, a server) is read at (`kd_trainers.teacher_cache.
+    TOKENIZATIONS`): the student's, the one vocabulary of logit KD, unless the method's config says otherwise
+    (`stand_in_tokenization`: a method that aligns two tokenizations reads the teacher at its own label tokens)."""
+    return getattr(config, "stand_in_tokenization", "student")
+
+
 @dataclass(frozen=True)
 class TeacherNeeds:
     """`refused`: `{kind: why}` for each teacher kind (`cache`, `url`, `mixture`) the method cannot use, e.g. DSKD's

@@ -11,7 +11,9 @@ from ..losses.sparse import TAIL_TREATMENTS
 from ..runtime.errors import TeacherServerError
 from ..served_teacher import TARGETS_KEY, ServedTeacherCollator, TeacherClient
 from ..served_teacher.client import ServerRefused, public_url, refusal_hint
+from ..teacher_cache.cache import TOKENIZATIONS
 from .base import Teacher, TeacherDescription, register_teacher_kind
+from .needs import stand_in_tokenization
 from .loading import check_same_vocabulary, load_teacher_tokenizer, model_name
 
 
@@ -118,7 +120,8 @@ def check_server_before_loading(url: str, field: str, config, student, student_n
     """The server at `url` (a run's `field`) answers, at the first try, what the run will ask of it: `GET /models`,
     then a real `prompt_logprobs` request at the run's k for two of the `student` tokenizer's tokens (None: not known
     yet), its answer checked as a step's would be. The served model's tokenizer (`tokenizer_name`, else the served
-    model's name, loaded by `load_tokenizer`) must be the student's. Each failure is a `ValueError` saying what it
+    model's name, loaded by `load_tokenizer`) must be the student's, unless the method reads the teacher at its own
+    tokenization (then the probe is the teacher's tokens). Each failure is a `ValueError` saying what it
     means: no server, a wrong path, a k above the server's `--max-logprobs`, a server that answers fewer, another
     vocabulary."""
     where = f"{field}: {public_url(url)!r}"
@@ -144,11 +147,14 @@ def check_server_before_loading(url: str, field: str, config, student, student_n
                              f"({' '.join(str(error).split())[:200]}); name the teacher's Hub id or local path "
                              "(teacher_model_name_or_path, or the entry's tokenizer), which gives its tokenizer and is "
                              "not loaded.") from None
-        try:
-            check_same_vocabulary(student, teacher_tokenizer, student_name,
-                                  f"{served_name}, served at {public_url(url)}")
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+        if stand_in_tokenization(config) == "teacher":  # asked at the teacher's own tokenization: its ids answer
+            client.vocab, student = len(teacher_tokenizer), teacher_tokenizer
+        else:
+            try:
+                check_same_vocabulary(student, teacher_tokenizer, student_name,
+                                      f"{served_name}, served at {public_url(url)}")
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
     try:
         client.probe(_probe_ids(student))
     except ServerRefused as error:
@@ -171,9 +177,10 @@ class ServedTeacher(Teacher):
     kind = "url"
 
     def __init__(self, client: TeacherClient, source, tokenizer, name, *, tail: str, member: str | None = None,
-                 suffix: str = ""):
+                 suffix: str = "", prefix: str = ""):
         super().__init__(source, tokenizer, name)
         self.client, self.tail, self.member = client, tail, member
+        self.prefix = prefix  # "teacher_": asked at the teacher's own tokenization of each row
         self.key = TARGETS_KEY + suffix
         if suffix:  # the trainer keeps the unsuffixed key away from the models already
             self.batch_keys = (self.key,)
@@ -188,8 +195,10 @@ class ServedTeacher(Teacher):
         args.check_served_temperature(f"teacher_url={args.teacher_url!r}", len(student_tokenizer))
         client, tokenizer, served = served_client(host, args, args.teacher_url, teacher, teacher_processing_class,
                                                   student_tokenizer, model)
+        if stand_in_tokenization(args) == "teacher":  # asked at the teacher's own tokenization: its ids answer
+            client.vocab = len(tokenizer)
         return cls(client, teacher, tokenizer, f"served at {client.public_url} (model {served['id']})",
-                   tail=args.teacher_server_tail)
+                   tail=args.teacher_server_tail, prefix=TOKENIZATIONS[stand_in_tokenization(args)])
 
     @classmethod
     def member_of(cls, host, entry, index: int, args, student_tokenizer, model) -> "ServedTeacher":
@@ -203,7 +212,8 @@ class ServedTeacher(Teacher):
     def set_up(self, host, args) -> None:
         """Each batch asks the server for its targets, through the collator."""
         host.data_collator = ServedTeacherCollator(host.data_collator, self.client,
-                                                   prefetch=args.teacher_server_prefetch, key=self.key)
+                                                   prefetch=args.teacher_server_prefetch, key=self.key,
+                                                   prefix=self.prefix)
 
     def engine_source(self, host, inputs: dict, model_inputs: dict) -> SparseMember:
         return SparseMember(inputs[self.key].get(), self.tail)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 
 from ..kd.config import DistillationConfig
 from ..kd.two_tokenizers import TwoTokenizerFields
 from ..losses.aligned import MERGES, AlignedSettings
+from ..teachers.cached import TeacherCacheFields
 from ..teachers.needs import TeacherNeeds
+from ..teachers.served import TeacherServerFields
 
 
 @dataclass
-class ULDConfig(TwoTokenizerFields, DistillationConfig):
+class ULDConfig(TwoTokenizerFields, TeacherCacheFields, TeacherServerFields, DistillationConfig):
     r"""
     Configuration class for [`ULDTrainer`]: the settings every distillation method shares (`kd_weight`,
     `kd_temperature`, `teacher_logit_noise_std`, the loss's chunking, the teacher model) plus those below. The
@@ -35,6 +37,34 @@ class ULDConfig(TwoTokenizerFields, DistillationConfig):
         The on-policy option across tokenizers (off by default), documented on `TwoTokenizerFields`.
     kd_temperature_squared (`bool`, *optional*, defaults to `False`):
         Multiply the ULD term by T² (off, as in ULD and GOLD).
+
+    > A teacher cache of the teacher's own tokenization
+
+    teacher_cache (`str`, *optional*, defaults to `None`):
+        Folder of the teacher's top-k distributions at its own label tokens (and each label token's probability),
+        read in place of a teacher in memory; written there first by the teacher when it holds no complete cache.
+    teacher_cache_tail (`str`, *optional*, defaults to `"bucket"`):
+        Must be set to `"spread"` with a cache: the tail's mass (outside the top k, at the run's temperature) is
+        spread evenly over the teacher's other tokens, the label's own probability kept. That is an approximation
+        of the sorted vector unless `teacher_cache_k` covers the teacher's vocabulary; its measured error is in the
+        README ("ULD and GOLD from a teacher cache or server").
+    teacher_cache_mode, teacher_cache_k, teacher_cache_batch_size, teacher_cache_temperatures:
+        As in `KDConfig`; the mode must be `top_k`.
+
+    > A served teacher, asked at the teacher's own tokenization
+
+    teacher_url (`str`, *optional*, defaults to `None`):
+        Base URL of a vLLM-compatible server of the teacher (`kd-serve-teacher`, vLLM), asked for its top
+        `teacher_server_k` log-probabilities and each token's own at every position of the teacher's tokenization
+        of each row, in place of a teacher in memory.
+    teacher_server_tail (`str`, *optional*, defaults to `"bucket"`):
+        Must be set to `"spread"` with a server, as `teacher_cache_tail` with a cache.
+    teacher_server_k, teacher_server_batch_size, teacher_server_concurrency, teacher_server_timeout,
+    teacher_server_max_wait, teacher_server_approximate_temperature, teacher_server_prefetch:
+        As in `KDConfig`.
+
+    With a cache or a server, `kd_temperature` must be 1: at T ≠ 1 most of the tempered teacher's mass sits in the
+    tail the top k does not resolve, and the spread tail's error is large (measured; see the refusal's message).
     """
 
     kd_temperature_squared: bool = field(
@@ -43,20 +73,58 @@ class ULDConfig(TwoTokenizerFields, DistillationConfig):
     uld_merge: str = field(
         default="observed", metadata={"help": "Merge of a multi-token aligned group.", "choices": list(MERGES)}
     )
-    # Teacher kinds this method cannot use: accepted by name only to be refused with the reason (`teacher_needs`).
-    teacher_cache: InitVar[str | None] = None
-    teacher_url: InitVar[str | None] = None
-
     _method_label = "ULD"
+    # Whose tokenization a teacher cache or server is read at: the teacher's own, where the aligned groups read it.
+    stand_in_tokenization = "teacher"
 
-    def __post_init__(self, teacher_cache=None, teacher_url=None):
-        self.refuse_teacher_kinds(teacher_cache=teacher_cache, teacher_url=teacher_url)
+    def __post_init__(self):
         if self.uld_merge not in MERGES:
             raise ValueError(f"uld_merge must be one of {list(MERGES)}, got {self.uld_merge!r}.")
         self._refuse_divergence_fields()
         self._check_two_tokenizer_fields()
+        self._check_teacher_cache_settings()
+        self._check_teacher_server_settings()
+        self._check_stand_in_across_tokenizers()
         self.aligned_settings()  # the loss's own checks, before the parent's set-up
         super().__post_init__()
+
+    def _check_stand_in_across_tokenizers(self) -> None:
+        """What a cache or a server of the teacher's own tokenization can serve: top-k targets, their tail spread
+        (asked for by name: an approximation below the whole vocabulary); a cache, the dataset's completions only."""
+        stand_in = ("teacher_url", self.teacher_url) if self.teacher_url is not None else \
+            ("teacher_cache", self.teacher_cache) if self.teacher_cache is not None else None
+        if stand_in is not None and self.kd_temperature != 1.0:
+            raise ValueError(
+                f"kd_temperature={self.kd_temperature} with {stand_in[0]}={stand_in[1]!r}: {self._method_label} from "
+                "a teacher's top-k spreads the tail's mass evenly over the teacher's other tokens, and at T != 1 the "
+                "tail holds most of the tempered mass: measured on Qwen2.5 -> SmolLM2 at T = 2, the KD term is off "
+                "by +135% (ULD) and GOLD's gradient is uncorrelated with the true one (README, \"ULD and GOLD from "
+                "a teacher cache or server\"). Train at kd_temperature=1, or with the teacher in memory.")
+        if self.teacher_url is not None:
+            where = f"teacher_url={self.teacher_url!r} with {self._method_label}"
+            if self.teacher_server_tail != "spread":
+                raise ValueError(self._tail_refusal("teacher_server_tail", self.teacher_server_tail, where,
+                                                    "teacher_server_k"))
+        if self.teacher_cache is None:
+            return
+        where = f"teacher_cache={self.teacher_cache!r} with {self._method_label}"
+        if self.teacher_cache_mode != "top_k":
+            raise ValueError(f"teacher_cache_mode={self.teacher_cache_mode!r}: {where} compares the teacher's sorted "
+                             "probabilities, which sampled draws do not give. Set teacher_cache_mode=top_k.")
+        if self.teacher_cache_tail != "spread":
+            raise ValueError(self._tail_refusal("teacher_cache_tail", self.teacher_cache_tail, where,
+                                                "teacher_cache_k"))
+        if self.lmbda > 0:
+            raise ValueError(f"lmbda={self.lmbda}: {where}: the student's own samples are not in the cache, which "
+                             "holds the teacher at the dataset's completions. Use a teacher in memory or a served "
+                             "teacher for on-policy batches, or set lmbda=0.")
+
+    @staticmethod
+    def _tail_refusal(name: str, value: str, where: str, k_name: str) -> str:
+        return (f"{name}={value!r}: {where} compares the two models' sorted probability vectors, where a tail kept "
+                f"as one category has no place. Set {name}=spread to spread the tail's mass evenly over the "
+                f"teacher's other tokens: an approximation unless {k_name} covers the teacher's vocabulary (its "
+                "measured error: README, \"ULD and GOLD from a teacher cache or server\").")
 
     def _refuse_divergence_fields(self) -> None:
         """ULD reads no divergence: a divergence setting given to it would do nothing, so it is refused."""
@@ -75,15 +143,9 @@ class ULDConfig(TwoTokenizerFields, DistillationConfig):
         return AlignedSettings(distance="uld", merge=self.uld_merge)
 
     def teacher_needs(self) -> TeacherNeeds:
-        """A teacher model in memory: the loss reads the teacher's whole distribution at its own tokenization's
-        positions, and a teacher cache or server here holds top-k targets at the student's positions."""
-        why = (f"{self._method_label} reads the teacher's distribution at every position of the teacher's own "
-               "tokenization, and {holder}. Drop {field} and give teacher_model_name_or_path{instead}.")
+        """A teacher model in memory, a cache or a server, each read at the teacher's own tokenization; several
+        teachers are mixed per student token, which the aligned groups do not have."""
         return TeacherNeeds({
-            "cache": why.format(holder="a teacher cache holds top-k targets at the student's token positions",
-                                field="teacher_cache", instead=", or use method kd with a cache of the student's "
-                                "vocabulary"),
-            "url": why.format(holder="a served teacher answers at the student's token positions", field="teacher_url",
-                              instead=""),
-            "mixture": why.format(holder="several teachers are mixed per student token", field="teacher_models",
-                                  instead="")})
+            "mixture": f"{self._method_label} reads the teacher's distribution at every position of the teacher's "
+                       "own tokenization, and several teachers are mixed per student token. Drop teacher_models and "
+                       "give one teacher (teacher_model_name_or_path, teacher_cache or teacher_url)."})

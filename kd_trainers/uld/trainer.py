@@ -7,7 +7,9 @@ import textwrap
 from ..kd.trainer import KDTrainer
 from ..kd.two_tokenizers import PAIRING_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform
-from ..losses.aligned import Side, aligned_distillation_loss
+from ..losses.aligned import Side, SparseSide, aligned_distillation_loss
+from ..served_teacher import TARGETS_KEY
+from ..teacher_cache import BATCH_KEYS
 from ..losses.reference import loss_normalizer
 from ..teachers.loading import model_name
 from .config import ULDConfig
@@ -46,7 +48,7 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
     """
 
     _tag_names = ["trl", "sft", "kd_trainers", "knowledge-distillation", "uld", "cross-tokenizer"]
-    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *PAIRING_BATCH_KEYS)
+    _non_model_keys = ("labels", *TEACHER_BATCH_KEYS, *PAIRING_BATCH_KEYS, *BATCH_KEYS, TARGETS_KEY)
     _name = "ULD"
     _aligns_tokens = True
     _config_class = ULDConfig
@@ -85,15 +87,21 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
 
     def _distillation_forward(self, student, inputs: dict, num_items_in_batch, mode: str):
         student_inputs = {k: v for k, v in inputs.items() if k not in self._non_model_keys}
-        teacher = self.accelerator.unwrap_model(self.teacher.model)
         labels = inputs["labels"][:, 1:]
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
-        teacher_hidden = self.teacher.hidden_states(self, self._teacher_inputs(inputs))
+        teacher_labels, teacher_groups = inputs["teacher_labels"][:, 1:], inputs["teacher_aligned_group"][:, 1:]
+        if self.teacher.kind in ("cache", "url"):  # its top-k at the teacher's own label tokens
+            targets = self.teacher.engine_source(self, inputs, student_inputs).targets.to(student_hidden.device)
+            teacher_side = SparseSide(targets, teacher_labels, teacher_groups, self.teacher_vocab_size)
+        else:
+            teacher = self.accelerator.unwrap_model(self.teacher.model)
+            teacher_hidden = self.teacher.hidden_states(self, self._teacher_inputs(inputs))
+            teacher_side = Side(teacher_hidden[:, :-1], teacher.get_output_embeddings(), teacher_labels,
+                                teacher_groups, self.teacher.transform, self.teacher_vocab_size)
         losses = aligned_distillation_loss(
             Side(student_hidden[:, :-1], student.get_output_embeddings(), labels, inputs["aligned_group"][:, 1:],
                  LogitTransform.from_config(student.config), self.distilled_vocab_size),
-            Side(teacher_hidden[:, :-1], teacher.get_output_embeddings(), inputs["teacher_labels"][:, 1:],
-                 inputs["teacher_aligned_group"][:, 1:], self.teacher.transform, self.teacher_vocab_size),
+            teacher_side,
             self._settings_for(mode), self.args.aligned_settings(), shared_ids=self._shared_ids(),
             num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb, noise_seed=self._noise_seed(mode))
