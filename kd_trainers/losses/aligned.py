@@ -144,10 +144,7 @@ class _TeacherRows:
         with torch.no_grad():
             for start in range(0, self.labels.numel(), chunk):
                 index = torch.arange(start, min(start + chunk, self.labels.numel()), device=self.labels.device)
-                logits = self.logits(index)
-                label = self.labels[index, None]
-                logits = (logits / self.temperature) if self.temperature != 1 else logits
-                outputs.append(logits.log_softmax(-1).gather(1, label)[:, 0])
+                outputs.append(tempered_label_log_probs(self.logits(index), self.labels[index], self.temperature))
         return torch.cat(outputs) if outputs else self.labels.new_zeros(0, dtype=torch.float32)
 
 
@@ -217,6 +214,12 @@ def chunk_heads(student, teacher, settings: LossSettings, noise_seed: int | None
         yield student_head, teacher_head
 
 
+def tempered_label_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`[n]` log softmax(logits / T)[y] of `logits` `[n, V]` at labels `[n]`."""
+    logits = logits / temperature if temperature != 1 else logits
+    return logits.log_softmax(-1).gather(1, labels[:, None])[:, 0]
+
+
 def label_log_probs(head: ChunkHead, hidden: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor,
                      temperature: float, chunk: int, grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`(log p(y) at T = 1 [n], log p_T(y) at temperature T [n], argmax == y [n])` at the rows of `hidden` `[n, D]`."""
@@ -226,9 +229,8 @@ def label_log_probs(head: ChunkHead, hidden: torch.Tensor, positions: torch.Tens
 
         def run(h, weight, bias, rows=rows):
             logits = head.logits(h, positions[rows], weight, bias)
-            label = labels[rows, None]
-            at_one = logits.log_softmax(-1).gather(1, label)[:, 0]
-            tempered = (logits / temperature).log_softmax(-1).gather(1, label)[:, 0] if temperature != 1 else at_one
+            at_one = tempered_label_log_probs(logits, labels[rows], 1.0)
+            tempered = tempered_label_log_probs(logits, labels[rows], temperature) if temperature != 1 else at_one
             correct = (logits.argmax(-1) == labels[rows]).to(logits.dtype)
             return torch.stack([at_one, tempered, correct])
 

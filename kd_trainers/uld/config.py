@@ -8,7 +8,7 @@ from ..kd.config import DistillationConfig
 from ..kd.two_tokenizers import TwoTokenizerFields
 from ..losses.aligned import MERGES, AlignedSettings
 from ..teachers.cached import TeacherCacheFields
-from ..teachers.needs import TeacherNeeds
+from ..teachers.needs import TeacherNeeds, stand_in
 from ..teachers.served import TeacherServerFields
 
 
@@ -91,11 +91,10 @@ class ULDConfig(TwoTokenizerFields, TeacherCacheFields, TeacherServerFields, Dis
     def _check_stand_in_across_tokenizers(self) -> None:
         """What a cache or a server of the teacher's own tokenization can serve: top-k targets, their tail spread
         (asked for by name: an approximation below the whole vocabulary); a cache, the dataset's completions only."""
-        stand_in = ("teacher_url", self.teacher_url) if self.teacher_url is not None else \
-            ("teacher_cache", self.teacher_cache) if self.teacher_cache is not None else None
-        if stand_in is not None and self.kd_temperature != 1.0:
+        given = stand_in(self)
+        if given is not None and self.kd_temperature != 1.0:
             raise ValueError(
-                f"kd_temperature={self.kd_temperature} with {stand_in[0]}={stand_in[1]!r}: {self._method_label} from "
+                f"kd_temperature={self.kd_temperature} with {given[0]}={given[1]!r}: {self._method_label} from "
                 "a teacher's top-k spreads the tail's mass evenly over the teacher's other tokens, and at T != 1 the "
                 "tail holds most of the tempered mass: measured on Qwen2.5 -> SmolLM2 at T = 2, the KD term is off "
                 "by +135% (ULD) and GOLD's gradient is uncorrelated with the true one (README, \"ULD and GOLD from "

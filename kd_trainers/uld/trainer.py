@@ -90,7 +90,7 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
         labels = inputs["labels"][:, 1:]
         student_hidden, aux_loss = self._student_hidden(student, student_inputs)
         teacher_labels, teacher_groups = inputs["teacher_labels"][:, 1:], inputs["teacher_aligned_group"][:, 1:]
-        if self.teacher.kind in ("cache", "url"):  # its top-k at the teacher's own label tokens
+        if self.teacher.model is None:  # a cache or a server: its top k at the teacher's own label tokens
             targets = self.teacher.engine_source(self, inputs, student_inputs).targets.to(student_hidden.device)
             teacher_side = SparseSide(targets, teacher_labels, teacher_groups, self.teacher_vocab_size)
         else:
