@@ -130,6 +130,7 @@ CONTRACT: dict[str, object] = {
     "loss_chunk_size": KDLoss({"loss_chunk_size": 3}, invariant=True),
     # about 3 tokens a chunk at the demo's ~640-token vocabulary (4 buffers: T = 2, w = 0.5)
     "loss_memory_budget_mb": KDLoss({"loss_memory_budget_mb": 0.03}, invariant=True),
+    "loss_compile": TestedIn("test_compiled_loss.py::test_loss_compile_reaches_the_engine_and_trains"),
     "teacher_logit_noise_std": TestedIn(
         "test_settings_take_effect.py::test_trainer_noise_does_not_depend_on_the_chunk_size_and_eval_is_noise_free"),
     "teacher_logit_noise_in_eval": TestedIn(

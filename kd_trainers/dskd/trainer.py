@@ -198,7 +198,7 @@ class DSKDTrainer(TwoTokenizationsMixin, KDTrainer):
             s2t_divergence=self.args.s2t_divergence, gate_t2s_kd=self._tokenizes_twice(), t2s_labels=t2s_labels,
             num_items_in_batch=num_items_in_batch, student_vocab_size=self.distilled_vocab_size,
             teacher_vocab_size=self.teacher_vocab_size, chunk_size=self.args.loss_chunk_size,
-            memory_budget_mb=self.args.loss_memory_budget_mb,
+            memory_budget_mb=self.args.loss_memory_budget_mb, compile=self.args.loss_compile,
             student_transform=student_transform, teacher_transform=self.teacher.transform,
             noise_seed=self._noise_seed(mode),
         )

@@ -10,6 +10,7 @@ from typing import Any
 from trl import SFTConfig
 
 from ..runtime.guards import check_training_args
+from ..losses.compiled import COMPILE_MODES
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES, get_divergence
 from ..runtime.checks import is_positive_integer
@@ -68,6 +69,10 @@ class DistillationConfig(SFTConfig):
         default=None,
         metadata={"help": "MiB for the fused loss's [chunk, vocab] working buffers; None: 96 on CPU, 512 on a GPU."},
     )
+    loss_compile: str = field(
+        default="auto",
+        metadata={"help": "Run the fused loss's chunks compiled (torch.compile): auto (on CUDA), on, off."},
+    )
     teacher_logit_noise_in_eval: bool = field(
         default=False,
         metadata={"help": "Add the teacher-logit noise to evaluation losses too (off: eval losses are noise-free)."},
@@ -90,6 +95,8 @@ class DistillationConfig(SFTConfig):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not 0 < budget < float("inf")):
             raise ValueError(f"loss_memory_budget_mb must be a finite number of MiB > 0 or None, got {budget!r}.")
+        if self.loss_compile not in COMPILE_MODES:
+            raise ValueError(f"loss_compile must be one of {list(COMPILE_MODES)}, got {self.loss_compile!r}.")
         if budget is not None and self.loss_chunk_size is not None:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
                              "the loss's chunks: set one of them.")
@@ -290,6 +297,13 @@ class KDConfig(TeacherCacheFields, TeacherServerFields, SeveralTeachersFields, D
         with a CE term) and 512 MiB on a GPU, where longer chunks amortise re-reading both output heads. Larger is
         faster on long batches (every chunk re-reads the heads). Set only one of `loss_chunk_size` and
         `loss_memory_budget_mb`.
+    loss_compile (`str`, *optional*, defaults to `"auto"`):
+        Run each chunk of the fused loss compiled with `torch.compile` (`kd_trainers.losses.compiled`): the softmaxes,
+        the divergence and its gradient fused into a few passes over the `[chunk, vocab]` block. `"auto"` compiles
+        on CUDA only (on CPU it measured no faster: `benchmarks/README.md`); `"on"` everywhere, `"off"` never. The
+        first step pays the compile (seconds); a compiler that fails is said once and the loss runs eagerly. The
+        values and gradients are the eager engine's to fp32 rounding (`tests/test_compiled_loss.py`). ULD's and
+        MinED's aligned losses have no compiled path and say so once when it is asked for.
     teacher_logit_noise_in_eval (`bool`, *optional*, defaults to `False`):
         Also add the teacher-logit noise to evaluation losses. Off, evaluation measures the clean objective.
 

@@ -164,6 +164,7 @@ class DistillationLossMixin:
         student_hidden = student_hidden[:, :-1]
         engine = dict(num_items_in_batch=num_items_in_batch, vocab_size=self.distilled_vocab_size,
                       chunk_size=self.args.loss_chunk_size, memory_budget_mb=self.args.loss_memory_budget_mb,
+                      compile=self.args.loss_compile,
                       student_transform=student_transform, noise_seed=self._noise_seed(mode))
         # The teacher's side of the batch, whatever its kind: a model's hidden states and head, sparse targets (a
         # cache's or a server's, no teacher forward), or several of them mixed.
@@ -254,6 +255,7 @@ class DistillationLossMixin:
             "teacher_logit_noise_in_eval": args.teacher_logit_noise_in_eval if settings.noise_std > 0 else None,
             "loss_chunk_size": args.loss_chunk_size,
             "loss_memory_budget_mb": args.loss_memory_budget_mb,
+            "loss_compile": args.loss_compile,
         }
 
     def _set_signature_columns_if_needed(self):

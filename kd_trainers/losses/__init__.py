@@ -2,7 +2,9 @@
 
 Where things go: a new divergence is one function registered in `divergences.py`, and its closed-form gradient a
 second one under `@closed_form`; both `distillation_loss` and `chunked_distillation_loss` pick it up by name. DSKD's
-dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space. A teacher given
+dual-space loss (`dual_space.py`) is two calls of the same chunked engine, one per vocabulary space. On CUDA the
+engine runs each chunk's terms compiled (`compiled.py`), as the gradient of the registered divergence itself, so a new
+divergence needs nothing more there either. A teacher given
 as a sparse distribution per token (a teacher cache) goes through the same engine (`sparse.py`,
 `sparse_distillation_terms`), and several teachers mixed per token too (`mixture.py`, `mixture_distillation_terms`).
 The engine takes any of them as one teacher source (`sources.py`: `DenseMember`, `SparseMember`; `MixedTeachers`),

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from .chunk_terms import autograd_value_and_grad, closed_form_value_and_grad, teacher_ce_value_and_grad
+from .compiled import compile_wanted, compiled_value_and_grad
 from .heads import maybe_gather, project_into, vocabulary_rows, weight_and_bias
 from .noise import grid_positions, position_noise_
 from .reference import loss_normalizer
@@ -55,6 +56,7 @@ class EngineOptions:
     memory_budget_mb: MiB for a chunk's `[n, V]` fp32 working buffers; default `default_memory_budget_mb(device)`.
     student_transform: the student's logit scale and soft-capping.
     noise_seed: seed of the teacher-logit noise (needed when `settings.noise_std > 0`).
+    compile: run each chunk's terms compiled (`compiled.py`): "auto" (on CUDA), "on", "off".
     """
 
     ignore_index: int = -100
@@ -64,6 +66,7 @@ class EngineOptions:
     memory_budget_mb: float | None = None
     student_transform: LogitTransform = LogitTransform()
     noise_seed: int | None = None
+    compile: str = "auto"
 
 
 class _ChunkPlan(NamedTuple):
@@ -79,6 +82,7 @@ class _ChunkPlan(NamedTuple):
     chunk_size: int
     noise: tuple | None                  # (seed, rows [N], columns [N]) when settings.noise_std > 0
     report_ce: bool                      # False: the CE at w = 1 feeds nothing, so skip it
+    compiled: bool                       # the closed form runs compiled (`compiled.py`)
 
 
 class _FusedDistillationFunction(torch.autograd.Function):
@@ -87,7 +91,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
         """student_hidden `[N, D_S]`, student_weight `[V, D_S]`, student_bias `[V]` or None, teacher_hidden `[N, D_T]`
         (differentiable only for the teacher-side CE); returns the terms of `ChunkedDistillationOutput`."""
         teacher, labels, teacher_labels, normalizer, settings, student_transform, teacher_terms = plan[:7]
-        chunk_size, noise, report_ce = plan[7:]
+        chunk_size, noise, report_ce, compiled = plan[7:]
         num_tokens = student_hidden.size(0)
         device = student_hidden.device
         # Under no_grad (evaluation) nothing needs a gradient, and none is built.
@@ -120,7 +124,7 @@ class _FusedDistillationFunction(torch.autograd.Function):
             project_into(student_logits, hidden, student_weight, student_bias)
             # The teacher's raw logits, or the sparse target the closed form takes directly.
             sparse_target = teacher.fill_(teacher_logits, chunk, student_logits, settings, student_transform, scratch,
-                                          closed_form)
+                                          closed_form and not compiled)  # compiled: a sparse teacher as logits
             if teacher_ce_on or teacher_terms.gate_kd:
                 # The transforms are monotone: the argmax of the raw logits is the model's prediction.
                 teacher_correct = teacher_logits.argmax(-1) == chunk_teacher_labels
@@ -139,7 +143,11 @@ class _FusedDistillationFunction(torch.autograd.Function):
                 teacher_logits.add_(scratch[0], alpha=settings.noise_std)
             counts[0] += (student_logits.argmax(-1) == chunk_labels).sum()
             gate = teacher_correct.float() if teacher_terms.gate_kd else None
-            if closed_form:
+            computed = compiled_value_and_grad(student_logits, teacher_logits, chunk_labels, settings,
+                                               student_transform, gate) if compiled else None
+            if computed is not None:  # the gradient is in the student's logits buffer
+                (ce, kd), grad_logits, factor = computed, student_logits, 1.0
+            elif closed_form:
                 ce, kd, grad_logits, factor = closed_form_value_and_grad(
                     student_logits, teacher_logits, chunk_labels, settings, student_transform, scratch, gate, report_ce,
                     sparse_target)
@@ -226,8 +234,9 @@ def engine_terms(student_hidden: torch.Tensor, student_lm_head, labels: torch.Te
         teacher = source.prepare(labels, mask, vocab, settings, student_rows, keeps_grad=teacher_terms.ce_weight > 0)
         buffers = working_buffers(settings, options.student_transform, report_ce) + teacher.extra_buffers
         chunk_size = chunk_length(vocab, buffers, student_hidden.device, options.chunk_size, options.memory_budget_mb)
+        compiled = compile_wanted(options.compile, student_hidden.device)
         plan = _ChunkPlan(teacher, flat_labels[mask], teacher_labels[mask], normalizer, settings,
-                          options.student_transform, teacher_terms, chunk_size, noise, report_ce)
+                          options.student_transform, teacher_terms, chunk_size, noise, report_ce, compiled)
         inputs = [student_rows, vocabulary_rows(student_weight, vocab), vocabulary_rows(student_bias, vocab),
                   teacher.rows]
         if not torch.is_grad_enabled():

@@ -7,6 +7,7 @@ import textwrap
 from ..data.dual_tokenization import PARTNER_COLUMN
 from ..data.edit_distance import representatives, vocabulary_map
 from ..losses import LogitTransform
+from ..losses.compiled import say_not_compiled
 from ..losses.mapped import MappedSide, mapped_distillation_loss
 from ..teachers.loading import model_name
 from ..uld.trainer import ULDTrainer
@@ -78,6 +79,7 @@ class MinEDTrainer(ULDTrainer):
             labels, partners, (student_ids, teacher_ids), self._settings_for(mode),
             num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb, noise_seed=self._noise_seed(mode))
+        say_not_compiled("MinED's mapped loss", self.args.loss_compile, labels.device)
         metrics = self._logged_terms(losses, labels, num_items_in_batch, "mapped_tokens", losses.num_aligned)
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 

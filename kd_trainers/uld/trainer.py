@@ -8,6 +8,7 @@ from ..kd.trainer import KDTrainer
 from ..kd.two_tokenizers import PAIRING_BATCH_KEYS, TEACHER_BATCH_KEYS, TwoTokenizationsMixin
 from ..losses import LogitTransform
 from ..losses.aligned import Side, SparseSide, aligned_distillation_loss
+from ..losses.compiled import say_not_compiled
 from ..served_teacher import TARGETS_KEY
 from ..teacher_cache import BATCH_KEYS
 from ..losses.reference import loss_normalizer
@@ -105,6 +106,7 @@ class ULDTrainer(TwoTokenizationsMixin, KDTrainer):
             self._settings_for(mode), self.args.aligned_settings(), shared_ids=self._shared_ids(),
             num_items_in_batch=num_items_in_batch, chunk_size=self.args.loss_chunk_size,
             memory_budget_mb=self.args.loss_memory_budget_mb, noise_seed=self._noise_seed(mode))
+        say_not_compiled("ULD's aligned loss", self.args.loss_compile, labels.device)
         metrics = self._logged_terms(losses, labels, num_items_in_batch, "aligned_groups", losses.num_pairs)
         return self._with_router_loss(losses.loss, metrics, aux_loss, num_items_in_batch)
 
