@@ -6,7 +6,10 @@ the floor of the same shape, because these machines are noisy.
 
 - floor: the unavoidable work, in plain PyTorch: teacher forward without grad, student forward and backward with the
   model's own cross-entropy, AdamW step. No Trainer.
-- kd: `KDTrainer` (forward KL, T = 2, kd_weight 0.5), one `Trainer` step.
+- kd: `KDTrainer` (forward KL, T = 2, kd_weight 0.5), one `Trainer` step, with the default `loss_compile="auto"`
+  (compiled loss chunks on CUDA, eager on CPU). kd_eager and
+  kd_compiled: the same with `loss_compile="off"` and `"on"`. The compile falls in the warm-up step, not in the
+  timed ones.
 - gkd: TRL's `GKDTrainer` with `lmbda=0` (off-policy) and `beta=0` (forward KL), one `Trainer` step.
 - sft: TRL's `SFTTrainer` on the student alone (the student's own SFT step), one `Trainer` step.
 - kd_cache: `KDTrainer` reading a teacher cache (top-32, bucket tail) written by the teacher before the timed steps;
@@ -66,11 +69,12 @@ from kd_trainers.runtime.smoke import announce, smoke_run
 
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-METHODS = ("floor", "sft", "kd", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd", "dskd", "dskd_cma", "uld",
-           "gold", "mined")
+METHODS = ("floor", "sft", "kd", "kd_eager", "kd_compiled", "kd_cache", "kd_served", "kd_served_noprefetch", "gkd",
+           "dskd", "dskd_cma", "uld", "gold", "mined")
 CROSS_VOCABULARY = ("dskd_cma", "uld", "gold", "mined")  # cells whose teacher has its own tokenizer and sequence
 BASELINES = ("floor", "sft", "gkd", "kd", "dskd_cma")  # ratios are taken against each of these that the run measured
-DIVERGENCE_METHODS = ("kd", "kd_cache", "dskd", "dskd_cma")  # cells that run once per --divergences entry
+# cells that run once per --divergences entry
+DIVERGENCE_METHODS = ("kd", "kd_eager", "kd_compiled", "kd_cache", "dskd", "dskd_cma")
 
 
 def _rss_bytes() -> int:
@@ -275,12 +279,13 @@ def measure(method: str, vocab: int, seq: int, batch: int, steps: int, realistic
             except BaseException:  # the server would outlive this process and hold its output open
                 served[0].terminate()
                 raise
-        elif method == "kd":
+        elif method in ("kd", "kd_eager", "kd_compiled"):
             from kd_trainers import KDConfig, KDTrainer
 
+            compile_mode = {"kd": "auto", "kd_eager": "off", "kd_compiled": "on"}[method]
             trainer = KDTrainer(model=student, teacher_model=teacher, teacher_processing_class=tokenizer,
                                 args=KDConfig(**common, divergence=divergence, kd_temperature=2.0, kd_weight=0.5,
-                                              loss_memory_budget_mb=budget_mb),
+                                              loss_memory_budget_mb=budget_mb, loss_compile=compile_mode),
                                 train_dataset=dataset, processing_class=tokenizer, data_collator=_Collator(),
                                 callbacks=[timer])
         elif method in ("dskd", "dskd_cma"):
