@@ -39,11 +39,10 @@ def engine_run(mode, settings, transform=LogitTransform(), dtype=torch.float32, 
     return [out.loss, out.ce_loss, out.kd_loss, *grads]
 
 
-# Every divergence with every transform of the chunk on (temperature, CE mixing, noise, logit scale, soft-capping),
-# and the plain T = 1 KD of the two families (the closed forms differ most there).
+# Every divergence with every transform of the chunk on (temperature, CE mixing, noise, logit scale, soft-capping);
+# plain T = 1 KD is the peaked-logits test's.
 CASES = [(d, LossSettings(divergence=d, temperature=2.0, kd_weight=0.5, noise_std=0.3),
-          LogitTransform(scale=0.8, softcap=6.0)) for d in sorted(DIVERGENCES)] + \
-        [(d, LossSettings(divergence=d), LogitTransform()) for d in ("forward_kl", "jsd")]
+          LogitTransform(scale=0.8, softcap=6.0)) for d in sorted(DIVERGENCES)]
 
 
 @pytest.mark.slow
