@@ -5,7 +5,7 @@ readable definition) differ by their rounding: at moderate logits (std about 1.5
 (values and gradients, measured over every divergence and setting here), at near one-hot rows by up to 1.4e-4, where
 either is that far from fp64 (TVD, skew reverse KL at T = 1). So the compiled path is held to 1e-5 of the eager one
 at moderate logits, and both to 2e-4 of the engine in fp64 at peaked logits.
-Every case compiles (seconds each): the module is in the slow tier but for the checks that compile nothing.
+Every case compiles (seconds each): the module is in the slow tier but for the checks that run no loss.
 """
 
 import logging
@@ -107,6 +107,7 @@ def test_sparse_and_mixed_teachers_reach_the_compiled_chunk():
             assert relative(got, want) < 1e-5, type(source).__name__
 
 
+@pytest.mark.slow  # three engine passes (2 s): the fast tier is at its two minutes
 def test_a_compiler_that_fails_is_said_once_and_the_loss_runs_eagerly(monkeypatch, caplog):
     def broken(*key):
         def fail(*args):
