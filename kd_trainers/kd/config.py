@@ -10,7 +10,7 @@ from typing import Any
 from trl import SFTConfig
 
 from ..runtime.guards import check_training_args
-from ..losses.compiled import COMPILE_MODES
+from ..losses.compiled import check_compile_mode
 from ..losses.settings import LossSettings
 from ..losses.divergences import DIVERGENCES, get_divergence
 from ..runtime.checks import is_positive_integer
@@ -95,8 +95,7 @@ class DistillationConfig(SFTConfig):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                    or not 0 < budget < float("inf")):
             raise ValueError(f"loss_memory_budget_mb must be a finite number of MiB > 0 or None, got {budget!r}.")
-        if self.loss_compile not in COMPILE_MODES:
-            raise ValueError(f"loss_compile must be one of {list(COMPILE_MODES)}, got {self.loss_compile!r}.")
+        check_compile_mode(self.loss_compile)
         if budget is not None and self.loss_chunk_size is not None:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size} and loss_memory_budget_mb={budget} both size "
                              "the loss's chunks: set one of them.")

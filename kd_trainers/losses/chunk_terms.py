@@ -31,18 +31,28 @@ def chunk_loss_sums(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     return ce, kd
 
 
+def chunk_total(raw_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, settings: LossSettings,
+                student_transform: LogitTransform, kd_token_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`(total, (ce_sum, kd_sum))` of one chunk from the student's raw logits, total = (1 − w)·ce + w·kd: what the
+    autograd path differentiates here, and the compiled path (`compiled.py`) under `torch.func`."""
+    ce, kd = chunk_loss_sums(student_transform(raw_logits), teacher_logits, labels, settings, kd_token_weights)
+    return (1.0 - settings.kd_weight) * ce + settings.kd_weight * kd, (ce, kd)
+
+
 def autograd_value_and_grad(raw_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                             settings: LossSettings, student_transform: LogitTransform,
                             kd_token_weights: torch.Tensor | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`(ce_sum, kd_sum, d total / d raw_logits [n, V])` of one chunk by autograd, total = (1 − w)·ce + w·kd.
+    """`(ce_sum, kd_sum, d total / d raw_logits [n, V])` of one chunk by autograd (`chunk_total`).
 
     The general path: any divergence, any student logit transform. Logits `[n, V]` fp32.
     """
     raw_logits = raw_logits.detach().requires_grad_(True)
     with torch.enable_grad():
-        ce, kd = chunk_loss_sums(student_transform(raw_logits), teacher_logits, labels, settings, kd_token_weights)
-        (grad,) = torch.autograd.grad((1.0 - settings.kd_weight) * ce + settings.kd_weight * kd, raw_logits)
+        total, (ce, kd) = chunk_total(raw_logits, teacher_logits, labels, settings, student_transform,
+                                      kd_token_weights)
+        (grad,) = torch.autograd.grad(total, raw_logits)
     return ce.detach(), kd.detach(), grad
 
 

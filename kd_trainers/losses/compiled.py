@@ -2,8 +2,8 @@
 cross-entropy, the divergence, its gradient and the CE/KD mixing fused into a few passes over the `[n, V]` block,
 where the eager closed form (`chunk_terms.closed_form_value_and_grad`) makes one pass per operation (JSD: about
 eleven, each a read and a write of the whole block). The maths is not written again: the compiled function is the
-gradient (`torch.func.grad_and_value`) of the readable loss of one chunk (`chunk_terms.chunk_loss_sums`, the
-registered divergence as written), which the compiler turns into one fused forward and backward. So it covers every
+gradient (`torch.func.grad_and_value`) of the readable loss of one chunk (`chunk_terms.chunk_total`, the autograd
+path's own, with the registered divergence as written), which the compiler turns into one fused forward and backward. So it covers every
 divergence, a user's too, and every setting of the loss (temperature, mixing, noise, soft-capping, DSKD's gate); a
 sparse teacher (a cache, a server) and a mixture reach it as the teacher logits they fill. The chunk's matrix products
 (the heads) stay outside, in the BLAS/cuBLAS calls of `fused.py`, which the compiler would not do better.
@@ -26,7 +26,7 @@ import types
 
 import torch
 
-from .chunk_terms import chunk_loss_sums
+from .chunk_terms import chunk_total
 from .settings import LogitTransform, LossSettings
 
 
@@ -41,6 +41,7 @@ COMPILE_MODES = ("auto", "on", "off")
 COMPILED_DEVICE_TYPES = frozenset({"cuda"})
 
 _said: set[str] = set()  # what the fallback has said already: each thing once per process
+_failed: set = set()  # the (settings, transform) cases whose compile failed: they run eagerly from then on
 
 
 def _say_once(message: str) -> None:
@@ -49,10 +50,15 @@ def _say_once(message: str) -> None:
         logger.warning(message)
 
 
-def compile_wanted(mode: str, device: torch.device) -> bool:
-    """Whether the engine runs the compiled chunk for `mode` (one of `COMPILE_MODES`) on `device`."""
+def check_compile_mode(mode: str) -> None:
+    """Fail, naming `loss_compile` and the value, unless `mode` is one of `COMPILE_MODES`."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"loss_compile must be one of {list(COMPILE_MODES)}, got {mode!r}.")
+
+
+def compile_wanted(mode: str, device: torch.device) -> bool:
+    """Whether the engine runs the compiled chunk for `mode` (one of `COMPILE_MODES`) on `device`."""
+    check_compile_mode(mode)
     if mode == "auto":
         return torch.device(device).type in COMPILED_DEVICE_TYPES
     return mode == "on"
@@ -69,13 +75,9 @@ def say_not_compiled(loss: str, mode: str, device: torch.device) -> None:
 def _compiled_terms(settings: LossSettings, transform: LogitTransform):
     """The compiled chunk for one configuration of the loss (its settings are constants of the compiled code)."""
 
-    def total(raw_logits, teacher_logits, labels, gate):
-        ce, kd = chunk_loss_sums(transform(raw_logits), teacher_logits, labels, settings, gate)
-        return (1.0 - settings.kd_weight) * ce + settings.kd_weight * kd, (ce, kd)
-
     def terms(student_logits, teacher_logits, labels, gate):
-        grad, (_, (ce, kd)) = torch.func.grad_and_value(total, has_aux=True)(student_logits, teacher_logits, labels,
-                                                                              gate)
+        grad, (_, (ce, kd)) = torch.func.grad_and_value(chunk_total, has_aux=True)(
+            student_logits, teacher_logits, labels, settings, transform, gate)
         student_logits.copy_(grad)  # into the student's buffer: no [n, V] tensor is returned
         return ce, kd
 
@@ -110,6 +112,3 @@ def compiled_value_and_grad(student_logits: torch.Tensor, teacher_logits: torch.
         _say_once(f"The compiled loss chunk failed to build ({type(error).__name__}: {first_line}); the loss runs "
                   "eagerly (same values, more passes over memory). loss_compile='off' skips the attempt.")
         return None
-
-
-_failed: set = set()
